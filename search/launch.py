@@ -1,0 +1,218 @@
+"""From validated arguments to a finished study: prepare (check and cache), then execute.
+
+`prepare_study` does everything that can fail on bad input (space, resources, data,
+pretrained weights) before anything is written to MLflow; `execute_study` opens the
+study's parent run, runs Ray Tune, and logs the winner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+from search.errors import UsageError
+from search.spaces import Space, SpaceError, load_space
+from trainables.config import METRIC_MODES
+from trainables.data import DataError, DatasetIndex, index_source, prepare_splits, subsample
+from trainables.models import BACKBONES, ModelSpec, validate_spec
+
+SPACES_DIR = Path(__file__).resolve().parents[1] / "spaces"
+SMOKE = {"img_size": 32, "epochs": 3, "per_class": {"train": 24, "val": 8, "test": 8}}
+FULL = {"img_size": 224, "epochs": 15}
+BEST_DIR = "best"
+
+
+@dataclass
+class PreparedStudy:
+    name: str
+    experiment: str
+    tracking_uri: str
+    space: Space
+    index: DatasetIndex
+    setup: "TrialSetup"  # noqa: F821 - imported lazily (torch)
+    plan: "StudyPlan"  # noqa: F821 - imported lazily (ray)
+    settings: dict
+    """What the parent run records as params: enough to repeat the study."""
+    skipped_images: list[str]
+
+
+def prepare_study(args: argparse.Namespace) -> PreparedStudy:
+    profile = SMOKE if args.smoke else FULL
+    img_size = args.img_size or profile["img_size"]
+    epochs = args.epochs or profile["epochs"]
+    name = args.name or f"{args.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        space = load_space(args.space or SPACES_DIR / f"{args.model}.yaml", args.model)
+        index = index_source(args.data, args.seed)
+    except (SpaceError, DataError) as error:
+        raise UsageError(str(error)) from None
+    if args.smoke:
+        index = subsample(index, SMOKE["per_class"], args.seed)
+
+    gpus_per_trial = resolve_gpus(args.gpus_per_trial)
+    max_concurrent = args.max_concurrent or trial_slots(gpus_per_trial, args.cpus_per_trial)
+    weights = dict(item.split("=", 1) for item in args.weights)
+    spec = ModelSpec(args.model, len(index.classes), img_size, pretrained=not args.no_pretrained,
+                     weights_files=tuple(sorted(weights.items())))
+    try:
+        validate_spec(spec)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if spec.pretrained:
+        from trainables.pretrained import PretrainedUnavailable, ensure_pretrained
+
+        try:
+            ensure_pretrained(BACKBONES[args.model], weights)
+        except PretrainedUnavailable as error:
+            raise UsageError(str(error)) from None
+
+    try:
+        index, cached, skipped = prepare_splits(index, ("train", "val"), img_size, Path(args.cache_dir).resolve())
+    except DataError as error:
+        raise UsageError(str(error)) from None
+
+    from search.study import StudyPlan
+    from trainables.trainable import TrialSetup
+
+    setup = TrialSetup(spec, cached["train"], cached["val"], epochs, args.metric, args.seed, gpus_per_trial, args.cpus_per_trial)
+    plan = StudyPlan(name, args.trials, args.metric, args.seed, args.grace_period, args.reduction_factor,
+                     gpus_per_trial, args.cpus_per_trial, max_concurrent, str(Path(args.storage_path).resolve()))
+    settings = {
+        "model": args.model, "trials": args.trials, "epochs": epochs, "img_size": img_size, "seed": args.seed,
+        "metric": args.metric, "mode": METRIC_MODES[args.metric], "data": index.source, "smoke": args.smoke,
+        "pretrained": spec.pretrained, "space": space.path, "grace_period": args.grace_period,
+        "reduction_factor": args.reduction_factor, "gpus_per_trial": gpus_per_trial,
+        "cpus_per_trial": args.cpus_per_trial, "max_concurrent": max_concurrent,
+        **{k: v for k, v in index.summary().items() if k not in ("source", "classes")},
+    }
+    return PreparedStudy(name, args.experiment or args.model, args.tracking_uri, space, index, setup, plan, settings, skipped)
+
+
+def resolve_gpus(requested: float | None) -> float:
+    import torch
+
+    visible = torch.cuda.device_count()
+    if requested is None:
+        return 0.5 if visible else 0.0
+    if requested > 0 and not visible:
+        raise UsageError(f"--gpus-per-trial {requested} but no CUDA GPU is visible: pass --gpus-per-trial 0 to train on the CPU")
+    return requested
+
+
+def trial_slots(gpus_per_trial: float, cpus_per_trial: int) -> int:
+    """How many trials fit at once: GPU slots on a GPU machine, CPU cores otherwise."""
+    import torch
+
+    if gpus_per_trial > 0:
+        return max(1, int(torch.cuda.device_count() / gpus_per_trial + 1e-9))
+    return max(1, (os.cpu_count() or 1) // cpus_per_trial)
+
+
+def execute_study(study: PreparedStudy) -> int:
+    import ray
+
+    from search.study import make_tuner
+    from search.tracking import MlflowTrials, close_open_children, get_or_create_experiment, log_params, mlflow_client
+
+    client = mlflow_client(study.tracking_uri)
+    experiment_id = get_or_create_experiment(client, study.experiment, study.tracking_uri)
+    parent = client.create_run(experiment_id, run_name=study.name, tags={"study": study.name, "model": study.setup.model.name})
+    parent_id = parent.info.run_id
+    log_params(client, parent_id, study.settings)
+    client.log_dict(parent_id, study.index.summary(), "data.json")
+    client.log_artifact(parent_id, study.space.path)
+    if study.skipped_images:
+        client.log_metric(parent_id, "skipped_images", len(study.skipped_images))
+        print(f"warning: skipped {len(study.skipped_images)} unreadable image(s), e.g. {', '.join(study.skipped_images[:3])}")
+
+    status = "FAILED"
+    try:
+        ray.init(
+            num_cpus=os.cpu_count(),
+            num_gpus=None,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+        tuner = make_tuner(study.space, study.setup, study.plan, [MlflowTrials(client, experiment_id, parent_id, study.name)])
+        results = tuner.fit()
+        found = log_best(client, parent_id, study, results)
+        status = "FINISHED" if found else "FAILED"
+        print_closing(study, found, experiment_id)
+        return 0 if found else 1
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(f"\nstopped: study {study.name} interrupted")
+        return 130
+    finally:
+        close_open_children(client, experiment_id, parent_id)
+        client.set_terminated(parent_id, status)
+        ray.shutdown()
+
+
+def log_best(client, parent_id: str, study: PreparedStudy, results) -> dict | None:
+    """Write the winner's config (YAML) and model (best checkpoint) and log them on the parent."""
+    import torch
+    import yaml
+
+    from trainables.trainable import CHECKPOINT_FILE, load_checkpoint
+
+    metric, mode = study.plan.metric, METRIC_MODES[study.plan.metric]
+    try:
+        best = results.get_best_result(metric, mode, scope="all", filter_nan_and_inf=True)
+    except RuntimeError:
+        return None
+    checkpoint = best.get_best_checkpoint(metric, mode) if best.metrics else None
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+    out = Path(study.plan.storage_path) / study.name / BEST_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "study": study.name,
+        "trial_id": best.metrics["trial_id"],
+        "metric": metric,
+        "best_value": float(state["metrics"][metric]),
+        "best_epoch": int(state["metrics"]["epoch"]),
+        "hyperparameters": state["hyperparameters"],
+        "model_spec": {k: v for k, v in state["model_spec"].items() if k != "weights_files"},
+        "classes": study.index.classes,
+        **{k: study.settings[k] for k in ("model", "epochs", "img_size", "seed", "data", "smoke", "pretrained")},
+    }
+    (out / "best_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    model_file = out / "best_model.pt"
+    torch.save(
+        {"model": state["model"], "model_spec": state["model_spec"], "hyperparameters": state["hyperparameters"],
+         "metrics": state["metrics"], "classes": study.index.classes},
+        model_file,
+    )
+    client.log_artifact(parent_id, str(out / "best_config.yaml"), BEST_DIR)
+    client.log_artifact(parent_id, str(model_file), BEST_DIR)
+    client.log_metric(parent_id, f"best_{metric}", config["best_value"])
+    client.set_tag(parent_id, "best_trial", config["trial_id"])
+    return {"config": config, "dir": out}
+
+
+def absolute_uri(uri: str) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def print_closing(study: PreparedStudy, found: dict | None, experiment_id: str) -> None:
+    if found is None:
+        print(f"\nNo trial of study {study.name} produced a result: see the failed runs in MLflow.")
+    else:
+        config = found["config"]
+        print(f"\nBest trial {config['trial_id']}: {config['metric']} = {config['best_value']:.4f} at epoch {config['best_epoch']}")
+        for key, value in config["hyperparameters"].items():
+            print(f"  {key:<20} {value}")
+        print(f"Config:     {found['dir'] / 'best_config.yaml'}")
+        print(f"Checkpoint: {found['dir'] / 'best_model.pt'}")
+        print(f"Retrain:    python search/final.py --study {study.name}")
+    print(f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(study.tracking_uri)} --host 127.0.0.1 --port 5000")
+    print(f"            then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")

@@ -1,0 +1,111 @@
+"""Search hyperparameters for one of the three classifiers.
+
+    python search/run.py --model cnn --trials 30 --data path/to/images
+
+Only the standard library is imported until the arguments are valid, so --help
+and argument errors answer at once; Ray, torch and timm load afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from search.errors import UsageError
+
+MODELS = ("cnn", "vit", "hybrid")
+METRICS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")  # = trainables.config.METRIC_MODES
+DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="search/run.py",
+        description="Find the best hyperparameters for one lightweight image classifier: "
+        "Optuna TPE proposes, ASHA stops weak trials, MLflow records everything.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    what = parser.add_argument_group("what to search")
+    what.add_argument("--model", required=True, choices=MODELS, help="cnn: tf_efficientnetv2_s; vit: vit_tiny_patch16_224; hybrid: both")
+    what.add_argument("--trials", type=int, default=30, help="number of trials")
+    what.add_argument("--data", default="data", help="a folder with one sub-folder per class (split 70/15/15), "
+                      "a folder with train/ val/ test/, or 'synthetic' (built-in, 11 classes; 'synthetic:C' for C)")
+    what.add_argument("--space", default=None, help="search-space YAML (default: spaces/<model>.yaml)")
+    what.add_argument("--metric", default="val_acc", choices=METRICS, help="what the search optimises (val_loss is minimised)")
+    what.add_argument("--seed", type=int, default=0, help="seeds the split, the TPE sampler and every trial")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=None, help="epoch budget per trial (default 15; 3 with --smoke)")
+    training.add_argument("--img-size", type=int, default=None, help="square image size (default 224; 32 with --smoke)")
+    training.add_argument("--no-pretrained", action="store_true", help="random initialisation instead of timm's pretrained weights")
+    training.add_argument("--weights", action="append", default=[], metavar="BACKBONE=PATH",
+                          help="local pretrained weights for a backbone (tf_efficientnetv2_s or vit_tiny_patch16_224); repeatable")
+    training.add_argument("--smoke", action="store_true", help="CPU-friendly profile: 32 px, 3 epochs, 24 training images per class")
+
+    resources = parser.add_argument_group("resources and early stopping")
+    resources.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial (default 0.5 with a GPU, else 0)")
+    resources.add_argument("--cpus-per-trial", type=int, default=1, help="CPU cores per trial")
+    resources.add_argument("--max-concurrent", type=int, default=None, help="most trials at once (default: as many as resources allow)")
+    resources.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs every trial gets before it can be stopped")
+    resources.add_argument("--reduction-factor", type=int, default=3, help="ASHA: keep the top 1/N at each rung")
+
+    tracking = parser.add_argument_group("where results go")
+    tracking.add_argument("--name", default=None, help="study name (default: <model>-<timestamp>)")
+    tracking.add_argument("--storage-path", default="ray_results", help="Ray Tune trial folders and checkpoints")
+    tracking.add_argument("--cache-dir", default=".cache/images", help="decoded-image cache shared by trials")
+    tracking.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
+    tracking.add_argument("--experiment", default=None, help="MLflow experiment (default: the model name)")
+    return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every problem found without loading anything heavy, reported at once."""
+    problems = []
+    if args.trials < 1:
+        problems.append(f"--trials {args.trials}: run at least 1 trial")
+    if args.epochs is not None and args.epochs < 1:
+        problems.append(f"--epochs {args.epochs}: train at least 1 epoch")
+    if args.img_size is not None and args.img_size < 16:
+        problems.append(f"--img-size {args.img_size}: use at least 16 (224 is standard)")
+    if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial <= 1:
+        problems.append(f"--gpus-per-trial {args.gpus_per_trial}: give a fraction in (0, 1], or 0 for CPU")
+    if args.cpus_per_trial < 1:
+        problems.append(f"--cpus-per-trial {args.cpus_per_trial}: give at least 1")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        problems.append(f"--max-concurrent {args.max_concurrent}: give at least 1")
+    if args.grace_period < 1 or args.reduction_factor < 2:
+        problems.append("ASHA needs --grace-period >= 1 and --reduction-factor >= 2")
+    for item in args.weights:
+        if "=" not in item:
+            problems.append(f"--weights {item}: write BACKBONE=PATH, e.g. tf_efficientnetv2_s=weights.safetensors")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_arguments(args)
+        return run_study(args)
+    except UsageError as error:
+        print(f"search/run.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_study(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    from search.launch import execute_study, prepare_study
+
+    return execute_study(prepare_study(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

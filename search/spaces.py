@@ -1,0 +1,248 @@
+"""Search spaces: a small YAML format, one loader that validates it, one sampler.
+
+    parameters:
+      lr:         {type: float, low: 1.0e-5, high: 3.0e-3, log: true}
+      batch_size: {type: categorical, choices: [16, 32]}
+      fusion:     {type: categorical, choices: [seed, tokens]}
+      vit_depth:  {type: int, low: 4, high: 12, when: {fusion: tokens}}
+      early_stop_patience: {type: fixed, value: 4}
+
+Parameters are sampled in file order (Optuna define-by-run); `when` makes one
+conditional on the values of parameters above it. Names are the trainable's
+hyperparameters; anything not in the space keeps its default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainables.config import Hyperparameters
+from trainables.models import FUSIONS, VIT_FULL_DEPTH
+
+TYPES = {
+    "float": {"low", "high", "log", "step"},
+    "int": {"low", "high", "log", "step"},
+    "categorical": {"choices"},
+    "fixed": {"value"},
+}
+COMMON_KEYS = {"type", "when"}
+TOP_LEVEL_KEYS = {"parameters"}
+# Parameters that mean something for some models only.
+MODEL_ONLY = {"vit_depth": ("vit", "hybrid"), "fusion": ("hybrid",)}
+# Values a parameter may take at all: (lowest, highest), either end None for unbounded.
+BOUNDS = {
+    "lr": (1e-12, 10.0),
+    "weight_decay": (0.0, None),
+    "batch_size": (2, None),
+    "label_smoothing": (0.0, 0.99),
+    "aug_strength": (0.0, 1.0),
+    "dropout": (0.0, 0.99),
+    "drop_path_rate": (0.0, 0.99),
+    "vit_depth": (1, VIT_FULL_DEPTH),
+    "plateau_factor": (1e-6, 0.999),
+    "plateau_patience": (0, None),
+    "early_stop_patience": (1, None),
+}
+CHOICES = {"fusion": FUSIONS}
+
+
+class SpaceError(ValueError):
+    """A search-space file that cannot be used; the message lists what is valid."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple = ()
+    value: Any = None
+    when: dict[str, tuple] = field(default_factory=dict)
+
+    def values(self) -> list:
+        """The values this parameter can take, as far as a finite list says."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "fixed":
+            return [self.value]
+        return [self.low, self.high]
+
+    def suggest(self, trial) -> Any:
+        """Ask an Optuna trial for a value."""
+        if self.type == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+
+@dataclass(frozen=True)
+class Space:
+    path: str
+    parameters: tuple[Parameter, ...]
+
+    def sample(self, trial) -> dict[str, Any]:
+        """Optuna define-by-run: suggest every active parameter; return the fixed ones."""
+        chosen: dict[str, Any] = {}
+        constants: dict[str, Any] = {}
+        for parameter in self.parameters:
+            if not all(chosen.get(name) in allowed for name, allowed in parameter.when.items()):
+                continue
+            if parameter.type == "fixed":
+                chosen[parameter.name] = constants[parameter.name] = parameter.value
+            else:
+                chosen[parameter.name] = parameter.suggest(trial)
+        return constants
+
+    def largest(self, name: str, default: Any) -> Any:
+        """The largest value a numeric parameter can take (e.g. the batch size to probe)."""
+        for parameter in self.parameters:
+            if parameter.name == name:
+                return max(parameter.values())
+        return default
+
+
+def load_space(path: str | Path, model: str) -> Space:
+    """Read and validate a space file; raise SpaceError listing every problem."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"space file {path} does not exist: pass --space PATH or use spaces/{model}.yaml")
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise SpaceError(f"space file {path} is not valid YAML{line}: fix its syntax") from None
+    problems: list[str] = []
+    parameters = parse_document(document, model, problems)
+    if problems:
+        raise SpaceError(f"space file {path}: " + "; ".join(problems))
+    return Space(str(path), tuple(parameters))
+
+
+def parse_document(document: Any, model: str, problems: list[str]) -> list[Parameter]:
+    if not isinstance(document, dict) or not isinstance(document.get("parameters"), dict):
+        problems.append("expected a mapping 'parameters:' of name -> {type: ..., ...}")
+        return []
+    unknown = sorted(set(document) - TOP_LEVEL_KEYS)
+    if unknown:
+        problems.append(f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    if not document["parameters"]:
+        problems.append("'parameters' is empty: name at least one hyperparameter")
+    parameters: list[Parameter] = []
+    for name, spec in document["parameters"].items():
+        parameter = parse_parameter(str(name), spec, model, parameters, problems)
+        if parameter is not None:
+            parameters.append(parameter)
+    return parameters
+
+
+def parse_parameter(name: str, spec: Any, model: str, earlier: list[Parameter], problems: list[str]) -> Parameter | None:
+    known = Hyperparameters.names()
+    if name not in known:
+        problems.append(f"{name}: not a hyperparameter of the trainable; valid: {', '.join(known)}")
+        return None
+    if name in MODEL_ONLY and model not in MODEL_ONLY[name]:
+        problems.append(f"{name}: applies to --model {' or '.join(MODEL_ONLY[name])} only, not {model}")
+        return None
+    if not isinstance(spec, dict) or spec.get("type") not in TYPES:
+        problems.append(f"{name}: needs 'type:' one of {', '.join(TYPES)}")
+        return None
+    kind = spec["type"]
+    unknown = sorted(set(spec) - TYPES[kind] - COMMON_KEYS)
+    if unknown:
+        valid = ", ".join(sorted(TYPES[kind] | COMMON_KEYS))
+        problems.append(f"{name}: unknown key(s) {', '.join(unknown)} for type {kind}; valid: {valid}")
+        return None
+    before = len(problems)
+    fields_ = {"when": parse_when(name, spec.get("when"), earlier, problems)}
+    if kind in ("float", "int"):
+        fields_.update(parse_range(name, kind, spec, problems))
+    elif kind == "categorical":
+        fields_["choices"] = parse_choices(name, spec.get("choices"), problems)
+    else:
+        if "value" not in spec:
+            problems.append(f"{name}: type fixed needs 'value:'")
+        fields_["value"] = spec.get("value")
+    if len(problems) > before:
+        return None
+    parameter = Parameter(name, kind, **fields_)
+    check_domain(parameter, problems)
+    return parameter if len(problems) == before else None
+
+
+def as_number(value: Any) -> Any:
+    """YAML 1.1 reads '1e-5' as a string; accept it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_range(name: str, kind: str, spec: dict, problems: list[str]) -> dict:
+    low, high, step = (as_number(spec.get(key)) for key in ("low", "high", "step"))
+    number = int if kind == "int" else (int, float)
+    if not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)):
+        problems.append(f"{name}: type {kind} needs numeric 'low:' and 'high:'" + (" (integers)" if kind == "int" else ""))
+        return {}
+    if low >= high:
+        problems.append(f"{name}: empty or inverted range low={low} >= high={high}; give low < high (or use type fixed)")
+    log = bool(spec.get("log", False))
+    if log and low <= 0:
+        problems.append(f"{name}: log scale needs low > 0, got {low}")
+    if step is not None and (not isinstance(step, number) or step <= 0 or log):
+        problems.append(f"{name}: 'step' must be a positive number and cannot combine with log")
+    return {"low": low, "high": high, "log": log, "step": step}
+
+
+def parse_choices(name: str, choices: Any, problems: list[str]) -> tuple:
+    if not isinstance(choices, list) or not choices:
+        problems.append(f"{name}: type categorical needs a non-empty list 'choices:'")
+        return ()
+    if len(set(map(repr, choices))) < len(choices):
+        problems.append(f"{name}: 'choices' repeats a value")
+    return tuple(choices)
+
+
+def parse_when(name: str, when: Any, earlier: list[Parameter], problems: list[str]) -> dict[str, tuple]:
+    if when is None:
+        return {}
+    by_name = {p.name: p for p in earlier}
+    if not isinstance(when, dict) or not when:
+        problems.append(f"{name}: 'when' must map earlier parameter names to a value or list of values")
+        return {}
+    conditions = {}
+    for other, allowed in when.items():
+        allowed = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        if other not in by_name or by_name[other].type not in ("categorical", "fixed"):
+            problems.append(f"{name}: 'when' names {other!r}, which is not a categorical parameter defined above it")
+        elif not set(allowed) <= set(by_name[other].values()):
+            problems.append(f"{name}: 'when' asks {other} for {list(allowed)}, but it takes {by_name[other].values()}")
+        conditions[other] = allowed
+    return conditions
+
+
+def check_domain(parameter: Parameter, problems: list[str]) -> None:
+    """Every value the space can produce must be one the trainable accepts."""
+    expected = type(getattr(Hyperparameters(), parameter.name))
+    name = parameter.name
+    for value in parameter.values():
+        if expected is str:
+            if value not in CHOICES.get(name, (value,)):
+                problems.append(f"{name}: {value!r} is not one of {', '.join(CHOICES[name])}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (expected is int and value != int(value)):
+            problems.append(f"{name}: {value!r} is not a{'n integer' if expected is int else ' number'}")
+            continue
+        lowest, highest = BOUNDS.get(name, (None, None))
+        if (lowest is not None and value < lowest) or (highest is not None and value > highest):
+            problems.append(f"{name}: {value} is outside [{lowest}, {'inf' if highest is None else highest}]")

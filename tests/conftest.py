@@ -1,0 +1,41 @@
+"""Shared test helpers: small generated image folders and a way to run the scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_image_folder(root: Path, per_class: dict[str, int], size: int = 40, suffix: str = ".png") -> Path:
+    """root/<class>/<n>.png with a class-dependent colour, so a model can tell them apart."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, (name, count) in enumerate(per_class.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = rng.integers(0, 60, (size, size, 3)) + np.array([80 * label % 255, 40, 200 - 60 * label % 200])
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}{suffix}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "images", {"benign": 10, "malignant": 10, "normal": 10})
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run search/<script> as a user would, in its own process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "search" / script), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )

@@ -1,0 +1,66 @@
+"""The command line answers fast and refuses bad input with one line, exit code 2, nothing written."""
+
+import time
+
+import pytest
+
+from conftest import run_script, write_image_folder
+
+FLAGS = [
+    "--model", "--trials", "--data", "--epochs", "--img-size", "--seed", "--space", "--gpus-per-trial",
+    "--cpus-per-trial", "--max-concurrent", "--grace-period", "--reduction-factor", "--metric", "--name",
+    "--storage-path", "--tracking-uri", "--experiment", "--no-pretrained", "--smoke",
+]
+
+
+def test_help_lists_every_flag_with_defaults_in_under_two_seconds(tmp_path):
+    start = time.perf_counter()
+    result = run_script("run.py", "--help", cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0
+    assert elapsed < 2.0, f"--help took {elapsed:.2f} s"
+    for flag in FLAGS:
+        assert flag in result.stdout
+    assert "sqlite:///mlflow/mlflow.db" in result.stdout and "default: 30" in result.stdout
+
+
+BAD = {
+    "unknown model": (["--model", "resnet"], "invalid choice: 'resnet'"),
+    "zero trials": (["--model", "cnn", "--trials", "0"], "--trials 0"),
+    "zero epochs": (["--model", "cnn", "--epochs", "0"], "--epochs 0"),
+    "gpu fraction above one": (["--model", "cnn", "--gpus-per-trial", "1.5"], "--gpus-per-trial 1.5"),
+    "negative gpu fraction": (["--model", "cnn", "--gpus-per-trial", "-0.5"], "--gpus-per-trial -0.5"),
+    "gpus on a cpu machine": (["--model", "cnn", "--gpus-per-trial", "0.5"], "no CUDA GPU is visible"),
+    "image too small for the vit patch": (["--model", "vit", "--img-size", "40"], "multiple of the ViT patch"),
+    "missing default data": (["--model", "cnn", "--data", "data"], "--data synthetic"),
+    "missing space": (["--model", "cnn", "--space", "nope.yaml"], "space file nope.yaml does not exist"),
+    "unknown space parameter": (["--model", "cnn", "--space", "bad.yaml"], "learning_rate: not a hyperparameter"),
+    "missing weights file": (["--model", "cnn", "--weights", "tf_efficientnetv2_s=missing.safetensors"], "missing.safetensors"),
+    "offline pretrained weights": (["--model", "vit"], "rerun with --no-pretrained"),
+}
+# A hub that cannot be reached and an empty weights cache: offline, on any machine.
+OFFLINE = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": "{tmp}/hf"}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_input_is_one_line_exit_2_and_no_mlflow_run(tmp_path, case):
+    args, message = BAD[case]
+    (tmp_path / "bad.yaml").write_text("parameters: {learning_rate: {type: float, low: 0.001, high: 0.1}}\n")
+    needs_data = "--data" not in args and case not in ("unknown model",)
+    if needs_data:
+        write_image_folder(tmp_path / "images", {"a": 4, "b": 4})
+        args = [*args, "--data", "images"]
+    if case == "gpus on a cpu machine":
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+    env = {key: value.format(tmp=tmp_path) for key, value in OFFLINE.items()}
+    result = run_script("run.py", *args, cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow").exists()

@@ -1,0 +1,63 @@
+"""How trials reach Optuna: finished -> COMPLETE (best score), ASHA-stopped -> PRUNED, crashed -> FAIL."""
+
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from search.spaces import load_space
+from search.study import StudyPlan, make_searcher
+
+SPACES = Path(__file__).resolve().parents[1] / "spaces"
+
+
+@pytest.fixture
+def searcher():
+    plan = StudyPlan("t", 3, "val_acc", 0, 1, 2, 0.0, 1, 1, "/tmp")
+    return make_searcher(load_space(SPACES / "cnn.yaml", "cnn"), plan)
+
+
+def epoch(value: float, number: int, finished: bool = False) -> dict:
+    return {"val_acc": value, "epoch": number, "training_iteration": number, "finished": finished}
+
+
+def state_of(searcher, index: int):
+    return searcher.study.trials[index]
+
+
+def test_finished_trial_is_complete_with_its_best_score(searcher):
+    config = searcher.suggest("a")
+    assert "lr" in config and config["batch_size"] in (16, 32)
+    searcher.on_trial_result("a", epoch(0.5, 1))
+    searcher.on_trial_result("a", epoch(0.8, 2))
+    searcher.on_trial_complete("a", epoch(0.7, 3, finished=True))
+    trial = state_of(searcher, 0)
+    assert trial.state == TrialState.COMPLETE
+    assert trial.value == pytest.approx(0.8)
+
+
+def test_trial_stopped_by_asha_is_pruned_not_complete(searcher):
+    searcher.suggest("b")
+    searcher.on_trial_result("b", epoch(0.3, 1))
+    # ASHA's STOP: Ray calls on_trial_complete with the last (unfinished) result, error=False.
+    searcher.on_trial_complete("b", epoch(0.35, 2, finished=False))
+    trial = state_of(searcher, 0)
+    assert trial.state == TrialState.PRUNED
+    assert trial.intermediate_values == {1: 0.3}
+
+
+def test_crashed_trial_is_a_failure_even_after_reporting(searcher):
+    searcher.suggest("c")
+    searcher.on_trial_result("c", epoch(0.9, 1))
+    searcher.on_trial_complete("c", None, error=True)
+    assert state_of(searcher, 0).state == TrialState.FAIL
+
+
+def test_minimised_metric_keeps_the_lowest(searcher):
+    plan = StudyPlan("t", 3, "val_loss", 0, 1, 2, 0.0, 1, 1, "/tmp")
+    minimiser = make_searcher(load_space(SPACES / "cnn.yaml", "cnn"), plan)
+    minimiser.suggest("d")
+    for number, loss in enumerate([1.0, 0.4, 0.6], start=1):
+        minimiser.on_trial_result("d", {"val_loss": loss, "epoch": number, "training_iteration": number})
+    minimiser.on_trial_complete("d", {"val_loss": 0.6, "epoch": 3, "training_iteration": 3, "finished": True})
+    assert minimiser.study.trials[0].value == pytest.approx(0.4)

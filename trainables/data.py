@@ -1,0 +1,312 @@
+"""Datasets: index a source, split it, decode it once into a shared cache.
+
+A source is a folder with one sub-folder per class, a folder holding train/, val/
+and test/ (used as given), or the built-in synthetic set. The index lists samples by
+key (a file path relative to the source, or a synthetic id) and splits them. Each
+split is decoded once per image size into a uint8 array (N, H, W, 3) on disk that
+trials memory-map read-only: no trial ever decodes an image. A cache holds only the
+files of the splits that asked for it, so the search never opens a test image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+SYNTHETIC = "synthetic"
+SYNTHETIC_CLASSES = 11
+SYNTHETIC_PER_CLASS = 60
+
+
+class DataError(ValueError):
+    """A data source that cannot be used as it is; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    """A path relative to the source root, or a synthetic id such as 'c03-0017'."""
+    label: int
+
+
+@dataclass
+class DatasetIndex:
+    source: str
+    """'synthetic' or the absolute path of the source folder."""
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    ignored_files: int = 0
+    """Files that are not images by their suffix (ignored, counted)."""
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source.startswith(SYNTHETIC)
+
+    def summary(self) -> dict:
+        return {
+            "source": self.source,
+            "num_classes": len(self.classes),
+            "classes": self.classes,
+            **{f"{split}_images": len(samples) for split, samples in self.splits.items()},
+        }
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.array([s.label for s in self.splits[split]], dtype=np.int64)
+
+
+# ---------------------------------------------------------------- indexing
+
+
+def index_source(source: str | os.PathLike, seed: int) -> DatasetIndex:
+    """Index a data source and split it (stratified and seeded unless pre-split)."""
+    source = str(source)
+    if source == SYNTHETIC or source.startswith(SYNTHETIC + ":"):
+        return synthetic_index(source, seed)
+    root = Path(source).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(
+            f"data folder {root} does not exist: put images there (one sub-folder per class), "
+            f"or pass --data PATH, or try --data synthetic"
+        )
+    if all((root / split).is_dir() for split in SPLITS):
+        return presplit_index(root)
+    classes, samples, ignored = scan_class_folders(root)
+    labels = np.array([s.label for s in samples])
+    parts = stratified_split(labels, seed, classes)
+    return DatasetIndex(
+        str(root), classes, {split: [samples[i] for i in parts[split]] for split in SPLITS}, ignored
+    )
+
+
+def scan_class_folders(root: Path, prefix: str = "") -> tuple[list[str], list[Sample], int]:
+    """Classes (sorted sub-folder names) and their image files under root."""
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(
+            f"data folder {root} has no class sub-folders: put each class's images in "
+            f"{root}/<class name>/, or pass --data synthetic"
+        )
+    if len(class_dirs) < 2:
+        raise DataError(f"data folder {root} holds one class ({class_dirs[0].name}): a classifier needs at least 2")
+    samples, ignored = [], 0
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        ignored += len(files) - len(images)
+        if not images:
+            raise DataError(f"class folder {class_dir} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): add some or remove it")
+        samples += [Sample(prefix + str(p.relative_to(root)), label) for p in images]
+    return [p.name for p in class_dirs], samples, ignored
+
+
+def presplit_index(root: Path) -> DatasetIndex:
+    splits, class_sets, ignored = {}, {}, 0
+    for split in SPLITS:
+        classes, samples, n_ignored = scan_class_folders(root / split, prefix=f"{split}/")
+        splits[split], class_sets[split], ignored = samples, classes, ignored + n_ignored
+    if len({tuple(c) for c in class_sets.values()}) > 1:
+        detail = "; ".join(f"{s}: {', '.join(c)}" for s, c in class_sets.items())
+        raise DataError(f"train/, val/ and test/ under {root} hold different classes ({detail}): give them the same class folders")
+    return DatasetIndex(str(root), class_sets["train"], splits, ignored)
+
+
+def stratified_split(labels: np.ndarray, seed: int, classes: list[str]) -> dict[str, np.ndarray]:
+    """70/15/15 per class, seeded; every class gets at least one image in each split."""
+    rng = np.random.default_rng(seed)
+    parts = {split: [] for split in SPLITS}
+    for label in range(len(classes)):
+        members = np.flatnonzero(labels == label)
+        if len(members) < len(SPLITS):
+            raise DataError(
+                f"class {classes[label]!r} has {len(members)} image(s): a stratified train/val/test "
+                f"split needs at least {len(SPLITS)} per class; add images or drop the class"
+            )
+        members = rng.permutation(members)
+        n_val = max(1, round(len(members) * SPLIT_FRACTIONS[1]))
+        n_test = max(1, round(len(members) * SPLIT_FRACTIONS[2]))
+        n_train = len(members) - n_val - n_test
+        parts["train"].append(members[:n_train])
+        parts["val"].append(members[n_train : n_train + n_val])
+        parts["test"].append(members[n_train + n_val :])
+    return {split: np.sort(np.concatenate(p)) for split, p in parts.items()}
+
+
+def subsample(index: DatasetIndex, per_class: dict[str, int], seed: int) -> DatasetIndex:
+    """At most per_class[split] samples of each class per split (for --smoke)."""
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, samples in index.splits.items():
+        limit = per_class.get(split)
+        if limit is None:
+            splits[split] = samples
+            continue
+        kept = []
+        for label in range(len(index.classes)):
+            members = [s for s in samples if s.label == label]
+            kept += [members[i] for i in sorted(rng.permutation(len(members))[:limit])]
+        splits[split] = kept
+    return DatasetIndex(index.source, index.classes, splits, index.ignored_files)
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def synthetic_index(source: str, seed: int) -> DatasetIndex:
+    """'synthetic' (11 classes) or 'synthetic:C'; 60 images per class, split as a folder would be."""
+    _, _, count = source.partition(":")
+    try:
+        num_classes = int(count) if count else SYNTHETIC_CLASSES
+    except ValueError:
+        num_classes = 0
+    if num_classes < 2:
+        raise DataError(f"--data {source}: write 'synthetic' or 'synthetic:C' with C >= 2 classes")
+    classes = [f"class_{c:02d}" for c in range(num_classes)]
+    samples = [Sample(f"c{c:02d}-{i:04d}", c) for c in range(num_classes) for i in range(SYNTHETIC_PER_CLASS)]
+    parts = stratified_split(np.array([s.label for s in samples]), seed, classes)
+    return DatasetIndex(source, classes, {split: [samples[i] for i in parts[split]] for split in SPLITS})
+
+
+def synthetic_image(key: str, num_classes: int, size: int) -> np.ndarray:
+    """One image of a class: a class hue and an oriented stripe pattern, with per-image jitter.
+
+    Deterministic per key, so the same id is the same image in every study.
+    """
+    label, number = (int(part) for part in key[1:].split("-"))
+    rng = np.random.default_rng([label, number])
+    hue = label / num_classes + rng.normal(0, 0.015)
+    angle = np.pi * label / num_classes + rng.normal(0, 0.08)
+    frequency = 2.0 + (label % 3) + rng.normal(0, 0.2)
+    yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
+    stripes = np.sin(2 * np.pi * frequency * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+    colour = 0.5 + 0.4 * np.cos(2 * np.pi * (hue + np.array([0.0, 1 / 3, 2 / 3])))
+    image = colour * (0.65 + 0.3 * stripes[..., None]) + rng.normal(0, 0.04, (size, size, 3))
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """Decode any PIL-readable image to RGB uint8, resized to size x size."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))  # JPEG: decode at reduced scale when the file is large
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit and 32-bit integer greyscale: scale to 8 bits rather than clip.
+            array = np.asarray(image, dtype=np.float64)
+            image = Image.fromarray((array * (255.0 / max(array.max(), 1.0))).astype(np.uint8))
+        image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return np.asarray(image, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class CachedSplit:
+    """A decoded split on disk: trials open it with `images()` (memory-mapped, read-only)."""
+
+    images_path: str
+    labels: np.ndarray = field(repr=False)
+
+    def images(self) -> np.ndarray:
+        return np.load(self.images_path, mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def cache_key(index: DatasetIndex, split: str, size: int) -> str:
+    """Changes whenever a file of the split, its label, or the image size changes."""
+    digest = hashlib.sha256(json.dumps([index.source, size, index.classes]).encode())
+    root = None if index.is_synthetic else Path(index.source)
+    for sample in index.splits[split]:
+        stamp = ""
+        if root is not None:
+            stat = (root / sample.key).stat()
+            stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        digest.update(f"{sample.key}\0{sample.label}\0{stamp}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def cache_split(index: DatasetIndex, split: str, size: int, cache_dir: str | os.PathLike) -> CachedSplit:
+    """Decode a split once into cache_dir (reused while its files are unchanged)."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{split}-{size}px-{cache_key(index, split, size)}.npy"
+    labels = index.labels(split)
+    if path.exists():
+        return CachedSplit(str(path), labels)
+    samples = index.splits[split]
+    partial = path.with_suffix(f".partial-{os.getpid()}.npy")
+    images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(samples), size, size, 3))
+    try:
+        failures = decode_into(images, index, samples, size)
+        images.flush()
+        del images
+        if failures:
+            partial.unlink()
+            raise CorruptImages(failures)
+        os.replace(partial, path)  # atomic: a killed run never leaves a half cache that looks whole
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return CachedSplit(str(path), labels)
+
+
+class CorruptImages(DataError):
+    def __init__(self, failures: list[tuple[str, str]]):
+        self.failures = failures
+        named = ", ".join(key for key, _ in failures[:3])
+        super().__init__(f"{len(failures)} image(s) could not be decoded (e.g. {named})")
+
+
+def decode_into(images: np.ndarray, index: DatasetIndex, samples: list[Sample], size: int) -> list[tuple[str, str]]:
+    """Fill images[i] for every sample; return (key, error) of the ones that failed."""
+    if index.is_synthetic:
+        for i, sample in enumerate(samples):
+            images[i] = synthetic_image(sample.key, len(index.classes), size)
+        return []
+    root = Path(index.source)
+
+    def decode(i: int) -> tuple[str, str] | None:
+        try:
+            images[i] = decode_image(root / samples[i].key, size)
+            return None
+        except Exception as error:  # PIL raises many types for broken files
+            return samples[i].key, f"{type(error).__name__}: {error}"
+
+    # PIL releases the GIL while decoding and resizing, so threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return [f for f in pool.map(decode, range(len(samples))) if f is not None]
+
+
+def drop_samples(index: DatasetIndex, keys: set[str]) -> DatasetIndex:
+    splits = {split: [s for s in samples if s.key not in keys] for split, samples in index.splits.items()}
+    return DatasetIndex(index.source, index.classes, splits, index.ignored_files)
+
+
+def prepare_splits(
+    index: DatasetIndex, splits: tuple[str, ...], size: int, cache_dir: str | os.PathLike
+) -> tuple[DatasetIndex, dict[str, CachedSplit], list[str]]:
+    """Cache the given splits, dropping images that fail to decode (returned by key)."""
+    skipped: list[str] = []
+    while True:
+        try:
+            return index, {split: cache_split(index, split, size, cache_dir) for split in splits}, skipped
+        except CorruptImages as corrupt:
+            bad = {key for key, _ in corrupt.failures}
+            skipped += sorted(bad)
+            index = drop_samples(index, bad)
+            counts = Counter(s.label for split in splits for s in index.splits[split])
+            empty = [c for label, c in enumerate(index.classes) if counts[label] == 0]
+            if empty:
+                raise DataError(f"every image of class(es) {', '.join(empty)} failed to decode: check those files") from None

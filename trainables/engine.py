@@ -1,0 +1,245 @@
+"""The one training engine: every trial and the final retrain run through `fit`.
+
+A Learner owns model, optimizer, scheduler and scaler on one device; `fit` runs it
+epoch by epoch (train, evaluate, schedule, early-stop) and yields each epoch's
+metrics, leaving reporting and checkpointing to the caller (Ray Tune in a trial,
+MLflow in the final retrain).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainables.augment import augment_batch
+from trainables.config import METRIC_MODES, Hyperparameters
+from trainables.data import CachedSplit
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or infinite: this configuration diverged."""
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int
+    """1-based number of the epoch just finished."""
+    metrics: dict[str, float]
+    improved: bool
+    """The monitored metric is the best so far (the checkpoint worth keeping)."""
+    finished: bool
+    """No epoch follows: the budget is spent or early stopping triggered."""
+
+
+def select_device(gpu_fraction: float = 1.0) -> torch.device:
+    """CUDA when visible and granted (capped to our share of it), else the CPU."""
+    if gpu_fraction > 0 and torch.cuda.is_available():
+        # Ray's fractional GPU is bookkeeping only: enforce the share ourselves.
+        torch.cuda.set_per_process_memory_fraction(min(gpu_fraction, 1.0))
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune once
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Learner:
+    """Model, optimizer, scheduler and scaler on one device, with early-stopping state."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hp: Hyperparameters,
+        device: torch.device,
+        monitor: str = "val_acc",
+        seed: int = 0,
+    ):
+        self.device, self.hp, self.monitor, self.seed = device, hp, monitor, seed
+        self.mode = METRIC_MODES.get(monitor, "min")
+        cuda = device.type == "cuda"
+        # Turing has fp16 tensor cores but no bf16; GradScaler keeps fp16 gradients finite.
+        self.amp = cuda
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode=self.mode, factor=hp.plateau_factor, patience=hp.plateau_patience
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+        self.epoch = 0
+        self.best_score: float | None = None
+        self.bad_epochs = 0
+
+    # ------------------------------------------------------------ one epoch
+
+    def train_epoch(self, split: CachedSplit) -> float:
+        """One pass over split with augmentation; returns the mean training loss."""
+        self.model.train()
+        # Every source of randomness (order, augmentation, dropout) is seeded per epoch,
+        # so a run resumed from a checkpoint replays exactly the epochs it missed.
+        epoch_seed = self.seed * 100_003 + self.epoch
+        order = np.random.default_rng(epoch_seed).permutation(len(split))
+        generator = torch.Generator(device=self.device).manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed)
+        total, seen = torch.zeros((), device=self.device), 0
+        for images, labels in self.batches(split, order, self.hp.batch_size, drop_single=True):
+            images = augment_batch(images, self.hp.aug_strength, generator)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                loss = self.loss_fn(self.model(images), labels)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"training loss became {loss.item()} in epoch {self.epoch + 1}: "
+                    f"lower the learning rate (lr={self.hp.lr:g})"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            total += loss.detach() * len(labels)
+            seen += len(labels)
+        return total.item() / max(seen, 1)
+
+    @torch.no_grad()
+    def predict(self, split: CachedSplit) -> tuple[torch.Tensor, np.ndarray]:
+        """Float32 logits (N, C) on the CPU, in split order, and the labels."""
+        self.model.eval()
+        outputs = []
+        for images, _ in self.batches(split, np.arange(len(split)), self.hp.batch_size * 2):
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                outputs.append(self.model(images).float().cpu())
+        return torch.cat(outputs), split.labels
+
+    def evaluate(self, split: CachedSplit, prefix: str = "val") -> dict[str, float]:
+        logits, labels = self.predict(split)
+        loss = nn.functional.cross_entropy(logits, torch.tensor(labels)).item()
+        return {f"{prefix}_loss": loss, **classification_metrics(labels, logits.argmax(1).numpy(), prefix)}
+
+    def end_epoch(self, metrics: dict[str, float]) -> bool:
+        """Step the scheduler and early-stopping state; True if the monitored metric improved."""
+        score = metrics[self.monitor]
+        self.scheduler.step(score)
+        self.epoch += 1
+        better = self.best_score is None or (score > self.best_score if self.mode == "max" else score < self.best_score)
+        if better:
+            self.best_score, self.bad_epochs = score, 0
+        else:
+            self.bad_epochs += 1
+        return better
+
+    # ------------------------------------------------------------ batches
+
+    def batches(
+        self, split: CachedSplit, order: np.ndarray, batch_size: int, drop_single: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images float [0, 1] NCHW on device, labels) in the given order.
+
+        The gather from the memory-mapped cache runs one batch ahead in a thread,
+        so the device does not wait for the disk.
+        """
+        images, labels = split.images(), split.labels
+        starts = range(0, len(order), batch_size)
+        if drop_single and len(order) % batch_size == 1 and len(order) > 1:
+            starts = starts[:-1]  # BatchNorm cannot train on a batch of one
+
+        def gather(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+            # Reading sorted rows from the memory map is sequential on disk; the order
+            # within a batch does not matter.
+            rows = np.sort(order[start : start + batch_size])
+            batch = torch.from_numpy(np.ascontiguousarray(images[rows]))
+            if self.device.type == "cuda":
+                batch = batch.pin_memory()
+            return batch, torch.from_numpy(labels[rows])
+
+        for batch, batch_labels in prefetch(gather(s) for s in starts):
+            batch = batch.to(self.device, non_blocking=True)
+            # NHWC uint8 -> NCHW float view: already channels_last in memory.
+            yield batch.permute(0, 3, 1, 2).float().div_(255), batch_labels.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "best_score": self.best_score,
+            "bad_epochs": self.bad_epochs,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.best_score, self.bad_epochs = state["epoch"], state["best_score"], state["bad_epochs"]
+
+
+def fit(learner: Learner, train: CachedSplit, val: CachedSplit | None, epochs: int) -> Iterator[EpochResult]:
+    """Train until `epochs` epochs are done or early stopping triggers; yield every epoch.
+
+    Without a validation split (final retrain on train+val) the training loss is
+    monitored and the full budget is spent.
+    """
+    while learner.epoch < epochs:
+        metrics = {"train_loss": learner.train_epoch(train)}
+        if val is not None:
+            metrics.update(learner.evaluate(val))
+        metrics["lr"] = learner.optimizer.param_groups[0]["lr"]
+        improved = learner.end_epoch(metrics)
+        early_stop = val is not None and learner.bad_epochs >= learner.hp.early_stop_patience
+        finished = learner.epoch >= epochs or early_stop
+        yield EpochResult(learner.epoch, metrics, improved, finished)
+        if finished:
+            return
+
+
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, prefix: str = "val") -> dict[str, float]:
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # classes absent from a tiny split are expected
+        return {
+            f"{prefix}_acc": float((labels == predictions).mean()),
+            f"{prefix}_balanced_acc": float(balanced_accuracy_score(labels, predictions)),
+            f"{prefix}_macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+        }
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Iterate items produced by a background thread, up to `depth` ahead."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                buffer.put(item)
+            buffer.put(done)
+        except BaseException as error:  # hand the failure to the consumer
+            buffer.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := buffer.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full buffer
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.01)

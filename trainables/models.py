@@ -1,0 +1,180 @@
+"""The three classifiers of the seed document, built by one factory.
+
+Every model takes float images in [0, 1], shape (B, 3, H, W), and normalises them
+itself with its backbone's mean and std: the hybrid's two backbones may disagree,
+and a model that carries its own normalisation can be used without this project.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CNN_BACKBONE = "tf_efficientnetv2_s"
+VIT_BACKBONE = "vit_tiny_patch16_224"
+VIT_PATCH = 16
+VIT_FULL_DEPTH = 12
+
+MODEL_NAMES = ("cnn", "vit", "hybrid")
+BACKBONES = {"cnn": (CNN_BACKBONE,), "vit": (VIT_BACKBONE,), "hybrid": (CNN_BACKBONE, VIT_BACKBONE)}
+FUSIONS = ("seed", "tokens")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that decides a model's architecture (not its training)."""
+
+    name: str
+    """One of MODEL_NAMES."""
+    num_classes: int
+    img_size: int = 224
+    dropout: float = 0.2
+    """cnn: the head's Dropout (the seed's 0.2). vit and hybrid: dropout on the pooled
+    backbone features, so that their seed heads stay exactly as written."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth inside the backbones."""
+    vit_depth: int = VIT_FULL_DEPTH
+    """ViT blocks kept (the first N of the pretrained 12)."""
+    fusion: str = "seed"
+    """Hybrid only: 'seed' as written, or 'tokens' (CNN and ViT features as two tokens)."""
+    pretrained: bool = True
+    weights_files: tuple[tuple[str, str], ...] = ()
+    """(backbone, path) pairs: local weights files used instead of the hub download."""
+
+
+class Normalized(nn.Module):
+    """A timm backbone (num_classes=0) that normalises its [0, 1] input first."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        cfg = backbone.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.backbone = backbone
+        self.num_features = backbone.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images - self.mean) / self.std)
+
+
+class Classifier(nn.Module):
+    """One or more normalised backbones whose pooled features feed a head."""
+
+    def __init__(self, backbones: list[nn.Module], head: nn.Module):
+        super().__init__()
+        self.backbones = nn.ModuleList(Normalized(b) for b in backbones)
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = [backbone(images) for backbone in self.backbones]
+        return self.head(features[0] if len(features) == 1 else features)
+
+
+class SeedFusionHead(nn.Module):
+    """The seed's hybrid head, as written: attention over a sequence of one vector."""
+
+    def __init__(self, cnn_features: int, vit_features: int, num_classes: int):
+        super().__init__()
+        self.fuse = nn.Sequential(
+            nn.Linear(cnn_features + vit_features, 256),
+            nn.LayerNorm(256),
+            nn.GELU(),
+            nn.Linear(256, 128),
+            nn.GELU(),
+        )
+        self.attention = nn.MultiheadAttention(128, num_heads=2, batch_first=True)
+        self.classifier = nn.Linear(128, num_classes)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        fused = self.fuse(torch.cat(features, dim=1)).unsqueeze(1)  # (B, 1, 128)
+        attended, _ = self.attention(fused, fused, fused, need_weights=False)
+        return self.classifier(attended.squeeze(1))
+
+
+class TokenFusionHead(nn.Module):
+    """Variant: the CNN and ViT features become two tokens that attend to each other.
+
+    With one token (the seed's head) attention reduces to a linear map; with two, each
+    branch can weigh the other's evidence per image.
+    """
+
+    def __init__(self, cnn_features: int, vit_features: int, num_classes: int):
+        super().__init__()
+        self.to_tokens = nn.ModuleList(
+            nn.Sequential(nn.Linear(n, 256), nn.LayerNorm(256), nn.GELU(), nn.Linear(256, 128), nn.GELU())
+            for n in (cnn_features, vit_features)
+        )
+        self.attention = nn.MultiheadAttention(128, num_heads=2, batch_first=True)
+        self.classifier = nn.Linear(128, num_classes)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        tokens = torch.stack([proj(f) for proj, f in zip(self.to_tokens, features)], dim=1)  # (B, 2, 128)
+        attended, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        return self.classifier((tokens + attended).mean(dim=1))
+
+
+def cnn_head(features: int, num_classes: int, dropout: float) -> nn.Module:
+    return nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(features, 256), nn.ReLU(), nn.Linear(256, num_classes)
+    )
+
+
+def vit_head(features: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.LayerNorm(features), nn.Linear(features, 256), nn.GELU(), nn.Linear(256, num_classes)
+    )
+
+
+def create_backbone(name: str, spec: ModelSpec, drop_rate: float) -> nn.Module:
+    """A timm backbone without classifier (num_classes=0), pretrained if asked."""
+    import timm
+
+    kwargs = dict(num_classes=0, drop_rate=drop_rate, drop_path_rate=spec.drop_path_rate)
+    if name == VIT_BACKBONE:
+        kwargs["img_size"] = spec.img_size  # timm resamples the position embedding
+    weights_file = dict(spec.weights_files).get(name)
+    if spec.pretrained and weights_file:
+        kwargs["pretrained_cfg_overlay"] = dict(file=weights_file)
+    backbone = timm.create_model(name, pretrained=spec.pretrained, **kwargs)
+    if name == VIT_BACKBONE and spec.vit_depth < len(backbone.blocks):
+        backbone.blocks = backbone.blocks[: spec.vit_depth]
+    return backbone
+
+
+def build_model(spec: ModelSpec) -> Classifier:
+    """The seed's architecture for spec.name, with its head exactly as the seed wrote it."""
+    validate_spec(spec)
+    if spec.name == "cnn":
+        cnn = create_backbone(CNN_BACKBONE, spec, drop_rate=0.0)
+        return Classifier([cnn], cnn_head(cnn.num_features, spec.num_classes, spec.dropout))
+    if spec.name == "vit":
+        vit = create_backbone(VIT_BACKBONE, spec, drop_rate=spec.dropout)
+        return Classifier([vit], vit_head(vit.num_features, spec.num_classes))
+    cnn = create_backbone(CNN_BACKBONE, spec, drop_rate=spec.dropout)
+    vit = create_backbone(VIT_BACKBONE, spec, drop_rate=spec.dropout)
+    head_type = SeedFusionHead if spec.fusion == "seed" else TokenFusionHead
+    return Classifier([cnn, vit], head_type(cnn.num_features, vit.num_features, spec.num_classes))
+
+
+def validate_spec(spec: ModelSpec) -> None:
+    problems = []
+    if spec.name not in MODEL_NAMES:
+        problems.append(f"unknown model {spec.name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    if spec.num_classes < 2:
+        problems.append(f"num_classes is {spec.num_classes}: a classifier needs at least 2 classes")
+    if spec.name in ("vit", "hybrid") and spec.img_size % VIT_PATCH:
+        problems.append(
+            f"img_size {spec.img_size} is not a multiple of the ViT patch ({VIT_PATCH}): use e.g. 32 or 224"
+        )
+    if not 1 <= spec.vit_depth <= VIT_FULL_DEPTH:
+        problems.append(f"vit_depth {spec.vit_depth} is outside 1..{VIT_FULL_DEPTH}")
+    if spec.fusion not in FUSIONS:
+        problems.append(f"unknown fusion {spec.fusion!r}: choose one of {', '.join(FUSIONS)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
