@@ -38,9 +38,14 @@ class PreparedStudy:
     settings: dict
     """What the parent run records as params: enough to repeat the study."""
     skipped_images: list[str]
+    resume_run_id: str | None = None
+    """The parent run of the interrupted study this one continues."""
 
 
 def prepare_study(args: argparse.Namespace) -> PreparedStudy:
+    resume_run_id = None
+    if args.resume:
+        args, resume_run_id = resumed_arguments(args)
     profile = SMOKE if args.smoke else FULL
     img_size = args.img_size or profile["img_size"]
     epochs = args.epochs or profile["epochs"]
@@ -80,16 +85,65 @@ def prepare_study(args: argparse.Namespace) -> PreparedStudy:
 
     setup = TrialSetup(spec, cached["train"], cached["val"], epochs, args.metric, args.seed, gpus_per_trial, args.cpus_per_trial)
     plan = StudyPlan(name, args.trials, args.metric, args.seed, args.grace_period, args.reduction_factor,
-                     gpus_per_trial, args.cpus_per_trial, max_concurrent, str(Path(args.storage_path).resolve()))
+                     gpus_per_trial, args.cpus_per_trial, max_concurrent, str(Path(args.storage_path).resolve()),
+                     args.max_failures)
     settings = {
         "model": args.model, "trials": args.trials, "epochs": epochs, "img_size": img_size, "seed": args.seed,
         "metric": args.metric, "mode": METRIC_MODES[args.metric], "data": index.source, "smoke": args.smoke,
         "pretrained": spec.pretrained, "space": space.path, "grace_period": args.grace_period,
         "reduction_factor": args.reduction_factor, "gpus_per_trial": gpus_per_trial,
-        "cpus_per_trial": args.cpus_per_trial, "max_concurrent": max_concurrent,
+        "cpus_per_trial": args.cpus_per_trial, "max_concurrent": max_concurrent, "max_failures": args.max_failures,
         **{k: v for k, v in index.summary().items() if k not in ("source", "classes")},
     }
-    return PreparedStudy(name, args.experiment or args.model, args.tracking_uri, space, index, setup, plan, settings, skipped)
+    return PreparedStudy(name, args.experiment or args.model, args.tracking_uri, space, index, setup, plan, settings,
+                         skipped, resume_run_id)
+
+
+# The study's own settings, as its parent run recorded them: (argument, type).
+RESUMED_SETTINGS = {
+    "trials": ("trials", int), "epochs": ("epochs", int), "img_size": ("img_size", int), "seed": ("seed", int),
+    "metric": ("metric", str), "data": ("data", str), "smoke": ("smoke", lambda v: v == "True"),
+    "pretrained": ("no_pretrained", lambda v: v != "True"), "space": ("space", str),
+    "grace_period": ("grace_period", int), "reduction_factor": ("reduction_factor", int),
+    "gpus_per_trial": ("gpus_per_trial", float), "cpus_per_trial": ("cpus_per_trial", int),
+    "max_concurrent": ("max_concurrent", int), "max_failures": ("max_failures", int),
+}
+
+
+def resumed_arguments(args: argparse.Namespace) -> tuple[argparse.Namespace, str]:
+    """The interrupted study's own settings, and its parent run; refuse what cannot resume."""
+    if not args.name:
+        raise UsageError("--resume needs --name STUDY: the name the interrupted run printed")
+    parent = find_study(args.tracking_uri, args.name)
+    where = f"--tracking-uri {args.tracking_uri}"
+    if parent is None:
+        raise UsageError(f"no study named {args.name!r} in {where}: check --name, or start it without --resume")
+    if not (Path(args.storage_path) / args.name / "tuner.pkl").is_file():
+        raise UsageError(f"study {args.name!r} has no trial state under --storage-path {args.storage_path}: pass the one it ran with")
+    params = parent.data.params
+    if params.get("model") != args.model:
+        raise UsageError(f"study {args.name!r} searched --model {params.get('model')}: resume it with that model, not {args.model}")
+    if parent.info.status == "FINISHED":
+        raise UsageError(f"study {args.name!r} already finished: start a new one with another --name")
+    resumed = argparse.Namespace(**vars(args))
+    for key, (argument, convert) in RESUMED_SETTINGS.items():
+        if key in params and params[key] != "None":
+            setattr(resumed, argument, convert(params[key]))
+    resumed.experiment = None
+    return resumed, parent.info.run_id
+
+
+def find_study(tracking_uri: str, name: str):
+    """The parent run of study `name`, or None; opens no new store."""
+    from search.tracking import STUDY_TAG, mlflow_client
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        return None
+    client = mlflow_client(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.{STUDY_TAG} = '{name}'") if experiments else []
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    return parents[0] if parents else None
 
 
 def resolve_gpus(requested: float | None) -> float:
@@ -115,42 +169,64 @@ def trial_slots(gpus_per_trial: float, cpus_per_trial: int) -> int:
 def execute_study(study: PreparedStudy) -> int:
     import ray
 
-    from search.study import make_tuner
-    from search.tracking import MlflowTrials, close_open_children, get_or_create_experiment, log_params, mlflow_client
+    from search.study import make_tuner, restore_tuner
+    from search.tracking import MlflowTrials, close_open_children, mlflow_client
 
     client = mlflow_client(study.tracking_uri)
-    experiment_id = get_or_create_experiment(client, study.experiment, study.tracking_uri)
-    parent = client.create_run(experiment_id, run_name=study.name, tags={"study": study.name, "model": study.setup.model.name})
-    parent_id = parent.info.run_id
-    log_params(client, parent_id, study.settings)
-    client.log_dict(parent_id, study.index.summary(), "data.json")
-    client.log_artifact(parent_id, study.space.path)
-    if study.skipped_images:
-        client.log_metric(parent_id, "skipped_images", len(study.skipped_images))
-        print(f"warning: skipped {len(study.skipped_images)} unreadable image(s), e.g. {', '.join(study.skipped_images[:3])}")
-
+    experiment_id, parent_id = open_parent_run(client, study)
     status = "FAILED"
     try:
-        ray.init(
-            num_cpus=os.cpu_count(),
-            num_gpus=None,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-        tuner = make_tuner(study.space, study.setup, study.plan, [MlflowTrials(client, experiment_id, parent_id, study.name)])
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+        callbacks = [MlflowTrials(study.tracking_uri, experiment_id, parent_id, study.name)]
+        if study.resume_run_id:
+            tuner = restore_tuner(study.space, study.setup, study.plan)
+        else:
+            tuner = make_tuner(study.space, study.setup, study.plan, callbacks)
         results = tuner.fit()
+        if results.num_terminated + results.num_errors < study.plan.trials:
+            status = "KILLED"
+            print_resume_hint(study)
+            return 130
         found = log_best(client, parent_id, study, results)
         status = "FINISHED" if found else "FAILED"
         print_closing(study, found, experiment_id)
         return 0 if found else 1
     except KeyboardInterrupt:
         status = "KILLED"
-        print(f"\nstopped: study {study.name} interrupted")
+        print_resume_hint(study)
         return 130
     finally:
         close_open_children(client, experiment_id, parent_id)
         client.set_terminated(parent_id, status)
         ray.shutdown()
+
+
+def open_parent_run(client, study: PreparedStudy) -> tuple[str, str]:
+    """The study's parent run: new, or the interrupted one reopened on --resume."""
+    from search.tracking import STUDY_TAG, get_or_create_experiment, log_params
+
+    if study.resume_run_id:
+        client.update_run(study.resume_run_id, status="RUNNING")
+        return client.get_run(study.resume_run_id).info.experiment_id, study.resume_run_id
+    experiment_id = get_or_create_experiment(client, study.experiment, study.tracking_uri)
+    parent = client.create_run(experiment_id, run_name=study.name, tags={STUDY_TAG: study.name, "model": study.setup.model.name})
+    parent_id = parent.info.run_id
+    log_params(client, parent_id, study.settings)
+    client.log_dict(parent_id, study.index.summary(), "data.json")
+    client.log_artifact(parent_id, study.space.path)
+    if study.skipped_images:
+        client.log_metric(parent_id, "skipped_images", len(study.skipped_images))
+        client.log_text(parent_id, "\n".join(study.skipped_images), "skipped_images.txt")
+        named = ", ".join(study.skipped_images[:3])
+        print(f"warning: skipped {len(study.skipped_images)} unreadable image(s), e.g. {named}", flush=True)
+    return experiment_id, parent_id
+
+
+def print_resume_hint(study: PreparedStudy) -> None:
+    model = study.setup.model.name
+    print(f"\nStudy {study.name} interrupted; finished trials are kept. Resume it with:\n"
+          f"  python search/run.py --model {model} --name {study.name} --resume"
+          f" --storage-path {study.plan.storage_path} --tracking-uri {study.tracking_uri}", flush=True)
 
 
 def log_best(client, parent_id: str, study: PreparedStudy, results) -> dict | None:

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     resources.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial (default 0.5 with a GPU, else 0)")
     resources.add_argument("--cpus-per-trial", type=int, default=1, help="CPU cores per trial")
     resources.add_argument("--max-concurrent", type=int, default=None, help="most trials at once (default: as many as resources allow)")
+    resources.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial from its last checkpoint")
     resources.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs every trial gets before it can be stopped")
     resources.add_argument("--reduction-factor", type=int, default=3, help="ASHA: keep the top 1/N at each rung")
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     tracking.add_argument("--cache-dir", default=".cache/images", help="decoded-image cache shared by trials")
     tracking.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
     tracking.add_argument("--experiment", default=None, help="MLflow experiment (default: the model name)")
+    tracking.add_argument("--resume", action="store_true", help="continue the interrupted study --name with its own settings")
     return parser
 
 
@@ -79,6 +81,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         problems.append(f"--cpus-per-trial {args.cpus_per_trial}: give at least 1")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         problems.append(f"--max-concurrent {args.max_concurrent}: give at least 1")
+    if args.max_failures < 0:
+        problems.append(f"--max-failures {args.max_failures}: give 0 or more")
     if args.grace_period < 1 or args.reduction_factor < 2:
         problems.append("ASHA needs --grace-period >= 1 and --reduction-factor >= 2")
     for item in args.weights:
@@ -96,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"search/run.py: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the study started: nothing was written
+        print("search/run.py: interrupted", file=sys.stderr)
+        return 130
 
 
 def run_study(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ TOP_LEVEL_KEYS = {"parameters"}
 MODEL_ONLY = {"vit_depth": ("vit", "hybrid"), "fusion": ("hybrid",)}
 # Values a parameter may take at all: (lowest, highest), either end None for unbounded.
 BOUNDS = {
-    "lr": (1e-12, 10.0),
+    "lr": (1e-12, None),
     "weight_decay": (0.0, None),
     "batch_size": (2, None),
     "label_smoothing": (0.0, 0.99),

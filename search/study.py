@@ -75,12 +75,31 @@ class StudyPlan:
     cpus_per_trial: int
     max_concurrent: int
     storage_path: str
+    max_failures: int = 0
 
 
 def make_searcher(space: Space, plan: StudyPlan) -> PruneAwareOptunaSearch:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=plan.seed)
     return PruneAwareOptunaSearch(space=space.sample, metric=plan.metric, mode=METRIC_MODES[plan.metric], sampler=sampler)
+
+
+def make_trainable(setup: TrialSetup, plan: StudyPlan):
+    return tune.with_resources(
+        tune.with_parameters(train_trial, setup=setup),
+        {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial},
+    )
+
+
+def restore_tuner(space: Space, setup: TrialSetup, plan: StudyPlan) -> tune.Tuner:
+    """Continue an interrupted study: finished trials kept, unfinished ones from their last checkpoint.
+
+    Ray restores the searcher (with its Optuna study), the scheduler and the callbacks
+    as they were pickled; only the trainable, which holds this process's data paths,
+    is given anew.
+    """
+    path = str(Path(plan.storage_path) / plan.name)
+    return tune.Tuner.restore(path, trainable=make_trainable(setup, plan), resume_unfinished=True, resume_errored=False)
 
 
 def make_tuner(space: Space, setup: TrialSetup, plan: StudyPlan, callbacks: list) -> tune.Tuner:
@@ -91,12 +110,8 @@ def make_tuner(space: Space, setup: TrialSetup, plan: StudyPlan, callbacks: list
         grace_period=min(plan.grace_period, setup.epochs),
         reduction_factor=plan.reduction_factor,
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, setup=setup),
-        {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial},
-    )
     return tune.Tuner(
-        trainable,
+        make_trainable(setup, plan),
         tune_config=tune.TuneConfig(
             metric=plan.metric,
             mode=mode,
@@ -116,7 +131,8 @@ def make_tuner(space: Space, setup: TrialSetup, plan: StudyPlan, callbacks: list
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=plan.metric, checkpoint_score_order=mode
             ),
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A crashed trial is retried from its last checkpoint this many times, then failed.
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
             verbose=0,  # EpochPrinter says what happens, one line per event
         ),
     )

@@ -61,28 +61,59 @@ def trial_outcome(result: dict | None, error: bool) -> str:
 
 
 class MlflowTrials(tune.Callback):
-    """A Ray Tune callback that mirrors each trial into a child run of the study's run."""
+    """A Ray Tune callback that mirrors each trial into a child run of the study's run.
 
-    def __init__(self, client, experiment_id: str, parent_run_id: str, study: str):
-        self.client, self.experiment_id = client, experiment_id
+    Ray pickles its callbacks with the study and brings them back on resume, so this
+    one keeps only plain data and finds a resumed trial's existing child run by tag,
+    rather than opening a duplicate.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, study: str):
+        self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.parent_run_id, self.study = parent_run_id, study
         self.run_ids: dict[str, str] = {}
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None, "run_ids": {}}
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = mlflow_client(self.tracking_uri)
+        return self._client
 
     def child_run(self, trial) -> str:
         if trial.trial_id not in self.run_ids:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{self.study}-{trial.trial_id}",
-                tags={
-                    "mlflow.parentRunId": self.parent_run_id,
-                    TRIAL_ID_TAG: trial.trial_id,
-                    STUDY_TAG: self.study,
-                    STATUS_TAG: "running",
-                },
-            )
-            self.run_ids[trial.trial_id] = run.info.run_id
-            log_params(self.client, run.info.run_id, trial.config)
+            self.run_ids[trial.trial_id] = self.existing_child(trial.trial_id) or self.new_child(trial)
         return self.run_ids[trial.trial_id]
+
+    def existing_child(self, trial_id: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.{TRIAL_ID_TAG} = '{trial_id}'",
+        )
+        if not runs:
+            return None
+        run_id = runs[0].info.run_id
+        if runs[0].info.status != "RUNNING":  # interrupted earlier, running again now
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, STATUS_TAG, "running")
+        return run_id
+
+    def new_child(self, trial) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{self.study}-{trial.trial_id}",
+            tags={
+                "mlflow.parentRunId": self.parent_run_id,
+                TRIAL_ID_TAG: trial.trial_id,
+                STUDY_TAG: self.study,
+                STATUS_TAG: "running",
+            },
+        )
+        log_params(self.client, run.info.run_id, trial.config)
+        return run.info.run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.child_run(trial)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,8 +78,11 @@ class Learner:
 
     # ------------------------------------------------------------ one epoch
 
-    def train_epoch(self, split: CachedSplit) -> float:
-        """One pass over split with augmentation; returns the mean training loss."""
+    def train_epoch(self, split: CachedSplit, on_batch: Callable[[], None] | None = None) -> float:
+        """One pass over split with augmentation; returns the mean training loss.
+
+        on_batch, if given, is called after every batch (a progress bar's tick).
+        """
         self.model.train()
         # Every source of randomness (order, augmentation, dropout) is seeded per epoch,
         # so a run resumed from a checkpoint replays exactly the epochs it missed.
@@ -103,16 +106,20 @@ class Learner:
             self.scaler.update()
             total += loss.detach() * len(labels)
             seen += len(labels)
+            if on_batch is not None:
+                on_batch()
         return total.item() / max(seen, 1)
 
     @torch.no_grad()
-    def predict(self, split: CachedSplit) -> tuple[torch.Tensor, np.ndarray]:
-        """Float32 logits (N, C) on the CPU, in split order, and the labels."""
+    def predict(self, split: CachedSplit, on_batch: Callable[[], None] | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """Float32 logits (N, C) on the CPU, in split order, and the labels; on_batch as in train_epoch."""
         self.model.eval()
         outputs = []
         for images, _ in self.batches(split, np.arange(len(split)), self.hp.batch_size * 2):
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 outputs.append(self.model(images).float().cpu())
+            if on_batch is not None:
+                on_batch()
         return torch.cat(outputs), split.labels
 
     def evaluate(self, split: CachedSplit, prefix: str = "val") -> dict[str, float]:

@@ -36,6 +36,10 @@ class TrialSetup:
     cpus: int
 
 
+class TrialOutOfMemory(RuntimeError):
+    """The trial did not fit in its share of the GPU."""
+
+
 def trial_model_spec(base: ModelSpec, hp: Hyperparameters) -> ModelSpec:
     """The study's model spec with this trial's architecture knobs."""
     return replace(base, dropout=hp.dropout, drop_path_rate=hp.drop_path_rate, vit_depth=hp.vit_depth, fusion=hp.fusion)
@@ -65,8 +69,15 @@ def train_trial(config: dict, setup: TrialSetup) -> None:
         with restored.as_directory() as directory:
             learner.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE))
 
-    for result in fit(learner, setup.train, setup.val, setup.epochs):
-        metrics = {**result.metrics, "epoch": result.epoch, "finished": result.finished}
-        with tempfile.TemporaryDirectory() as directory:
-            torch.save(make_checkpoint(learner, spec, hp, metrics), Path(directory) / CHECKPOINT_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    try:
+        for result in fit(learner, setup.train, setup.val, setup.epochs):
+            metrics = {**result.metrics, "epoch": result.epoch, "finished": result.finished}
+            with tempfile.TemporaryDirectory() as directory:
+                torch.save(make_checkpoint(learner, spec, hp, metrics), Path(directory) / CHECKPOINT_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    except torch.cuda.OutOfMemoryError:
+        raise TrialOutOfMemory(
+            f"CUDA out of memory at batch_size {hp.batch_size} with {setup.gpu_fraction:g} of the GPU: "
+            f"drop the larger batch sizes from the space, or run fewer trials at once "
+            f"(a larger --gpus-per-trial or a smaller --max-concurrent)"
+        ) from None

@@ -1,0 +1,132 @@
+"""Faults lose nothing finished: crashed trials are recorded, Ctrl-C and kill -9 resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_script
+
+TRIALS = 3
+
+
+def study_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "--model", "vit", "--smoke", "--data", "synthetic", "--no-pretrained", "--epochs", "2",
+        "--name", name, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+        "--storage-path", str(tmp_path / "ray"), "--cache-dir", str(tmp_path / "cache"), *extra,
+    ]
+
+
+def study_runs(tmp_path: Path, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.study = '{name}'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_trials_that_diverge_are_failed_and_the_study_goes_on(tmp_path):
+    (tmp_path / "space.yaml").write_text(
+        "parameters:\n"
+        "  lr: {type: categorical, choices: [0.001, 1.0e+6]}\n"
+        "  weight_decay: {type: fixed, value: 0.0}\n"
+    )
+    result = run_script("run.py", *study_args(tmp_path, "faulty", "--trials", "4", "--space", "space.yaml"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, parents, children = study_runs(tmp_path, "faulty")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    failed = [c for c in children if c.data.tags["trial_status"] == "failed"]
+    healthy = [c for c in children if c.data.tags["trial_status"] != "failed"]
+    assert failed and healthy, [(c.data.params, c.data.tags["trial_status"]) for c in children]
+    for child in failed:
+        assert child.info.status == "FAILED" and child.data.params["lr"] == "1000000.0"
+        assert "lower the learning rate" in child.data.tags["failure"]
+        assert "\n" not in child.data.tags["failure"]
+    assert all(c.data.params["lr"] == "0.001" for c in healthy)
+    assert "failed: " in result.stdout
+
+
+def start_study(tmp_path: Path, name: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "search" / "run.py"), *study_args(tmp_path, name, "--trials", str(TRIALS), "--max-concurrent", "1")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_for_first_epoch(process: subprocess.Popen, timeout: float = 300) -> str:
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        seen.append(line)
+        if " epoch  1/" in line:
+            return "".join(seen)
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    pytest.fail("the study reported no epoch:\n" + "".join(seen)[-3000:])
+
+
+def assert_resumed_completely(tmp_path: Path, name: str) -> None:
+    result = run_script("run.py", *study_args(tmp_path, name, "--resume"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client, parents, children = study_runs(tmp_path, name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == TRIALS  # one child per trial: no duplicates after resuming
+    for child in children:
+        assert child.info.status in ("FINISHED", "FAILED")
+        assert child.data.tags["trial_status"] in ("completed", "pruned", "failed")
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert steps == sorted(set(steps)) and steps[0] == 1  # metrics continue, none repeated
+    assert "best_val_acc" in parents[0].data.metrics
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_study_resumes(tmp_path):
+    process = start_study(tmp_path, "interrupted")
+    wait_for_first_epoch(process)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 130, output[-3000:]
+    assert "--resume" in output and "Traceback" not in output
+    _, parents, children = study_runs(tmp_path, "interrupted")
+    assert [r for r in parents + children if r.info.status == "RUNNING"] == []
+    other_model = run_script("run.py", *study_args(tmp_path, "interrupted", "--resume"), "--model", "cnn", cwd=tmp_path)
+    assert other_model.returncode == 2 and "searched --model vit" in other_model.stderr
+    assert_resumed_completely(tmp_path, "interrupted")
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes(tmp_path):
+    process = start_study(tmp_path, "killed")
+    wait_for_first_epoch(process)
+    time.sleep(3)  # let Ray write its experiment state after the first checkpoint
+    process.kill()
+    process.wait()
+    assert_resumed_completely(tmp_path, "killed")
+
+
+RESUME_ERRORS = {
+    "unknown study": (["--model", "vit", "--name", "nope", "--resume"], "no study named 'nope'"),
+    "no name": (["--model", "vit", "--resume"], "--resume needs --name"),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_ERRORS, ids=list(RESUME_ERRORS))
+def test_resume_refuses_what_it_cannot_continue(tmp_path, case):
+    args, message = RESUME_ERRORS[case]
+    result = run_script("run.py", *args, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mlflow").exists()
