@@ -72,10 +72,13 @@ class MlflowTrials(tune.Callback):
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.parent_run_id, self.study = parent_run_id, study
         self.run_ids: dict[str, str] = {}
+        self.logged_epochs: dict[str, int] = {}
+        """Per trial, the last epoch already in MLflow: a trial resumed from an older
+        checkpoint replays (identically) epochs that must not be logged twice."""
         self._client = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "run_ids": {}}
+        return {**self.__dict__, "_client": None, "run_ids": {}, "logged_epochs": {}}
 
     @property
     def client(self):
@@ -96,6 +99,8 @@ class MlflowTrials(tune.Callback):
         if not runs:
             return None
         run_id = runs[0].info.run_id
+        history = self.client.get_metric_history(run_id, "train_loss")
+        self.logged_epochs[trial_id] = max((m.step for m in history), default=0)
         if runs[0].info.status != "RUNNING":  # interrupted earlier, running again now
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, STATUS_TAG, "running")
@@ -122,8 +127,11 @@ class MlflowTrials(tune.Callback):
         from mlflow.entities import Metric
 
         stamp, step = int(time.time() * 1000), int(result["epoch"])
+        run_id = self.child_run(trial)
+        if step <= self.logged_epochs.get(trial.trial_id, 0):
+            return
         metrics = [Metric(key, float(result[key]), stamp, step) for key in EPOCH_METRICS if key in result]
-        self.client.log_batch(self.child_run(trial), metrics=metrics)
+        self.client.log_batch(run_id, metrics=metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finish(trial, trial_outcome(trial.last_result, error=False))

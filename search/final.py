@@ -1,0 +1,99 @@
+"""Retrain the winner of a study on train+val, test it once, register it.
+
+    python search/final.py --study <name>
+
+The config comes from a study (its best trial), one trial run, or a best_config.yaml.
+Training runs through the search's own engine (trainables.engine.fit); the test
+split is the one the study held out and never read. Only the standard library is
+imported until the arguments are valid, so --help and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from search.errors import UsageError
+
+MODELS = ("cnn", "vit", "hybrid")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"  # = search/run.py
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="search/final.py",
+        description="Retrain a study's best configuration on train+val with the search's engine, evaluate it once "
+        "on the test split the search never saw, log it to MLflow and register the model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    what = parser.add_argument_group("which configuration (one of)")
+    source = what.add_mutually_exclusive_group(required=True)
+    source.add_argument("--study", metavar="NAME", help="a study's name (run.py --name): its best trial's config")
+    source.add_argument("--run-id", metavar="ID", help="one trial's MLflow run id (or a study's parent run id)")
+    source.add_argument("--config", metavar="FILE", help="a best_config.yaml, as a study writes it (ray_results/<study>/best/)")
+    what.add_argument("--model", default=None, choices=MODELS, help="refuse a config that is not for this model")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=None,
+                          help="epochs to train (default: as many as the best trial needed; with --keep-val: the study's budget)")
+    training.add_argument("--keep-val", action="store_true",
+                          help="train on train only and early-stop on val (keeping the best epoch), instead of train+val")
+    training.add_argument("--seed", type=int, default=None,
+                          help="seeds weight init, batch order and augmentation (default: the study's seed); "
+                          "the split always uses the study's seed, so the test images stay unseen")
+    training.add_argument("--no-pretrained", action="store_true",
+                          help="random initialisation instead of timm's pretrained weights (a study run with "
+                          "--no-pretrained retrains without them too)")
+    training.add_argument("--weights", action="append", default=[], metavar="BACKBONE=PATH",
+                          help="local pretrained weights for a backbone (tf_efficientnetv2_s or vit_tiny_patch16_224); repeatable")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None,
+                      help="data source (default: the study's); its classes must be the study's")
+    data.add_argument("--cache-dir", default=".cache/images", help="decoded-image cache (shared with run.py)")
+
+    results = parser.add_argument_group("where results go")
+    results.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
+    results.add_argument("--experiment", default=None, help="MLflow experiment (default: the study's; else the model name)")
+    results.add_argument("--register-name", default=None, help="registered model name (default: <model>-classifier)")
+    results.add_argument("--out", default=None, help="local folder for weights, config, classes and metrics "
+                         "(default: final/<study>-<timestamp>)")
+    return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every problem found without loading anything heavy, reported at once."""
+    problems = []
+    if args.epochs is not None and args.epochs < 1:
+        problems.append(f"--epochs {args.epochs}: train at least 1 epoch")
+    if args.register_name is not None and not args.register_name.strip():
+        problems.append("--register-name is empty: give a name, e.g. vit-classifier")
+    for item in args.weights:
+        if "=" not in item:
+            problems.append(f"--weights {item}: write BACKBONE=PATH, e.g. tf_efficientnetv2_s=weights.safetensors")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_arguments(args)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our bars only
+        from search.retrain import execute_final, prepare_final
+
+        prepared = prepare_final(args)
+    except UsageError as error:
+        print(f"search/final.py: error: {error}", file=sys.stderr)
+        return 2
+    return execute_final(prepared)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

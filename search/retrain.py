@@ -1,0 +1,370 @@
+"""From a winner's config to a tested, registered model: prepare (check and cache), then execute.
+
+`prepare_final` does everything that can fail on bad input (the config's source, the
+model, the data and its classes, pretrained weights) before anything is written to
+MLflow; `execute_final` opens the final run, trains through the search's engine
+(`fit`, the one loop), tests once on the split the search held out, writes the
+results folder, logs it all and registers the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from search.errors import UsageError
+from search.final_config import FINAL_ROLE, ROLE_TAG, STUDY_TAG, WinnerConfig, load_file, load_run, load_study
+from search.final_report import TestResult, evaluate_test, per_class_metrics, plot_confusion, summary_lines
+from search.launch import FULL, SMOKE, absolute_uri
+from trainables.data import CachedSplit, DataError, DatasetIndex, index_source, prepare_splits, subsample
+from trainables.engine import Learner, NonFiniteLoss, fit, select_device
+from trainables.models import BACKBONES, ModelSpec, build_model, validate_spec
+
+MODEL_ARTIFACT = "model"
+RESULT_FILES = ("config.yaml", "classes.json", "splits.json", "classification_report.txt", "confusion_matrix.png")
+
+
+@dataclass
+class PreparedFinal:
+    config: WinnerConfig
+    spec: ModelSpec
+    index: DatasetIndex
+    """The study's split (same source, seed and smoke subsample), plus 'trainval'."""
+    train: CachedSplit
+    """train+val, or train alone with --keep-val."""
+    val: CachedSplit | None
+    """The validation split to early-stop on (--keep-val), else None."""
+    test: CachedSplit
+    epochs: int
+    seed: int
+    tracking_uri: str
+    experiment: str | None
+    """An experiment name to use instead of the study's."""
+    register_name: str
+    out: Path
+    label: str
+    """The study's name (or the config file's stem): names the run and the results folder."""
+    settings: dict
+    """What the final run records as params: enough to repeat it."""
+    skipped_images: list[str]
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def load_winner(args: argparse.Namespace) -> WinnerConfig:
+    if args.study is not None:
+        return load_study(args.tracking_uri, args.study, args.model)
+    if args.run_id is not None:
+        return load_run(args.tracking_uri, args.run_id, args.model)
+    return load_file(args.config, args.model)
+
+
+def prepare_final(args: argparse.Namespace) -> PreparedFinal:
+    config = load_winner(args)
+    hp = config.hyperparameters
+    data = args.data or config.data
+    try:
+        # The study's seed, whatever --seed says: a different split would leak search images into the test.
+        index = index_source(data, config.seed)
+    except DataError as error:
+        raise UsageError(str(error)) from None
+    if config.smoke:
+        index = subsample(index, SMOKE["per_class"], config.seed)  # the very subsample the study drew
+    if index.classes != config.classes:
+        raise UsageError(class_mismatch(index.source, index.classes, config))
+
+    weights = dict(item.split("=", 1) for item in args.weights)
+    spec = ModelSpec(
+        config.model, len(config.classes), config.img_size, dropout=hp.dropout, drop_path_rate=hp.drop_path_rate,
+        vit_depth=hp.vit_depth, fusion=hp.fusion, pretrained=config.pretrained and not args.no_pretrained,
+        weights_files=tuple(sorted(weights.items())),
+    )
+    try:
+        validate_spec(spec)
+    except ValueError as error:
+        raise UsageError(f"{config.source}: {error}") from None
+    if spec.pretrained:
+        from trainables.pretrained import PretrainedUnavailable, ensure_pretrained
+
+        try:
+            ensure_pretrained(BACKBONES[config.model], weights)
+        except PretrainedUnavailable as error:
+            raise UsageError(str(error)) from None
+
+    if args.keep_val:  # early stopping decides: give it the study's budget
+        epochs = args.epochs or config.epochs or FULL["epochs"]
+    else:  # no val split to stop on: as many epochs as the winner needed
+        epochs = args.epochs or config.best_epoch
+    if epochs is None:
+        raise UsageError(f"{config.source} does not say how many epochs the winner trained (best_epoch): pass --epochs N")
+
+    splits = ("train", "val", "test") if args.keep_val else ("trainval", "test")
+    index = DatasetIndex(
+        index.source, index.classes, {**index.splits, "trainval": index.splits["train"] + index.splits["val"]},
+        index.ignored_files,
+    )
+    try:
+        index, cached, skipped = prepare_splits(index, splits, config.img_size, Path(args.cache_dir).resolve())
+    except DataError as error:
+        raise UsageError(str(error)) from None
+
+    label = config.study or (Path(args.config).stem if args.config else f"run-{config.run_id}")
+    seed = config.seed if args.seed is None else args.seed
+    settings = {
+        "model": config.model, "source": config.source, "study": config.study, "trial_id": config.trial_id,
+        "train_on": "train" if args.keep_val else "train+val", "epochs": epochs, "img_size": config.img_size,
+        "seed": seed, "split_seed": config.seed, "data": index.source, "smoke": config.smoke,
+        "pretrained": spec.pretrained, "search_metric": config.metric, "search_best_value": config.best_value,
+        "num_classes": len(index.classes), "train_images": len(cached[splits[0]]),
+        "val_images": len(cached["val"]) if args.keep_val else 0, "test_images": len(cached["test"]),
+    }
+    return PreparedFinal(
+        config, spec, index, cached[splits[0]], cached.get("val"), cached["test"], epochs, seed,
+        args.tracking_uri, args.experiment, args.register_name or f"{config.model}-classifier",
+        Path(args.out or f"final/{label}-{datetime.now():%Y%m%d-%H%M%S}"), label, settings, skipped,
+    )
+
+
+def class_mismatch(source: str, classes: list[str], config: WinnerConfig) -> str:
+    missing = [c for c in config.classes if c not in classes]
+    extra = [c for c in classes if c not in config.classes]
+    if missing or extra:
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
+            f"not in the study: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "",
+        ) if part)
+    else:
+        detail = "the same names in another order"
+    return (
+        f"data source {source} has other classes than {config.source} ({detail}): the model's outputs would mean "
+        f"other things; retrain on the study's data ({config.data}) or on data with the same class folders"
+    )
+
+
+# ---------------------------------------------------------------- execute
+
+
+class ProgressLearner(Learner):
+    """The search's Learner, ticking a progress bar after every batch; `fit` stays the one loop."""
+
+    tick: Callable[[], object] = staticmethod(lambda: None)
+
+    def train_epoch(self, split: CachedSplit, on_batch: Callable[[], None] | None = None) -> float:
+        return super().train_epoch(split, on_batch or self.tick)
+
+    def predict(self, split: CachedSplit, on_batch: Callable[[], None] | None = None):
+        return super().predict(split, on_batch or self.tick)
+
+
+def execute_final(final: PreparedFinal) -> int:
+    from search.tracking import get_or_create_experiment, log_params, mlflow_client
+
+    config = final.config
+    client = mlflow_client(final.tracking_uri)
+    if config.experiment_id and not final.experiment:
+        experiment_id = config.experiment_id
+    else:
+        experiment_id = get_or_create_experiment(client, final.experiment or config.model, final.tracking_uri)
+    tags = {ROLE_TAG: FINAL_ROLE, "model": config.model, "source_run_id": config.run_id or "",
+            "best_trial": config.trial_id or "", "mlflow.note.content": describe(final)}
+    if config.study:
+        tags[STUDY_TAG] = config.study
+    run_id = client.create_run(experiment_id, run_name=f"{final.label}-final", tags=tags).info.run_id
+    log_params(client, run_id, {**final.settings, **config.hyperparameters.to_dict()})
+    if final.skipped_images:
+        print(f"warning: skipped {len(final.skipped_images)} unreadable image(s), e.g. {', '.join(final.skipped_images[:3])}")
+
+    print(
+        f"Retraining {config.model} from {config.source} (trial {config.trial_id or '-'}) on {final.settings['train_on']} "
+        f"({len(final.train)} images) for {final.epochs} epoch(s); {len(final.test)} test images held out"
+        + ("; smoke config: the study's subsample" if config.smoke else ""),
+        flush=True,
+    )
+    status = "FAILED"
+    try:
+        learner, trained_epochs = train(final, client, run_id)
+        result = test(final, learner)
+        model_info = finish(final, client, run_id, learner, result, trained_epochs)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(f"\nstopped: final retrain of {final.label} interrupted")
+        return 130
+    except NonFiniteLoss as error:
+        print(f"search/final.py: training diverged: {error}", file=sys.stderr)
+        return 1
+    finally:
+        client.set_terminated(run_id, status)
+    print_closing(final, result, model_info, experiment_id, run_id)
+    return 0
+
+
+def describe(final: PreparedFinal) -> str:
+    """The run's description in the MLflow UI."""
+    config = final.config
+    return (
+        f"Final retrain of {config.source} (trial {config.trial_id or '-'}): {config.model} on "
+        f"{final.settings['train_on']} for {final.epochs} epoch(s), tested once on {len(final.test)} held-out images."
+    )
+
+
+def train(final: PreparedFinal, client, run_id: str) -> tuple[Learner, int]:
+    """Train through `fit`, logging every epoch; with a val split, keep the best epoch's weights."""
+    from mlflow.entities import Metric
+    from tqdm import tqdm
+
+    hp = final.config.hyperparameters
+    torch.manual_seed(final.seed)  # as a trial does: the same seed gives the same initial head
+    monitor = final.config.metric if final.val is not None else "train_loss"
+    learner = ProgressLearner(build_model(final.spec), hp, select_device(), monitor, final.seed)
+
+    per_epoch = batch_count(len(final.train), hp.batch_size, drop_single=True)
+    if final.val is not None:
+        per_epoch += batch_count(len(final.val), hp.batch_size * 2)
+    epochs_bar = tqdm(total=final.epochs, desc="retrain", unit="epoch", position=0, dynamic_ncols=True)
+    batches_bar = tqdm(total=per_epoch, desc="epoch 1", unit="batch", position=1, leave=False, dynamic_ncols=True)
+    learner.tick = batches_bar.update
+    best_state, best_epoch = None, 0
+    try:
+        for result in fit(learner, final.train, final.val, final.epochs):
+            stamp = int(datetime.now().timestamp() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, result.epoch) for k, v in result.metrics.items()])
+            if final.val is not None and result.improved:
+                best_state, best_epoch = copy.deepcopy(learner.model.state_dict()), result.epoch
+            epochs_bar.set_postfix({k: f"{v:.4f}" for k, v in result.metrics.items() if k in ("train_loss", monitor)})
+            epochs_bar.update()
+            if not result.finished:
+                batches_bar.reset()
+                batches_bar.set_description(f"epoch {result.epoch + 1}")
+    finally:
+        batches_bar.close()
+        epochs_bar.close()
+    if best_state is not None:
+        learner.model.load_state_dict(best_state)  # early stopping on val: test the best epoch, not the last
+        return learner, best_epoch
+    return learner, learner.epoch
+
+
+def batch_count(images: int, batch_size: int, drop_single: bool = False) -> int:
+    """Batches per pass, as Learner.batches makes them (a trailing batch of one dropped in training)."""
+    count = -(-images // batch_size)
+    return count - 1 if drop_single and images % batch_size == 1 and images > 1 else count
+
+
+def test(final: PreparedFinal, learner: ProgressLearner) -> TestResult:
+    """The one look at the test split."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=batch_count(len(final.test), final.config.hyperparameters.batch_size * 2), desc="test",
+               unit="batch", leave=False, dynamic_ncols=True)
+    learner.tick = bar.update
+    try:
+        logits, labels = learner.predict(final.test)
+    finally:
+        bar.close()
+    return evaluate_test(logits.numpy(), labels, final.config.classes)
+
+
+def finish(final: PreparedFinal, client, run_id: str, learner: Learner, result: TestResult, trained_epochs: int) -> dict:
+    """Write the results folder, log it and the test metrics, log and register the model."""
+    from mlflow.entities import Metric
+
+    model = learner.model.to("cpu", memory_format=torch.contiguous_format).eval()
+    write_results(final, model, result)
+    stamp = int(datetime.now().timestamp() * 1000)
+    scores = {**result.metrics, **per_class_metrics(result), "trained_epochs": trained_epochs}
+    client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in scores.items() if v == v])  # no NaN
+    for name in RESULT_FILES:
+        client.log_artifact(run_id, str(final.out / name))
+    registered = log_model(final, model, run_id)
+    client.set_tag(run_id, "registered_model", f"{registered['name']}/{registered['version']}")
+    metrics_file = final.out / "metrics.json"
+    metrics_file.write_text(json.dumps({
+        "test": result.metrics, "per_class": result.per_class, "confusion_matrix": result.confusion.tolist(),
+        "trained_epochs": trained_epochs, "settings": final.settings,
+        "mlflow": {"tracking_uri": final.tracking_uri, "run_id": run_id, **registered},
+    }, indent=2))
+    client.log_artifact(run_id, str(metrics_file))
+    return registered
+
+
+def write_results(final: PreparedFinal, model: nn.Module, result: TestResult) -> None:
+    """Weights, config, class names, split and the test's plots: everything to use or repeat the model."""
+    import yaml
+
+    config, out = final.config, final.out
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {k: v for k, v in asdict(final.spec).items() if k != "weights_files"}
+    torch.save(
+        {"model": model.state_dict(), "model_spec": spec, "hyperparameters": config.hyperparameters.to_dict(),
+         "classes": config.classes, "metrics": result.metrics},
+        out / "model.pt",
+    )
+    (out / "config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))
+    (out / "classes.json").write_text(json.dumps(config.classes, indent=2))
+    index = final.index
+    (out / "splits.json").write_text(json.dumps(
+        {"source": index.source, "seed": config.seed, "smoke": config.smoke,
+         **{split: [s.key for s in index.splits[split]] for split in ("train", "val", "test")}},
+        indent=1,
+    ))
+    (out / "classification_report.txt").write_text(result.report)
+    plot_confusion(result, config.classes, out / "confusion_matrix.png",
+                   f"{config.model}: test confusion matrix ({len(result.labels)} images)")
+
+
+def log_model(final: PreparedFinal, model: nn.Module, run_id: str) -> dict:
+    """Log the model as an MLflow model (probabilities out) and register it."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    import trainables
+
+    # Float32 (N, 3, H, W) in [0, 1] in, one row of C class probabilities out: the model normalises itself.
+    scoring = nn.Sequential(model, nn.Softmax(dim=1)).eval()
+    example = np.ascontiguousarray(final.test.images()[:2]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    with torch.no_grad():
+        output = scoring(torch.from_numpy(example)).numpy()
+    mlflow.set_tracking_uri(final.tracking_uri)
+    info = mlflow.pytorch.log_model(
+        scoring,
+        name=MODEL_ARTIFACT,
+        run_id=run_id,
+        signature=infer_signature(example, output),
+        input_example=example,
+        registered_model_name=final.register_name,
+        code_paths=[str(Path(trainables.__file__).parent)],  # loads without this project installed
+        pip_requirements=pinned("torch", "torchvision", "timm", "numpy", "cloudpickle"),
+    )
+    return {"name": final.register_name, "version": int(info.registered_model_version), "model_uri": info.model_uri}
+
+
+def pinned(*packages: str) -> list[str]:
+    """Installed versions, without local labels (+cpu, +cu130) that package indexes do not serve."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
+def print_closing(final: PreparedFinal, result: TestResult, registered: dict, experiment_id: str, run_id: str) -> None:
+    print()
+    for line in summary_lines(result, final.config.metric, final.config.best_value, len(final.test)):
+        print(line)
+    uri = f"models:/{registered['name']}/{registered['version']}"
+    print(f"Model:      registered as {registered['name']} version {registered['version']} "
+          f"(mlflow.pytorch.load_model({uri!r}): float32 images (N, 3, H, W) in [0, 1] -> class probabilities)")
+    print(f"Results:    {final.out}/ (model.pt, config.yaml, classes.json, metrics.json, confusion_matrix.png, ...)")
+    print(f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(final.tracking_uri)} --host 127.0.0.1 --port 5000")
+    print(f"            then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
