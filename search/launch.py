@@ -81,9 +81,12 @@ def prepare_study(args: argparse.Namespace) -> PreparedStudy:
         raise UsageError(str(error)) from None
 
     from search.study import StudyPlan
+    from trainables.engine import SpeedOptions
     from trainables.trainable import TrialSetup
 
-    setup = TrialSetup(spec, cached["train"], cached["val"], epochs, args.metric, args.seed, gpus_per_trial, args.cpus_per_trial)
+    speed = SpeedOptions(args.amp, args.channels_last, args.cudnn_benchmark, args.compile)
+    setup = TrialSetup(spec, cached["train"], cached["val"], epochs, args.metric, args.seed, gpus_per_trial,
+                       args.cpus_per_trial, speed)
     plan = StudyPlan(name, args.trials, args.metric, args.seed, args.grace_period, args.reduction_factor,
                      gpus_per_trial, args.cpus_per_trial, max_concurrent, str(Path(args.storage_path).resolve()),
                      args.max_failures)
@@ -93,7 +96,9 @@ def prepare_study(args: argparse.Namespace) -> PreparedStudy:
         "pretrained": spec.pretrained, "space": space.path, "grace_period": args.grace_period,
         "reduction_factor": args.reduction_factor, "gpus_per_trial": gpus_per_trial,
         "cpus_per_trial": args.cpus_per_trial, "max_concurrent": max_concurrent, "max_failures": args.max_failures,
+        "amp": args.amp, "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark, "compile": args.compile,
         **{k: v for k, v in index.summary().items() if k not in ("source", "classes")},
+        "ignored_files": index.ignored_files, "skipped_images": len(skipped),
     }
     return PreparedStudy(name, args.experiment or args.model, args.tracking_uri, space, index, setup, plan, settings,
                          skipped, resume_run_id)
@@ -214,6 +219,8 @@ def open_parent_run(client, study: PreparedStudy) -> tuple[str, str]:
     log_params(client, parent_id, study.settings)
     client.log_dict(parent_id, study.index.summary(), "data.json")
     client.log_artifact(parent_id, study.space.path)
+    if study.index.ignored_files:
+        print(f"note: ignored {study.index.ignored_files} file(s) that are not images", flush=True)
     if study.skipped_images:
         client.log_metric(parent_id, "skipped_images", len(study.skipped_images))
         client.log_text(parent_id, "\n".join(study.skipped_images), "skipped_images.txt")

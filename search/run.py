@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="local pretrained weights for a backbone (tf_efficientnetv2_s or vit_tiny_patch16_224); repeatable")
     training.add_argument("--smoke", action="store_true", help="CPU-friendly profile: 32 px, 3 epochs, 24 training images per class")
 
+    speed = parser.add_argument_group("speed on CUDA (ignored on the CPU)")
+    speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="fp16 autocast with GradScaler")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory layout")
+    speed.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="autotune convolutions once")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile each trial's model (its compile time is paid again in every trial)")
+
     resources = parser.add_argument_group("resources and early stopping")
     resources.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial (default 0.5 with a GPU, else 0)")
     resources.add_argument("--cpus-per-trial", type=int, default=1, help="CPU cores per trial")

@@ -1,6 +1,7 @@
 """The command line answers fast and refuses bad input with one line, exit code 2, nothing written."""
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,42 @@ def test_bad_input_is_one_line_exit_2_and_no_mlflow_run(tmp_path, case):
     assert message in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow").exists()
+
+
+def make_layout(root: Path, case: str) -> Path:
+    """Data folders that cannot be used, each in its own way."""
+    if case == "empty folder":
+        root.mkdir()
+    elif case == "one class":
+        write_image_folder(root, {"only": 6})
+    elif case == "class without images":
+        write_image_folder(root, {"a": 6, "b": 6})
+        (root / "c").mkdir()
+        (root / "c" / "notes.txt").write_text("no images here")
+    elif case == "pre-split classes differ":
+        write_image_folder(root / "train", {"a": 4, "b": 4})
+        write_image_folder(root / "val", {"a": 2, "b": 2})
+        write_image_folder(root / "test", {"a": 2, "c": 2})
+    elif case == "too few images for a split":
+        write_image_folder(root, {"a": 6, "b": 2})
+    return root
+
+
+DATA_PROBLEMS = {
+    "empty folder": "has no class sub-folders",
+    "one class": "holds one class (only)",
+    "class without images": "has no images",
+    "pre-split classes differ": "hold different classes",
+    "too few images for a split": "class 'b' has 2 image(s)",
+}
+
+
+@pytest.mark.parametrize("case", DATA_PROBLEMS, ids=list(DATA_PROBLEMS))
+def test_unusable_data_is_one_line_exit_2_and_nothing_written(tmp_path, case):
+    make_layout(tmp_path / "images", case)
+    result = run_script("run.py", "--model", "cnn", "--data", "images", "--no-pretrained", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and DATA_PROBLEMS[case] in lines[0], result.stderr
+    assert "images" in lines[0]  # names where
+    assert not (tmp_path / "mlflow").exists() and not (tmp_path / ".cache").exists()

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, write_image_folder
 
 TRIALS = 3
 
 
-def study_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
+def study_args(tmp_path: Path, name: str, *extra: str, data: str = "synthetic") -> list[str]:
     return [
-        "--model", "vit", "--smoke", "--data", "synthetic", "--no-pretrained", "--epochs", "2",
+        "--model", "vit", "--smoke", "--data", data, "--no-pretrained", "--epochs", "2",
         "--name", name, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
         "--storage-path", str(tmp_path / "ray"), "--cache-dir", str(tmp_path / "cache"), *extra,
     ]
@@ -41,10 +41,17 @@ def test_trials_that_diverge_are_failed_and_the_study_goes_on(tmp_path):
         "  lr: {type: categorical, choices: [0.001, 1.0e+6]}\n"
         "  weight_decay: {type: fixed, value: 0.0}\n"
     )
-    result = run_script("run.py", *study_args(tmp_path, "faulty", "--trials", "4", "--space", "space.yaml"), cwd=tmp_path)
+    # Real-world mess in the data too: a corrupt image and a file that is no image.
+    images = write_image_folder(tmp_path / "images", {"a": 10, "b": 10, "c": 10}, size=48)
+    (images / "a" / "003.png").write_bytes(b"\x89PNG truncated")
+    (images / "b" / "notes.txt").write_text("not an image")
+    args = study_args(tmp_path, "faulty", "--trials", "4", "--space", "space.yaml", data="images")
+    result = run_script("run.py", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _, parents, children = study_runs(tmp_path, "faulty")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["skipped_images"] == 1 and parents[0].data.params["ignored_files"] == "1"
+    assert "skipped 1 unreadable image(s), e.g. a/003.png" in result.stdout
     assert len(children) == 4
     failed = [c for c in children if c.data.tags["trial_status"] == "failed"]
     healthy = [c for c in children if c.data.tags["trial_status"] != "failed"]

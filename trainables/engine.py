@@ -38,12 +38,26 @@ class EpochResult:
     """No epoch follows: the budget is spent or early stopping triggered."""
 
 
-def select_device(gpu_fraction: float = 1.0) -> torch.device:
+@dataclass(frozen=True)
+class SpeedOptions:
+    """CUDA speed features (the CPU ignores them)."""
+
+    amp: bool = True
+    """fp16 autocast with GradScaler: Turing has fp16 tensor cores but no bf16."""
+    channels_last: bool = True
+    """NHWC memory layout, which tensor-core convolutions prefer."""
+    cudnn_benchmark: bool = True
+    """Autotune convolution algorithms once for the fixed input shape."""
+    compile: bool = False
+    """torch.compile the model: faster steps, but every trial pays the compile time again."""
+
+
+def select_device(gpu_fraction: float = 1.0, speed: SpeedOptions = SpeedOptions()) -> torch.device:
     """CUDA when visible and granted (capped to our share of it), else the CPU."""
     if gpu_fraction > 0 and torch.cuda.is_available():
         # Ray's fractional GPU is bookkeeping only: enforce the share ourselves.
         torch.cuda.set_per_process_memory_fraction(min(gpu_fraction, 1.0))
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune once
+        torch.backends.cudnn.benchmark = speed.cudnn_benchmark
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -58,14 +72,16 @@ class Learner:
         device: torch.device,
         monitor: str = "val_acc",
         seed: int = 0,
+        speed: SpeedOptions = SpeedOptions(),
     ):
         self.device, self.hp, self.monitor, self.seed = device, hp, monitor, seed
         self.mode = METRIC_MODES.get(monitor, "min")
         cuda = device.type == "cuda"
-        # Turing has fp16 tensor cores but no bf16; GradScaler keeps fp16 gradients finite.
-        self.amp = cuda
-        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        self.amp = cuda and speed.amp
+        self.memory_format = torch.channels_last if cuda and speed.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
+        # The compiled wrapper runs the steps; self.model keeps plain state-dict keys.
+        self.network = torch.compile(self.model) if cuda and speed.compile else self.model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode=self.mode, factor=hp.plateau_factor, patience=hp.plateau_patience
@@ -94,7 +110,7 @@ class Learner:
         for images, labels in self.batches(split, order, self.hp.batch_size, drop_single=True):
             images = augment_batch(images, self.hp.aug_strength, generator)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                loss = self.loss_fn(self.model(images), labels)
+                loss = self.loss_fn(self.network(images), labels)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
                     f"training loss became {loss.item()} in epoch {self.epoch + 1}: "
@@ -117,7 +133,7 @@ class Learner:
         outputs = []
         for images, _ in self.batches(split, np.arange(len(split)), self.hp.batch_size * 2):
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                outputs.append(self.model(images).float().cpu())
+                outputs.append(self.network(images).float().cpu())
             if on_batch is not None:
                 on_batch()
         return torch.cat(outputs), split.labels
@@ -165,8 +181,9 @@ class Learner:
 
         for batch, batch_labels in prefetch(gather(s) for s in starts):
             batch = batch.to(self.device, non_blocking=True)
-            # NHWC uint8 -> NCHW float view: already channels_last in memory.
-            yield batch.permute(0, 3, 1, 2).float().div_(255), batch_labels.to(self.device, non_blocking=True)
+            # NHWC uint8 -> NCHW float: the permuted view is channels_last in memory already.
+            floats = batch.permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=self.memory_format)
+            yield floats, batch_labels.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------ checkpoints
 

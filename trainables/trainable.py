@@ -15,7 +15,7 @@ import torch
 
 from trainables.config import Hyperparameters
 from trainables.data import CachedSplit
-from trainables.engine import Learner, fit, select_device
+from trainables.engine import Learner, SpeedOptions, fit, select_device
 from trainables.models import ModelSpec, build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -34,6 +34,7 @@ class TrialSetup:
     seed: int
     gpu_fraction: float
     cpus: int
+    speed: SpeedOptions = SpeedOptions()
 
 
 class TrialOutOfMemory(RuntimeError):
@@ -62,7 +63,8 @@ def train_trial(config: dict, setup: TrialSetup) -> None:
     torch.set_num_threads(max(setup.cpus, 1))
     torch.manual_seed(setup.seed)  # same initial head for every trial: configs compare fairly
     spec = trial_model_spec(setup.model, hp)
-    learner = Learner(build_model(spec), hp, select_device(setup.gpu_fraction), setup.metric, setup.seed)
+    device = select_device(setup.gpu_fraction, setup.speed)
+    learner = Learner(build_model(spec), hp, device, setup.metric, setup.seed, setup.speed)
 
     restored = tune.get_checkpoint()
     if restored is not None:
