@@ -58,8 +58,11 @@ def prepare_study(args: argparse.Namespace) -> PreparedStudy:
     if args.smoke:
         index = subsample(index, SMOKE["per_class"], args.seed)
 
-    gpus_per_trial = resolve_gpus(args.gpus_per_trial)
-    max_concurrent = args.max_concurrent or trial_slots(gpus_per_trial, args.cpus_per_trial)
+    if args.gpus_per_trial == "auto":
+        gpus_per_trial, fitting = auto_gpus(args.model, len(index.classes), space.largest("batch_size", 32), img_size)
+    else:
+        gpus_per_trial, fitting = resolve_gpus(args.gpus_per_trial), None
+    max_concurrent = args.max_concurrent or fitting or trial_slots(gpus_per_trial, args.cpus_per_trial)
     weights = dict(item.split("=", 1) for item in args.weights)
     spec = ModelSpec(args.model, len(index.classes), img_size, pretrained=not args.no_pretrained,
                      weights_files=tuple(sorted(weights.items())))
@@ -160,6 +163,22 @@ def resolve_gpus(requested: float | None) -> float:
     if requested > 0 and not visible:
         raise UsageError(f"--gpus-per-trial {requested} but no CUDA GPU is visible: pass --gpus-per-trial 0 to train on the CPU")
     return requested
+
+
+def auto_gpus(model: str, num_classes: int, batch_size: int, img_size: int) -> tuple[float, int | None]:
+    """--gpus-per-trial auto: (share per trial, trials that fit), measured; 0 without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0, None
+    from search.resources import GpuTooSmall, choose_gpu_fraction, probe_in_subprocess
+
+    try:
+        plan = choose_gpu_fraction(*probe_in_subprocess(model, num_classes, batch_size, img_size))
+    except GpuTooSmall as error:
+        raise UsageError(str(error)) from None
+    print(f"--gpus-per-trial auto: {plan.explanation}", flush=True)
+    return plan.fraction, plan.trials
 
 
 def trial_slots(gpus_per_trial: float, cpus_per_trial: int) -> int:

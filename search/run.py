@@ -19,6 +19,15 @@ METRICS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")  # = train
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 
 
+def gpu_fraction(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'auto'") from None
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -56,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile each trial's model (its compile time is paid again in every trial)")
 
     resources = parser.add_argument_group("resources and early stopping")
-    resources.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial (default 0.5 with a GPU, else 0)")
+    resources.add_argument("--gpus-per-trial", type=gpu_fraction, default=None, metavar="F|auto",
+                           help="GPU share per trial (default 0.5 with a GPU, else 0); 'auto' measures one step of the "
+                           "largest configuration and packs as many trials as fit in free memory")
     resources.add_argument("--cpus-per-trial", type=int, default=1, help="CPU cores per trial")
     resources.add_argument("--max-concurrent", type=int, default=None, help="most trials at once (default: as many as resources allow)")
     resources.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial from its last checkpoint")
@@ -82,7 +93,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         problems.append(f"--epochs {args.epochs}: train at least 1 epoch")
     if args.img_size is not None and args.img_size < 16:
         problems.append(f"--img-size {args.img_size}: use at least 16 (224 is standard)")
-    if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial <= 1:
+    if isinstance(args.gpus_per_trial, float) and not 0 <= args.gpus_per_trial <= 1:
         problems.append(f"--gpus-per-trial {args.gpus_per_trial}: give a fraction in (0, 1], or 0 for CPU")
     if args.cpus_per_trial < 1:
         problems.append(f"--cpus-per-trial {args.cpus_per_trial}: give at least 1")

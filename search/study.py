@@ -102,7 +102,8 @@ def restore_tuner(space: Space, setup: TrialSetup, plan: StudyPlan) -> tune.Tune
     return tune.Tuner.restore(path, trainable=make_trainable(setup, plan), resume_unfinished=True, resume_errored=False)
 
 
-def make_tuner(space: Space, setup: TrialSetup, plan: StudyPlan, callbacks: list) -> tune.Tuner:
+def make_tuner(space: Space, setup: TrialSetup, plan: StudyPlan, callbacks: list, trainable=None) -> tune.Tuner:
+    """The study's Tuner; `trainable` replaces make_trainable(setup, plan) (benchmarks inject a fixed-cost one)."""
     mode = METRIC_MODES[plan.metric]
     scheduler = ASHAScheduler(
         time_attr="epoch",
@@ -111,7 +112,7 @@ def make_tuner(space: Space, setup: TrialSetup, plan: StudyPlan, callbacks: list
         reduction_factor=plan.reduction_factor,
     )
     return tune.Tuner(
-        make_trainable(setup, plan),
+        trainable if trainable is not None else make_trainable(setup, plan),
         tune_config=tune.TuneConfig(
             metric=plan.metric,
             mode=mode,

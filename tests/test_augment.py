@@ -36,3 +36,19 @@ def test_rotation_by_zero_keeps_and_by_90_turns_the_image():
     assert torch.allclose(turned, torch.rot90(images, k=-1, dims=(2, 3)), atol=1e-4) or torch.allclose(
         turned, torch.rot90(images, k=1, dims=(2, 3)), atol=1e-4
     )
+
+
+def test_flips_are_folded_into_the_warp():
+    from trainables.augment import warp
+
+    images = torch.rand(2, 3, 8, 8)
+    zero, plus, minus = torch.zeros(2), torch.ones(2), -torch.ones(2)
+    assert torch.allclose(warp(images, zero, minus, plus), images.flip(-1), atol=1e-5)
+    assert torch.allclose(warp(images, zero, plus, minus), images.flip(-2), atol=1e-5)
+
+
+def test_colour_jitter_keeps_grey_images_grey():
+    grey = torch.rand(4, 1, 16, 16).expand(4, 3, 16, 16).contiguous()
+    out = augment_batch(grey, 1.0, torch.Generator().manual_seed(0))
+    # Noise is per channel; without it the channels would agree. Their spread stays noise-sized.
+    assert (out[:, 0] - out[:, 1]).abs().mean() < 0.08

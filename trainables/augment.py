@@ -25,36 +25,54 @@ def augment_batch(images: torch.Tensor, strength: float, generator: torch.Genera
 
     def uniform(low: float, high: float) -> torch.Tensor:
         draw = torch.rand(batch, device=images.device, generator=generator, dtype=images.dtype)
-        return (low + (high - low) * draw).view(batch, 1, 1, 1)
+        return low + (high - low) * draw
 
-    def coin() -> torch.Tensor:
-        return uniform(0, 1) < 0.5
+    def sign() -> torch.Tensor:  # -1 (flip) or +1, each with probability 0.5
+        return torch.where(uniform(0, 1) < 0.5, -1.0, 1.0).to(images.dtype)
 
-    images = torch.where(coin(), images.flip(-1), images)
-    images = torch.where(coin(), images.flip(-2), images)
-    images = rotate(images, uniform(-1, 1).flatten() * MAX_ROTATION_DEGREES * strength)
+    # Flips and rotation are one affine map: a single resampling pass per batch.
+    degrees = uniform(-1, 1) * MAX_ROTATION_DEGREES * strength
+    images = warp(images, degrees, flip_x=sign(), flip_y=sign())
 
+    # Colour jitter. Luminance is linear in the pixels, so it is computed once and
+    # carried through brightness and contrast instead of being measured again.
     jitter = MAX_JITTER * strength
-    images = images * uniform(1 - jitter, 1 + jitter)  # brightness
-    grey = luminance(images)
-    mean_grey = grey.mean(dim=(1, 2, 3), keepdim=True)
-    images = (images - mean_grey) * uniform(1 - jitter, 1 + jitter) + mean_grey  # contrast
-    grey = luminance(images)
-    images = (images - grey) * uniform(1 - jitter, 1 + jitter) + grey  # saturation
 
-    noise_std = uniform(0, MAX_NOISE_STD * strength)
+    def factor() -> torch.Tensor:
+        return uniform(1 - jitter, 1 + jitter).view(batch, 1, 1, 1)
+
+    grey = luminance(images)
+    brightness = factor()
+    images.mul_(brightness)
+    grey.mul_(brightness)
+    mean_grey = grey.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = factor()
+    images.sub_(mean_grey).mul_(contrast).add_(mean_grey)
+    grey.sub_(mean_grey).mul_(contrast).add_(mean_grey)
+    images.sub_(grey).mul_(factor()).add_(grey)  # saturation
+
+    noise_std = uniform(0, MAX_NOISE_STD * strength).view(batch, 1, 1, 1)
     noise = torch.randn(images.shape, device=images.device, generator=generator, dtype=images.dtype)
-    return (images + noise * noise_std).clamp_(0, 1)
+    return images.add_(noise.mul_(noise_std)).clamp_(0, 1)
+
+
+def warp(images: torch.Tensor, degrees: torch.Tensor, flip_x: torch.Tensor, flip_y: torch.Tensor) -> torch.Tensor:
+    """Rotate each image about its centre by its own angle after flipping it where
+    flip_x / flip_y is -1; corners fill with black."""
+    radians = degrees * (math.pi / 180)
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack(
+        [torch.stack([cos * flip_x, -sin * flip_y, zero], 1), torch.stack([sin * flip_x, cos * flip_y, zero], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     """Rotate each image about its centre by its own angle; corners fill with black."""
-    radians = degrees * (math.pi / 180)
-    cos, sin = torch.cos(radians), torch.sin(radians)
-    zero = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ones = torch.ones_like(degrees)
+    return warp(images, degrees, ones, ones)
 
 
 def luminance(images: torch.Tensor) -> torch.Tensor:

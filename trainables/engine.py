@@ -78,6 +78,7 @@ class Learner:
         self.mode = METRIC_MODES.get(monitor, "min")
         cuda = device.type == "cuda"
         self.amp = cuda and speed.amp
+        self.finite_check_every = 16 if self.amp else 1  # without GradScaler, stop at the first bad step
         self.memory_format = torch.channels_last if cuda and speed.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
         # The compiled wrapper runs the steps; self.model keeps plain state-dict keys.
@@ -107,24 +108,32 @@ class Learner:
         generator = torch.Generator(device=self.device).manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed)
         total, seen = torch.zeros((), device=self.device), 0
-        for images, labels in self.batches(split, order, self.hp.batch_size, drop_single=True):
+        batches = self.batches(split, order, self.hp.batch_size, drop_single=True)
+        for step, (images, labels) in enumerate(batches, start=1):
             images = augment_batch(images, self.hp.aug_strength, generator)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 loss = self.loss_fn(self.network(images), labels)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"training loss became {loss.item()} in epoch {self.epoch + 1}: "
-                    f"lower the learning rate (lr={self.hp.lr:g})"
-                )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # A NaN or infinite loss makes the running total non-finite too. Reading it
+            # waits for the GPU, so on CUDA look every few steps; GradScaler skips the
+            # steps in between whose gradients are not finite, so no weight is spoiled.
             total += loss.detach() * len(labels)
             seen += len(labels)
+            if step % self.finite_check_every == 0 and not torch.isfinite(total):
+                raise self.diverged(total)
             if on_batch is not None:
                 on_batch()
+        if not torch.isfinite(total):
+            raise self.diverged(total)
         return total.item() / max(seen, 1)
+
+    def diverged(self, total: torch.Tensor) -> NonFiniteLoss:
+        return NonFiniteLoss(
+            f"training loss became {total.item():g} in epoch {self.epoch + 1}: lower the learning rate (lr={self.hp.lr:g})"
+        )
 
     @torch.no_grad()
     def predict(self, split: CachedSplit, on_batch: Callable[[], None] | None = None) -> tuple[torch.Tensor, np.ndarray]:

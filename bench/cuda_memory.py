@@ -1,0 +1,47 @@
+"""CUDA only: peak memory of one trial's training step, per model and batch size, at 224 px.
+
+Uses search.resources.probe_peak_memory -- the same probe as --gpus-per-trial auto --
+(AMP fp16 + GradScaler, channels_last, AdamW, two steps so that AdamW's state exists,
+plus one evaluation batch), then shows what `auto` would choose on this GPU and on the
+reference 8 GB card.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from search.resources import GiB, GpuTooSmall, choose_gpu_fraction, probe_peak_memory
+
+MODELS = ("cnn", "vit", "hybrid")
+BATCHES = (16, 32)
+IMG_SIZE = 224
+NUM_CLASSES = 11
+REFERENCE = (int(7.6 * GiB), 8 * GiB)
+"""RTX 2070 Super: 8 GiB, of which ~7.6 GiB free with a desktop running."""
+
+
+def run(device: torch.device, quick: bool = False) -> dict:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return {"skipped": "no CUDA"}
+    out: dict = {"gpu": torch.cuda.get_device_name(0)}
+    for model in MODELS:
+        for batch in BATCHES:
+            key = f"{model}_b{batch}"
+            try:
+                peak = probe_peak_memory(model, NUM_CLASSES, batch, IMG_SIZE)
+            except GpuTooSmall as error:
+                out[key] = {"error": str(error)}
+                continue
+            reserved = torch.cuda.max_memory_reserved()
+            free, total = torch.cuda.mem_get_info()
+            out[key] = {"peak_bytes": peak, "reserved_bytes": reserved,
+                        "here": plan_or_error(peak, free, total), "reference": plan_or_error(peak, *REFERENCE)}
+    return out
+
+
+def plan_or_error(peak: int, free: int, total: int) -> dict:
+    try:
+        plan = choose_gpu_fraction(peak, free, total)
+    except GpuTooSmall:
+        return {"fraction": None, "trials": 0}
+    return {"fraction": plan.fraction, "trials": plan.trials}

@@ -1,0 +1,201 @@
+"""--gpus-per-trial auto: measure what one trial needs on the GPU, then share the GPU by it.
+
+Ray's fractional GPU is bookkeeping only, and each trial caps its own CUDA allocator to
+the same fraction (engine.select_device). So the fraction must cover the largest
+configuration the search can draw, and the number of trials at once must fit in the
+memory that is actually free:
+
+    per trial = peak * (1 + margin) + CUDA context
+    fraction  = per trial / total memory     (what set_per_process_memory_fraction takes)
+    trials    = how many per-trial budgets fit in the free memory (at least one)
+
+`probe_peak_memory` measures the peak by running the trial's own training step;
+`choose_gpu_fraction` is the arithmetic, free of CUDA so it can be tested anywhere.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+MiB = 2**20
+GiB = 2**30
+CUDA_CONTEXT_BYTES = 500 * MiB
+"""What a process's CUDA context (driver, kernels, cuBLAS/cuDNN handles) takes outside
+PyTorch's allocator: about 300-500 MiB on recent drivers with lazy module loading."""
+DEFAULT_MARGIN = 0.15
+"""Headroom over the measured peak for the allocator's fragmentation and for kernels
+(cuDNN autotuning) that a probe of two steps may not have met."""
+FRACTION_STEP = 1e-4
+"""Ray rounds fractional resources to four decimals: round the fraction up to that."""
+
+
+class NoCudaError(RuntimeError):
+    """Probing GPU memory was asked for where no CUDA GPU is visible."""
+
+
+class GpuTooSmall(ValueError):
+    """Not even one trial fits in the GPU's free memory; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """How a study shares one GPU."""
+
+    fraction: float
+    """Share of the GPU's total memory per trial: Ray's gpus-per-trial, and the cap each
+    trial sets with torch.cuda.set_per_process_memory_fraction. In (0, 1]."""
+    trials: int
+    """Trials that fit side by side in the free memory (a max-concurrent); at least 1."""
+    per_trial_bytes: int
+    """One trial's budget: measured peak plus margin plus the CUDA context."""
+    explanation: str
+    """One line, for the study's log: the numbers behind the choice."""
+
+
+def gib(value: float) -> str:
+    return f"{value / GiB:.2f} GiB"
+
+
+def choose_gpu_fraction(
+    peak_bytes: int,
+    free_bytes: int,
+    total_bytes: int,
+    margin: float = DEFAULT_MARGIN,
+    overhead_bytes: int = CUDA_CONTEXT_BYTES,
+) -> GpuPlan:
+    """The GPU share per trial and how many trials run at once; GpuTooSmall if none fits.
+
+    peak_bytes: one trial's peak allocation (probe_peak_memory) at the largest batch size.
+    free_bytes, total_bytes: the GPU's memory now (torch.cuda.mem_get_info()).
+    """
+    problems = []
+    if total_bytes <= 0:
+        problems.append(f"total memory must be positive, got {total_bytes}")
+    if not 0 <= free_bytes <= total_bytes:
+        problems.append(f"free memory must lie in [0, total={total_bytes}], got {free_bytes}")
+    if peak_bytes <= 0:
+        problems.append(f"peak memory must be positive, got {peak_bytes}")
+    if margin < 0:
+        problems.append(f"margin must be >= 0, got {margin}")
+    if overhead_bytes < 0:
+        problems.append(f"overhead must be >= 0, got {overhead_bytes}")
+    if problems:
+        raise ValueError("choose_gpu_fraction: " + "; ".join(problems))
+
+    per_trial = math.ceil(peak_bytes * (1 + margin)) + overhead_bytes
+    budget = f"peak {gib(peak_bytes)} + {margin:.0%} margin + {gib(overhead_bytes)} CUDA context"
+    if per_trial > free_bytes:
+        where = "the GPU's" if per_trial > total_bytes else "the free"
+        raise GpuTooSmall(
+            f"one trial needs {gib(per_trial)} ({budget}) but {where} memory is {gib(free_bytes)} free "
+            f"of {gib(total_bytes)}: lower the largest batch_size in the search space or --img-size"
+            + ("" if per_trial > total_bytes else ", or close what else uses the GPU")
+        )
+    # Round up (never under the budget) in Ray's steps; 1e-9 absorbs float noise in exact ratios.
+    fraction = min(1.0, math.ceil(per_trial / total_bytes / FRACTION_STEP - 1e-9) * FRACTION_STEP)
+    fraction = round(fraction, 4)
+    by_memory = free_bytes // per_trial
+    by_ray = math.floor(1 / fraction + 1e-9)  # Ray places floor(1 / fraction) trials on one GPU
+    trials = max(1, min(by_memory, by_ray))
+    explanation = (
+        f"one trial needs {gib(per_trial)} ({budget}) = {fraction:.4g} of {gib(total_bytes)}; "
+        f"{trials} trial{'s' if trials > 1 else ''} at once in {gib(free_bytes)} free"
+    )
+    return GpuPlan(fraction, int(trials), int(per_trial), explanation)
+
+
+def probe_peak_memory(model_name: str, num_classes: int, batch_size: int, img_size: int, **model_knobs) -> int:
+    """Peak CUDA bytes one trial allocates: its own AMP training steps and evaluation batch.
+
+    Runs the engine's Learner (fp16 autocast + GradScaler, channels_last, AdamW, cuDNN
+    autotuning, the batched augmentation) for two training steps -- the second with
+    AdamW's state allocated, which is a trial's steady state -- and one evaluation batch
+    of twice the batch size, as `predict` uses. Returns max_memory_allocated over that,
+    less what this process held before. Pass the largest configuration the space can
+    draw: the largest batch size, and model knobs (vit_depth, fusion, ...) whose defaults
+    are already the largest. Weights are random: memory does not depend on their values.
+
+    Run it in a process that will not host trials (see probe_in_subprocess): the probe
+    leaves a CUDA context behind.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        raise NoCudaError(
+            "--gpus-per-trial auto measures GPU memory, but no CUDA GPU is visible: "
+            "pass --gpus-per-trial 0 to train on the CPU"
+        )
+    import numpy as np
+
+    from trainables.config import Hyperparameters
+    from trainables.data import CachedSplit
+    from trainables.engine import Learner
+    from trainables.models import ModelSpec, build_model
+
+    known = {f.name for f in fields(ModelSpec)} - {"name", "num_classes", "img_size", "pretrained", "weights_files"}
+    unknown = sorted(set(model_knobs) - known)
+    if unknown:
+        raise ValueError(f"unknown model knob(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    spec = ModelSpec(model_name, num_classes, img_size, pretrained=False, **model_knobs)
+    hp = Hyperparameters(batch_size=batch_size, aug_strength=0.5)
+    device = torch.device("cuda")
+
+    autotune = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as select_device sets it in a trial: its workspaces count
+    learner = None
+    with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
+        path = Path(tmp) / "images.npy"
+        count = 2 * batch_size  # two training steps, one evaluation batch
+        images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, img_size, img_size, 3))
+        images[:] = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
+        images.flush()
+        del images
+        split = CachedSplit(str(path), np.arange(count, dtype=np.int64) % num_classes)
+        try:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            learner = Learner(build_model(spec), hp, device)
+            learner.train_epoch(split)
+            learner.predict(split)
+            torch.cuda.synchronize()
+            return int(torch.cuda.max_memory_allocated(device) - before)
+        except torch.cuda.OutOfMemoryError:
+            free, total = torch.cuda.mem_get_info()
+            raise GpuTooSmall(
+                f"one {model_name} trial at batch_size {batch_size} and {img_size} px does not fit in the GPU "
+                f"({gib(free)} free of {gib(total)}): lower the largest batch_size in the search space or --img-size"
+            ) from None
+        finally:
+            del learner
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.backends.cudnn.benchmark = autotune
+
+
+def _probe_and_measure(model_name: str, num_classes: int, batch_size: int, img_size: int, model_knobs: dict) -> tuple[int, int, int]:
+    import torch
+
+    peak = probe_peak_memory(model_name, num_classes, batch_size, img_size, **model_knobs)
+    free, total = torch.cuda.mem_get_info()
+    return peak, int(free), int(total)
+
+
+def probe_in_subprocess(model_name: str, num_classes: int, batch_size: int, img_size: int, **model_knobs) -> tuple[int, int, int]:
+    """(peak, free, total) bytes, measured in a fresh spawned process.
+
+    The search's driver process then never creates a CUDA context of its own, which
+    would hold ~0.5 GiB of the GPU for the whole study. `free` is read in the child with
+    its allocator emptied, so it undercounts by the child's own context: on the safe side.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_probe_and_measure, model_name, num_classes, batch_size, img_size, model_knobs).result()

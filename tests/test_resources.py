@@ -1,0 +1,109 @@
+"""--gpus-per-trial auto: the sharing arithmetic on given memory figures, and the probe without CUDA."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+
+from search.resources import (
+    CUDA_CONTEXT_BYTES,
+    GiB,
+    MiB,
+    GpuTooSmall,
+    NoCudaError,
+    choose_gpu_fraction,
+    probe_peak_memory,
+)
+
+
+def test_reference_card_two_trials_of_a_2_1_gib_peak():
+    # 8 GiB card (RTX 2070 Super), 7.6 GiB free, 2.1 GiB peak: 2.1 * 1.15 + 500 MiB = 2.90 GiB a trial.
+    plan = choose_gpu_fraction(int(2.1 * GiB), int(7.6 * GiB), 8 * GiB)
+    assert plan.per_trial_bytes == math.ceil(int(2.1 * GiB) * 1.15) + CUDA_CONTEXT_BYTES
+    assert plan.fraction == pytest.approx(0.3630)
+    assert plan.trials == 2
+    assert plan.fraction * 8 * GiB >= plan.per_trial_bytes  # the cap covers the budget
+    assert plan.trials * plan.per_trial_bytes <= 7.6 * GiB  # and they all fit in what is free
+    assert "2 trials" in plan.explanation and "\n" not in plan.explanation
+
+
+def test_free_memory_not_total_limits_the_number_of_trials():
+    # 1 GiB budgets: 8 would fit the card, only 3 fit the 3.5 GiB that other processes left free.
+    plan = choose_gpu_fraction(1 * GiB, int(3.5 * GiB), 8 * GiB, margin=0.0, overhead_bytes=0)
+    assert plan.fraction == pytest.approx(0.125)
+    assert plan.trials == 3
+
+
+def test_exact_fit_is_one_trial():
+    free = 6 * GiB
+    plan = choose_gpu_fraction(free - 512 * MiB, free, 8 * GiB, margin=0.0, overhead_bytes=512 * MiB)
+    assert plan.trials == 1
+    assert plan.per_trial_bytes == free
+    assert plan.fraction == pytest.approx(0.75)
+
+
+def test_exact_ratios_are_not_rounded_up_a_step():
+    plan = choose_gpu_fraction(2 * GiB, 8 * GiB, 8 * GiB, margin=0.0, overhead_bytes=0)
+    assert plan.fraction == 0.25
+    assert plan.trials == 4
+
+
+def test_whole_card_fraction_is_one_never_more():
+    plan = choose_gpu_fraction(8 * GiB, 8 * GiB, 8 * GiB, margin=0.0, overhead_bytes=0)
+    assert plan.fraction == 1.0
+    assert plan.trials == 1
+
+
+def test_margin_is_headroom_on_the_peak():
+    without = choose_gpu_fraction(int(1.9 * GiB), 8 * GiB, 8 * GiB, margin=0.0, overhead_bytes=0)
+    with_margin = choose_gpu_fraction(int(1.9 * GiB), 8 * GiB, 8 * GiB, margin=0.15, overhead_bytes=0)
+    assert without.trials == 4 and with_margin.trials == 3
+    assert with_margin.fraction > without.fraction
+    assert with_margin.per_trial_bytes == math.ceil(int(1.9 * GiB) * 1.15)
+
+
+def test_fraction_is_rounded_up_to_rays_step_and_keeps_ray_consistent():
+    plan = choose_gpu_fraction(1_000_000_007, 16 * GiB, 16 * GiB, margin=0.0, overhead_bytes=0)
+    assert plan.fraction * 16 * GiB >= 1_000_000_007
+    assert round(plan.fraction, 4) == plan.fraction
+    assert plan.trials <= math.floor(1 / plan.fraction)  # Ray must be able to place them all
+
+
+def test_a_trial_bigger_than_the_free_memory_is_a_one_line_error_with_the_fix():
+    with pytest.raises(GpuTooSmall) as error:
+        choose_gpu_fraction(int(6.8 * GiB), int(7.6 * GiB), 8 * GiB)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "batch_size" in message and "--img-size" in message
+    assert "7.60 GiB free" in message
+    assert isinstance(error.value, ValueError)
+
+
+def test_a_trial_bigger_than_the_card_says_so():
+    with pytest.raises(GpuTooSmall, match="the GPU's memory"):
+        choose_gpu_fraction(9 * GiB, 8 * GiB, 8 * GiB, margin=0.0, overhead_bytes=0)
+
+
+def test_one_byte_over_does_not_fit():
+    with pytest.raises(GpuTooSmall):
+        choose_gpu_fraction(4 * GiB + 1, 4 * GiB, 8 * GiB, margin=0.0, overhead_bytes=0)
+
+
+@pytest.mark.parametrize(
+    "peak, free, total, margin",
+    [(0, GiB, GiB, 0.15), (GiB, 2 * GiB, GiB, 0.15), (GiB, GiB, 0, 0.15), (GiB, GiB, 2 * GiB, -0.1)],
+)
+def test_nonsense_figures_are_refused(peak, free, total, margin):
+    with pytest.raises(ValueError, match="choose_gpu_fraction"):
+        choose_gpu_fraction(peak, free, total, margin=margin)
+
+
+def test_probe_without_cuda_raises_a_clear_error(monkeypatch):
+    # A stand-in torch with no CUDA: the test runs the same on a GPU machine and needs no torch import.
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: False))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    with pytest.raises(NoCudaError, match="--gpus-per-trial 0"):
+        probe_peak_memory("vit", 11, 32, 224)
