@@ -89,7 +89,8 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
     from search.launch import PreparedStudy, open_parent_run
     from search.spaces import load_space
     from search.study import StudyPlan, make_tuner
-    from search.tracking import MlflowTrials, close_open_children, mlflow_client
+    from search.callbacks import MlflowTrials
+    from search.tracking import close_open_children, mlflow_client
     from trainables.data import CachedSplit, DatasetIndex
     from trainables.models import ModelSpec
     from trainables.trainable import TrialSetup

@@ -14,23 +14,15 @@ import argparse
 import os
 import sys
 
+from search.cli import DEFAULT_TRACKING_URI, MODELS, DefaultsFormatter, OneLineParser, add_weights_argument, weights_problems
 from search.errors import UsageError
-
-MODELS = ("cnn", "vit", "hybrid")
-DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"  # = search/run.py
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="search/final.py",
         description="Retrain a study's best configuration on train+val with the search's engine, evaluate it once "
         "on the test split the search never saw, log it to MLflow and register the model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     what = parser.add_argument_group("which configuration (one of)")
     source = what.add_mutually_exclusive_group(required=True)
@@ -50,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--no-pretrained", action="store_true",
                           help="random initialisation instead of timm's pretrained weights (a study run with "
                           "--no-pretrained retrains without them too)")
-    training.add_argument("--weights", action="append", default=[], metavar="BACKBONE=PATH",
-                          help="local pretrained weights for a backbone (tf_efficientnetv2_s or vit_tiny_patch16_224); repeatable")
+    add_weights_argument(training)
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None,
@@ -74,9 +65,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         problems.append(f"--epochs {args.epochs}: train at least 1 epoch")
     if args.register_name is not None and not args.register_name.strip():
         problems.append("--register-name is empty: give a name, e.g. vit-classifier")
-    for item in args.weights:
-        if "=" not in item:
-            problems.append(f"--weights {item}: write BACKBONE=PATH, e.g. tf_efficientnetv2_s=weights.safetensors")
+    problems += weights_problems(args.weights)
     if problems:
         raise UsageError("; ".join(problems))
 
@@ -86,12 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_arguments(args)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our bars only
+        from search.final_config import load_winner
+
+        config = load_winner(args)  # before torch loads: a wrong name or file is answered sooner
         from search.retrain import execute_final, prepare_final
 
-        prepared = prepare_final(args)
+        prepared = prepare_final(args, config)
     except UsageError as error:
         print(f"search/final.py: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nstopped before training: nothing was written to MLflow")
+        return 130
     return execute_final(prepared)
 
 

@@ -69,6 +69,22 @@ class WinnerConfig:
     """The config in best_config.yaml form, written beside the results."""
 
 
+def load_winner(args) -> WinnerConfig:
+    """The configuration named on the command line: --study, --run-id or --config."""
+    if args.config is not None:
+        return load_file(args.config, args.model)
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        if args.study is not None:
+            return load_study(args.tracking_uri, args.study, args.model)
+        return load_run(args.tracking_uri, args.run_id, args.model)
+    except (MlflowException, SQLAlchemyError) as error:  # a server that is down, a file that is no MLflow store
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot read MLflow at {args.tracking_uri}: {first}") from None
+
+
 # ---------------------------------------------------------------- the file form
 
 

@@ -19,7 +19,7 @@ OVERFIT_GAP = 0.05
 
 
 @dataclass(frozen=True)
-class TestResult:
+class HeldOutResult:
     metrics: dict[str, float]
     """test_loss, test_acc, test_balanced_acc, test_macro_f1, test_roc_auc, test_ece."""
     per_class: dict[str, dict[str, float]]
@@ -56,7 +56,7 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
     return float(ece)
 
 
-def evaluate_test(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> TestResult:
+def evaluate_test(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> HeldOutResult:
     """Every test metric of the final run, from the logits of the test split."""
     from sklearn.metrics import (
         accuracy_score,
@@ -89,7 +89,7 @@ def evaluate_test(logits: np.ndarray, labels: np.ndarray, classes: list[str]) ->
         for name, p, r, f, s in zip(classes, precision, recall, f1, support)
     }
     confusion = confusion_matrix(labels, predictions, labels=everyone)
-    return TestResult(metrics, per_class, confusion, report, predictions, labels)
+    return HeldOutResult(metrics, per_class, confusion, report, predictions, labels)
 
 
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray, everyone: list[int], roc_auc_score) -> float:
@@ -102,7 +102,7 @@ def roc_auc(labels: np.ndarray, probabilities: np.ndarray, everyone: list[int], 
         return float("nan")
 
 
-def per_class_metrics(result: TestResult) -> dict[str, float]:
+def per_class_metrics(result: HeldOutResult) -> dict[str, float]:
     """Per-class precision, recall and F1 as MLflow metric names (test_f1/<class>)."""
     out = {}
     for name, values in result.per_class.items():
@@ -112,7 +112,7 @@ def per_class_metrics(result: TestResult) -> dict[str, float]:
     return out
 
 
-def plot_confusion(result: TestResult, classes: list[str], path: Path, title: str) -> Path:
+def plot_confusion(result: HeldOutResult, classes: list[str], path: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -131,26 +131,22 @@ def plot_confusion(result: TestResult, classes: list[str], path: Path, title: st
     return path
 
 
-def summary_lines(result: TestResult, metric: str, best_value: float | None, test_images: int) -> list[str]:
+def summary_lines(result: HeldOutResult, metric: str, best_value: float | None, test_images: int) -> list[str]:
     """The short report: test scores, and the search's best validation score beside its test twin."""
-    m = result.metrics
-    lines = [
-        f"Test split: {test_images} images the search never saw",
-        f"  accuracy            {m['test_acc']:.4f}",
-        f"  balanced accuracy   {m['test_balanced_acc']:.4f}",
-        f"  macro F1            {m['test_macro_f1']:.4f}",
-        f"  ROC-AUC (OvR macro) {m['test_roc_auc']:.4f}",
-        f"  ECE ({ECE_BINS} bins)        {m['test_ece']:.4f}",
-        f"  loss                {m['test_loss']:.4f}",
+    rows = [
+        ("accuracy", "test_acc"), ("balanced accuracy", "test_balanced_acc"), ("macro F1", "test_macro_f1"),
+        ("ROC-AUC (OvR macro)", "test_roc_auc"), (f"ECE ({ECE_BINS} bins)", "test_ece"), ("loss", "test_loss"),
     ]
+    lines = [f"Test split: {test_images} images the search never saw"]
+    lines += [f"  {label:<20}{result.metrics[key]:.4f}" for label, key in rows]
     worst = min(result.per_class.items(), key=lambda item: item[1]["recall"])
-    lines.append(f"  lowest recall       {worst[1]['recall']:.4f} ({worst[0]}; all classes in classification_report.txt)")
+    lines.append(f"  {'lowest recall':<20}{worst[1]['recall']:.4f} ({worst[0]}; all classes in classification_report.txt)")
     if best_value is not None:
         lines += comparison_lines(result, metric, best_value)
     return lines
 
 
-def comparison_lines(result: TestResult, metric: str, best_value: float) -> list[str]:
+def comparison_lines(result: HeldOutResult, metric: str, best_value: float) -> list[str]:
     from trainables.config import METRIC_MODES
 
     twin = "test_" + metric.removeprefix("val_")

@@ -150,7 +150,8 @@ def find_study(tracking_uri: str, name: str):
     client = mlflow_client(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string=f"tags.{STUDY_TAG} = '{name}'") if experiments else []
-    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    # The study's own run: not a trial (those have a parent) and not a final retrain.
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags and run.data.tags.get("role") != "final"]
     return parents[0] if parents else None
 
 
@@ -194,7 +195,8 @@ def execute_study(study: PreparedStudy) -> int:
     import ray
 
     from search.study import make_tuner, restore_tuner
-    from search.tracking import MlflowTrials, close_open_children, mlflow_client
+    from search.callbacks import MlflowTrials
+    from search.tracking import close_open_children, mlflow_client
 
     client = mlflow_client(study.tracking_uri)
     experiment_id, parent_id = open_parent_run(client, study)

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from search.errors import UsageError
-from search.final_config import FINAL_ROLE, ROLE_TAG, STUDY_TAG, WinnerConfig, load_file, load_run, load_study
-from search.final_report import TestResult, evaluate_test, per_class_metrics, plot_confusion, summary_lines
+from search.final_config import FINAL_ROLE, ROLE_TAG, STUDY_TAG, WinnerConfig
+from search.final_report import HeldOutResult, evaluate_test, per_class_metrics, plot_confusion, summary_lines
 from search.launch import FULL, SMOKE, absolute_uri
 from trainables.data import CachedSplit, DataError, DatasetIndex, index_source, prepare_splits, subsample
-from trainables.engine import Learner, NonFiniteLoss, fit, select_device
+from trainables.engine import EpochResult, Learner, NonFiniteLoss, fit, select_device
 from trainables.models import BACKBONES, ModelSpec, build_model, validate_spec
 
 MODEL_ARTIFACT = "model"
@@ -62,16 +62,7 @@ class PreparedFinal:
 # ---------------------------------------------------------------- prepare
 
 
-def load_winner(args: argparse.Namespace) -> WinnerConfig:
-    if args.study is not None:
-        return load_study(args.tracking_uri, args.study, args.model)
-    if args.run_id is not None:
-        return load_run(args.tracking_uri, args.run_id, args.model)
-    return load_file(args.config, args.model)
-
-
-def prepare_final(args: argparse.Namespace) -> PreparedFinal:
-    config = load_winner(args)
+def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFinal:
     hp = config.hyperparameters
     data = args.data or config.data
     try:
@@ -168,34 +159,29 @@ class ProgressLearner(Learner):
 
 
 def execute_final(final: PreparedFinal) -> int:
-    from search.tracking import get_or_create_experiment, log_params, mlflow_client
+    from mlflow.entities import Metric
+
+    from search.tracking import log_params, mlflow_client
 
     config = final.config
     client = mlflow_client(final.tracking_uri)
-    if config.experiment_id and not final.experiment:
-        experiment_id = config.experiment_id
-    else:
-        experiment_id = get_or_create_experiment(client, final.experiment or config.model, final.tracking_uri)
-    tags = {ROLE_TAG: FINAL_ROLE, "model": config.model, "source_run_id": config.run_id or "",
-            "best_trial": config.trial_id or "", "mlflow.note.content": describe(final)}
-    if config.study:
-        tags[STUDY_TAG] = config.study
-    run_id = client.create_run(experiment_id, run_name=f"{final.label}-final", tags=tags).info.run_id
+    experiment_id, run_id = open_final_run(client, final)
     log_params(client, run_id, {**final.settings, **config.hyperparameters.to_dict()})
     if final.skipped_images:
         print(f"warning: skipped {len(final.skipped_images)} unreadable image(s), e.g. {', '.join(final.skipped_images[:3])}")
+    print(f"{describe(final)}{' Smoke config: the study subsample.' if config.smoke else ''}", flush=True)
 
-    print(
-        f"Retraining {config.model} from {config.source} (trial {config.trial_id or '-'}) on {final.settings['train_on']} "
-        f"({len(final.train)} images) for {final.epochs} epoch(s); {len(final.test)} test images held out"
-        + ("; smoke config: the study's subsample" if config.smoke else ""),
-        flush=True,
-    )
+    def log_epoch(result: EpochResult) -> None:
+        stamp = int(datetime.now().timestamp() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, result.epoch) for k, v in result.metrics.items()])
+
     status = "FAILED"
     try:
-        learner, trained_epochs = train(final, client, run_id)
-        result = test(final, learner)
-        model_info = finish(final, client, run_id, learner, result, trained_epochs)
+        learner, trained_epochs = train(final, log_epoch)
+        if final.val is not None:
+            print(f"Early stopping on {config.metric}: testing the weights of epoch {trained_epochs} of {learner.epoch}")
+        result = evaluate_once(final, learner)
+        registered = finish(final, client, run_id, learner, result, trained_epochs)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -206,8 +192,25 @@ def execute_final(final: PreparedFinal) -> int:
         return 1
     finally:
         client.set_terminated(run_id, status)
-    print_closing(final, result, model_info, experiment_id, run_id)
+    print_closing(final, result, registered, experiment_id, run_id)
     return 0
+
+
+def open_final_run(client, final: PreparedFinal) -> tuple[str, str]:
+    """A top-level run beside the study's (same experiment), tagged with the study and role=final."""
+    from search.tracking import get_or_create_experiment
+
+    config = final.config
+    if config.experiment_id and not final.experiment:
+        experiment_id = config.experiment_id
+    else:
+        experiment_id = get_or_create_experiment(client, final.experiment or config.model, final.tracking_uri)
+    tags = {ROLE_TAG: FINAL_ROLE, "model": config.model, "source_run_id": config.run_id or "",
+            "best_trial": config.trial_id or "", "mlflow.note.content": describe(final)}
+    if config.study:
+        tags[STUDY_TAG] = config.study
+    run = client.create_run(experiment_id, run_name=f"{final.label}-final", tags=tags)
+    return experiment_id, run.info.run_id
 
 
 def describe(final: PreparedFinal) -> str:
@@ -215,13 +218,13 @@ def describe(final: PreparedFinal) -> str:
     config = final.config
     return (
         f"Final retrain of {config.source} (trial {config.trial_id or '-'}): {config.model} on "
-        f"{final.settings['train_on']} for {final.epochs} epoch(s), tested once on {len(final.test)} held-out images."
+        f"{final.settings['train_on']} ({len(final.train)} images) for {final.epochs} epoch(s), "
+        f"tested once on {len(final.test)} held-out images."
     )
 
 
-def train(final: PreparedFinal, client, run_id: str) -> tuple[Learner, int]:
-    """Train through `fit`, logging every epoch; with a val split, keep the best epoch's weights."""
-    from mlflow.entities import Metric
+def train(final: PreparedFinal, on_epoch: Callable[[EpochResult], None]) -> tuple[ProgressLearner, int]:
+    """Train through `fit`, handing every epoch to on_epoch; with a val split, keep the best epoch's weights."""
     from tqdm import tqdm
 
     hp = final.config.hyperparameters
@@ -238,8 +241,7 @@ def train(final: PreparedFinal, client, run_id: str) -> tuple[Learner, int]:
     best_state, best_epoch = None, 0
     try:
         for result in fit(learner, final.train, final.val, final.epochs):
-            stamp = int(datetime.now().timestamp() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, result.epoch) for k, v in result.metrics.items()])
+            on_epoch(result)
             if final.val is not None and result.improved:
                 best_state, best_epoch = copy.deepcopy(learner.model.state_dict()), result.epoch
             epochs_bar.set_postfix({k: f"{v:.4f}" for k, v in result.metrics.items() if k in ("train_loss", monitor)})
@@ -262,7 +264,7 @@ def batch_count(images: int, batch_size: int, drop_single: bool = False) -> int:
     return count - 1 if drop_single and images % batch_size == 1 and images > 1 else count
 
 
-def test(final: PreparedFinal, learner: ProgressLearner) -> TestResult:
+def evaluate_once(final: PreparedFinal, learner: ProgressLearner) -> HeldOutResult:
     """The one look at the test split."""
     from tqdm import tqdm
 
@@ -276,7 +278,7 @@ def test(final: PreparedFinal, learner: ProgressLearner) -> TestResult:
     return evaluate_test(logits.numpy(), labels, final.config.classes)
 
 
-def finish(final: PreparedFinal, client, run_id: str, learner: Learner, result: TestResult, trained_epochs: int) -> dict:
+def finish(final: PreparedFinal, client, run_id: str, learner: Learner, result: HeldOutResult, trained_epochs: int) -> dict:
     """Write the results folder, log it and the test metrics, log and register the model."""
     from mlflow.entities import Metric
 
@@ -299,7 +301,7 @@ def finish(final: PreparedFinal, client, run_id: str, learner: Learner, result: 
     return registered
 
 
-def write_results(final: PreparedFinal, model: nn.Module, result: TestResult) -> None:
+def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult) -> None:
     """Weights, config, class names, split and the test's plots: everything to use or repeat the model."""
     import yaml
 
@@ -360,7 +362,7 @@ def pinned(*packages: str) -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
-def print_closing(final: PreparedFinal, result: TestResult, registered: dict, experiment_id: str, run_id: str) -> None:
+def print_closing(final: PreparedFinal, result: HeldOutResult, registered: dict, experiment_id: str, run_id: str) -> None:
     print()
     for line in summary_lines(result, final.config.metric, final.config.best_value, len(final.test)):
         print(line)

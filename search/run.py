@@ -12,11 +12,10 @@ import argparse
 import os
 import sys
 
+from search.cli import DEFAULT_TRACKING_URI, MODELS, DefaultsFormatter, OneLineParser, add_weights_argument, weights_problems
 from search.errors import UsageError
 
-MODELS = ("cnn", "vit", "hybrid")
 METRICS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")  # = trainables.config.METRIC_MODES
-DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 
 
 def gpu_fraction(value: str) -> float | str:
@@ -28,17 +27,12 @@ def gpu_fraction(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'auto'") from None
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="search/run.py",
         description="Find the best hyperparameters for one lightweight image classifier: "
         "Optuna TPE proposes, ASHA stops weak trials, MLflow records everything.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     what = parser.add_argument_group("what to search")
     what.add_argument("--model", required=True, choices=MODELS, help="cnn: tf_efficientnetv2_s; vit: vit_tiny_patch16_224; hybrid: both")
@@ -53,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--epochs", type=int, default=None, help="epoch budget per trial (default 15; 3 with --smoke)")
     training.add_argument("--img-size", type=int, default=None, help="square image size (default 224; 32 with --smoke)")
     training.add_argument("--no-pretrained", action="store_true", help="random initialisation instead of timm's pretrained weights")
-    training.add_argument("--weights", action="append", default=[], metavar="BACKBONE=PATH",
-                          help="local pretrained weights for a backbone (tf_efficientnetv2_s or vit_tiny_patch16_224); repeatable")
+    add_weights_argument(training)
     training.add_argument("--smoke", action="store_true", help="CPU-friendly profile: 32 px, 3 epochs, 24 training images per class")
 
     speed = parser.add_argument_group("speed on CUDA (ignored on the CPU)")
@@ -103,9 +96,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         problems.append(f"--max-failures {args.max_failures}: give 0 or more")
     if args.grace_period < 1 or args.reduction_factor < 2:
         problems.append("ASHA needs --grace-period >= 1 and --reduction-factor >= 2")
-    for item in args.weights:
-        if "=" not in item:
-            problems.append(f"--weights {item}: write BACKBONE=PATH, e.g. tf_efficientnetv2_s=weights.safetensors")
+    problems += weights_problems(args.weights)
     if problems:
         raise UsageError("; ".join(problems))
 

@@ -13,7 +13,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search.spaces import Space
-from search.tracking import first_line, trial_outcome
+from search.callbacks import EpochPrinter
+from search.tracking import trial_outcome
 from trainables.config import METRIC_MODES
 from trainables.trainable import TrialSetup, train_trial
 
@@ -137,31 +138,3 @@ def make_tuner(space: Space, setup: TrialSetup, plan: StudyPlan, callbacks: list
             verbose=0,  # EpochPrinter says what happens, one line per event
         ),
     )
-
-
-class EpochPrinter(tune.Callback):
-    """One line per trial event, instead of Ray's tables."""
-
-    def __init__(self, epochs: int, metric: str):
-        self.epochs, self.metric, self.numbers = epochs, metric, {}
-
-    def label(self, trial) -> str:
-        number = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
-        return f"trial {number:>3} ({trial.trial_id})"
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
-        print(f"{self.label(trial)} started: {config}", flush=True)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        print(
-            f"{self.label(trial)} epoch {result['epoch']:>2}/{self.epochs}  train_loss {result['train_loss']:.4f}  "
-            f"val_loss {result['val_loss']:.4f}  val_acc {result['val_acc']:.4f}  {self.metric} {result[self.metric]:.4f}",
-            flush=True,
-        )
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        print(f"{self.label(trial)} {trial_outcome(trial.last_result, error=False)}", flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"{self.label(trial)} failed: {first_line(trial.error_file)}", flush=True)

@@ -1,0 +1,40 @@
+"""What the command-line scripts share: one-line errors and honest defaults in --help.
+
+Standard library only, so that --help answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+MODELS = ("cnn", "vit", "hybrid")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (exit code 2), not usage plus error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one: a None default is explained in the help text itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_weights_argument(group) -> None:
+    group.add_argument("--weights", action="append", default=[], metavar="BACKBONE=PATH",
+                       help="local pretrained weights for a backbone (tf_efficientnetv2_s or vit_tiny_patch16_224); repeatable")
+
+
+def weights_problems(items: list[str]) -> list[str]:
+    return [
+        f"--weights {item}: write BACKBONE=PATH, e.g. tf_efficientnetv2_s=weights.safetensors"
+        for item in items
+        if "=" not in item
+    ]

@@ -1,0 +1,318 @@
+"""final.py after one --smoke study: retrain the winner, test it once, register it; refuse bad input.
+
+One study for the whole module, on a class-folder dataset whose test images are
+replaced by unreadable bytes while the study runs: had the search decoded any of
+them, it would have reported them as skipped. They are restored before final.py,
+which must then read them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import run_script, write_image_folder
+from search.launch import SMOKE
+from trainables.data import index_source, subsample
+
+NAME, MODEL, SEED = "fstudy", "vit", 0
+CLASSES = {"benign": 40, "cyst": 40, "malignant": 40, "normal": 40}
+# One torch thread, in final.py and in this process alike: the machine is shared (two threads on a
+# busy core wait on each other, ten times slower), and the in-process retrain must match bit for bit.
+THREADS = 1
+
+
+def final(study, *args: str, out: str = "out"):
+    start = time.perf_counter()
+    result = run_script(
+        "final.py", *args, "--no-pretrained", "--tracking-uri", study.uri,
+        "--cache-dir", str(study.root / "final-cache"), "--out", str(study.root / out), cwd=study.root,
+        env={"OMP_NUM_THREADS": str(THREADS)},
+    )
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("final")
+    images = write_image_folder(root / "images", CLASSES, size=40)
+    index = index_source(images, SEED)
+    test_files = [images / s.key for s in index.splits["test"]]
+    originals = {path: path.read_bytes() for path in test_files}
+    uri = f"sqlite:///{root}/mlflow.db"
+    try:
+        for path in test_files:
+            path.write_bytes(b"not an image: the search must never decode this file")
+        searched = run_script(
+            "run.py", "--model", MODEL, "--trials", "2", "--epochs", "2", "--smoke", "--data", str(images),
+            "--no-pretrained", "--seed", str(SEED), "--name", NAME, "--tracking-uri", uri,
+            "--storage-path", str(root / "ray"), "--cache-dir", str(root / "search-cache"), cwd=root,
+        )
+    finally:
+        for path, content in originals.items():
+            path.write_bytes(content)
+    assert searched.returncode == 0, searched.stdout[-3000:] + searched.stderr[-3000:]
+
+    from mlflow.tracking import MlflowClient
+
+    namespace = SimpleNamespace(root=root, uri=uri, images=images, client=MlflowClient(uri),
+                                split=subsample(index, SMOKE["per_class"], SEED), test_files=set(test_files))
+    namespace.first = final(namespace, "--study", NAME)
+    assert namespace.first.returncode == 0, namespace.first.stdout[-3000:] + namespace.first.stderr[-3000:]
+    print(f"\nfinal.py --study on the smoke study: {namespace.first.seconds:.1f} s")
+    return namespace
+
+
+def runs_of(client, study_name: str) -> list:
+    experiment = client.get_experiment_by_name(MODEL)
+    return list(client.search_runs([experiment.experiment_id], filter_string=f"tags.study = '{study_name}'"))
+
+
+def first_final(study):
+    """The run of the module's final.py --study (the one whose results are in out/)."""
+    run_id = json.loads((study.root / "out" / "metrics.json").read_text())["mlflow"]["run_id"]
+    return study.client.get_run(run_id)
+
+
+def study_parent(client):
+    (parent,) = [r for r in runs_of(client, NAME) if "mlflow.parentRunId" not in r.data.tags and "role" not in r.data.tags]
+    return parent
+
+
+# ---------------------------------------------------------------- the final run
+
+
+def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
+    run = first_final(study)
+    parent = study_parent(study.client)
+    best = yaml.safe_load((study.root / "ray" / NAME / "best" / "best_config.yaml").read_text())
+    assert run.info.status == "FINISHED" and "mlflow.parentRunId" not in run.data.tags
+    assert run.data.tags["study"] == NAME and run.info.experiment_id == parent.info.experiment_id
+
+    params = run.data.params
+    assert params["train_on"] == "train+val" and params["epochs"] == str(best["best_epoch"])
+    assert params["lr"] == str(best["hyperparameters"]["lr"]) and params["img_size"] == str(SMOKE["img_size"])
+    assert int(params["train_images"]) == len(study.split.splits["train"]) + len(study.split.splits["val"])
+
+    history = study.client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, best["best_epoch"] + 1))
+    metrics = run.data.metrics
+    for key in ("test_acc", "test_balanced_acc", "test_macro_f1", "test_roc_auc", "test_ece", "test_loss"):
+        assert np.isfinite(metrics[key]), key
+    assert 0 <= metrics["test_ece"] <= 1 and 0.5 <= metrics["test_roc_auc"] <= 1
+    assert metrics["test_acc"] > 1 / len(CLASSES)  # learns: above chance
+    assert {f"test_recall/{name}" for name in CLASSES} <= set(metrics)
+
+    artifacts = {a.path for a in study.client.list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "classification_report.txt", "metrics.json", "config.yaml", "classes.json",
+            "splits.json"} <= artifacts
+    out = study.root / "out"
+    assert json.loads((out / "classes.json").read_text()) == sorted(CLASSES)
+    assert json.loads((out / "metrics.json").read_text())["test"]["test_acc"] == pytest.approx(metrics["test_acc"])
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "malignant" in (out / "classification_report.txt").read_text()
+    import torch
+
+    weights = torch.load(out / "model.pt", weights_only=True)
+    assert weights["classes"] == sorted(CLASSES) and weights["model_spec"]["name"] == MODEL
+
+    # The short report puts the search's best validation accuracy beside the test accuracy.
+    stdout = study.first.stdout
+    assert f"Search's best val_acc {best['best_value']:.4f}  vs  test_acc {metrics['test_acc']:.4f}" in stdout
+    assert "registered as vit-classifier version" in stdout and "retrain" in study.first.stderr  # the progress bar
+
+
+def test_registered_model_loads_and_returns_one_row_of_class_scores_per_image(study):
+    import mlflow
+    import torch
+
+    run = first_final(study)
+    (version,) = [v for v in study.client.search_model_versions("name = 'vit-classifier'") if v.run_id == run.info.run_id]
+    mlflow.set_tracking_uri(study.uri)
+    model = mlflow.pytorch.load_model(f"models:/vit-classifier/{version.version}")
+    images = torch.rand(5, 3, SMOKE["img_size"], SMOKE["img_size"])
+    scores = model(images)
+    assert tuple(scores.shape) == (5, len(CLASSES))
+    assert torch.allclose(scores.sum(dim=1), torch.ones(5), atol=1e-5)  # class probabilities
+    signature = mlflow.models.get_model_info(f"models:/vit-classifier/{version.version}").signature
+    assert signature.inputs.inputs[0].shape == (-1, 3, SMOKE["img_size"], SMOKE["img_size"])
+
+
+def test_test_split_is_disjoint_from_train_and_val_and_the_search_never_read_it(study):
+    splits = json.loads((study.root / "out" / "splits.json").read_text())
+    test, seen = set(splits["test"]), set(splits["train"]) | set(splits["val"])
+    # The same split as the study (source, seed, smoke subsample), disjoint by file identity and content.
+    assert test == {s.key for s in study.split.splits["test"]}
+    assert splits["train"] == [s.key for s in study.split.splits["train"]]
+    files = {key: (study.images / key).resolve() for key in test | seen}
+    assert not test & seen
+    assert not {files[k] for k in test} & {files[k] for k in seen}
+    digest = {key: hashlib.sha256(files[key].read_bytes()).hexdigest() for key in files}
+    assert not {digest[k] for k in test} & {digest[k] for k in seen}
+    assert {files[k] for k in test} <= study.test_files  # the files that were unreadable during the search
+
+    # The search decoded only train and val (no skipped images: it never met an unreadable test file) ...
+    parent = study_parent(study.client)
+    assert "skipped_images" not in parent.data.metrics and parent.data.params.get("skipped_images", "0") == "0"
+    cached = sorted(p.name.split("-")[0] for p in (study.root / "search-cache").glob("*.npy"))
+    assert cached == ["train", "val"]
+    rows = sum(np.load(p, mmap_mode="r").shape[0] for p in (study.root / "search-cache").glob("*.npy"))
+    assert rows == int(parent.data.params["train_images"]) + int(parent.data.params["val_images"]) == len(seen)
+    # ... and the final run tested on all of it.
+    assert first_final(study).data.params["test_images"] == str(len(test))
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+def retrain_in_process(study, *flags: str):
+    from search.final import build_parser
+    from search.final_config import load_winner
+    from search.retrain import prepare_final, train
+
+    config = study.root / "ray" / NAME / "best" / "best_config.yaml"
+    args = build_parser().parse_args(
+        ["--config", str(config), "--no-pretrained", "--cache-dir", str(study.root / "final-cache"), *flags]
+    )
+    prepared = prepare_final(args, load_winner(args))
+    epochs = []
+    learner, trained_epochs = train(prepared, on_epoch=epochs.append)
+    return prepared, learner, trained_epochs, epochs
+
+
+def test_the_same_config_and_seed_give_the_same_test_metrics(study, one_thread):
+    """Retrain again (in this process, from the config file the study wrote): the logged test metrics, exactly."""
+    from search.retrain import evaluate_once
+
+    prepared, learner, _, _ = retrain_in_process(study)
+    again = evaluate_once(prepared, learner)
+    first = json.loads((study.root / "out" / "metrics.json").read_text())
+    assert again.metrics == first["test"] and again.per_class == first["per_class"]
+    assert again.confusion.tolist() == first["confusion_matrix"]
+
+
+def test_keep_val_trains_on_train_and_keeps_the_best_val_epoch(study, one_thread):
+    prepared, _, trained_epochs, epochs = retrain_in_process(study, "--keep-val", "--epochs", "2")
+    assert len(prepared.train) == len(study.split.splits["train"]) and len(prepared.val) == len(study.split.splits["val"])
+    assert prepared.settings["train_on"] == "train" and 1 <= len(epochs) <= 2
+    scores = [r.metrics["val_acc"] for r in epochs]
+    assert trained_epochs == 1 + scores.index(max(scores))  # the best val epoch's weights, not the last
+
+
+def test_a_trial_run_gives_the_config_the_study_logged(study):
+    from search.final_config import load_run
+
+    parent = study_parent(study.client)
+    best_trial = parent.data.tags["best_trial"]
+    (child,) = [r for r in runs_of(study.client, NAME) if r.data.tags.get("ray_trial_id") == best_trial]
+    from_trial = load_run(study.uri, child.info.run_id, None)
+    best = yaml.safe_load((study.root / "ray" / NAME / "best" / "best_config.yaml").read_text())
+    assert from_trial.hyperparameters.to_dict() == best["hyperparameters"]
+    assert from_trial.classes == best["classes"] and from_trial.data == best["data"] and from_trial.smoke
+    assert from_trial.best_value == pytest.approx(best["best_value"])
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def another_models_config(study, tmp_path: Path) -> str:
+    best = yaml.safe_load((study.root / "ray" / NAME / "best" / "best_config.yaml").read_text())
+    best["model"] = "cnn"  # model_spec still says vit
+    (tmp_path / "mixed.yaml").write_text(yaml.safe_dump(best))
+    return str(tmp_path / "mixed.yaml")
+
+
+def study_without_a_completed_trial(tmp_path: Path) -> str:
+    """What launch.py leaves when every trial fails: a FAILED parent, failed children, no best config."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/failed.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(MODEL, artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment, run_name="broken", tags={"study": "broken", "model": MODEL}).info.run_id
+    for _ in range(2):
+        child = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "study": "broken", "trial_status": "failed"})
+        client.set_terminated(child.info.run_id, "FAILED")
+    client.set_terminated(parent, "FAILED")
+    return uri
+
+
+REFUSALS = {
+    "missing study": (lambda s, t: ["--study", "nope"], "no study named 'nope'"),
+    "missing store": (lambda s, t: ["--study", NAME, "--tracking-uri", f"sqlite:///{t}/none/mlflow.db"], "no MLflow store at"),
+    "no completed trial": (
+        lambda s, t: ["--study", "broken", "--tracking-uri", study_without_a_completed_trial(t)],
+        "study 'broken' has no completed trial (2 failed)",
+    ),
+    "config for another model": (
+        lambda s, t: ["--config", str(s.root / "ray" / NAME / "best" / "best_config.yaml"), "--model", "cnn"],
+        "it is a config for --model vit, not --model cnn",
+    ),
+    "config mixing two models": (lambda s, t: ["--config", another_models_config(s, t)], "model_spec is for model vit"),
+    "data with other classes": (
+        lambda s, t: ["--config", str(s.root / "ray" / NAME / "best" / "best_config.yaml"), "--data", "synthetic:4"],
+        "has other classes than",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=list(REFUSALS))
+def test_bad_input_is_one_line_exit_2_and_nothing_written(study, tmp_path, case):
+    make_args, message = REFUSALS[case]
+    args = make_args(study, tmp_path)
+    before = len(runs_of(study.client, NAME)), len(study.client.search_model_versions("name = 'vit-classifier'"))
+    # The later --tracking-uri wins: argparse keeps the last value given.
+    result = run_script(
+        "final.py", "--no-pretrained", "--tracking-uri", study.uri, *args, "--out", str(tmp_path / "out"), cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("search/final.py: error: "), result.stderr
+    assert message in lines[0]
+    after = len(runs_of(study.client, NAME)), len(study.client.search_model_versions("name = 'vit-classifier'"))
+    assert after == before and not (tmp_path / "out").exists()
+    assert not (tmp_path / "none").exists()  # reading a missing store does not create one
+
+
+def test_help_answers_fast_and_names_every_flag(tmp_path):
+    start = time.perf_counter()
+    result = run_script("final.py", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and time.perf_counter() - start < 2.0
+    for flag in ("--study", "--run-id", "--config", "--model", "--epochs", "--keep-val", "--seed", "--no-pretrained",
+                 "--weights", "--data", "--cache-dir", "--tracking-uri", "--register-name", "--out"):
+        assert flag in result.stdout
+    assert "sqlite:///mlflow/mlflow.db" in result.stdout
+
+
+# ---------------------------------------------------------------- the metrics themselves
+
+
+def test_metrics_come_from_scikit_learn_and_ece_bins_confidence():
+    from search.final_report import evaluate_test, expected_calibration_error
+
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    logits = np.log(np.array([[.8, .1, .1], [.6, .3, .1], [.1, .7, .2], [.5, .4, .1], [.1, .1, .8], [.2, .2, .6]]))
+    result = evaluate_test(logits, labels, ["a", "b", "c"])
+    assert result.metrics["test_acc"] == pytest.approx(5 / 6)
+    assert result.per_class["b"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert result.confusion.tolist() == [[2, 0, 0], [1, 1, 0], [0, 0, 2]]
+    # Confidences .8 .6 .7 .5 .8 .6, correct but for .5: bins (.533,.6] {.6,.6}, (.667,.733] {.7},
+    # (.733,.8] {.8,.8}, (.467,.533] {.5 wrong}: ECE = (2*.4 + .3 + 2*.2 + .5) / 6.
+    assert result.metrics["test_ece"] == pytest.approx((2 * 0.4 + 0.3 + 2 * 0.2 + 0.5) / 6)
+    confident = np.eye(3)[labels]
+    assert expected_calibration_error(labels, confident) == 0.0
