@@ -107,3 +107,13 @@ def test_probe_without_cuda_raises_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
     with pytest.raises(NoCudaError, match="--gpus-per-trial 0"):
         probe_peak_memory("vit", 11, 32, 224)
+
+
+def test_auto_means_the_cpu_on_a_machine_without_a_gpu():
+    import torch
+
+    from search.launch import auto_gpus
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert auto_gpus("vit", 11, 32, 224) == (0.0, None)
