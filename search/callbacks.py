@@ -12,6 +12,7 @@ from ray import tune
 
 from search.tracking import (
     EPOCH_METRICS,
+    PARENT_TAG,
     STATUS_TAG,
     STUDY_TAG,
     TRIAL_ID_TAG,
@@ -56,7 +57,7 @@ class MlflowTrials(tune.Callback):
     def existing_child(self, trial_id: str) -> str | None:
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.{TRIAL_ID_TAG} = '{trial_id}'",
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.{TRIAL_ID_TAG} = '{trial_id}'",
         )
         if not runs:
             return None
@@ -73,7 +74,7 @@ class MlflowTrials(tune.Callback):
             self.experiment_id,
             run_name=f"{self.study}-{trial.trial_id}",
             tags={
-                "mlflow.parentRunId": self.parent_run_id,
+                PARENT_TAG: self.parent_run_id,
                 TRIAL_ID_TAG: trial.trial_id,
                 STUDY_TAG: self.study,
                 STATUS_TAG: "running",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from search.errors import UsageError
+from search.tracking import FINAL_ROLE, PARENT_TAG, ROLE_TAG, STATUS_TAG, STUDY_TAG, all_runs, is_study_run, store_exists, study_runs
 from trainables.config import METRIC_MODES, Hyperparameters
 
 REQUIRED_KEYS = ("model", "hyperparameters", "classes", "data", "seed", "img_size")
@@ -26,9 +27,6 @@ OPTIONAL_KEYS = ("study", "trial_id", "metric", "best_value", "best_epoch", "mod
 SPEC_KNOBS = ("dropout", "drop_path_rate", "vit_depth", "fusion")
 SPEC_KEYS = ("name", "num_classes", "img_size", *SPEC_KNOBS, "pretrained", "weights_files")
 
-# Tags that mark a final retrain's run: it carries the study's tag too, but is no study.
-ROLE_TAG, FINAL_ROLE = "role", "final"
-STUDY_TAG, STATUS_TAG, PARENT_TAG = "study", "trial_status", "mlflow.parentRunId"
 BEST_CONFIG = "best/best_config.yaml"
 
 
@@ -202,41 +200,21 @@ def load_file(path: str, requested_model: str | None) -> WinnerConfig:
 
 def open_store(tracking_uri: str):
     """A client on an existing store: reading a study must never create an empty one."""
-    if tracking_uri.startswith("sqlite:///"):
+    if not store_exists(tracking_uri):
         database = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
-        if not database.is_file():
-            raise UsageError(
-                f"no MLflow store at {database}: run a study first (python search/run.py ...), "
-                f"or pass --tracking-uri of the store that holds it"
-            )
+        raise UsageError(
+            f"no MLflow store at {database}: run a study first (python search/run.py ...), "
+            f"or pass --tracking-uri of the store that holds it"
+        )
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri)
 
 
-def all_runs(client, filter_string: str) -> list:
-    from mlflow.entities import ViewType
-
-    experiment_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    if not experiment_ids:
-        return []
-    return list(client.search_runs(experiment_ids, filter_string, max_results=50_000, order_by=["attributes.start_time DESC"]))
-
-
-def is_study_run(run) -> bool:
-    tags = run.data.tags
-    return STUDY_TAG in tags and PARENT_TAG not in tags and tags.get(ROLE_TAG) != FINAL_ROLE
-
-
-def quoted(value: str) -> str:
-    quote = "'" if "'" not in value else '"'
-    return f"{quote}{value}{quote}"
-
-
 def load_study(tracking_uri: str, name: str, requested_model: str | None) -> WinnerConfig:
     """The best config of a study's parent run (the latest study of that name that has one)."""
     client = open_store(tracking_uri)
-    parents = [run for run in all_runs(client, f"tags.{STUDY_TAG} = {quoted(name)}") if is_study_run(run)]
+    parents = study_runs(client, name)
     if not parents:
         known = sorted({run.data.tags[STUDY_TAG] for run in all_runs(client, f"tags.{STUDY_TAG} LIKE '%'") if is_study_run(run)})
         hint = f"; studies there: {', '.join(known[:8])}{' ...' if len(known) > 8 else ''}" if known else "; it holds no study"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -142,16 +142,12 @@ def resumed_arguments(args: argparse.Namespace) -> tuple[argparse.Namespace, str
 
 
 def find_study(tracking_uri: str, name: str):
-    """The parent run of study `name`, or None; opens no new store."""
-    from search.tracking import STUDY_TAG, mlflow_client
+    """The newest parent run of study `name`, or None; opens no new store."""
+    from search.tracking import mlflow_client, store_exists, study_runs
 
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+    if not store_exists(tracking_uri):
         return None
-    client = mlflow_client(tracking_uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, filter_string=f"tags.{STUDY_TAG} = '{name}'") if experiments else []
-    # The study's own run: not a trial (those have a parent) and not a final retrain.
-    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags and run.data.tags.get("role") != "final"]
+    parents = study_runs(mlflow_client(tracking_uri), name)
     return parents[0] if parents else None
 
 

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from search.errors import UsageError
-from search.final_config import FINAL_ROLE, ROLE_TAG, STUDY_TAG, WinnerConfig
+from search.final_config import WinnerConfig
+from search.tracking import FINAL_ROLE, ROLE_TAG, STUDY_TAG
 from search.final_report import HeldOutResult, evaluate_test, per_class_metrics, plot_confusion, summary_lines
 from search.launch import FULL, SMOKE, absolute_uri
 from trainables.data import CachedSplit, DataError, DatasetIndex, index_source, prepare_splits, subsample

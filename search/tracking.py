@@ -14,6 +14,9 @@ EPOCH_METRICS = ("train_loss", *METRIC_MODES, "lr")
 STATUS_TAG = "trial_status"
 TRIAL_ID_TAG = "ray_trial_id"
 STUDY_TAG = "study"
+PARENT_TAG = "mlflow.parentRunId"
+# Tags that mark a final retrain's run: it carries the study's tag too, but is no study.
+ROLE_TAG, FINAL_ROLE = "role", "final"
 
 
 def mlflow_client(tracking_uri: str):
@@ -21,6 +24,39 @@ def mlflow_client(tracking_uri: str):
 
     prepare_store(tracking_uri)
     return MlflowClient(tracking_uri)
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False for a SQLite store whose file is missing (reading must not create it)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///")).expanduser().is_file()
+    return True
+
+
+def all_runs(client, filter_string: str) -> list:
+    """Runs of every active experiment matching filter_string, newest first."""
+    from mlflow.entities import ViewType
+
+    experiment_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not experiment_ids:
+        return []
+    return list(client.search_runs(experiment_ids, filter_string, max_results=50_000, order_by=["attributes.start_time DESC"]))
+
+
+def is_study_run(run) -> bool:
+    """A study's parent run: tagged with a study, not a trial, not a final retrain."""
+    tags = run.data.tags
+    return STUDY_TAG in tags and PARENT_TAG not in tags and tags.get(ROLE_TAG) != FINAL_ROLE
+
+
+def quoted(value: str) -> str:
+    quote = "'" if "'" not in value else '"'
+    return f"{quote}{value}{quote}"
+
+
+def study_runs(client, name: str) -> list:
+    """The parent runs of studies named `name`, newest first."""
+    return [run for run in all_runs(client, f"tags.{STUDY_TAG} = {quoted(name)}") if is_study_run(run)]
 
 
 def prepare_store(tracking_uri: str) -> None:
@@ -76,7 +112,7 @@ def close_open_children(client, experiment_id: str, parent_run_id: str) -> None:
     """Mark trials still RUNNING when the study ends (interrupted) as KILLED, never left open."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
     )
     for run in runs:
         client.set_tag(run.info.run_id, STATUS_TAG, "interrupted")
