@@ -8,9 +8,11 @@ reference 8 GB card.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from search.resources import GiB, GpuTooSmall, choose_gpu_fraction, probe_peak_memory
+from search.resources import GiB, GpuTooSmall, choose_gpu_fraction, probe_in_subprocess, probe_peak_memory
 
 MODELS = ("cnn", "vit", "hybrid")
 BATCHES = (16, 32)
@@ -23,18 +25,21 @@ REFERENCE = (int(7.6 * GiB), 8 * GiB)
 def run(device: torch.device, quick: bool = False) -> dict:
     if device.type != "cuda" or not torch.cuda.is_available():
         return {"skipped": "no CUDA"}
-    out: dict = {"gpu": torch.cuda.get_device_name(0)}
+    out: dict = {"gpu": torch.cuda.get_device_name(0), "plans": {}}
+    start = time.perf_counter()
+    probe_in_subprocess("hybrid", NUM_CLASSES, max(BATCHES), IMG_SIZE)
+    out["subprocess_probe_s"] = time.perf_counter() - start  # what `auto` adds to a study's start-up
     for model in MODELS:
         for batch in BATCHES:
             key = f"{model}_b{batch}"
             try:
                 peak = probe_peak_memory(model, NUM_CLASSES, batch, IMG_SIZE)
             except GpuTooSmall as error:
-                out[key] = {"error": str(error)}
+                out["plans"][key] = {"error": str(error)}
                 continue
             reserved = torch.cuda.max_memory_reserved()
             free, total = torch.cuda.mem_get_info()
-            out[key] = {"peak_bytes": peak, "reserved_bytes": reserved,
+            out["plans"][key] = {"peak_bytes": peak, "reserved_bytes": reserved,
                         "here": plan_or_error(peak, free, total), "reference": plan_or_error(peak, *REFERENCE)}
     return out
 

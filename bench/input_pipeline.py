@@ -45,7 +45,7 @@ def run(device: torch.device, quick: bool = False, images: int | None = None, ep
         out = {"images": count, "epochs": epochs, "batch": BATCH, "img_size": IMG_SIZE, "workers": workers}
         out.update(project_path(folder, Path(tmp) / "cache", device, epochs))
         out.update(torchvision_path(folder, device, epochs, workers))
-    out["augment_only_img_s"] = augment_only(device, iterations=4 if quick else 10)
+    out["augment_only_img_s"] = augment_only(device, iterations=4 if quick else (100 if device.type == "cuda" else 10))
     out["ratio"] = out["project_img_s"] / out["torchvision_img_s"]
     return out
 

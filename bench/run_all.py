@@ -18,7 +18,8 @@ from pathlib import Path
 
 from common import ROOT, Row, fmt, machine_info, markdown_table, resolve_device, text_table, verdict
 
-BENCHMARKS = ("input", "trainable", "cuda", "orchestration")
+BENCHMARKS = ("input", "trainable", "cuda", "speed", "orchestration")
+MODELS = ("cnn", "vit", "hybrid")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,8 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when visible, else cpu")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: about 1.5 minutes on a 2-core CPU")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.md"), help="markdown table (default bench/results.md)")
-    parser.add_argument("--model", default="vit", choices=("cnn", "vit", "hybrid"),
-                        help="trainable-efficiency model (default vit; cnn and hybrid at 224 px are slow on a CPU)")
+    parser.add_argument("--model", default="vit",
+                        help="trainable-efficiency model(s), comma-separated, or 'all' "
+                             "(default vit; cnn and hybrid at 224 px are slow on a CPU)")
     parser.add_argument("--img-size", type=int, default=224, help="trainable-efficiency image size (default 224)")
     parser.add_argument("--workers", type=int, default=2,
                         help="input pipeline: the baseline's DataLoader workers and the project's torch threads (default 2)")
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"run_all.py: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
+    models = MODELS if args.model == "all" else tuple(m.strip() for m in args.model.split(",") if m.strip())
+    if not models or set(models) - set(MODELS):
+        print(f"run_all.py: --model takes {', '.join(MODELS)} or all, got {args.model!r}", file=sys.stderr)
+        return 2
     device = resolve_device(args.device)
     info = machine_info(device.type)  # before the runs: the load average says how quiet the machine was
 
@@ -49,17 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     import orchestration
     import trainable_efficiency
     import cuda_memory
+    import speed_options
 
     runners = {
         "input": lambda: input_pipeline.run(device, args.quick, workers=args.workers),
-        "trainable": lambda: trainable_efficiency.run(device, args.quick, model=args.model, img_size=args.img_size),
+        **{f"trainable:{model}": lambda model=model: trainable_efficiency.run(
+            device, args.quick, model=model, img_size=args.img_size) for model in models},
         "cuda": lambda: cuda_memory.run(device, args.quick),
+        "speed": lambda: speed_options.run(device, args.quick),
         "orchestration": lambda: orchestration.run(device, args.quick),
     }
     results, seconds, failed = {}, {}, []
     started = time.perf_counter()
-    for name in BENCHMARKS:
-        if name not in only:
+    for name in runners:
+        if name.split(":")[0] not in only:
             continue
         print(f"[{name}] running ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
@@ -71,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
         seconds[name] = time.perf_counter() - start
         print(f"[{name}] {seconds[name]:.0f} s", file=sys.stderr, flush=True)
+        save_json(args.out, info, seconds, results)  # so far: a run cut short keeps what it measured
     total = time.perf_counter() - started
 
     rows = table_rows(results, device.type)
@@ -84,9 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text("\n".join([
         "# Benchmarks", "", f"`{command.strip()}`", "", *[f"- {line}" for line in header], "", markdown_table(rows), "",
     ]))
-    out.with_suffix(".json").write_text(json.dumps({"machine": info, "seconds": seconds, "results": results}, indent=1, default=str))
+    save_json(out, info, seconds, results)
     print(f"\nwritten: {out} and {out.with_suffix('.json')}")
     return 1 if failed else 0
+
+
+def save_json(markdown_path, info: dict, seconds: dict, results: dict) -> None:
+    path = Path(markdown_path).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": info, "seconds": seconds, "results": results}, indent=1, default=str))
 
 
 # ---------------------------------------------------------------- the table
@@ -94,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def table_rows(results: dict, device: str) -> list[Row]:
     rows: list[Row] = []
-    builders = {"input": input_rows, "trainable": trainable_rows, "cuda": cuda_rows, "orchestration": orchestration_rows}
+    builders = {"input": input_rows, "trainable": trainable_rows, "cuda": cuda_rows, "speed": speed_rows,
+                "orchestration": orchestration_rows}
     for name, result in results.items():
         if "error" in result:
             rows.append(Row(name, "FAILED", result["error"]))
         else:
-            rows.extend(builders[name](result, device))
+            rows.extend(builders[name.split(":")[0]](result, device))
     return rows
 
 
@@ -126,7 +143,7 @@ def input_rows(r: dict, device: str) -> list[Row]:
 
 
 def trainable_rows(r: dict, device: str) -> list[Row]:
-    name = "trainable efficiency"
+    name = f"trainable efficiency ({r['model']})"
     what = (f"{r['model']} {r['img_size']} px, {r['train_images']} train + {r['val_images']} val images, batch {r['batch']}, "
             f"{r['epochs']} epoch(s) measured")
     parts = " / ".join(fmt(r[key]) for key in ("train_s", "evaluate_s", "checkpoint_s", "other_s"))
@@ -173,10 +190,9 @@ def cuda_rows(r: dict, device: str) -> list[Row]:
     name = "cuda memory"
     if "skipped" in r:
         return [Row(name, "peak of one training step", f"skipped ({r['skipped']})")]
-    rows = []
-    for key, value in r.items():
-        if key == "gpu":
-            continue
+    rows = [Row(name, "--gpus-per-trial auto: probe in a spawned process, s", fmt(r["subprocess_probe_s"]), "", "", "", "",
+                "hybrid, batch 32, 224 px: what `auto` adds to a study's start-up")]
+    for key, value in r["plans"].items():
         model, batch = key.split("_b")
         if "error" in value:
             rows.append(Row(name, f"{model} batch {batch}, peak", "does not fit", notes=value["error"]))
@@ -190,6 +206,32 @@ def cuda_rows(r: dict, device: str) -> list[Row]:
             f"{value['peak_bytes'] / 2**30:.2f} ({value['reserved_bytes'] / 2**30:.2f})", "", "", "", "",
             f"--gpus-per-trial auto: {plan(value['here'])} trials on {r['gpu']}; {plan(value['reference'])} on an 8 GB card (7.6 GiB free)",
         ))
+    return rows
+
+
+def speed_rows(r: dict, device: str) -> list[Row]:
+    name = "cuda speed flags"
+    if "skipped" in r:
+        return [Row(name, "bare training step", f"skipped ({r['skipped']})")]
+    rows = []
+    labels = {"fp32": "fp32", "amp": "AMP fp16", "amp_channels_last": "AMP + channels_last (default)",
+              "compile": "AMP + channels_last + torch.compile"}
+    for model in MODELS:
+        fp32 = r.get(f"{model}.fp32", {})
+        for variant, label in labels.items():
+            value = r.get(f"{model}.{variant}")
+            if value is None:
+                continue
+            label = f"{model} {label}: images/s"
+            if "error" in value:
+                rows.append(Row(name, label, "FAILED", notes=value["error"]))
+                continue
+            speedup = x(value["img_s"] / fp32["img_s"]) if "img_s" in fp32 and variant != "fp32" else ""
+            notes = f"{fmt(value['step_ms'])} ms/step, peak {value['peak_gib']:.2f} GiB"
+            if variant == "compile":
+                notes += f"; compile time (first 3 steps less 3 steady ones) {fmt(value['warmup_extra_s'])} s"
+            rows.append(Row(name, label, fmt(value["img_s"]), fmt(fp32.get("img_s")) if speedup else "", speedup,
+                            "", "", f"vs fp32; batch {r['batch']}, {r['img_size']} px; {notes}"))
     return rows
 
 

@@ -145,7 +145,8 @@ def measure(spec: ModelSpec, hp: Hyperparameters, device: torch.device, train, v
 def bare_loop(learner: Learner, spec: ModelSpec, batch: int):
     """One training step of the learner's model on one fixed random batch: the ceiling a trial can reach."""
     device = learner.device
-    model, optimizer, scaler, loss_fn = learner.model, learner.optimizer, learner.scaler, learner.loss_fn
+    # network: the compiled wrapper under --compile, else the model itself
+    model, optimizer, scaler, loss_fn = learner.network, learner.optimizer, learner.scaler, learner.loss_fn
     size = spec.img_size
     images = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=learner.memory_format)
     labels = torch.randint(0, spec.num_classes, (batch,), device=device)
