@@ -1,8 +1,12 @@
 """From validated arguments to a finished study: prepare (check and cache), then execute.
 
-`prepare_study` does everything that can fail on bad input (space, resources, data,
-pretrained weights) before anything is written to MLflow; `execute_study` opens the
-study's parent run, runs Ray Tune, and logs the winner.
+`prepare_study` does everything that can fail on bad input (space, data, pretrained
+weights, GPU memory) before anything is written to MLflow, and starts Ray;
+`execute_study` opens the study's parent run, runs Ray Tune, and logs the winner.
+
+The checks that need neither torch nor Ray run first, so that a wrong path or space is
+refused at once. `--gpus-per-trial auto` measures the GPU in a process of its own,
+which runs while the driver caches the data and starts Ray.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +23,7 @@ from search.errors import UsageError
 from search.spaces import Space, SpaceError, load_space
 from trainables.config import METRIC_MODES
 from trainables.data import DataError, DatasetIndex, index_source, prepare_splits, subsample
-from trainables.models import BACKBONES, ModelSpec, validate_spec
+from trainables.spec import BACKBONES, ModelSpec, validate_spec
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "spaces"
 SMOKE = {"img_size": 32, "epochs": 3, "per_class": {"train": 24, "val": 8, "test": 8}}
@@ -42,13 +47,49 @@ class PreparedStudy:
     """The parent run of the interrupted study this one continues."""
 
 
+@dataclass
+class CheckedInputs:
+    """What the fast checks established: arguments, space, data index and model spec."""
+
+    args: argparse.Namespace
+    name: str
+    img_size: int
+    epochs: int
+    space: Space
+    index: DatasetIndex
+    spec: ModelSpec
+    weights: dict[str, str]
+    resume_run_id: str | None
+
+
 def prepare_study(args: argparse.Namespace) -> PreparedStudy:
+    """Check and cache everything the study needs, and start Ray.
+
+    Returns with Ray running; on any error Ray is stopped again and nothing was written.
+    """
+    inputs = check_inputs(args)
+    gpu_probe = start_gpu_probe(inputs)  # --gpus-per-trial auto: a process of its own, overlapping what follows
+    share = given_gpu_share(inputs) if gpu_probe is None else None  # checked at once
+    try:
+        data = cache_data(inputs)
+        start_ray()
+        if share is None:
+            share = measured_gpu_share(inputs, gpu_probe)
+        return assemble_study(inputs, data, share)
+    except BaseException:
+        if gpu_probe is not None:
+            gpu_probe.cancel()
+        stop_ray()
+        raise
+
+
+def check_inputs(args: argparse.Namespace) -> CheckedInputs:
+    """The checks that need neither torch nor Ray: space, data layout, model spec."""
     resume_run_id = None
     if args.resume:
         args, resume_run_id = resumed_arguments(args)
     profile = SMOKE if args.smoke else FULL
     img_size = args.img_size or profile["img_size"]
-    epochs = args.epochs or profile["epochs"]
     name = args.name or f"{args.model}-{datetime.now():%Y%m%d-%H%M%S}"
     try:
         space = load_space(args.space or SPACES_DIR / f"{args.model}.yaml", args.model)
@@ -57,12 +98,6 @@ def prepare_study(args: argparse.Namespace) -> PreparedStudy:
         raise UsageError(str(error)) from None
     if args.smoke:
         index = subsample(index, SMOKE["per_class"], args.seed)
-
-    if args.gpus_per_trial == "auto":
-        gpus_per_trial, fitting = auto_gpus(args.model, len(index.classes), space.largest("batch_size", 32), img_size)
-    else:
-        gpus_per_trial, fitting = resolve_gpus(args.gpus_per_trial), None
-    max_concurrent = args.max_concurrent or fitting or trial_slots(gpus_per_trial, args.cpus_per_trial)
     weights = dict(item.split("=", 1) for item in args.weights)
     spec = ModelSpec(args.model, len(index.classes), img_size, pretrained=not args.no_pretrained,
                      weights_files=tuple(sorted(weights.items())))
@@ -70,27 +105,101 @@ def prepare_study(args: argparse.Namespace) -> PreparedStudy:
         validate_spec(spec)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if spec.pretrained:
+    return CheckedInputs(args, name, img_size, args.epochs or profile["epochs"], space, index, spec, weights,
+                         resume_run_id)
+
+
+@dataclass
+class CachedData:
+    index: DatasetIndex
+    """The index without the images that would not decode."""
+    splits: dict
+    """'train' and 'val' as CachedSplit: the decoded images the trials read."""
+    skipped: list[str]
+    """Images that would not decode."""
+
+
+def cache_data(inputs: CheckedInputs) -> CachedData:
+    """Pretrained weights at hand, and train and val decoded into the cache (test stays unread)."""
+    args = inputs.args
+    if inputs.spec.pretrained:
         from trainables.pretrained import PretrainedUnavailable, ensure_pretrained
 
         try:
-            ensure_pretrained(BACKBONES[args.model], weights)
+            ensure_pretrained(BACKBONES[args.model], inputs.weights)
         except PretrainedUnavailable as error:
             raise UsageError(str(error)) from None
-
     try:
-        index, cached, skipped = prepare_splits(index, ("train", "val"), img_size, Path(args.cache_dir).resolve())
+        index, cached, skipped = prepare_splits(inputs.index, ("train", "val"), inputs.img_size,
+                                                Path(args.cache_dir).resolve())
     except DataError as error:
         raise UsageError(str(error)) from None
+    return CachedData(index, cached, skipped)
 
+
+def start_ray() -> None:
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+
+
+def stop_ray() -> None:
+    ray = sys.modules.get("ray")  # not imported: never started
+    if ray is not None:
+        ray.shutdown()
+
+
+def start_gpu_probe(inputs: CheckedInputs):
+    """--gpus-per-trial auto on a GPU machine: the memory probe, started; else None."""
+    if inputs.args.gpus_per_trial != "auto":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from search.resources import GpuProbe
+
+    return GpuProbe(inputs.args.model, len(inputs.index.classes), inputs.space.largest("batch_size", 32), inputs.img_size)
+
+
+@dataclass(frozen=True)
+class GpuShare:
+    gpus_per_trial: float
+    max_concurrent: int
+
+
+def given_gpu_share(inputs: CheckedInputs) -> GpuShare:
+    """The share --gpus-per-trial gives (0 for 'auto' without a GPU), checked."""
+    args = inputs.args
+    gpus_per_trial = 0.0 if args.gpus_per_trial == "auto" else resolve_gpus(args.gpus_per_trial)
+    return GpuShare(gpus_per_trial, args.max_concurrent or trial_slots(gpus_per_trial, args.cpus_per_trial))
+
+
+def measured_gpu_share(inputs: CheckedInputs, gpu_probe) -> GpuShare:
+    """--gpus-per-trial auto: the share and the trials at once that the probe's numbers allow."""
+    from search.resources import GpuTooSmall, choose_gpu_fraction
+
+    try:
+        plan = choose_gpu_fraction(*gpu_probe.result())
+    except GpuTooSmall as error:
+        raise UsageError(str(error)) from None
+    print(f"--gpus-per-trial auto: {plan.explanation}", flush=True)
+    return GpuShare(plan.fraction, inputs.args.max_concurrent or plan.trials)
+
+
+def assemble_study(inputs: CheckedInputs, data: CachedData, share: GpuShare) -> PreparedStudy:
+    """The trials' setup, Tune's plan and the settings the parent run records."""
     from search.study import StudyPlan
     from trainables.engine import SpeedOptions
     from trainables.trainable import TrialSetup
 
+    args, space, spec, img_size, epochs = inputs.args, inputs.space, inputs.spec, inputs.img_size, inputs.epochs
+    index, cached, skipped = data.index, data.splits, data.skipped
+    gpus_per_trial, max_concurrent = share.gpus_per_trial, share.max_concurrent
     speed = SpeedOptions(args.amp, args.channels_last, args.cudnn_benchmark, args.compile)
     setup = TrialSetup(spec, cached["train"], cached["val"], epochs, args.metric, args.seed, gpus_per_trial,
                        args.cpus_per_trial, speed)
-    plan = StudyPlan(name, args.trials, args.metric, args.seed, args.grace_period, args.reduction_factor,
+    plan = StudyPlan(inputs.name, args.trials, args.metric, args.seed, args.grace_period, args.reduction_factor,
                      gpus_per_trial, args.cpus_per_trial, max_concurrent, str(Path(args.storage_path).resolve()),
                      args.max_failures)
     settings = {
@@ -103,8 +212,8 @@ def prepare_study(args: argparse.Namespace) -> PreparedStudy:
         **{k: v for k, v in index.summary().items() if k not in ("source", "classes")},
         "ignored_files": index.ignored_files, "skipped_images": len(skipped),
     }
-    return PreparedStudy(name, args.experiment or args.model, args.tracking_uri, space, index, setup, plan, settings,
-                         skipped, resume_run_id)
+    return PreparedStudy(inputs.name, args.experiment or args.model, args.tracking_uri, space, index, setup, plan,
+                         settings, skipped, inputs.resume_run_id)
 
 
 # The study's own settings, as its parent run recorded them: (argument, type).
@@ -162,22 +271,6 @@ def resolve_gpus(requested: float | None) -> float:
     return requested
 
 
-def auto_gpus(model: str, num_classes: int, batch_size: int, img_size: int) -> tuple[float, int | None]:
-    """--gpus-per-trial auto: (share per trial, trials that fit), measured; 0 without a GPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return 0.0, None
-    from search.resources import GpuTooSmall, choose_gpu_fraction, probe_in_subprocess
-
-    try:
-        plan = choose_gpu_fraction(*probe_in_subprocess(model, num_classes, batch_size, img_size))
-    except GpuTooSmall as error:
-        raise UsageError(str(error)) from None
-    print(f"--gpus-per-trial auto: {plan.explanation}", flush=True)
-    return plan.fraction, plan.trials
-
-
 def trial_slots(gpus_per_trial: float, cpus_per_trial: int) -> int:
     """How many trials fit at once: GPU slots on a GPU machine, CPU cores otherwise."""
     import torch
@@ -188,8 +281,17 @@ def trial_slots(gpus_per_trial: float, cpus_per_trial: int) -> int:
 
 
 def execute_study(study: PreparedStudy) -> int:
+    """Run the study on the Ray that prepare_study started, then stop Ray."""
     import ray
 
+    try:
+        return tune_and_record(study)
+    finally:
+        ray.shutdown()
+
+
+def tune_and_record(study: PreparedStudy) -> int:
+    """Open the parent run, run the trials, log the winner; the exit code."""
     from search.study import make_tuner, restore_tuner
     from search.callbacks import MlflowTrials
     from search.tracking import close_open_children, mlflow_client
@@ -198,7 +300,6 @@ def execute_study(study: PreparedStudy) -> int:
     experiment_id, parent_id = open_parent_run(client, study)
     status = "FAILED"
     try:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
         callbacks = [MlflowTrials(study.tracking_uri, experiment_id, parent_id, study.name)]
         if study.resume_run_id:
             tuner = restore_tuner(study.space, study.setup, study.plan)
@@ -220,7 +321,6 @@ def execute_study(study: PreparedStudy) -> int:
     finally:
         close_open_children(client, experiment_id, parent_id)
         client.set_terminated(parent_id, status)
-        ray.shutdown()
 
 
 def open_parent_run(client, study: PreparedStudy) -> tuple[str, str]:

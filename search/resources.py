@@ -179,23 +179,60 @@ def probe_peak_memory(model_name: str, num_classes: int, batch_size: int, img_si
             torch.backends.cudnn.benchmark = autotune
 
 
-def _probe_and_measure(model_name: str, num_classes: int, batch_size: int, img_size: int, model_knobs: dict) -> tuple[int, int, int]:
+class GpuProbe:
+    """probe_peak_memory in a fresh spawned process: started now, read with result().
+
+    The search's driver process then never creates a CUDA context of its own, which
+    would hold ~0.5 GiB of the GPU for the whole study; and the probe (tens of seconds:
+    CUDA start-up, cuDNN autotuning) overlaps the driver's data caching and Ray's start.
+    `free` is read in the child with its allocator emptied, so it undercounts by the
+    child's own context: on the safe side.
+    """
+
+    def __init__(self, model_name: str, num_classes: int, batch_size: int, img_size: int, **model_knobs):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # CUDA cannot live in a forked child
+        self._receive, send = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_probe_and_send, args=(send, model_name, num_classes, batch_size, img_size, model_knobs),
+            name="gpu-probe", daemon=True,  # ends with the driver, on Ctrl-C too
+        )
+        self._process.start()
+        send.close()  # the child holds the only writing end: its death reads as EOF here
+
+    def result(self) -> tuple[int, int, int]:
+        """(peak, free, total) bytes; re-raises the probe's GpuTooSmall or NoCudaError."""
+        try:
+            outcome, value = self._receive.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(f"the GPU memory probe died (exit code {self._process.exitcode})") from None
+        self._process.join()
+        if outcome == "error":
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        """Stop the probe: the study will not run, so its measurement is not needed."""
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+
+
+def _probe_and_send(send, model_name: str, num_classes: int, batch_size: int, img_size: int, model_knobs: dict) -> None:
     import torch
 
-    peak = probe_peak_memory(model_name, num_classes, batch_size, img_size, **model_knobs)
-    free, total = torch.cuda.mem_get_info()
-    return peak, int(free), int(total)
+    try:
+        peak = probe_peak_memory(model_name, num_classes, batch_size, img_size, **model_knobs)
+        free, total = torch.cuda.mem_get_info()
+        send.send(("ok", (peak, int(free), int(total))))
+    except (GpuTooSmall, NoCudaError, ValueError) as error:  # the expected ones, by their own type
+        send.send(("error", error))
+    except Exception as error:  # anything else as a plain error: its class may not unpickle in the parent
+        send.send(("error", RuntimeError(f"GPU memory probe: {type(error).__name__}: {error}")))
 
 
 def probe_in_subprocess(model_name: str, num_classes: int, batch_size: int, img_size: int, **model_knobs) -> tuple[int, int, int]:
-    """(peak, free, total) bytes, measured in a fresh spawned process.
-
-    The search's driver process then never creates a CUDA context of its own, which
-    would hold ~0.5 GiB of the GPU for the whole study. `free` is read in the child with
-    its allocator emptied, so it undercounts by the child's own context: on the safe side.
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_probe_and_measure, model_name, num_classes, batch_size, img_size, model_knobs).result()
+    """(peak, free, total) bytes, measured in a fresh spawned process (see GpuProbe)."""
+    return GpuProbe(model_name, num_classes, batch_size, img_size, **model_knobs).result()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trainables.config import Hyperparameters
-from trainables.models import FUSIONS, VIT_FULL_DEPTH
+from trainables.spec import FUSIONS, VIT_FULL_DEPTH
 
 TYPES = {
     "float": {"low", "high", "log", "step"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import types
 
@@ -112,8 +113,26 @@ def test_probe_without_cuda_raises_a_clear_error(monkeypatch):
 def test_auto_means_the_cpu_on_a_machine_without_a_gpu():
     import torch
 
-    from search.launch import auto_gpus
+    from search.launch import GpuShare, check_inputs, given_gpu_share, start_gpu_probe
+    from search.run import build_parser
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert auto_gpus("vit", 11, 32, 224) == (0.0, None)
+    args = build_parser().parse_args(["--model", "vit", "--data", "synthetic", "--no-pretrained", "--gpus-per-trial", "auto"])
+    inputs = check_inputs(args)
+    assert start_gpu_probe(inputs) is None
+    assert given_gpu_share(inputs) == GpuShare(0.0, os.cpu_count())
+
+
+def test_the_probe_process_hands_its_error_back():
+    """GpuProbe's own machinery (spawn, pipe, re-raise) on a machine without CUDA."""
+    import torch
+
+    from search.resources import GpuProbe
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    probe = GpuProbe("vit", 11, 32, 224)
+    with pytest.raises(NoCudaError, match="--gpus-per-trial 0"):
+        probe.result()
+    probe.cancel()  # after the end: a no-op

@@ -7,42 +7,13 @@ and a model that carries its own normalisation can be used without this project.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-CNN_BACKBONE = "tf_efficientnetv2_s"
-VIT_BACKBONE = "vit_tiny_patch16_224"
-VIT_PATCH = 16
-VIT_FULL_DEPTH = 12
-
-MODEL_NAMES = ("cnn", "vit", "hybrid")
-BACKBONES = {"cnn": (CNN_BACKBONE,), "vit": (VIT_BACKBONE,), "hybrid": (CNN_BACKBONE, VIT_BACKBONE)}
-FUSIONS = ("seed", "tokens")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything that decides a model's architecture (not its training)."""
-
-    name: str
-    """One of MODEL_NAMES."""
-    num_classes: int
-    img_size: int = 224
-    dropout: float = 0.2
-    """cnn: the head's Dropout (the seed's 0.2). vit and hybrid: dropout on the pooled
-    backbone features, so that their seed heads stay exactly as written."""
-    drop_path_rate: float = 0.0
-    """Stochastic depth inside the backbones."""
-    vit_depth: int = VIT_FULL_DEPTH
-    """ViT blocks kept (the first N of the pretrained 12)."""
-    fusion: str = "seed"
-    """Hybrid only: 'seed' as written, or 'tokens' (CNN and ViT features as two tokens)."""
-    pretrained: bool = True
-    weights_files: tuple[tuple[str, str], ...] = ()
-    """(backbone, path) pairs: local weights files used instead of the hub download."""
-
+# The specification lives apart from torch, so the search can check it before loading torch.
+from trainables.spec import (  # noqa: F401 - re-exported: callers build models from here
+    BACKBONES, CNN_BACKBONE, FUSIONS, MODEL_NAMES, VIT_BACKBONE, VIT_FULL_DEPTH, VIT_PATCH, ModelSpec, validate_spec,
+)
 
 class Normalized(nn.Module):
     """A timm backbone (num_classes=0) that normalises its [0, 1] input first."""
@@ -156,24 +127,6 @@ def build_model(spec: ModelSpec) -> Classifier:
     vit = create_backbone(VIT_BACKBONE, spec, drop_rate=spec.dropout)
     head_type = SeedFusionHead if spec.fusion == "seed" else TokenFusionHead
     return Classifier([cnn, vit], head_type(cnn.num_features, vit.num_features, spec.num_classes))
-
-
-def validate_spec(spec: ModelSpec) -> None:
-    problems = []
-    if spec.name not in MODEL_NAMES:
-        problems.append(f"unknown model {spec.name!r}: choose one of {', '.join(MODEL_NAMES)}")
-    if spec.num_classes < 2:
-        problems.append(f"num_classes is {spec.num_classes}: a classifier needs at least 2 classes")
-    if spec.name in ("vit", "hybrid") and spec.img_size % VIT_PATCH:
-        problems.append(
-            f"img_size {spec.img_size} is not a multiple of the ViT patch ({VIT_PATCH}): use e.g. 32 or 224"
-        )
-    if not 1 <= spec.vit_depth <= VIT_FULL_DEPTH:
-        problems.append(f"vit_depth {spec.vit_depth} is outside 1..{VIT_FULL_DEPTH}")
-    if spec.fusion not in FUSIONS:
-        problems.append(f"unknown fusion {spec.fusion!r}: choose one of {', '.join(FUSIONS)}")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def count_parameters(model: nn.Module) -> int:
