@@ -111,6 +111,8 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
 
 @dataclass
 class CachedData:
+    """The study's data, decoded once for every trial."""
+
     index: DatasetIndex
     """The index without the images that would not decode."""
     splits: dict
@@ -164,6 +166,8 @@ def start_gpu_probe(inputs: CheckedInputs):
 
 @dataclass(frozen=True)
 class GpuShare:
+    """Each trial's share of the GPU (0: the CPU), and how many trials run at once."""
+
     gpus_per_trial: float
     max_concurrent: int
 
