@@ -264,13 +264,11 @@ def find_study(tracking_uri: str, name: str):
     return parents[0] if parents else None
 
 
-def resolve_gpus(requested: float | None) -> float:
+def resolve_gpus(requested: float) -> float:
+    """A given --gpus-per-trial, refused where no GPU would take it."""
     import torch
 
-    visible = torch.cuda.device_count()
-    if requested is None:
-        return 0.5 if visible else 0.0
-    if requested > 0 and not visible:
+    if requested > 0 and not torch.cuda.device_count():
         raise UsageError(f"--gpus-per-trial {requested} but no CUDA GPU is visible: pass --gpus-per-trial 0 to train on the CPU")
     return requested
 

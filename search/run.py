@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile each trial's model (its compile time is paid again in every trial)")
 
     resources = parser.add_argument_group("resources and early stopping")
-    resources.add_argument("--gpus-per-trial", type=gpu_fraction, default=None, metavar="F|auto",
-                           help="GPU share per trial (default 0.5 with a GPU, else 0); 'auto' measures one step of the "
-                           "largest configuration and packs as many trials as fit in free memory")
+    resources.add_argument("--gpus-per-trial", type=gpu_fraction, default="auto", metavar="F|auto",
+                           help="GPU share per trial, 0 for the CPU; 'auto' measures one training step of the largest "
+                           "configuration and packs as many trials as fit in free memory (0 without a GPU)")
     resources.add_argument("--cpus-per-trial", type=int, default=1, help="CPU cores per trial")
     resources.add_argument("--max-concurrent", type=int, default=None, help="most trials at once (default: as many as resources allow)")
     resources.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial from its last checkpoint")
