@@ -19,6 +19,7 @@ from search.tracking import (
     first_line,
     log_params,
     mlflow_client,
+    settle_lost_children,
     trial_outcome,
 )
 
@@ -101,6 +102,9 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.finish(trial, "failed", cause=first_line(trial.error_file))
+
+    def on_experiment_end(self, trials, **info):
+        settle_lost_children(self.client, self.experiment_id, self.parent_run_id, {t.trial_id for t in trials})
 
     def finish(self, trial, outcome: str, cause: str | None = None) -> None:
         run_id = self.child_run(trial)

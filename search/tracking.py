@@ -108,6 +108,26 @@ def first_line(error_file: str | None) -> str:
     return lines[-1][:500] if lines else "unknown error"
 
 
+def settle_lost_children(client, experiment_id: str, parent_run_id: str, trial_ids: set[str]) -> None:
+    """Child runs of trials that Ray never saved, found when a resumed study ends.
+
+    A study killed outright (kill -9, power loss) between a trial's start and Ray's next
+    snapshot of the experiment leaves a child run for a trial that the resumed study
+    does not know: Ray draws that trial afresh. Such a run with no epoch logged records
+    nothing and is deleted (MLflow keeps it restorable until `mlflow gc`); one with
+    epochs is kept, KILLED, with trial_status 'lost'.
+    """
+    children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    for run in children:
+        if run.data.tags.get(TRIAL_ID_TAG) in trial_ids:
+            continue
+        if not run.data.metrics:
+            client.delete_run(run.info.run_id)
+        else:
+            client.set_tag(run.info.run_id, STATUS_TAG, "lost")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
 def close_open_children(client, experiment_id: str, parent_run_id: str) -> None:
     """Mark trials still RUNNING when the study ends (interrupted) as KILLED, never left open."""
     runs = client.search_runs(

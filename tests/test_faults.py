@@ -90,6 +90,10 @@ def assert_resumed_completely(tmp_path: Path, name: str) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client, parents, children = study_runs(tmp_path, name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # A trial Ray had not saved when killed is drawn again; its old run survives only if it logged epochs.
+    lost = [c for c in children if c.data.tags["trial_status"] == "lost"]
+    assert all(c.info.status == "KILLED" and c.data.metrics for c in lost)
+    children = [c for c in children if c not in lost]
     assert len(children) == TRIALS  # one child per trial: no duplicates after resuming
     for child in children:
         assert child.info.status in ("FINISHED", "FAILED")
@@ -137,3 +141,30 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, case):
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "mlflow").exists()
+
+
+def test_runs_of_trials_ray_never_saved_are_settled(tmp_path):
+    """After a resume, children whose trial Ray does not know: empty ones go, ones with epochs stay as lost."""
+    from mlflow.entities import ViewType
+
+    from search.tracking import PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG, mlflow_client, settle_lost_children
+
+    client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("settle")
+    parent = client.create_run(experiment).info.run_id
+
+    def child(trial_id: str, epochs: int) -> str:
+        run_id = client.create_run(experiment, tags={PARENT_TAG: parent, TRIAL_ID_TAG: trial_id, STATUS_TAG: "running"}).info.run_id
+        for epoch in range(1, epochs + 1):
+            client.log_metric(run_id, "val_acc", 0.5, step=epoch)
+        return run_id
+
+    known, empty, started = child("known", 2), child("never-saved", 0), child("saved-late", 1)
+    settle_lost_children(client, experiment, parent, {"known"})
+
+    active = {r.info.run_id for r in client.search_runs([experiment], run_view_type=ViewType.ACTIVE_ONLY)}
+    assert empty not in active and client.get_run(empty).info.lifecycle_stage == "deleted"
+    assert client.get_run(known).data.tags[STATUS_TAG] == "running" and known in active
+    lost = client.get_run(started)
+    assert lost.info.status == "KILLED" and lost.data.tags[STATUS_TAG] == "lost"
+    assert [m.step for m in client.get_metric_history(started, "val_acc")] == [1]
