@@ -57,6 +57,8 @@ def run(device: torch.device, quick: bool = False, models: tuple[str, ...] = MOD
             except Exception as error:  # one variant failing (compile, say) should not hide the rest
                 out[f"{model}.{variant}"] = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:200]}
             finally:
+                if variant == "compile":
+                    torch._dynamo.reset()  # the next model compiles from scratch, and this one's graphs are freed
                 gc.collect()
                 torch.cuda.empty_cache()
     return out

@@ -104,7 +104,10 @@ class MlflowTrials(tune.Callback):
         self.finish(trial, "failed", cause=first_line(trial.error_file))
 
     def on_experiment_end(self, trials, **info):
-        settle_lost_children(self.client, self.experiment_id, self.parent_run_id, {t.trial_id for t in trials})
+        try:
+            settle_lost_children(self.client, self.experiment_id, self.parent_run_id, {t.trial_id for t in trials})
+        except Exception as error:  # tidying the record must not fail a study whose trials are done
+            print(f"warning: could not settle the runs of trials lost before resuming: {error}", flush=True)
 
     def finish(self, trial, outcome: str, cause: str | None = None) -> None:
         run_id = self.child_run(trial)

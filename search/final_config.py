@@ -102,7 +102,7 @@ def parse_config(raw: object, source: str, requested_model: str | None = None, *
         problems.append(f"missing {', '.join(missing)}")
         raise UsageError(f"{source}: " + "; ".join(problems))
 
-    from trainables.models import MODEL_NAMES
+    from trainables.spec import MODEL_NAMES
 
     if model not in MODEL_NAMES:
         problems.append(f"model {model!r} is not one of {', '.join(MODEL_NAMES)}")
@@ -276,7 +276,7 @@ def load_run(tracking_uri: str, run_id: str, requested_model: str | None) -> Win
     if PARENT_TAG not in tags or STUDY_TAG not in tags:
         raise UsageError(f"run {run_id} is neither a study nor a trial of one (no '{STUDY_TAG}' tag)")
     status = tags.get(STATUS_TAG, "unknown")
-    if status in ("failed", "running", "interrupted", "unknown"):
+    if status in ("failed", "running", "interrupted", "lost", "unknown"):
         raise UsageError(f"trial run {run_id} is {status}: pick a completed (or pruned) trial")
     return config_from_trial(client, run, client.get_run(tags[PARENT_TAG]), requested_model)
 

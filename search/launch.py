@@ -161,7 +161,15 @@ def start_gpu_probe(inputs: CheckedInputs):
         return None
     from search.resources import GpuProbe
 
-    return GpuProbe(inputs.args.model, len(inputs.index.classes), inputs.space.largest("batch_size", 32), inputs.img_size)
+    return GpuProbe(inputs.args.model, len(inputs.index.classes), inputs.space.largest("batch_size", 32), inputs.img_size,
+                    speed_options(inputs.args))
+
+
+def speed_options(args: argparse.Namespace) -> "SpeedOptions":  # noqa: F821 - imported lazily (torch)
+    """The CUDA speed flags: the trials train with them, and the GPU probe measures with them."""
+    from trainables.engine import SpeedOptions
+
+    return SpeedOptions(args.amp, args.channels_last, args.cudnn_benchmark, args.compile)
 
 
 @dataclass(frozen=True)
@@ -181,26 +189,33 @@ def given_gpu_share(inputs: CheckedInputs) -> GpuShare:
 
 def measured_gpu_share(inputs: CheckedInputs, gpu_probe) -> GpuShare:
     """--gpus-per-trial auto: the share and the trials at once that the probe's numbers allow."""
+    import torch
+
     from search.resources import GpuTooSmall, choose_gpu_fraction
 
     try:
         plan = choose_gpu_fraction(*gpu_probe.result())
     except GpuTooSmall as error:
         raise UsageError(str(error)) from None
+    except RuntimeError as error:  # e.g. a GPU too full to open a CUDA context
+        cause = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise UsageError(f"--gpus-per-trial auto could not measure the GPU ({cause}): "
+                         f"give a share such as --gpus-per-trial 0.5, or 0 for the CPU") from None
     print(f"--gpus-per-trial auto: {plan.explanation}", flush=True)
-    return GpuShare(plan.fraction, inputs.args.max_concurrent or plan.trials)
+    # The probe measured GPU 0; Ray places fractional trials on every GPU, assumed alike.
+    trials = plan.trials * max(1, torch.cuda.device_count())
+    return GpuShare(plan.fraction, inputs.args.max_concurrent or trials)
 
 
 def assemble_study(inputs: CheckedInputs, data: CachedData, share: GpuShare) -> PreparedStudy:
     """The trials' setup, Tune's plan and the settings the parent run records."""
     from search.study import StudyPlan
-    from trainables.engine import SpeedOptions
     from trainables.trainable import TrialSetup
 
     args, space, spec, img_size, epochs = inputs.args, inputs.space, inputs.spec, inputs.img_size, inputs.epochs
     index, cached, skipped = data.index, data.splits, data.skipped
     gpus_per_trial, max_concurrent = share.gpus_per_trial, share.max_concurrent
-    speed = SpeedOptions(args.amp, args.channels_last, args.cudnn_benchmark, args.compile)
+    speed = speed_options(args)
     setup = TrialSetup(spec, cached["train"], cached["val"], epochs, args.metric, args.seed, gpus_per_trial,
                        args.cpus_per_trial, speed)
     plan = StudyPlan(inputs.name, args.trials, args.metric, args.seed, args.grace_period, args.reduction_factor,

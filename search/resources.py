@@ -108,11 +108,13 @@ def choose_gpu_fraction(
     return GpuPlan(fraction, int(trials), int(per_trial), explanation)
 
 
-def probe_peak_memory(model_name: str, num_classes: int, batch_size: int, img_size: int, **model_knobs) -> int:
-    """Peak CUDA bytes one trial allocates: its own AMP training steps and evaluation batch.
+def probe_peak_memory(model_name: str, num_classes: int, batch_size: int, img_size: int, speed=None,
+                      **model_knobs) -> int:
+    """Peak CUDA bytes one trial allocates: its own training steps and evaluation batch.
 
-    Runs the engine's Learner (fp16 autocast + GradScaler, channels_last, AdamW, cuDNN
-    autotuning, the batched augmentation) for two training steps -- the second with
+    Runs the engine's Learner with the study's speed options (default: fp16 autocast +
+    GradScaler, channels_last, cuDNN autotuning; --no-amp roughly doubles the peak),
+    AdamW and the batched augmentation, for two training steps -- the second with
     AdamW's state allocated, which is a trial's steady state -- and one evaluation batch
     of twice the batch size, as `predict` uses. Returns max_memory_allocated over that,
     less what this process held before. Pass the largest configuration the space can
@@ -133,7 +135,7 @@ def probe_peak_memory(model_name: str, num_classes: int, batch_size: int, img_si
 
     from trainables.config import Hyperparameters
     from trainables.data import CachedSplit
-    from trainables.engine import Learner
+    from trainables.engine import Learner, SpeedOptions
     from trainables.models import ModelSpec, build_model
 
     known = {f.name for f in fields(ModelSpec)} - {"name", "num_classes", "img_size", "pretrained", "weights_files"}
@@ -142,10 +144,11 @@ def probe_peak_memory(model_name: str, num_classes: int, batch_size: int, img_si
         raise ValueError(f"unknown model knob(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     spec = ModelSpec(model_name, num_classes, img_size, pretrained=False, **model_knobs)
     hp = Hyperparameters(batch_size=batch_size, aug_strength=0.5)
+    speed = speed or SpeedOptions()
     device = torch.device("cuda")
 
     autotune = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True  # as select_device sets it in a trial: its workspaces count
+    torch.backends.cudnn.benchmark = speed.cudnn_benchmark  # as select_device sets it in a trial: its workspaces count
     learner = None
     with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
         path = Path(tmp) / "images.npy"
@@ -161,7 +164,7 @@ def probe_peak_memory(model_name: str, num_classes: int, batch_size: int, img_si
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            learner = Learner(build_model(spec), hp, device)
+            learner = Learner(build_model(spec), hp, device, speed=speed)
             learner.train_epoch(split)
             learner.predict(split)
             torch.cuda.synchronize()
@@ -189,13 +192,13 @@ class GpuProbe:
     child's own context: on the safe side.
     """
 
-    def __init__(self, model_name: str, num_classes: int, batch_size: int, img_size: int, **model_knobs):
+    def __init__(self, model_name: str, num_classes: int, batch_size: int, img_size: int, speed=None, **model_knobs):
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")  # CUDA cannot live in a forked child
         self._receive, send = context.Pipe(duplex=False)
         self._process = context.Process(
-            target=_probe_and_send, args=(send, model_name, num_classes, batch_size, img_size, model_knobs),
+            target=_probe_and_send, args=(send, model_name, num_classes, batch_size, img_size, speed, model_knobs),
             name="gpu-probe", daemon=True,  # ends with the driver, on Ctrl-C too
         )
         self._process.start()
@@ -216,15 +219,26 @@ class GpuProbe:
     def cancel(self) -> None:
         """Stop the probe: the study will not run, so its measurement is not needed."""
         if self._process.is_alive():
-            self._process.terminate()
+            self._process.terminate()  # exits cleanly at its next Python instruction
+            self._process.join(timeout=10)
+        if self._process.is_alive():  # stuck inside a CUDA call
+            self._process.kill()
         self._process.join()
 
 
-def _probe_and_send(send, model_name: str, num_classes: int, batch_size: int, img_size: int, model_knobs: dict) -> None:
+def _probe_and_send(send, model_name: str, num_classes: int, batch_size: int, img_size: int, speed,
+                    model_knobs: dict) -> None:
+    import signal
+    import sys
+
+    # Ctrl-C is the driver's to handle (it cancels the probe); cancel() sends SIGTERM,
+    # which exits through Python so that the probe's temporary images are removed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import torch
 
     try:
-        peak = probe_peak_memory(model_name, num_classes, batch_size, img_size, **model_knobs)
+        peak = probe_peak_memory(model_name, num_classes, batch_size, img_size, speed, **model_knobs)
         free, total = torch.cuda.mem_get_info()
         send.send(("ok", (peak, int(free), int(total))))
     except (GpuTooSmall, NoCudaError, ValueError) as error:  # the expected ones, by their own type
@@ -233,6 +247,7 @@ def _probe_and_send(send, model_name: str, num_classes: int, batch_size: int, im
         send.send(("error", RuntimeError(f"GPU memory probe: {type(error).__name__}: {error}")))
 
 
-def probe_in_subprocess(model_name: str, num_classes: int, batch_size: int, img_size: int, **model_knobs) -> tuple[int, int, int]:
+def probe_in_subprocess(model_name: str, num_classes: int, batch_size: int, img_size: int, speed=None,
+                        **model_knobs) -> tuple[int, int, int]:
     """(peak, free, total) bytes, measured in a fresh spawned process (see GpuProbe)."""
-    return GpuProbe(model_name, num_classes, batch_size, img_size, **model_knobs).result()
+    return GpuProbe(model_name, num_classes, batch_size, img_size, speed, **model_knobs).result()

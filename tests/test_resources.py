@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import os
 import sys
 import types
@@ -136,3 +137,43 @@ def test_the_probe_process_hands_its_error_back():
     with pytest.raises(NoCudaError, match="--gpus-per-trial 0"):
         probe.result()
     probe.cancel()  # after the end: a no-op
+
+
+class GivenProbe:
+    """Stands in for GpuProbe: hands back fixed numbers, or raises."""
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def result(self):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+def auto_inputs():
+    from search.launch import check_inputs
+    from search.run import build_parser
+
+    return check_inputs(build_parser().parse_args(["--model", "vit", "--data", "synthetic", "--no-pretrained"]))
+
+
+def test_a_measured_share_packs_the_card(capsys):
+    from search.launch import GpuShare, measured_gpu_share
+
+    share = measured_gpu_share(auto_inputs(), GivenProbe((int(2.1 * GiB), int(7.6 * GiB), 8 * GiB)))
+    assert share == GpuShare(pytest.approx(0.3630), 2)  # no GPU here: counted as one
+    assert "--gpus-per-trial auto: one trial needs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error, message", [
+    (GpuTooSmall("one trial needs 9.00 GiB"), "one trial needs 9.00 GiB"),
+    (RuntimeError("CUDA error: out of memory\nmore lines"), "could not measure the GPU (CUDA error: out of memory)"),
+])
+def test_a_probe_that_fails_is_a_usage_error(error, message):
+    from search.errors import UsageError
+    from search.launch import measured_gpu_share
+
+    with pytest.raises(UsageError, match=re.escape(message)) as raised:
+        measured_gpu_share(auto_inputs(), GivenProbe(error))
+    assert "\n" not in str(raised.value)
