@@ -38,3 +38,21 @@ def weights_problems(items: list[str]) -> list[str]:
         for item in items
         if "=" not in item
     ]
+
+
+def weights_files(items: list[str]) -> dict[str, str]:
+    """--weights items, already passed by weights_problems, as {backbone: path}."""
+    return dict(item.split("=", 1) for item in items)
+
+
+def require_pretrained(model: str, weights: dict[str, str]) -> None:
+    """The model's pretrained backbones are at hand (cached, downloadable or given by --weights),
+    or a one-line UsageError says how to get them."""
+    from search.errors import UsageError
+    from trainables.pretrained import PretrainedUnavailable, ensure_pretrained
+    from trainables.spec import BACKBONES
+
+    try:
+        ensure_pretrained(BACKBONES[model], weights)
+    except PretrainedUnavailable as error:
+        raise UsageError(str(error)) from None

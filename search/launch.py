@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from search.cli import require_pretrained, weights_files
 from search.errors import UsageError
 from search.spaces import Space, SpaceError, load_space
 from trainables.config import METRIC_MODES
 from trainables.data import DataError, DatasetIndex, index_source, prepare_splits, subsample
-from trainables.spec import BACKBONES, ModelSpec, validate_spec
+from trainables.spec import ModelSpec, validate_spec
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "spaces"
 SMOKE = {"img_size": 32, "epochs": 3, "per_class": {"train": 24, "val": 8, "test": 8}}
@@ -98,7 +99,7 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
         raise UsageError(str(error)) from None
     if args.smoke:
         index = subsample(index, SMOKE["per_class"], args.seed)
-    weights = dict(item.split("=", 1) for item in args.weights)
+    weights = weights_files(args.weights)
     spec = ModelSpec(args.model, len(index.classes), img_size, pretrained=not args.no_pretrained,
                      weights_files=tuple(sorted(weights.items())))
     try:
@@ -125,12 +126,7 @@ def cache_data(inputs: CheckedInputs) -> CachedData:
     """Pretrained weights at hand, and train and val decoded into the cache (test stays unread)."""
     args = inputs.args
     if inputs.spec.pretrained:
-        from trainables.pretrained import PretrainedUnavailable, ensure_pretrained
-
-        try:
-            ensure_pretrained(BACKBONES[args.model], inputs.weights)
-        except PretrainedUnavailable as error:
-            raise UsageError(str(error)) from None
+        require_pretrained(args.model, inputs.weights)
     try:
         index, cached, skipped = prepare_splits(inputs.index, ("train", "val"), inputs.img_size,
                                                 Path(args.cache_dir).resolve())

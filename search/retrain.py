@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from search.cli import require_pretrained, weights_files
 from search.errors import UsageError
 from search.final_config import WinnerConfig
 from search.tracking import FINAL_ROLE, ROLE_TAG, STUDY_TAG
@@ -29,7 +30,7 @@ from search.final_report import HeldOutResult, evaluate_test, per_class_metrics,
 from search.launch import FULL, SMOKE, absolute_uri
 from trainables.data import CachedSplit, DataError, DatasetIndex, index_source, prepare_splits, subsample
 from trainables.engine import EpochResult, Learner, NonFiniteLoss, fit, select_device
-from trainables.models import BACKBONES, ModelSpec, build_model, validate_spec
+from trainables.models import ModelSpec, build_model, validate_spec
 
 MODEL_ARTIFACT = "model"
 RESULT_FILES = ("config.yaml", "classes.json", "splits.json", "classification_report.txt", "confusion_matrix.png")
@@ -76,7 +77,7 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
     if index.classes != config.classes:
         raise UsageError(class_mismatch(index.source, index.classes, config))
 
-    weights = dict(item.split("=", 1) for item in args.weights)
+    weights = weights_files(args.weights)
     spec = ModelSpec(
         config.model, len(config.classes), config.img_size, dropout=hp.dropout, drop_path_rate=hp.drop_path_rate,
         vit_depth=hp.vit_depth, fusion=hp.fusion, pretrained=config.pretrained and not args.no_pretrained,
@@ -87,12 +88,7 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
     except ValueError as error:
         raise UsageError(f"{config.source}: {error}") from None
     if spec.pretrained:
-        from trainables.pretrained import PretrainedUnavailable, ensure_pretrained
-
-        try:
-            ensure_pretrained(BACKBONES[config.model], weights)
-        except PretrainedUnavailable as error:
-            raise UsageError(str(error)) from None
+        require_pretrained(config.model, weights)
 
     if args.keep_val:  # early stopping decides: give it the study's budget
         epochs = args.epochs or config.epochs or FULL["epochs"]
