@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,23 @@ def write_image_folder(root: Path, per_class: dict[str, int], size: int = 40, su
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images", {"benign": 10, "malignant": 10, "normal": 10})
+
+
+@contextmanager
+def mounted_tmpfs(where: Path, megabytes: int = 64, copy_from: Path | None = None, read_only: bool = False) -> Iterator[Path]:
+    """A small tmpfs at `where` (a full or read-only disk on demand); skips the test where mounting is not allowed."""
+    where.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        if copy_from is not None:
+            shutil.copytree(copy_from, where, dirs_exist_ok=True)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def run_script(script: str, *args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 import trainables.data as data
-from conftest import write_image_folder
+from conftest import mounted_tmpfs, write_image_folder
 from trainables.data import DataError, cache_split, index_source, prepare_splits, stratified_split
 
 
@@ -134,3 +134,33 @@ def test_unusable_sources_say_what_to_do(tmp_path, layout, message):
     with pytest.raises(DataError) as raised:
         index_source(root, seed=0)
     assert message in str(raised.value)
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_decoding_naming_both_sizes(tmp_path):
+    """--cache-dir on a 30 MB disk, 256 px: one clear error, and the disk left as it was."""
+    index = index_source("synthetic", seed=0)
+    with mounted_tmpfs(tmp_path / "small", megabytes=30) as small:
+        with pytest.raises(DataError, match=r"needs 105 MB for 256 px images but .*small has 30 MB free"):
+            prepare_splits(index, ("train", "val"), 256, small / "cache")
+        assert not (small / "cache").exists()
+
+
+def test_a_disk_that_fills_while_caching_is_an_error_not_sigbus_and_leaves_no_partial_file(tmp_path):
+    """The space check passed (another writer filled the disk since): the allocation, not a mapped write, fails."""
+    index = index_source("synthetic:2", seed=0)
+    with mounted_tmpfs(tmp_path / "small", megabytes=8) as small:
+        with pytest.raises(DataError, match="the disk of the image cache .* is full"):
+            cache_split(index, "train", 512, small)  # 84 images of 768 KB: 63 MB
+        assert list(small.iterdir()) == []
+        cached = cache_split(index, "val", 64, small)  # what fits still caches
+        assert cached.images().shape == (18, 64, 64, 3)
+
+
+def test_a_folder_with_train_and_val_but_no_test_is_refused(tmp_path):
+    write_image_folder(tmp_path / "ds" / "train", {"cat": 4, "dog": 4})
+    write_image_folder(tmp_path / "ds" / "val", {"cat": 2, "dog": 2})
+    with pytest.raises(DataError, match="holds train/ and val/ but no test/: add test/ with the same class folders"):
+        index_source(tmp_path / "ds", seed=0)
+    # A class that happens to be called 'train' is still a class.
+    write_image_folder(tmp_path / "vehicles", {"bus": 4, "car": 4, "train": 4})
+    assert index_source(tmp_path / "vehicles", seed=0).classes == ["bus", "car", "train"]

@@ -10,9 +10,11 @@ files of the splits that asked for it, so the search never opens a test image.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".g
 SYNTHETIC = "synthetic"
 SYNTHETIC_CLASSES = 11
 SYNTHETIC_PER_CLASS = 60
+SYNTHETIC_MAX_CLASSES = 1000
 
 
 class DataError(ValueError):
@@ -73,13 +76,22 @@ def index_source(source: str | os.PathLike, seed: int) -> DatasetIndex:
     if source == SYNTHETIC or source.startswith(SYNTHETIC + ":"):
         return synthetic_index(source, seed)
     root = Path(source).expanduser().resolve()
+    if root.is_file():
+        raise DataError(f"--data {root} is a file: pass the folder that holds the class sub-folders, or --data synthetic")
     if not root.is_dir():
         raise DataError(
             f"data folder {root} does not exist: put images there (one sub-folder per class), "
             f"or pass --data PATH, or try --data synthetic"
         )
-    if all((root / split).is_dir() for split in SPLITS):
+    present = [split for split in SPLITS if (root / split).is_dir()]
+    if len(present) == len(SPLITS):
         return presplit_index(root)
+    if len(present) >= 2:  # a pre-split layout with a split missing, not classes named 'train' and 'val'
+        missing = ", ".join(f"{split}/" for split in SPLITS if split not in present)
+        raise DataError(
+            f"data folder {root} holds {' and '.join(f'{s}/' for s in present)} but no {missing}: add {missing} "
+            f"with the same class folders, or point --data at a folder of class folders to have it split"
+        )
     classes, samples, ignored = scan_class_folders(root)
     labels = np.array([s.label for s in samples])
     parts = stratified_split(labels, seed, classes)
@@ -168,8 +180,8 @@ def synthetic_index(source: str, seed: int) -> DatasetIndex:
         num_classes = int(count) if count else SYNTHETIC_CLASSES
     except ValueError:
         num_classes = 0
-    if num_classes < 2:
-        raise DataError(f"--data {source}: write 'synthetic' or 'synthetic:C' with C >= 2 classes")
+    if not 2 <= num_classes <= SYNTHETIC_MAX_CLASSES:
+        raise DataError(f"--data {source}: write 'synthetic' or 'synthetic:C' with 2 <= C <= {SYNTHETIC_MAX_CLASSES} classes")
     classes = [f"class_{c:02d}" for c in range(num_classes)]
     samples = [Sample(f"c{c:02d}-{i:04d}", c) for c in range(num_classes) for i in range(SYNTHETIC_PER_CLASS)]
     parts = stratified_split(np.array([s.label for s in samples]), seed, classes)
@@ -237,29 +249,82 @@ def cache_key(index: DatasetIndex, split: str, size: int) -> str:
     return digest.hexdigest()[:20]
 
 
+def cache_path(index: DatasetIndex, split: str, size: int, cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir) / f"{split}-{size}px-{cache_key(index, split, size)}.npy"
+
+
 def cache_split(index: DatasetIndex, split: str, size: int, cache_dir: str | os.PathLike) -> CachedSplit:
-    """Decode a split once into cache_dir (reused while its files are unchanged)."""
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{split}-{size}px-{cache_key(index, split, size)}.npy"
+    """Decode a split once into cache_dir (reused while its files are unchanged).
+
+    The array is written under a temporary name and renamed when whole, so no failure
+    (a corrupt image, a full disk, Ctrl-C) leaves a partial cache behind or one that looks whole.
+    """
+    path = cache_path(index, split, size, cache_dir)
     labels = index.labels(split)
     if path.exists():
         return CachedSplit(str(path), labels)
+    path.parent.mkdir(parents=True, exist_ok=True)
     samples = index.splits[split]
     partial = path.with_suffix(f".partial-{os.getpid()}.npy")
-    images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(samples), size, size, 3))
     try:
+        images = allocated_memmap(partial, (len(samples), size, size, 3))
         failures = decode_into(images, index, samples, size)
         images.flush()
         del images
         if failures:
-            partial.unlink()
             raise CorruptImages(failures)
-        os.replace(partial, path)  # atomic: a killed run never leaves a half cache that looks whole
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"the disk of the image cache {path.parent} is full: free space, or pass --cache-dir "
+                            f"on a larger disk, or a smaller --img-size") from None
+        raise
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     return CachedSplit(str(path), labels)
+
+
+def allocated_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A writable .npy memory map whose disk blocks are all allocated before anything is written.
+
+    numpy creates the file sparse, and a write through the map into a sparse file on a
+    full disk kills the process with SIGBUS, which no `except` can catch; allocating
+    first turns a full disk into an OSError here instead.
+    """
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # Linux and most Unix; elsewhere a write error is an OSError anyway
+        with open(path, "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+    return images
+
+
+def check_free_space(index: DatasetIndex, splits: tuple[str, ...], size: int, cache_dir: str | os.PathLike) -> None:
+    """Refuse at once when the splits still to decode cannot fit on the cache's disk."""
+    needed = sum(
+        len(index.splits[split]) * size * size * 3
+        for split in splits
+        if not cache_path(index, split, size, cache_dir).exists()
+    )
+    where = existing_ancestor(Path(cache_dir))
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise DataError(
+            f"the image cache needs {megabytes(needed)} for {size} px images but {where} has {megabytes(free)} free: "
+            f"free space, pass --cache-dir on a larger disk, or a smaller --img-size"
+        )
+
+
+def existing_ancestor(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def megabytes(count: int) -> str:
+    return f"{count / 2**20:,.0f} MB" if count >= 2**20 else f"{count / 2**20:.2f} MB"
 
 
 class CorruptImages(DataError):
@@ -299,6 +364,7 @@ def prepare_splits(
 ) -> tuple[DatasetIndex, dict[str, CachedSplit], list[str]]:
     """Cache the given splits, dropping images that fail to decode (returned by key)."""
     skipped: list[str] = []
+    check_free_space(index, splits, size, cache_dir)
     while True:
         try:
             return index, {split: cache_split(index, split, size, cache_dir) for split in splits}, skipped
