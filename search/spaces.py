@@ -14,6 +14,7 @@ hyperparameters; anything not in the space keeps its default.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ TYPES = {
     "fixed": {"value"},
 }
 COMMON_KEYS = {"type", "when"}
+SCALARS = (str, int, float, bool, type(None))
+"""What a categorical choice or a `when` value may be (YAML lists and mappings are not)."""
 TOP_LEVEL_KEYS = {"parameters"}
 # Parameters that mean something for some models only.
 MODEL_ONLY = {"vit_depth": ("vit", "hybrid"), "fusion": ("hybrid",)}
@@ -115,7 +118,11 @@ def load_space(path: str | Path, model: str) -> Space:
     if not path.is_file():
         raise SpaceError(f"space file {path} does not exist: pass --space PATH or use spaces/{model}.yaml")
     try:
-        document = yaml.safe_load(path.read_text())
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpaceError(f"space file {path} is not UTF-8 text: save it as UTF-8") from None
+    except OSError as error:
+        raise SpaceError(f"space file {path} cannot be read ({error.strerror}): pass a readable --space") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -194,19 +201,32 @@ def parse_range(name: str, kind: str, spec: dict, problems: list[str]) -> dict:
     if not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)):
         problems.append(f"{name}: type {kind} needs numeric 'low:' and 'high:'" + (" (integers)" if kind == "int" else ""))
         return {}
+    if not all(finite(v) for v in (low, high)):
+        problems.append(f"{name}: 'low:' and 'high:' must be finite numbers, got low={low}, high={high}")
+        return {}
     if low >= high:
         problems.append(f"{name}: empty or inverted range low={low} >= high={high}; give low < high (or use type fixed)")
     log = bool(spec.get("log", False))
     if log and low <= 0:
         problems.append(f"{name}: log scale needs low > 0, got {low}")
-    if step is not None and (not isinstance(step, number) or step <= 0 or log):
+    if step is not None and (not isinstance(step, number) or not finite(step) or step <= 0 or log):
         problems.append(f"{name}: 'step' must be a positive number and cannot combine with log")
     return {"low": low, "high": high, "log": log, "step": step}
+
+
+def finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def parse_choices(name: str, choices: Any, problems: list[str]) -> tuple:
     if not isinstance(choices, list) or not choices:
         problems.append(f"{name}: type categorical needs a non-empty list 'choices:'")
+        return ()
+    if not all(isinstance(choice, SCALARS) for choice in choices):
+        problems.append(f"{name}: 'choices' must be plain values (numbers or text), not lists or mappings")
         return ()
     if len(set(map(repr, choices))) < len(choices):
         problems.append(f"{name}: 'choices' repeats a value")
@@ -223,6 +243,9 @@ def parse_when(name: str, when: Any, earlier: list[Parameter], problems: list[st
     conditions = {}
     for other, allowed in when.items():
         allowed = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        if not all(isinstance(value, SCALARS) for value in allowed):
+            problems.append(f"{name}: 'when' asks {other} for {list(allowed)}: give a value or a flat list of values")
+            continue
         if other not in by_name or by_name[other].type not in ("categorical", "fixed"):
             problems.append(f"{name}: 'when' names {other!r}, which is not a categorical parameter defined above it")
         elif not set(allowed) <= set(by_name[other].values()):
@@ -240,8 +263,14 @@ def check_domain(parameter: Parameter, problems: list[str]) -> None:
             if value not in CHOICES.get(name, (value,)):
                 problems.append(f"{name}: {value!r} is not one of {', '.join(CHOICES[name])}")
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (expected is int and value != int(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{name}: {value!r} is not a{'n integer' if expected is int else ' number'}")
+            continue
+        if not finite(value):
+            problems.append(f"{name}: {value!r} is not a finite number")
+            continue
+        if expected is int and value != int(value):
+            problems.append(f"{name}: {value!r} is not an integer")
             continue
         lowest, highest = BOUNDS.get(name, (None, None))
         if (lowest is not None and value < lowest) or (highest is not None and value > highest):

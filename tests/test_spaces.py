@@ -72,6 +72,17 @@ BAD_SPACES = {
     "bad fusion": ("parameters: {fusion: {type: categorical, choices: [seed, concat]}}\n", "'concat' is not one of seed, tokens"),
     "dangling when": ("parameters: {lr: {type: float, low: 0.1, high: 1, when: {fusion: tokens}}}\n", "not a categorical parameter defined above"),
     "invalid yaml": ("parameters: {lr: [\n", "not valid YAML"),
+    "NaN bound": ("parameters: {lr: {type: float, low: .nan, high: 0.1}}\n", "must be finite numbers"),
+    "infinite bound": ("parameters: {lr: {type: float, low: 0.001, high: .inf}}\n", "must be finite numbers"),
+    "infinite step": ("parameters: {dropout: {type: float, low: 0.0, high: 0.5, step: .inf}}\n", "'step' must be a positive number"),
+    "infinite fixed value": ("parameters: {lr: {type: fixed, value: .inf}}\n", "lr: inf is not a finite number"),
+    "infinite integer": ("parameters: {batch_size: {type: fixed, value: .inf}}\n", "batch_size: inf is not a finite number"),
+    "nested when value": (
+        "parameters: {batch_size: {type: categorical, choices: [16, 32]}, lr: {type: float, low: 0.001, high: 0.01, "
+        "when: {batch_size: [[16]]}}}\n",
+        "give a value or a flat list of values",
+    ),
+    "nested choice": ("parameters: {batch_size: {type: categorical, choices: [[16], 32]}}\n", "must be plain values"),
 }
 
 
@@ -87,6 +98,13 @@ def test_bad_space_files_are_refused_with_what_is_valid(tmp_path, case):
 def test_a_knob_of_another_model_is_refused(tmp_path):
     with pytest.raises(SpaceError, match="vit_depth: applies to --model vit or hybrid only, not cnn"):
         load_space(write(tmp_path, "parameters: {vit_depth: {type: int, low: 2, high: 6}}\n"), "cnn")
+
+
+def test_a_space_file_that_is_not_utf8_is_refused(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("parameters: {lr: {type: float, low: 0.001, high: 0.01}}  # r\u00e9glage\n".encode("latin-1"))
+    with pytest.raises(SpaceError, match="is not UTF-8 text: save it as UTF-8"):
+        load_space(path, "cnn")
 
 
 def test_missing_space_file(tmp_path):

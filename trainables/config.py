@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 # One spelling for every metric: Tune's `metric=`, checkpoint scoring, MLflow keys.
@@ -53,7 +54,17 @@ class Hyperparameters:
         if unknown:
             raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(cls.names())}")
         types = {f.name: type(f.default) for f in fields(cls)}
-        return cls(**{name: types[name](value) for name, value in config.items()})
+        return cls(**{name: typed(name, value, types[name]) for name, value in config.items()})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def typed(name: str, value: object, kind: type) -> object:
+    """value as the field's type; a non-finite number is refused (int() of one would overflow)."""
+    if kind in (int, float) and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}={value} is not a finite number")
+    converted = kind(value)
+    if kind is float and not math.isfinite(converted):
+        raise ValueError(f"{name}={value!r} is not a finite number")
+    return converted
