@@ -6,6 +6,10 @@ Standard library only, so that --help answers at once.
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 MODELS = ("cnn", "vit", "hybrid")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
@@ -56,3 +60,16 @@ def require_pretrained(model: str, weights: dict[str, str]) -> None:
         ensure_pretrained(BACKBONES[model], weights)
     except PretrainedUnavailable as error:
         raise UsageError(str(error)) from None
+
+
+@contextmanager
+def interrupts_ignored() -> Iterator[None]:
+    """Ctrl-C is ignored inside: for short writes to the record that must not stop half-way."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

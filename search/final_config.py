@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from search.errors import UsageError
-from search.tracking import FINAL_ROLE, PARENT_TAG, ROLE_TAG, STATUS_TAG, STUDY_TAG, all_runs, is_study_run, store_exists, study_runs
+from search.tracking import FINAL_ROLE, PARENT_TAG, ROLE_TAG, STATUS_TAG, STUDY_TAG, all_runs, is_study_run, mlflow_client, one_line, study_runs
 from trainables.config import METRIC_MODES, Hyperparameters
 
 REQUIRED_KEYS = ("model", "hyperparameters", "classes", "data", "seed", "img_size")
@@ -79,8 +79,7 @@ def load_winner(args) -> WinnerConfig:
             return load_study(args.tracking_uri, args.study, args.model)
         return load_run(args.tracking_uri, args.run_id, args.model)
     except (MlflowException, SQLAlchemyError) as error:  # a server that is down, a file that is no MLflow store
-        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        raise UsageError(f"cannot read MLflow at {args.tracking_uri}: {first}") from None
+        raise UsageError(f"cannot read MLflow at {args.tracking_uri}: {one_line(error)}") from None
 
 
 # ---------------------------------------------------------------- the file form
@@ -121,11 +120,14 @@ def parse_config(raw: object, source: str, requested_model: str | None = None, *
         value = raw.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             problems.append(f"{key} must be a positive integer, not {value!r}")
+    best_value = raw.get("best_value")
+    if best_value is not None and not (isinstance(best_value, (int, float)) and not isinstance(best_value, bool)
+                                       and math.isfinite(best_value)):
+        problems.append(f"best_value must be a finite number, not {best_value!r}")
     if raw.get("model_spec") is not None:
         check_model_spec(raw["model_spec"], model, len(classes), raw["img_size"], hp, problems)
     if problems:
         raise UsageError(f"{source}: " + "; ".join(problems))
-    best_value = raw.get("best_value")
     return WinnerConfig(
         model=model, hyperparameters=hp, classes=list(classes), data=str(raw["data"]), seed=raw["seed"],
         img_size=raw["img_size"], smoke=bool(raw.get("smoke", False)), pretrained=bool(raw.get("pretrained", True)),
@@ -189,8 +191,8 @@ def load_file(path: str, requested_model: str | None) -> WinnerConfig:
     if not file.is_file():
         raise UsageError(f"config file {path} does not exist: pass the best_config.yaml a study wrote (ray_results/<study>/best/)")
     try:
-        raw = yaml.safe_load(file.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
         raise UsageError(f"config file {path} is not valid YAML: pass the best_config.yaml a study wrote") from None
     return parse_config(raw, f"config {path}", requested_model)
 
@@ -198,22 +200,9 @@ def load_file(path: str, requested_model: str | None) -> WinnerConfig:
 # ---------------------------------------------------------------- MLflow sources
 
 
-def open_store(tracking_uri: str):
-    """A client on an existing store: reading a study must never create an empty one."""
-    if not store_exists(tracking_uri):
-        database = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
-        raise UsageError(
-            f"no MLflow store at {database}: run a study first (python search/run.py ...), "
-            f"or pass --tracking-uri of the store that holds it"
-        )
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri)
-
-
 def load_study(tracking_uri: str, name: str, requested_model: str | None) -> WinnerConfig:
     """The best config of a study's parent run (the latest study of that name that has one)."""
-    client = open_store(tracking_uri)
+    client = mlflow_client(tracking_uri, create=False)
     parents = study_runs(client, name)
     if not parents:
         known = sorted({run.data.tags[STUDY_TAG] for run in all_runs(client, f"tags.{STUDY_TAG} LIKE '%'") if is_study_run(run)})
@@ -261,7 +250,7 @@ def load_run(tracking_uri: str, run_id: str, requested_model: str | None) -> Win
     """One trial's configuration (or, given a study's parent run, the study's winner)."""
     from mlflow.exceptions import MlflowException
 
-    client = open_store(tracking_uri)
+    client = mlflow_client(tracking_uri, create=False)
     try:
         run = client.get_run(run_id)
     except MlflowException:

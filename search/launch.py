@@ -14,16 +14,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from search.cli import require_pretrained, weights_files
+from search.cli import interrupts_ignored, require_pretrained, weights_files
 from search.errors import UsageError
+from search.tracking import check_store_uri
 from search.spaces import Space, SpaceError, load_space
 from trainables.config import METRIC_MODES
-from trainables.data import DataError, DatasetIndex, index_source, prepare_splits, subsample
+from trainables.data import DataError, DatasetIndex, existing_ancestor, index_source, megabytes, prepare_splits, subsample
 from trainables.spec import ModelSpec, validate_spec
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "spaces"
@@ -72,6 +74,9 @@ def prepare_study(args: argparse.Namespace) -> PreparedStudy:
     gpu_probe = start_gpu_probe(inputs)  # --gpus-per-trial auto: a process of its own, overlapping what follows
     share = given_gpu_share(inputs) if gpu_probe is None else None  # checked at once
     try:
+        if inputs.spec.pretrained:
+            require_pretrained(inputs.args.model, inputs.weights)
+        open_tracking_store(inputs)
         data = cache_data(inputs)
         start_ray()
         if share is None:
@@ -89,9 +94,12 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
     resume_run_id = None
     if args.resume:
         args, resume_run_id = resumed_arguments(args)
+    check_store_uri(args.tracking_uri)
     profile = SMOKE if args.smoke else FULL
     img_size = args.img_size or profile["img_size"]
-    name = args.name or f"{args.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = args.name or new_study_name(args.model, args.storage_path)
+    if resume_run_id is None and (Path(args.storage_path) / name).exists():
+        raise UsageError(name_taken(name, f"under --storage-path {args.storage_path}"))
     try:
         space = load_space(args.space or SPACES_DIR / f"{args.model}.yaml", args.model)
         index = index_source(args.data, args.seed)
@@ -110,6 +118,20 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
                          resume_run_id)
 
 
+def new_study_name(model: str, storage_path: str) -> str:
+    """<model>-<timestamp>, with a suffix if a study of that second exists already."""
+    stem = f"{model}-{datetime.now():%Y%m%d-%H%M%S}"
+    name, number = stem, 1
+    while (Path(storage_path) / name).exists():
+        number += 1
+        name = f"{stem}-{number}"
+    return name
+
+
+def name_taken(name: str, where: str) -> str:
+    return f"a study named {name!r} exists already {where}: continue it with --resume, or choose another --name"
+
+
 @dataclass
 class CachedData:
     """The study's data, decoded once for every trial."""
@@ -122,11 +144,18 @@ class CachedData:
     """Images that would not decode."""
 
 
+def open_tracking_store(inputs: CheckedInputs) -> None:
+    """The MLflow store, created (or migrated) now rather than after the long work; a new study's name must be new there."""
+    from search.tracking import mlflow_client, study_runs
+
+    client = mlflow_client(inputs.args.tracking_uri)
+    if inputs.resume_run_id is None and study_runs(client, inputs.name):
+        raise UsageError(name_taken(inputs.name, f"in --tracking-uri {inputs.args.tracking_uri}"))
+
+
 def cache_data(inputs: CheckedInputs) -> CachedData:
-    """Pretrained weights at hand, and train and val decoded into the cache (test stays unread)."""
+    """Train and val decoded into the cache (test stays unread)."""
     args = inputs.args
-    if inputs.spec.pretrained:
-        require_pretrained(args.model, inputs.weights)
     try:
         index, cached, skipped = prepare_splits(inputs.index, ("train", "val"), inputs.img_size,
                                                 Path(args.cache_dir).resolve())
@@ -135,10 +164,22 @@ def cache_data(inputs: CheckedInputs) -> CachedData:
     return CachedData(index, cached, skipped)
 
 
-def start_ray() -> None:
-    import ray
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch for a machine-local Ray (its default on Windows and macOS). Set to 0, Ray takes 127.0.0.1 as
+the node's address, so its gRPC servers and agents listen on loopback instead of on every interface.
+Ray reads it when it is imported; its worker processes inherit it."""
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+
+def start_ray() -> None:
+    """A private, single-machine Ray that listens on 127.0.0.1 only."""
+    os.environ.setdefault(LOOPBACK_SWITCH, "0")
+    import ray
+    from ray._private import ray_constants
+
+    if os.environ[LOOPBACK_SWITCH] == "0":  # Ray was imported before (a test, a notebook): apply it now
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    # address="local": a Ray of its own, never one that another `ray start` left running on this machine.
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
 
 
 def stop_ray() -> None:
@@ -271,7 +312,7 @@ def find_study(tracking_uri: str, name: str):
 
     if not store_exists(tracking_uri):
         return None
-    parents = study_runs(mlflow_client(tracking_uri), name)
+    parents = study_runs(mlflow_client(tracking_uri, create=False), name)
     return parents[0] if parents else None
 
 
@@ -305,12 +346,13 @@ def execute_study(study: PreparedStudy) -> int:
 
 def tune_and_record(study: PreparedStudy) -> int:
     """Open the parent run, run the trials, log the winner; the exit code."""
-    from search.study import make_tuner, restore_tuner
+    from search.study import make_tuner, restore_tuner, unfinished_trials
     from search.callbacks import MlflowTrials
     from search.tracking import close_open_children, mlflow_client
 
     client = mlflow_client(study.tracking_uri)
-    experiment_id, parent_id = open_parent_run(client, study)
+    with interrupts_ignored():  # the study's run is opened whole, never left RUNNING half-described
+        experiment_id, parent_id = open_parent_run(client, study)
     status = "FAILED"
     try:
         callbacks = [MlflowTrials(study.tracking_uri, experiment_id, parent_id, study.name)]
@@ -319,7 +361,7 @@ def tune_and_record(study: PreparedStudy) -> int:
         else:
             tuner = make_tuner(study.space, study.setup, study.plan, callbacks)
         results = tuner.fit()
-        if results.num_terminated + results.num_errors < study.plan.trials:
+        if unfinished_trials(study.plan):  # Ctrl-C: Ray returns normally, having saved where each trial was
             status = "KILLED"
             print_resume_hint(study)
             return 130
@@ -331,9 +373,30 @@ def tune_and_record(study: PreparedStudy) -> int:
         status = "KILLED"
         print_resume_hint(study)
         return 130
+    except Exception:
+        if not disk_full(study.plan.storage_path):
+            raise
+        print(f"search/run.py: error: the disk under --storage-path {study.plan.storage_path} is full "
+              f"({megabytes(free_bytes(study.plan.storage_path))} free): free some space, then resume the study; "
+              f"trials that failed for want of space stay failed", file=sys.stderr)
+        print_resume_hint(study, "stopped on a full disk")
+        return 1
     finally:
-        close_open_children(client, experiment_id, parent_id)
-        client.set_terminated(parent_id, status)
+        with interrupts_ignored():  # a second Ctrl-C must not leave the record half-closed
+            close_open_children(client, experiment_id, parent_id)
+            client.set_terminated(parent_id, status)
+
+
+FULL_DISK_BYTES = 16 * 2**20
+"""Less free space than this under --storage-path explains a failure: a trial's checkpoint is larger."""
+
+
+def disk_full(path: str) -> bool:
+    return free_bytes(path) < FULL_DISK_BYTES
+
+
+def free_bytes(path: str) -> int:
+    return shutil.disk_usage(existing_ancestor(Path(path))).free
 
 
 def open_parent_run(client, study: PreparedStudy) -> tuple[str, str]:
@@ -359,9 +422,9 @@ def open_parent_run(client, study: PreparedStudy) -> tuple[str, str]:
     return experiment_id, parent_id
 
 
-def print_resume_hint(study: PreparedStudy) -> None:
+def print_resume_hint(study: PreparedStudy, why: str = "interrupted") -> None:
     model = study.setup.model.name
-    print(f"\nStudy {study.name} interrupted; finished trials are kept. Resume it with:\n"
+    print(f"\nStudy {study.name} {why}; finished trials are kept. Resume it with:\n"
           f"  python search/run.py --model {model} --name {study.name} --resume"
           f" --storage-path {study.plan.storage_path} --tracking-uri {study.tracking_uri}", flush=True)
 

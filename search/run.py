@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from search.cli import DEFAULT_TRACKING_URI, MODELS, DefaultsFormatter, OneLineParser, add_weights_argument, weights_problems
 from search.errors import UsageError
 
 METRICS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")  # = trainables.config.METRIC_MODES
+MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 1024
+"""1024 px is already 3 MB of cache per image and 4,096 ViT tokens; these models were made for 224."""
+MAX_NAME_LENGTH = 100
+STUDY_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
+"""A study's name is a folder under --storage-path and a value in MLflow filters: nothing that escapes either."""
 
 
 def gpu_fraction(value: str) -> float | str:
@@ -84,8 +90,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         problems.append(f"--trials {args.trials}: run at least 1 trial")
     if args.epochs is not None and args.epochs < 1:
         problems.append(f"--epochs {args.epochs}: train at least 1 epoch")
-    if args.img_size is not None and args.img_size < 16:
-        problems.append(f"--img-size {args.img_size}: use at least 16 (224 is standard)")
+    if args.img_size is not None and not MIN_IMG_SIZE <= args.img_size <= MAX_IMG_SIZE:
+        problems.append(f"--img-size {args.img_size}: use {MIN_IMG_SIZE} to {MAX_IMG_SIZE} (224 is standard)")
+    if args.name is not None and not STUDY_NAME.fullmatch(args.name):
+        problems.append(f"--name {args.name!r}: use 1 to {MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', "
+                        f"starting with a letter or digit (it names a folder and an MLflow run)")
     if isinstance(args.gpus_per_trial, float) and not 0 <= args.gpus_per_trial <= 1:
         problems.append(f"--gpus-per-trial {args.gpus_per_trial}: give a fraction in (0, 1], or 0 for CPU")
     if args.cpus_per_trial < 1:

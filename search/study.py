@@ -8,6 +8,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune import ExperimentAnalysis
+from ray.tune.experiment import Trial
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -101,6 +103,20 @@ def restore_tuner(space: Space, setup: TrialSetup, plan: StudyPlan) -> tune.Tune
     """
     path = str(Path(plan.storage_path) / plan.name)
     return tune.Tuner.restore(path, trainable=make_trainable(setup, plan), resume_unfinished=True, resume_errored=False)
+
+
+def unfinished_trials(plan: StudyPlan) -> int:
+    """Trials of the study not yet ended, by Ray's last snapshot of the experiment.
+
+    That snapshot is what --resume restores. On Ctrl-C Ray takes it before it stops the
+    running trials, and then marks its in-memory copies of them TERMINATED, so the
+    ResultGrid's counts would take an interrupted last wave for a finished study.
+    """
+    try:
+        trials = ExperimentAnalysis(str(Path(plan.storage_path) / plan.name)).trials
+    except ValueError:  # no snapshot at all: nothing is recorded as ended
+        return plan.trials
+    return plan.trials - sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in trials)
 
 
 def make_tuner(space: Space, setup: TrialSetup, plan: StudyPlan, callbacks: list, trainable=None) -> tune.Tuner:

@@ -1,13 +1,25 @@
-"""MLflow, written from the driver only (one writer, so SQLite is safe).
+"""MLflow, written from the driver only (one writer per study).
 
-One parent run per study; one child run per trial nested under it, with params,
-per-epoch metrics (step = epoch) and a final status tag: completed, pruned or failed.
+The store is checked before a study does any long work (a bad address fails in
+seconds, in one line) and created under a file lock, so that studies started
+together can share a new SQLite store. One parent run per study; one child run per
+trial nested under it, with params, per-epoch metrics (step = epoch) and a final
+status tag: completed, pruned or failed.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
+from search.cli import DEFAULT_TRACKING_URI, interrupts_ignored
+from search.errors import UsageError
 from trainables.config import METRIC_MODES
 
 EPOCH_METRICS = ("train_loss", *METRIC_MODES, "lr")
@@ -19,17 +31,139 @@ PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG, FINAL_ROLE = "role", "final"
 
 
-def mlflow_client(tracking_uri: str):
+# Schemes of the stores MLflow 3 opens (a bare path would be its deprecated ./mlruns file store).
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+SERVER_TIMEOUT_S = 5
+
+
+def mlflow_client(tracking_uri: str, *, create: bool = True):
+    """A client on a tracking store that answers, or a one-line UsageError that says why not.
+
+    A new SQLite store gets its tables here, under a file lock beside it: MLflow's schema
+    migrations are not safe to run twice at once, and two studies that open a new store
+    together would otherwise leave it half-migrated for good. With create=False a store
+    that does not exist yet is an error (reading must not create one). A server that does
+    not answer is an error within seconds rather than after MLflow's minutes of retries.
+    """
+    if not create and not store_exists(tracking_uri):
+        raise UsageError(
+            f"no MLflow store at {sqlite_path(tracking_uri)}: run a study first (python search/run.py ...), "
+            f"or pass --tracking-uri of the store that holds it"
+        )
+    check_store_uri(tracking_uri)
     from mlflow.tracking import MlflowClient
 
-    prepare_store(tracking_uri)
-    return MlflowClient(tracking_uri)
+    # Ctrl-C waits for a migration: one stopped half-way leaves the store unusable.
+    with store_lock(tracking_uri), no_http_retries(SERVER_TIMEOUT_S), interrupts_ignored():
+        client = MlflowClient(tracking_uri)
+        try:  # the first calls create or migrate the tracking and registry tables
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+        except Exception as error:  # MLflow and SQLAlchemy raise many types; the first line says which
+            raise UsageError(f"cannot open the MLflow store --tracking-uri {tracking_uri}: {one_line(error)}") from None
+    return client
+
+
+def check_store_uri(tracking_uri: str) -> None:
+    """Refuse a tracking URI that cannot work, at once and without writing anything (standard library only)."""
+    scheme = tracking_uri.partition("://")[0].split("+")[0] if "://" in tracking_uri else ""
+    if scheme not in STORE_SCHEMES:
+        raise UsageError(
+            f"--tracking-uri {tracking_uri}: not a store MLflow opens; give sqlite:///path/to/mlflow.db "
+            f"or the http://host:port of an mlflow server"
+        )
+    if scheme == "sqlite":
+        check_sqlite_store(tracking_uri)
+    elif scheme in ("http", "https"):
+        check_server(tracking_uri)
+
+
+def sqlite_path(tracking_uri: str) -> Path:
+    return Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+
+
+def check_sqlite_store(tracking_uri: str) -> None:
+    """The database file is a writable SQLite database, or can be created where it is named."""
+    import sqlite3
+
+    path = sqlite_path(tracking_uri)
+    where = f"--tracking-uri {tracking_uri}"
+    if not tracking_uri.startswith("sqlite:///") or not path.name:
+        raise UsageError(f"{where}: name a database file, e.g. sqlite:///mlflow/mlflow.db")
+    if path.is_dir():
+        raise UsageError(f"{where}: {path} is a folder; name a database file in it, e.g. {path / 'mlflow.db'}")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:  # SQLite writes a journal beside the database: the folder itself must take new files
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        os.rmdir(tempfile.mkdtemp(prefix=".store-check-", dir=folder))
+    except OSError as error:
+        raise UsageError(f"{where}: cannot create files in {folder} ({error.strerror}): "
+                         f"pass a --tracking-uri on a writable disk") from None
+    if not path.exists():
+        return
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30)) as database:
+            database.execute("BEGIN IMMEDIATE")  # takes the write lock: a read-only file or disk fails here
+            database.rollback()
+    except sqlite3.Error as error:
+        raise UsageError(f"{where}: {path} cannot be written as an SQLite database ({error}): "
+                         f"pass a writable MLflow store, or a new file") from None
+
+
+def check_server(tracking_uri: str) -> None:
+    """Something listens at the server's address (MLflow's client would retry for minutes)."""
+    address = urlparse(tracking_uri)
+    port = address.port or (443 if address.scheme == "https" else 80)
+    try:
+        with socket.create_connection((address.hostname or "", port), timeout=SERVER_TIMEOUT_S):
+            pass
+    except OSError as error:
+        raise UsageError(f"--tracking-uri {tracking_uri}: no MLflow server answers at {address.hostname}:{port} "
+                         f"({error.strerror or error}): start it, or use the local store {DEFAULT_TRACKING_URI}") from None
+
+
+@contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Held while a SQLite store is created or migrated; other stores need none."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    path = sqlite_path(tracking_uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        yield
+
+
+@contextmanager
+def no_http_retries(seconds: int) -> Iterator[None]:
+    """MLflow's HTTP client without its retries, for a first call that only checks the server answers."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(seconds)}
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def store_exists(tracking_uri: str) -> bool:
     """False for a SQLite store whose file is missing (reading must not create it)."""
     if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri.removeprefix("sqlite:///")).expanduser().is_file()
+        return sqlite_path(tracking_uri).is_file()
     return True
 
 
@@ -59,17 +193,10 @@ def study_runs(client, name: str) -> list:
     return [run for run in all_runs(client, f"tags.{STUDY_TAG} = {quoted(name)}") if is_study_run(run)]
 
 
-def prepare_store(tracking_uri: str) -> None:
-    """SQLite stores need their folder to exist before MLflow opens the file."""
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-
-
 def default_artifact_root(tracking_uri: str) -> str | None:
     """Artifacts beside a SQLite store (mlflow/artifacts), not in the working directory."""
     if tracking_uri.startswith("sqlite:///"):
-        database = Path(tracking_uri.removeprefix("sqlite:///")).expanduser().resolve()
-        return (database.parent / "artifacts").as_uri()
+        return (sqlite_path(tracking_uri).resolve().parent / "artifacts").as_uri()
     return None
 
 

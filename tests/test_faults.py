@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_script, write_image_folder
+from conftest import ROOT, mounted_tmpfs, run_script, write_image_folder
 
 TRIALS = 3
 
@@ -64,9 +64,10 @@ def test_trials_that_diverge_are_failed_and_the_study_goes_on(tmp_path):
     assert "failed: " in result.stdout
 
 
-def start_study(tmp_path: Path, name: str) -> subprocess.Popen:
+def start_study(tmp_path: Path, name: str, trials: int = TRIALS, concurrent: int = 1) -> subprocess.Popen:
+    args = study_args(tmp_path, name, "--trials", str(trials), "--max-concurrent", str(concurrent))
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "search" / "run.py"), *study_args(tmp_path, name, "--trials", str(TRIALS), "--max-concurrent", "1")],
+        [sys.executable, str(ROOT / "search" / "run.py"), *args],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -85,7 +86,7 @@ def wait_for_first_epoch(process: subprocess.Popen, timeout: float = 300) -> str
     pytest.fail("the study reported no epoch:\n" + "".join(seen)[-3000:])
 
 
-def assert_resumed_completely(tmp_path: Path, name: str) -> None:
+def assert_resumed_completely(tmp_path: Path, name: str, trials: int = TRIALS) -> None:
     result = run_script("run.py", *study_args(tmp_path, name, "--resume"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client, parents, children = study_runs(tmp_path, name)
@@ -94,7 +95,7 @@ def assert_resumed_completely(tmp_path: Path, name: str) -> None:
     lost = [c for c in children if c.data.tags["trial_status"] == "lost"]
     assert all(c.info.status == "KILLED" and c.data.metrics for c in lost)
     children = [c for c in children if c not in lost]
-    assert len(children) == TRIALS  # one child per trial: no duplicates after resuming
+    assert len(children) == trials  # one child per trial: no duplicates after resuming
     for child in children:
         assert child.info.status in ("FINISHED", "FAILED")
         assert child.data.tags["trial_status"] in ("completed", "pruned", "failed")
@@ -103,19 +104,49 @@ def assert_resumed_completely(tmp_path: Path, name: str) -> None:
     assert "best_val_acc" in parents[0].data.metrics
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_the_study_resumes(tmp_path):
-    process = start_study(tmp_path, "interrupted")
+def interrupt_after_first_epoch(tmp_path: Path, name: str, **study) -> str:
+    """Start a study and press Ctrl-C once it reports its first epoch; its output, having exited with 130."""
+    process = start_study(tmp_path, name, **study)
     wait_for_first_epoch(process)
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 130, output[-3000:]
+    return output
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_study_resumes(tmp_path):
+    output = interrupt_after_first_epoch(tmp_path, "interrupted")
     assert "--resume" in output and "Traceback" not in output
     _, parents, children = study_runs(tmp_path, "interrupted")
     assert [r for r in parents + children if r.info.status == "RUNNING"] == []
     other_model = run_script("run.py", *study_args(tmp_path, "interrupted", "--resume"), "--model", "cnn", cwd=tmp_path)
     assert other_model.returncode == 2 and "searched --model vit" in other_model.stderr
     assert_resumed_completely(tmp_path, "interrupted")
+
+
+def test_ctrl_c_in_the_last_wave_interrupts_the_study_rather_than_finishing_it(tmp_path):
+    """Every trial running when Ctrl-C comes: Ray stops them all and returns as if done; the study is not."""
+    output = interrupt_after_first_epoch(tmp_path, "last-wave", trials=2, concurrent=2)
+    assert "Study last-wave interrupted" in output and "Best trial" not in output
+    _, parents, children = study_runs(tmp_path, "last-wave")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert sorted(c.data.tags["trial_status"] for c in children) == ["interrupted", "interrupted"]
+    assert_resumed_completely(tmp_path, "last-wave", trials=2)
+
+
+def test_a_full_disk_under_the_storage_path_is_one_line_and_a_resume_command(tmp_path):
+    """A 30 MB disk for Ray's trial folders: the first checkpoint (ViT-Tiny with AdamW, about 66 MB) cannot be written."""
+    with mounted_tmpfs(tmp_path / "ray", megabytes=30):
+        result = run_script("run.py", *study_args(tmp_path, "full", "--trials", "2", "--epochs", "1"), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    ours = [line for line in result.stderr.splitlines() if line.startswith("search/run.py: error: ")]
+    assert len(ours) == 1 and f"the disk under --storage-path {tmp_path / 'ray'} is full" in ours[0]
+    assert result.stderr.rstrip().endswith(ours[0])  # the last word, not a traceback after it
+    assert "stopped on a full disk" in result.stdout and "--name full --resume" in result.stdout
+    _, parents, children = study_runs(tmp_path, "full")
+    assert [p.info.status for p in parents] == ["FAILED"]
+    assert all(c.info.status == "FAILED" and "No space left" in c.data.tags["failure"] for c in children)
 
 
 @pytest.mark.slow

@@ -252,6 +252,19 @@ def study_without_a_completed_trial(tmp_path: Path) -> str:
     return uri
 
 
+def edited_config(study, tmp_path: Path, **changes) -> str:
+    """The study's best_config.yaml with some values replaced (hyperparameters.NAME for a hyperparameter)."""
+    config = yaml.safe_load((study.root / "ray" / NAME / "best" / "best_config.yaml").read_text())
+    for key, value in changes.items():
+        if key.startswith("hp_"):
+            config["hyperparameters"][key.removeprefix("hp_")] = value
+        else:
+            config[key] = value
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
 REFUSALS = {
     "missing study": (lambda s, t: ["--study", "nope"], "no study named 'nope'"),
     "missing store": (lambda s, t: ["--study", NAME, "--tracking-uri", f"sqlite:///{t}/none/mlflow.db"], "no MLflow store at"),
@@ -264,6 +277,12 @@ REFUSALS = {
         "it is a config for --model vit, not --model cnn",
     ),
     "config mixing two models": (lambda s, t: ["--config", another_models_config(s, t)], "model_spec is for model vit"),
+    "infinite learning rate": (lambda s, t: ["--config", edited_config(s, t, hp_lr=float("inf"))], "lr=inf is not a finite number"),
+    "NaN dropout": (lambda s, t: ["--config", edited_config(s, t, hp_dropout=float("nan"))], "dropout=nan is not a finite number"),
+    "infinite batch size": (lambda s, t: ["--config", edited_config(s, t, hp_batch_size=float("inf"))], "batch_size=inf"),
+    "best value not a number": (lambda s, t: ["--config", edited_config(s, t, best_value="abc")], "best_value must be a finite number"),
+    "unknown tracking scheme": (lambda s, t: ["--study", NAME, "--tracking-uri", "foo://bar"], "not a store MLflow opens"),
+    "tracking server not answering": (lambda s, t: ["--study", NAME, "--tracking-uri", "http://127.0.0.1:1"], "no MLflow server answers"),
     "data with other classes": (
         lambda s, t: ["--config", str(s.root / "ray" / NAME / "best" / "best_config.yaml"), "--data", "synthetic:4"],
         "has other classes than",
@@ -316,3 +335,22 @@ def test_metrics_come_from_scikit_learn_and_ece_bins_confidence():
     assert result.metrics["test_ece"] == pytest.approx((2 * 0.4 + 0.3 + 2 * 0.2 + 0.5) / 6)
     confident = np.eye(3)[labels]
     assert expected_calibration_error(labels, confident) == 0.0
+
+
+def test_per_class_metric_names_fit_mlflow_whatever_the_classes_are_called(tmp_path):
+    """A 240-character class folder (legal on disk, accepted by run.py), and two names MLflow would make one."""
+    from mlflow.entities import Metric
+
+    from search.final_report import evaluate_test, per_class_metrics
+    from search.tracking import mlflow_client
+
+    classes = ["x" * 240, "x" * 239 + "y", "a?b", "a*b", "plain"]
+    labels = np.arange(len(classes)).repeat(2)
+    result = evaluate_test(np.eye(len(classes))[labels] * 5, labels, classes)
+    names = per_class_metrics(result)
+    assert len(names) == 3 * len(classes)  # none merged
+    assert max(map(len, names)) <= 250 and "test_recall/plain" in names
+    client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("names")).info.run_id
+    client.log_batch(run_id, metrics=[Metric(key, value, 0, 0) for key, value in names.items()])
+    assert client.get_run(run_id).data.metrics == pytest.approx(names)
