@@ -1,6 +1,6 @@
 """CUDA only: peak memory of one trial's training step, per model and batch size, at 224 px.
 
-Uses search.resources.probe_peak_memory -- the same probe as --gpus-per-trial auto --
+Uses search.study.gpu_share.probe_peak_memory -- the same probe as --gpus-per-trial auto --
 (AMP fp16 + GradScaler, channels_last, AdamW, two steps so that AdamW's state exists,
 plus one evaluation batch), then shows what `auto` would choose on this GPU and on the
 reference 8 GB card.
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from search.resources import GiB, GpuTooSmall, choose_gpu_fraction, probe_in_subprocess, probe_peak_memory
+from search.study.gpu_share import GiB, GpuTooSmall, choose_gpu_fraction, probe_in_subprocess, probe_peak_memory
 
 MODELS = ("cnn", "vit", "hybrid")
 BATCHES = (16, 32)

@@ -3,7 +3,7 @@
 A fixed-cost trainable (sleeps a fixed time per epoch, saves a small checkpoint, and
 reports metrics the way train_trial does) runs a study of N trials x E epochs through
 the project's real orchestration: `make_tuner` with the real MLflow callback (a temp
-SQLite store, a parent run opened by launch.open_parent_run), the real
+SQLite store, a parent run opened by search.tracking.study_run.open_parent_run), the real
 PruneAwareOptunaSearch and ASHA, the real vit search space. The same trials then run
 in a plain in-process Optuna loop (create_study + optimize, same sleep and checkpoint).
 
@@ -52,7 +52,7 @@ def epoch_metrics(config: dict, epoch: int, epochs: int) -> dict:
 def save_small_checkpoint(directory: str, epoch: int) -> None:
     import torch
 
-    from trainables.trainable import CHECKPOINT_FILE
+    from trainables.checkpoint import CHECKPOINT_FILE
 
     torch.save({"model": {"weight": torch.zeros(64, 64)}, "epoch": epoch}, Path(directory) / CHECKPOINT_FILE)
 
@@ -86,11 +86,12 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
     import ray
     from ray import tune
 
-    from search.launch import PreparedStudy, open_parent_run
-    from search.spaces import load_space
-    from search.study import StudyPlan, make_tuner
-    from search.callbacks import MlflowTrials
-    from search.tracking import close_open_children, mlflow_client
+    from search.study.config import StudyConfig
+    from search.study.spaces import load_space
+    from search.study.tuning import make_tuner
+    from search.tracking.store import close_open_children, mlflow_client
+    from search.tracking.study_run import open_parent_run
+    from search.tracking.trials import MlflowTrials
     from trainables.data import CachedSplit, DatasetIndex
     from trainables.models import ModelSpec
     from trainables.trainable import TrialSetup
@@ -107,15 +108,14 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
     setup = TrialSetup(model=ModelSpec("vit", 11, 224, pretrained=False), train=unused, val=unused, epochs=epochs,
                        metric="val_acc", seed=0, gpu_fraction=0.0, cpus=1)
     # The project's defaults (search/run.py): ASHA grace period 2, reduction factor 3, one core per trial.
-    plan = StudyPlan(name=name, trials=trials, metric="val_acc", seed=0, grace_period=2, reduction_factor=3,
-                     gpus_per_trial=0.0, cpus_per_trial=1, max_concurrent=max_concurrent, storage_path=str(tmp / "ray"))
+    config = StudyConfig(name=name, model="vit", trials=trials, data="synthetic", space=space.path, epochs=epochs,
+                         img_size=224, pretrained=False, gpus_per_trial=0.0, max_concurrent=max_concurrent,
+                         storage_path=str(tmp / "ray"), cache_dir=str(tmp / "cache"), tracking_uri=uri,
+                         experiment="bench")
     index = DatasetIndex("synthetic", [f"class_{c:02d}" for c in range(11)], {"train": [], "val": [], "test": []})
-    settings = {"model": "vit", "trials": trials, "epochs": epochs, "max_concurrent": max_concurrent}
-    study = PreparedStudy(name=name, experiment="bench", tracking_uri=uri, space=space, index=index, setup=setup,
-                          plan=plan, settings=settings, skipped_images=[])
     trainable = tune.with_resources(
         tune.with_parameters(fixed_cost_trial, seconds=seconds, epochs=epochs, log_path=str(log_path)),
-        {"cpu": plan.cpus_per_trial, "gpu": 0},
+        {"cpu": config.cpus_per_trial, "gpu": 0},
     )
 
     logging.disable(logging.INFO)  # not MLflow's table-creation lines
@@ -127,13 +127,13 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         launch = time.time()
         client = mlflow_client(uri)
-        experiment_id, parent_id = open_parent_run(client, study)
+        experiment_id, parent_id = open_parent_run(client, config, index, [])
         parent_s = time.time() - launch
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
         ray_init_s = time.time() - launch - parent_s
         try:
             callbacks = [MlflowTrials(uri, experiment_id, parent_id, name)]
-            results = make_tuner(space, setup, plan, callbacks, trainable=trainable).fit()
+            results = make_tuner(space, setup, config, callbacks, trainable=trainable).fit()
             wall = time.time() - launch
             errors = results.num_errors
         finally:
@@ -169,7 +169,7 @@ def optuna_loop(tmp: Path, seconds: float, trials: int = TRIALS, epochs: int = E
     """The same trials in a plain in-process Optuna loop: TPE, the same space, no Ray, no MLflow."""
     import optuna
 
-    from search.spaces import load_space
+    from search.study.spaces import load_space
     from trainables.config import Hyperparameters
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -2,7 +2,7 @@
 
 Whole epoch: what `train_trial` does minus `tune.report` -- `fit` from the engine
 (cache -> batches -> augmentation -> AMP step, then evaluation, scheduler, early-stop
-state) plus `torch.save(make_checkpoint(...))` every epoch.
+state) plus `save_trial_checkpoint(...)` every epoch.
 
 Bare loop: forward / backward / optimizer step on one random tensor of the same shape,
 with the same model, optimizer, AMP, memory format and device (the Learner's own).
@@ -26,7 +26,7 @@ from common import Stopwatch, synchronize, write_array_split
 from trainables.config import Hyperparameters
 from trainables.engine import Learner, fit, select_device
 from trainables.models import ModelSpec, build_model
-from trainables.trainable import CHECKPOINT_FILE, make_checkpoint
+from trainables.checkpoint import save_trial_checkpoint
 
 NUM_CLASSES = 11
 AUG_STRENGTH = 0.5
@@ -117,8 +117,7 @@ def measure(spec: ModelSpec, hp: Hyperparameters, device: torch.device, train, v
         result = next(epochs_run)
         metrics = {**result.metrics, "epoch": result.epoch, "finished": result.finished}
         with clock("checkpoint"), tempfile.TemporaryDirectory(dir=tmp) as directory:
-            path = Path(directory) / CHECKPOINT_FILE
-            torch.save(make_checkpoint(learner, spec, hp, metrics), path)
+            path = save_trial_checkpoint(directory, learner, spec, hp, metrics)
             checkpoint_bytes = path.stat().st_size
         durations.append(time.perf_counter() - start)
         parts.append(dict(clock.seconds))

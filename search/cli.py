@@ -10,28 +10,31 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
-MODELS = ("cnn", "vit", "hybrid")
+from search.errors import UsageError
+from trainables.config import MODEL_NAMES
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr (exit code 2), not usage plus error."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where there is one: a None default is explained in the help text itself."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or action.default is False or action.default == []:
             return action.help
         return super()._get_help_string(action)
 
 
-def add_weights_argument(group) -> None:
+def add_weights_argument(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--weights", action="append", default=[], metavar="BACKBONE=PATH",
                        help="local pretrained weights for a backbone (tf_efficientnetv2_s or vit_tiny_patch16_224); repeatable")
 
@@ -52,7 +55,7 @@ def weights_files(items: list[str]) -> dict[str, str]:
 def require_pretrained(model: str, weights: dict[str, str]) -> None:
     """The model's pretrained backbones are at hand (cached, downloadable or given by --weights),
     or a one-line UsageError says how to get them."""
-    from search.errors import UsageError
+    # Deferred: timm loads here, once the arguments are known to be good.
     from trainables.pretrained import PretrainedUnavailable, ensure_pretrained
     from trainables.spec import BACKBONES
 

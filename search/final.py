@@ -14,8 +14,11 @@ import argparse
 import os
 import sys
 
-from search.cli import DEFAULT_TRACKING_URI, MODELS, DefaultsFormatter, OneLineParser, add_weights_argument, weights_problems
+from search.cli import DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, add_weights_argument, weights_problems
 from search.errors import UsageError
+from search.final_model.winner import WinnerConfig, load_file
+from trainables.config import MODEL_NAMES
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
@@ -29,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--study", metavar="NAME", help="a study's name (run.py --name): its best trial's config")
     source.add_argument("--run-id", metavar="ID", help="one trial's MLflow run id (or a study's parent run id)")
     source.add_argument("--config", metavar="FILE", help="a best_config.yaml, as a study writes it (ray_results/<study>/best/)")
-    what.add_argument("--model", default=None, choices=MODELS, help="refuse a config that is not for this model")
+    what.add_argument("--model", default=None, choices=MODEL_NAMES, help="refuse a config that is not for this model")
 
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=None,
@@ -70,15 +73,22 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("; ".join(problems))
 
 
+def load_winner(args: argparse.Namespace) -> WinnerConfig:
+    """--config FILE is read without MLflow; --study and --run-id need it."""
+    if args.config is not None:
+        return load_file(args.config, args.model)
+    from search.final_model.sources import load_winner as from_mlflow
+
+    return from_mlflow(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our bars only
-        from search.final_config import load_winner
-
         config = load_winner(args)  # before torch loads: a wrong name or file is answered sooner
-        from search.retrain import execute_final, prepare_final
+        from search.final_model.retrain import execute_final, prepare_final  # torch, timm, MLflow
 
         prepared = prepare_final(args, config)
     except UsageError as error:

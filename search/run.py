@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
-from search.cli import DEFAULT_TRACKING_URI, MODELS, DefaultsFormatter, OneLineParser, add_weights_argument, weights_problems
+from search.cli import DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, add_weights_argument
 from search.errors import UsageError
+from search.study.config import new_config
+from trainables.config import METRICS, MODEL_NAMES
 
-METRICS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")  # = trainables.config.METRIC_MODES
-MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 1024
-"""1024 px is already 3 MB of cache per image and 4,096 ViT tokens; these models were made for 224."""
-MAX_NAME_LENGTH = 100
-STUDY_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
-"""A study's name is a folder under --storage-path and a value in MLflow filters: nothing that escapes either."""
+RUNTIME_ENVIRONMENT = {
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # MLflow is the record
+    "RAY_DEDUP_LOGS": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a machine-local Ray on 127.0.0.1 (search.study.driver.start_ray)
+}
+"""Set before Ray is imported, which reads them then."""
 
 
 def gpu_fraction(value: str) -> float | str:
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsFormatter,
     )
     what = parser.add_argument_group("what to search")
-    what.add_argument("--model", required=True, choices=MODELS, help="cnn: tf_efficientnetv2_s; vit: vit_tiny_patch16_224; hybrid: both")
+    what.add_argument("--model", required=True, choices=MODEL_NAMES, help="cnn: tf_efficientnetv2_s; vit: vit_tiny_patch16_224; hybrid: both")
     what.add_argument("--trials", type=int, default=30, help="number of trials")
     what.add_argument("--data", default="data", help="a folder with one sub-folder per class (split 70/15/15), "
                       "a folder with train/ val/ test/, or 'synthetic' (built-in, 11 classes; 'synthetic:C' for C)")
@@ -83,53 +85,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """Every problem found without loading anything heavy, reported at once."""
-    problems = []
-    if args.trials < 1:
-        problems.append(f"--trials {args.trials}: run at least 1 trial")
-    if args.epochs is not None and args.epochs < 1:
-        problems.append(f"--epochs {args.epochs}: train at least 1 epoch")
-    if args.img_size is not None and not MIN_IMG_SIZE <= args.img_size <= MAX_IMG_SIZE:
-        problems.append(f"--img-size {args.img_size}: use {MIN_IMG_SIZE} to {MAX_IMG_SIZE} (224 is standard)")
-    if args.name is not None and not STUDY_NAME.fullmatch(args.name):
-        problems.append(f"--name {args.name!r}: use 1 to {MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', "
-                        f"starting with a letter or digit (it names a folder and an MLflow run)")
-    if isinstance(args.gpus_per_trial, float) and not 0 <= args.gpus_per_trial <= 1:
-        problems.append(f"--gpus-per-trial {args.gpus_per_trial}: give a fraction in (0, 1], or 0 for CPU")
-    if args.cpus_per_trial < 1:
-        problems.append(f"--cpus-per-trial {args.cpus_per_trial}: give at least 1")
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        problems.append(f"--max-concurrent {args.max_concurrent}: give at least 1")
-    if args.max_failures < 0:
-        problems.append(f"--max-failures {args.max_failures}: give 0 or more")
-    if args.grace_period < 1 or args.reduction_factor < 2:
-        problems.append("ASHA needs --grace-period >= 1 and --reduction-factor >= 2")
-    problems += weights_problems(args.weights)
-    if problems:
-        raise UsageError("; ".join(problems))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        check_arguments(args)
-        return run_study(args)
+        if args.resume:
+            from search.study.resume import resumed_config  # MLflow: the record says how the study ran
+
+            config, resume_run_id = resumed_config(args)
+        else:
+            config, resume_run_id = new_config(args), None
+        from search.study.preflight import check_study  # the data layer (numpy, PIL), once the arguments are good
+
+        checked = check_study(config, resume_run_id)
+        for key, value in RUNTIME_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
+        from search.study.driver import run_study  # torch, Ray and MLflow load once the study is known to be good
+
+        return run_study(config, checked)
     except UsageError as error:
         print(f"search/run.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the study started: nothing was written
         print("search/run.py: interrupted", file=sys.stderr)
         return 130
-
-
-def run_study(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from search.launch import execute_study, prepare_study
-
-    return execute_study(prepare_study(args))
 
 
 if __name__ == "__main__":

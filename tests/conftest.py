@@ -1,61 +1,14 @@
-"""Shared test helpers: small generated image folders and a way to run the scripts."""
+"""Fixtures shared by the tests; helper functions live in tests/helpers."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_image_folder(root: Path, per_class: dict[str, int], size: int = 40, suffix: str = ".png") -> Path:
-    """root/<class>/<n>.png with a class-dependent colour, so a model can tell them apart."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for label, (name, count) in enumerate(per_class.items()):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            pixels = rng.integers(0, 60, (size, size, 3)) + np.array([80 * label % 255, 40, 200 - 60 * label % 200])
-            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}{suffix}")
-    return root
+from helpers import write_image_folder
 
 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images", {"benign": 10, "malignant": 10, "normal": 10})
-
-
-@contextmanager
-def mounted_tmpfs(where: Path, megabytes: int = 64, copy_from: Path | None = None, read_only: bool = False) -> Iterator[Path]:
-    """A small tmpfs at `where` (a full or read-only disk on demand); skips the test where mounting is not allowed."""
-    where.mkdir(parents=True, exist_ok=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)], capture_output=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
-    try:
-        if copy_from is not None:
-            shutil.copytree(copy_from, where, dirs_exist_ok=True)
-        if read_only:
-            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def run_script(script: str, *args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run search/<script> as a user would, in its own process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "search" / script), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mounted_tmpfs, run_script, write_image_folder
+from helpers import mounted_tmpfs, run_script, write_image_folder
 
 FLAGS = [
     "--model", "--trials", "--data", "--epochs", "--img-size", "--seed", "--space", "--gpus-per-trial",
@@ -88,7 +88,8 @@ def test_bad_input_is_one_line_exit_2_and_no_mlflow_run(tmp_path, case):
 
 
 def test_a_name_used_by_a_study_in_mlflow_is_refused_before_anything_is_written(tmp_path):
-    from search.tracking import STUDY_TAG, mlflow_client
+    from search.tracking.schema import STUDY_TAG
+    from search.tracking.store import mlflow_client
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow_client(uri)
@@ -103,7 +104,7 @@ def test_a_name_used_by_a_study_in_mlflow_is_refused_before_anything_is_written(
 
 def test_a_read_only_tracking_store_is_refused_at_once(tmp_path):
     """A read-only disk (a tmpfs mounted ro: root only) holding an existing store."""
-    from search.tracking import mlflow_client
+    from search.tracking.store import mlflow_client
 
     mlflow_client(f"sqlite:///{tmp_path}/store/mlflow.db")
     with mounted_tmpfs(tmp_path / "ro", copy_from=tmp_path / "store", read_only=True) as read_only:

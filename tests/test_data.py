@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 import trainables.data as data
-from conftest import mounted_tmpfs, write_image_folder
+from helpers import mounted_tmpfs, write_image_folder
 from trainables.data import DataError, cache_split, index_source, prepare_splits, stratified_split
 
 

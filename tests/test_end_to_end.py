@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_script
-from search.launch import SMOKE
+from helpers import run_script
+from search.study.config import SMOKE
 from trainables.data import cache_split, index_source, subsample
 from trainables.engine import Learner
 from trainables.config import Hyperparameters
@@ -36,7 +36,7 @@ def run_smoke_study(model: str, tmp_path: Path) -> tuple[object, str, str]:
 
 def reload_and_evaluate(checkpoint: dict, config: dict, cache_dir: Path) -> float:
     """Rebuild the best model from its checkpoint and score it on the study's val split."""
-    index = subsample(index_source(config["data"], config["seed"]), SMOKE["per_class"], config["seed"])
+    index = subsample(index_source(config["data"], config["seed"]), SMOKE.per_class, config["seed"])
     val = cache_split(index, "val", config["img_size"], cache_dir)
     spec = ModelSpec(**{**checkpoint["model_spec"], "pretrained": False, "weights_files": ()})
     model = build_model(spec)
@@ -58,7 +58,7 @@ def test_smoke_study_is_recorded_in_mlflow_and_its_best_checkpoint_reproduces(mo
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["model"] == model and parent.data.params["num_classes"] == "11"
-    assert int(parent.data.params["train_images"]) == 11 * SMOKE["per_class"]["train"]
+    assert int(parent.data.params["train_images"]) == 11 * SMOKE.per_class["train"]
     assert parent.data.params["img_size"] == str(SMOKE["img_size"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "best")}
     assert artifacts == {"best/best_config.yaml", "best/best_model.pt"}

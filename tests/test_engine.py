@@ -6,7 +6,7 @@ from trainables.config import Hyperparameters
 from trainables.data import index_source, prepare_splits, subsample
 from trainables.engine import Learner, NonFiniteLoss, fit
 from trainables.models import ModelSpec, build_model
-from trainables.trainable import load_checkpoint, make_checkpoint
+from trainables.checkpoint import load_trial_checkpoint, save_trial_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,10 @@ def test_a_restored_checkpoint_continues_exactly(splits, tmp_path):
     first = learner(hp)
     for result in fit(first, splits["train"], splits["val"], 2):
         pass
-    torch.save(make_checkpoint(first, ModelSpec("vit", 4, 32), hp, result.metrics), tmp_path / "ckpt.pt")
+    save_trial_checkpoint(tmp_path, first, ModelSpec("vit", 4, 32), hp, result.metrics)
     resumed = learner(hp, seed=0)
     torch.manual_seed(123)  # a different process state must not matter
-    resumed.load_state_dict(load_checkpoint(tmp_path / "ckpt.pt"))
+    resumed.load_state_dict(load_trial_checkpoint(tmp_path))
     (last,) = list(fit(resumed, splits["train"], splits["val"], 3))
     assert last.epoch == 3
     assert last.metrics == pytest.approx(straight[2], rel=1e-5)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, mounted_tmpfs, run_script, write_image_folder
+from helpers import ROOT, mounted_tmpfs, run_script, write_image_folder
 
 TRIALS = 3
 
@@ -178,7 +178,8 @@ def test_runs_of_trials_ray_never_saved_are_settled(tmp_path):
     """After a resume, children whose trial Ray does not know: empty ones go, ones with epochs stay as lost."""
     from mlflow.entities import ViewType
 
-    from search.tracking import PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG, mlflow_client, settle_lost_children
+    from search.tracking.schema import PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG
+    from search.tracking.store import mlflow_client, settle_lost_children
 
     client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.create_experiment("settle")

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import run_script, write_image_folder
-from search.launch import SMOKE
+from helpers import run_script, write_image_folder
+from search.study.config import SMOKE
 from trainables.data import index_source, subsample
 
 NAME, MODEL, SEED = "fstudy", "vit", 0
@@ -64,7 +64,7 @@ def study(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     namespace = SimpleNamespace(root=root, uri=uri, images=images, client=MlflowClient(uri),
-                                split=subsample(index, SMOKE["per_class"], SEED), test_files=set(test_files))
+                                split=subsample(index, SMOKE.per_class, SEED), test_files=set(test_files))
     namespace.first = final(namespace, "--study", NAME)
     assert namespace.first.returncode == 0, namespace.first.stdout[-3000:] + namespace.first.stderr[-3000:]
     print(f"\nfinal.py --study on the smoke study: {namespace.first.seconds:.1f} s")
@@ -99,7 +99,7 @@ def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
 
     params = run.data.params
     assert params["train_on"] == "train+val" and params["epochs"] == str(best["best_epoch"])
-    assert params["lr"] == str(best["hyperparameters"]["lr"]) and params["img_size"] == str(SMOKE["img_size"])
+    assert params["lr"] == str(best["hyperparameters"]["lr"]) and params["img_size"] == str(SMOKE.img_size)
     assert int(params["train_images"]) == len(study.split.splits["train"]) + len(study.split.splits["val"])
 
     history = study.client.get_metric_history(run.info.run_id, "train_loss")
@@ -138,12 +138,12 @@ def test_registered_model_loads_and_returns_one_row_of_class_scores_per_image(st
     (version,) = [v for v in study.client.search_model_versions("name = 'vit-classifier'") if v.run_id == run.info.run_id]
     mlflow.set_tracking_uri(study.uri)
     model = mlflow.pytorch.load_model(f"models:/vit-classifier/{version.version}")
-    images = torch.rand(5, 3, SMOKE["img_size"], SMOKE["img_size"])
+    images = torch.rand(5, 3, SMOKE.img_size, SMOKE.img_size)
     scores = model(images)
     assert tuple(scores.shape) == (5, len(CLASSES))
     assert torch.allclose(scores.sum(dim=1), torch.ones(5), atol=1e-5)  # class probabilities
     signature = mlflow.models.get_model_info(f"models:/vit-classifier/{version.version}").signature
-    assert signature.inputs.inputs[0].shape == (-1, 3, SMOKE["img_size"], SMOKE["img_size"])
+    assert signature.inputs.inputs[0].shape == (-1, 3, SMOKE.img_size, SMOKE.img_size)
 
 
 def test_test_split_is_disjoint_from_train_and_val_and_the_search_never_read_it(study):
@@ -182,8 +182,8 @@ def one_thread():
 
 def retrain_in_process(study, *flags: str):
     from search.final import build_parser
-    from search.final_config import load_winner
-    from search.retrain import prepare_final, train
+    from search.final import load_winner
+    from search.final_model.retrain import prepare_final, train
 
     config = study.root / "ray" / NAME / "best" / "best_config.yaml"
     args = build_parser().parse_args(
@@ -197,7 +197,7 @@ def retrain_in_process(study, *flags: str):
 
 def test_the_same_config_and_seed_give_the_same_test_metrics(study, one_thread):
     """Retrain again (in this process, from the config file the study wrote): the logged test metrics, exactly."""
-    from search.retrain import evaluate_once
+    from search.final_model.retrain import evaluate_once
 
     prepared, learner, _, _ = retrain_in_process(study)
     again = evaluate_once(prepared, learner)
@@ -215,7 +215,7 @@ def test_keep_val_trains_on_train_and_keeps_the_best_val_epoch(study, one_thread
 
 
 def test_a_trial_run_gives_the_config_the_study_logged(study):
-    from search.final_config import load_run
+    from search.final_model.sources import load_run
 
     parent = study_parent(study.client)
     best_trial = parent.data.tags["best_trial"]
@@ -238,7 +238,7 @@ def another_models_config(study, tmp_path: Path) -> str:
 
 
 def study_without_a_completed_trial(tmp_path: Path) -> str:
-    """What launch.py leaves when every trial fails: a FAILED parent, failed children, no best config."""
+    """What a study leaves when every trial fails: a FAILED parent, failed children, no best config."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/failed.db"
@@ -322,7 +322,7 @@ def test_help_answers_fast_and_names_every_flag(tmp_path):
 
 
 def test_metrics_come_from_scikit_learn_and_ece_bins_confidence():
-    from search.final_report import evaluate_test, expected_calibration_error
+    from search.final_model.report import evaluate_test, expected_calibration_error
 
     labels = np.array([0, 0, 1, 1, 2, 2])
     logits = np.log(np.array([[.8, .1, .1], [.6, .3, .1], [.1, .7, .2], [.5, .4, .1], [.1, .1, .8], [.2, .2, .6]]))
@@ -341,8 +341,8 @@ def test_per_class_metric_names_fit_mlflow_whatever_the_classes_are_called(tmp_p
     """A 240-character class folder (legal on disk, accepted by run.py), and two names MLflow would make one."""
     from mlflow.entities import Metric
 
-    from search.final_report import evaluate_test, per_class_metrics
-    from search.tracking import mlflow_client
+    from search.final_model.report import evaluate_test, per_class_metrics
+    from search.tracking.store import mlflow_client
 
     classes = ["x" * 240, "x" * 239 + "y", "a?b", "a*b", "plain"]
     labels = np.arange(len(classes)).repeat(2)

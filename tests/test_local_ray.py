@@ -14,7 +14,7 @@ import pytest
 # Started in a child process, as run.py starts it: a task and an actor make Ray start its workers too.
 PROBE = """
 import json, sys, ray
-from search.launch import start_ray
+from search.study.driver import start_ray
 start_ray()
 @ray.remote
 def one():

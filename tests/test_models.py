@@ -51,9 +51,9 @@ def test_hybrid_is_both_backbones_plus_its_head():
 
 
 def test_token_fusion_variant_attends_over_two_tokens():
-    model, _ = param_count("hybrid", fusion="tokens")
+    model, _ = param_count("hybrid", fusion="two_tokens")
     model.eval()
-    assert type(model.head).__name__ == "TokenFusionHead"
+    assert type(model.head).__name__ == "TwoTokenFusionHead"
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, C)
 
 

@@ -5,16 +5,16 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from search.spaces import load_space
-from search.study import StudyPlan, make_searcher
+from helpers import study_config
+from search.study.spaces import load_space
+from search.study.tuning import make_searcher
 
 SPACES = Path(__file__).resolve().parents[1] / "spaces"
 
 
 @pytest.fixture
 def searcher():
-    plan = StudyPlan("t", 3, "val_acc", 0, 1, 2, 0.0, 1, 1, "/tmp")
-    return make_searcher(load_space(SPACES / "cnn.yaml", "cnn"), plan)
+    return make_searcher(load_space(SPACES / "cnn.yaml", "cnn"), study_config(metric="val_acc"))
 
 
 def epoch(value: float, number: int, finished: bool = False) -> dict:
@@ -54,8 +54,7 @@ def test_crashed_trial_is_a_failure_even_after_reporting(searcher):
 
 
 def test_minimised_metric_keeps_the_lowest(searcher):
-    plan = StudyPlan("t", 3, "val_loss", 0, 1, 2, 0.0, 1, 1, "/tmp")
-    minimiser = make_searcher(load_space(SPACES / "cnn.yaml", "cnn"), plan)
+    minimiser = make_searcher(load_space(SPACES / "cnn.yaml", "cnn"), study_config(metric="val_loss"))
     minimiser.suggest("d")
     for number, loss in enumerate([1.0, 0.4, 0.6], start=1):
         minimiser.on_trial_result("d", {"val_loss": loss, "epoch": number, "training_iteration": number})

@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from search.resources import (
+from search.study.gpu_share import (
     CUDA_CONTEXT_BYTES,
     GiB,
     MiB,
@@ -114,22 +114,21 @@ def test_probe_without_cuda_raises_a_clear_error(monkeypatch):
 def test_auto_means_the_cpu_on_a_machine_without_a_gpu():
     import torch
 
-    from search.launch import GpuShare, check_inputs, given_gpu_share, start_gpu_probe
-    from search.run import build_parser
+    from search.study.driver import GpuShare, given_gpu_share, start_gpu_probe
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    args = build_parser().parse_args(["--model", "vit", "--data", "synthetic", "--no-pretrained", "--gpus-per-trial", "auto"])
-    inputs = check_inputs(args)
-    assert start_gpu_probe(inputs) is None
-    assert given_gpu_share(inputs) == GpuShare(0.0, os.cpu_count())
+    config, checked = auto_inputs()
+    assert config.gpus_per_trial is None  # 'auto'
+    assert start_gpu_probe(config, checked) is None
+    assert given_gpu_share(config) == GpuShare(0.0, os.cpu_count())
 
 
 def test_the_probe_process_hands_its_error_back():
     """GpuProbe's own machinery (spawn, pipe, re-raise) on a machine without CUDA."""
     import torch
 
-    from search.resources import GpuProbe
+    from search.study.gpu_share import GpuProbe
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -152,16 +151,18 @@ class GivenProbe:
 
 
 def auto_inputs():
-    from search.launch import check_inputs
     from search.run import build_parser
+    from search.study.config import new_config
+    from search.study.preflight import check_study
 
-    return check_inputs(build_parser().parse_args(["--model", "vit", "--data", "synthetic", "--no-pretrained"]))
+    config = new_config(build_parser().parse_args(["--model", "vit", "--data", "synthetic", "--no-pretrained"]))
+    return config, check_study(config)
 
 
 def test_a_measured_share_packs_the_card(capsys):
-    from search.launch import GpuShare, measured_gpu_share
+    from search.study.driver import GpuShare, measured_gpu_share
 
-    share = measured_gpu_share(auto_inputs(), GivenProbe((int(2.1 * GiB), int(7.6 * GiB), 8 * GiB)))
+    share = measured_gpu_share(auto_inputs()[0], GivenProbe((int(2.1 * GiB), int(7.6 * GiB), 8 * GiB)))
     assert share == GpuShare(pytest.approx(0.3630), 2)  # no GPU here: counted as one
     assert "--gpus-per-trial auto: one trial needs" in capsys.readouterr().out
 
@@ -172,8 +173,8 @@ def test_a_measured_share_packs_the_card(capsys):
 ])
 def test_a_probe_that_fails_is_a_usage_error(error, message):
     from search.errors import UsageError
-    from search.launch import measured_gpu_share
+    from search.study.driver import measured_gpu_share
 
     with pytest.raises(UsageError, match=re.escape(message)) as raised:
-        measured_gpu_share(auto_inputs(), GivenProbe(error))
+        measured_gpu_share(auto_inputs()[0], GivenProbe(error))
     assert "\n" not in str(raised.value)

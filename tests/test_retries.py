@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 from optuna.trial import TrialState
 
-import search.study
-from search.callbacks import MlflowTrials
-from search.spaces import load_space
-from search.study import StudyPlan, make_tuner
-from search.tracking import PARENT_TAG, STATUS_TAG, STUDY_TAG, get_or_create_experiment, mlflow_client
+import search.study.tuning
+from helpers import study_config
+from search.study.spaces import load_space
+from search.study.tuning import make_tuner
+from search.tracking.schema import PARENT_TAG, STATUS_TAG, STUDY_TAG
+from search.tracking.store import get_or_create_experiment, mlflow_client
+from search.tracking.trials import MlflowTrials
 from trainables.data import CachedSplit
 from trainables.models import ModelSpec
 from trainables.trainable import TrialSetup
@@ -88,16 +90,15 @@ def run_study(tmp_path: Path, max_failures: int, monkeypatch) -> dict:
 
     monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # as search/run.py sets it
     searchers = []
-    make_searcher = search.study.make_searcher
-    monkeypatch.setattr(search.study, "make_searcher", lambda *a: searchers.append(make_searcher(*a)) or searchers[-1])
+    make_searcher = search.study.tuning.make_searcher
+    monkeypatch.setattr(search.study.tuning, "make_searcher", lambda *a: searchers.append(make_searcher(*a)) or searchers[-1])
 
     name, uri, log_path = f"retry{max_failures}", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "trial.jsonl"
     unused = CachedSplit(str(tmp_path / "unused.npy"), np.zeros(0, dtype=np.int64))  # this trainable reads no data
     setup = TrialSetup(model=ModelSpec("cnn", 3, 32, pretrained=False), train=unused, val=unused, epochs=EPOCHS,
                        metric="val_acc", seed=0, gpu_fraction=0.0, cpus=1)
-    plan = StudyPlan(name=name, trials=1, metric="val_acc", seed=0, grace_period=EPOCHS, reduction_factor=2,
-                     gpus_per_trial=0.0, cpus_per_trial=1, max_concurrent=1, storage_path=str(tmp_path / "ray"),
-                     max_failures=max_failures)
+    config = study_config(name=name, trials=1, epochs=EPOCHS, grace_period=EPOCHS, reduction_factor=2,
+                          storage_path=str(tmp_path / "ray"), tracking_uri=uri, max_failures=max_failures)
     trainable = tune.with_resources(
         tune.with_parameters(crash_once_trial, epochs=EPOCHS, marker=str(tmp_path / "crashed"), log_path=str(log_path)),
         {"cpu": 1, "gpu": 0},
@@ -107,7 +108,7 @@ def run_study(tmp_path: Path, max_failures: int, monkeypatch) -> dict:
     parent_id = client.create_run(experiment_id, run_name=name, tags={STUDY_TAG: name}).info.run_id
     callbacks = [MlflowTrials(uri, experiment_id, parent_id, name)]
 
-    results = make_tuner(load_space(SPACES / "cnn.yaml", "cnn"), setup, plan, callbacks, trainable=trainable).fit()
+    results = make_tuner(load_space(SPACES / "cnn.yaml", "cnn"), setup, config, callbacks, trainable=trainable).fit()
 
     children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
     history = {key: [(m.step, m.value) for m in client.get_metric_history(children[0].info.run_id, key)]

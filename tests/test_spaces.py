@@ -3,7 +3,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search.spaces import SpaceError, load_space
+from search.study.spaces import SpaceError, load_space
 from trainables.config import Hyperparameters
 
 SPACES = Path(__file__).resolve().parents[1] / "spaces"
@@ -37,8 +37,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_conditional_and_fixed_parameters(tmp_path):
     space = load_space(write(tmp_path, """
 parameters:
-  fusion: {type: categorical, choices: [seed, tokens]}
-  vit_depth: {type: int, low: 4, high: 12, when: {fusion: tokens}}
+  fusion: {type: categorical, choices: [single_token, two_tokens]}
+  vit_depth: {type: int, low: 4, high: 12, when: {fusion: two_tokens}}
   lr: {type: float, low: 1e-5, high: 1e-3, log: true}
   early_stop_patience: {type: fixed, value: 3}
 """), "hybrid")
@@ -48,11 +48,11 @@ parameters:
         trial = study.ask()
         constants = space.sample(trial)
         assert constants == {"early_stop_patience": 3}
-        assert ("vit_depth" in trial.params) == (trial.params["fusion"] == "tokens")
+        assert ("vit_depth" in trial.params) == (trial.params["fusion"] == "two_tokens")
         assert 1e-5 <= trial.params["lr"] <= 1e-3  # '1e-5' (a string to YAML 1.1) read as a number
         seen.add(trial.params["fusion"])
         study.tell(trial, 0.0)
-    assert seen == {"seed", "tokens"}
+    assert seen == {"single_token", "two_tokens"}
 
 
 BAD_SPACES = {
@@ -69,8 +69,9 @@ BAD_SPACES = {
     "empty choices": ("parameters: {batch_size: {type: categorical, choices: []}}\n", "non-empty list 'choices:'"),
     "out of domain": ("parameters: {dropout: {type: float, low: 0.0, high: 1.5}}\n", "outside"),
     "wrong type": ("parameters: {batch_size: {type: categorical, choices: [16, big]}}\n", "not an integer"),
-    "bad fusion": ("parameters: {fusion: {type: categorical, choices: [seed, concat]}}\n", "'concat' is not one of seed, tokens"),
-    "dangling when": ("parameters: {lr: {type: float, low: 0.1, high: 1, when: {fusion: tokens}}}\n", "not a categorical parameter defined above"),
+    "bad fusion": ("parameters: {fusion: {type: categorical, choices: [single_token, concat]}}\n", "'concat' is not one of single_token, two_tokens"),
+    "old fusion name": ("parameters: {fusion: {type: categorical, choices: [seed, two_tokens]}}\n", "'seed' is now called 'single_token'"),
+    "dangling when": ("parameters: {lr: {type: float, low: 0.1, high: 1, when: {fusion: two_tokens}}}\n", "not a categorical parameter defined above"),
     "invalid yaml": ("parameters: {lr: [\n", "not valid YAML"),
     "NaN bound": ("parameters: {lr: {type: float, low: .nan, high: 0.1}}\n", "must be finite numbers"),
     "infinite bound": ("parameters: {lr: {type: float, low: 0.001, high: .inf}}\n", "must be finite numbers"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 
-from search.tracking import mlflow_client
+from search.tracking.store import mlflow_client
 
 OPENERS = 3
 

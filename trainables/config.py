@@ -1,9 +1,20 @@
-"""Typed configuration at the trainable's boundary, and the metric names used everywhere."""
+"""The hyperparameters, each in one home, and the names (metrics, models, data) used everywhere.
+
+A hyperparameter is one field of `Hyperparameters`: its default, and in its `Knob` its
+bounds or choices, the models it applies to and whether it shapes the model. The
+search-space loader, the final retrain's checks, the GPU probe's "largest
+configuration" and the model spec all read it from here, so adding a knob means one
+field here plus the space YAMLs (and, for a knob that shapes the model, the model
+code that uses it).
+
+Standard library only: the search checks a study against it before torch loads.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 # One spelling for every metric: Tune's `metric=`, checkpoint scoring, MLflow keys.
 METRIC_MODES = {
@@ -12,36 +23,74 @@ METRIC_MODES = {
     "val_balanced_acc": "max",
     "val_macro_f1": "max",
 }
-DEFAULT_METRIC = "val_acc"
+METRICS = tuple(METRIC_MODES)
+
+MODEL_NAMES = ("cnn", "vit", "hybrid")
+SYNTHETIC = "synthetic"
+"""The built-in data source ('synthetic', or 'synthetic:C' for C classes; trainables.data makes it)."""
+VIT_FULL_DEPTH = 12
+"""Blocks of timm's vit_tiny_patch16_224."""
+FUSIONS = ("single_token", "two_tokens")
+"""The hybrid head: the seed's (fused features as a single token) or two tokens that attend to each other."""
+RENAMED_VALUES = {"fusion": {"seed": "single_token", "tokens": "two_tokens"}}
+"""Old value -> new name. Checkpoints and configs that use an old name still load; a search space is told to rename."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """What a hyperparameter may be, beyond its type and default."""
+
+    low: float | None = None
+    """Lowest value accepted (None: unbounded)."""
+    high: float | None = None
+    """Highest value accepted (None: unbounded)."""
+    choices: tuple[str, ...] = ()
+    """The values a text knob takes."""
+    models: tuple[str, ...] = MODEL_NAMES
+    """The models it means something for; for the others it keeps its default."""
+    shapes_model: bool = False
+    """Part of the architecture (a ModelSpec field), not only of the training."""
+    memory_grows: bool = False
+    """Larger values need more GPU memory: the probe measures the largest the space allows."""
+
+
+def knob(default: T, **limits: Any) -> T:
+    return field(default=default, metadata={"knob": Knob(**limits)})
 
 
 @dataclass(frozen=True)
 class Hyperparameters:
     """What the search may tune. Tune's config dict becomes this once, at the top of a trial."""
 
-    lr: float = 3e-4
+    lr: float = knob(3e-4, low=1e-12)
     """AdamW learning rate."""
-    weight_decay: float = 0.05
+    weight_decay: float = knob(0.05, low=0.0)
     """AdamW weight decay."""
-    batch_size: int = 32
+    batch_size: int = knob(32, low=2, memory_grows=True)
     """Images per step (the seed's 32 fits 8 GB at 224 px with AMP)."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = knob(0.0, low=0.0, high=0.99)
     """Cross-entropy label smoothing."""
-    aug_strength: float = 0.5
+    aug_strength: float = knob(0.5, low=0.0, high=1.0)
     """Scales rotation, colour jitter and noise together; 0 turns augmentation off."""
-    dropout: float = 0.2
-    """cnn: the head's dropout (the seed's 0.2); vit and hybrid: dropout on pooled features."""
-    drop_path_rate: float = 0.0
+    dropout: float = knob(0.2, low=0.0, high=0.99, shapes_model=True)
+    """cnn: the head's dropout (the seed's 0.2); vit and hybrid: dropout on the pooled backbone features,
+    so that their seed heads stay exactly as written."""
+    drop_path_rate: float = knob(0.0, low=0.0, high=0.99, shapes_model=True)
     """Stochastic depth in the backbones."""
-    vit_depth: int = 12
-    """vit and hybrid: ViT blocks kept (first N of 12)."""
-    fusion: str = "seed"
-    """hybrid: 'seed' (as written) or 'tokens' (two tokens that attend to each other)."""
-    plateau_factor: float = 0.5
+    vit_depth: int = knob(
+        VIT_FULL_DEPTH, low=1, high=VIT_FULL_DEPTH, models=("vit", "hybrid"), shapes_model=True, memory_grows=True
+    )
+    """vit and hybrid: ViT blocks kept (the first N of the pretrained 12)."""
+    fusion: str = knob("single_token", choices=FUSIONS, models=("hybrid",), shapes_model=True)
+    """hybrid: 'single_token' (the seed's head as written: attention over one fused vector) or
+    'two_tokens' (the CNN and ViT features as two tokens that attend to each other)."""
+    plateau_factor: float = knob(0.5, low=1e-6, high=0.999)
     """ReduceLROnPlateau: the factor the learning rate is multiplied by."""
-    plateau_patience: int = 1
+    plateau_patience: int = knob(1, low=0)
     """ReduceLROnPlateau: epochs without improvement before the learning rate drops."""
-    early_stop_patience: int = 4
+    early_stop_patience: int = knob(4, low=1)
     """Epochs without improvement before a trial stops itself."""
 
     @classmethod
@@ -49,18 +98,37 @@ class Hyperparameters:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, config: dict) -> "Hyperparameters":
+    def from_dict(cls, config: dict) -> Hyperparameters:
+        """Typed values from a dict (Tune's config, a YAML file); unknown names are refused, old value names renamed."""
         unknown = sorted(set(config) - set(cls.names()))
         if unknown:
             raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(cls.names())}")
         types = {f.name: type(f.default) for f in fields(cls)}
-        return cls(**{name: typed(name, value, types[name]) for name, value in config.items()})
+        return cls(**{name: typed(name, renamed(name, value), types[name]) for name, value in config.items()})
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def model_knobs(self) -> dict[str, Any]:
+        """The values that shape the model: the ModelSpec fields of the same names."""
+        return {name: getattr(self, name) for name in SHAPES_MODEL}
 
-def typed(name: str, value: object, kind: type) -> object:
+    def for_model(self, model: str) -> dict[str, Any]:
+        """The values that mean something for `model` (a cnn has no vit_depth)."""
+        return {name: value for name, value in self.to_dict().items() if model in KNOBS[name].models}
+
+
+KNOBS: dict[str, Knob] = {f.name: f.metadata["knob"] for f in fields(Hyperparameters)}
+DEFAULTS = Hyperparameters()
+SHAPES_MODEL = tuple(name for name, limits in KNOBS.items() if limits.shapes_model)
+MEMORY_GROWS = tuple(name for name, limits in KNOBS.items() if limits.memory_grows)
+
+
+def renamed(name: str, value: object) -> object:
+    return RENAMED_VALUES.get(name, {}).get(value, value) if isinstance(value, str) else value
+
+
+def typed(name: str, value: object, kind: type) -> Any:
     """value as the field's type; a non-finite number is refused (int() of one would overflow)."""
     if kind in (int, float) and isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{name}={value} is not a finite number")
@@ -68,3 +136,36 @@ def typed(name: str, value: object, kind: type) -> object:
     if kind is float and not math.isfinite(converted):
         raise ValueError(f"{name}={value!r} is not a finite number")
     return converted
+
+
+def value_problem(name: str, value: object) -> str | None:
+    """Why `value` cannot be hyperparameter `name` (its type, bounds or choices), or None if it can."""
+    kind = type(getattr(DEFAULTS, name))
+    limits = KNOBS[name]
+    if kind is str:
+        if value in limits.choices:
+            return None
+        new_names = RENAMED_VALUES.get(name, {})
+        if isinstance(value, str) and value in new_names:
+            return f"{name}: {value!r} is now called {new_names[value]!r}: rename it"
+        return f"{name}: {value!r} is not one of {', '.join(limits.choices)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name}: {value!r} is not a{'n integer' if kind is int else ' number'}"
+    if not finite(value):
+        return f"{name}: {value!r} is not a finite number"
+    if kind is int and value != int(value):
+        return f"{name}: {value!r} is not an integer"
+    if (limits.low is not None and value < limits.low) or (limits.high is not None and value > limits.high):
+        return f"{name}: {value} is outside [{limits.low}, {'inf' if limits.high is None else limits.high}]"
+    return None
+
+
+def finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def is_synthetic(source: str) -> bool:
+    return source == SYNTHETIC or source.startswith(SYNTHETIC + ":")

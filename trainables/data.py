@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from trainables.config import SYNTHETIC, is_synthetic
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
-SYNTHETIC = "synthetic"
 SYNTHETIC_CLASSES = 11
 SYNTHETIC_PER_CLASS = 60
 SYNTHETIC_MAX_CLASSES = 1000
@@ -53,7 +55,7 @@ class DatasetIndex:
 
     @property
     def is_synthetic(self) -> bool:
-        return self.source.startswith(SYNTHETIC)
+        return is_synthetic(self.source)
 
     def summary(self) -> dict:
         return {
@@ -73,7 +75,7 @@ class DatasetIndex:
 def index_source(source: str | os.PathLike, seed: int) -> DatasetIndex:
     """Index a data source and split it (stratified and seeded unless pre-split)."""
     source = str(source)
-    if source == SYNTHETIC or source.startswith(SYNTHETIC + ":"):
+    if is_synthetic(source):
         return synthetic_index(source, seed)
     root = Path(source).expanduser().resolve()
     if root.is_file():
@@ -210,8 +212,6 @@ def synthetic_image(key: str, num_classes: int, size: int) -> np.ndarray:
 
 def decode_image(path: Path, size: int) -> np.ndarray:
     """Decode any PIL-readable image to RGB uint8, resized to size x size."""
-    from PIL import Image
-
     with Image.open(path) as image:
         image.draft("RGB", (size, size))  # JPEG: decode at reduced scale when the file is large
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -16,11 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.metrics import balanced_accuracy_score, f1_score
 from torch import nn
 
 from trainables.augment import augment_batch
 from trainables.config import METRIC_MODES, Hyperparameters
 from trainables.data import CachedSplit
+
+
+EVAL_BATCH_FACTOR = 2
+"""Evaluation batches are this many times the training batch: no gradients, so they fit."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -140,15 +145,17 @@ class Learner:
         """Float32 logits (N, C) on the CPU, in split order, and the labels; on_batch as in train_epoch."""
         self.model.eval()
         outputs = []
-        for images, _ in self.batches(split, np.arange(len(split)), self.hp.batch_size * 2):
+        for images, _ in self.batches(split, np.arange(len(split)), EVAL_BATCH_FACTOR * self.hp.batch_size):
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 outputs.append(self.network(images).float().cpu())
             if on_batch is not None:
                 on_batch()
         return torch.cat(outputs), split.labels
 
-    def evaluate(self, split: CachedSplit, prefix: str = "val") -> dict[str, float]:
-        logits, labels = self.predict(split)
+    def evaluate(
+        self, split: CachedSplit, prefix: str = "val", on_batch: Callable[[], None] | None = None
+    ) -> dict[str, float]:
+        logits, labels = self.predict(split, on_batch)
         loss = nn.functional.cross_entropy(logits, torch.tensor(labels)).item()
         return {f"{prefix}_loss": loss, **classification_metrics(labels, logits.argmax(1).numpy(), prefix)}
 
@@ -175,9 +182,7 @@ class Learner:
         so the device does not wait for the disk.
         """
         images, labels = split.images(), split.labels
-        starts = range(0, len(order), batch_size)
-        if drop_single and len(order) % batch_size == 1 and len(order) > 1:
-            starts = starts[:-1]  # BatchNorm cannot train on a batch of one
+        starts = range(0, batch_count(len(order), batch_size, drop_single) * batch_size, batch_size)
 
         def gather(start: int) -> tuple[torch.Tensor, torch.Tensor]:
             # Reading sorted rows from the memory map is sequential on disk; the order
@@ -215,16 +220,23 @@ class Learner:
         self.epoch, self.best_score, self.bad_epochs = state["epoch"], state["best_score"], state["bad_epochs"]
 
 
-def fit(learner: Learner, train: CachedSplit, val: CachedSplit | None, epochs: int) -> Iterator[EpochResult]:
+def fit(
+    learner: Learner,
+    train: CachedSplit,
+    val: CachedSplit | None,
+    epochs: int,
+    on_batch: Callable[[], None] | None = None,
+) -> Iterator[EpochResult]:
     """Train until `epochs` epochs are done or early stopping triggers; yield every epoch.
 
     Without a validation split (final retrain on train+val) the training loss is
-    monitored and the full budget is spent.
+    monitored and the full budget is spent. on_batch, if given, is called after every
+    training and validation batch (a progress bar's tick; `epoch_batches` counts them).
     """
     while learner.epoch < epochs:
-        metrics = {"train_loss": learner.train_epoch(train)}
+        metrics = {"train_loss": learner.train_epoch(train, on_batch)}
         if val is not None:
-            metrics.update(learner.evaluate(val))
+            metrics.update(learner.evaluate(val, on_batch=on_batch))
         metrics["lr"] = learner.optimizer.param_groups[0]["lr"]
         improved = learner.end_epoch(metrics)
         early_stop = val is not None and learner.bad_epochs >= learner.hp.early_stop_patience
@@ -234,9 +246,19 @@ def fit(learner: Learner, train: CachedSplit, val: CachedSplit | None, epochs: i
             return
 
 
-def classification_metrics(labels: np.ndarray, predictions: np.ndarray, prefix: str = "val") -> dict[str, float]:
-    from sklearn.metrics import balanced_accuracy_score, f1_score
+def batch_count(images: int, batch_size: int, drop_single: bool = False) -> int:
+    """Batches in one pass over `images` (with drop_single, a trailing batch of one is left out:
+    BatchNorm cannot train on a batch of one)."""
+    count = -(-images // batch_size)
+    return count - 1 if drop_single and images % batch_size == 1 and images > 1 else count
 
+
+def epoch_batches(train: int, val: int | None, batch_size: int) -> int:
+    """Batches `fit` runs per epoch (and calls on_batch for): training, then validation at twice the batch."""
+    return batch_count(train, batch_size, drop_single=True) + (batch_count(val, EVAL_BATCH_FACTOR * batch_size) if val else 0)
+
+
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, prefix: str = "val") -> dict[str, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # classes absent from a tiny split are expected
         return {

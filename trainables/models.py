@@ -7,13 +7,15 @@ and a model that carries its own normalisation can be used without this project.
 
 from __future__ import annotations
 
+import timm
 import torch
 from torch import nn
 
 # The specification lives apart from torch, so the search can check it before loading torch.
-from trainables.spec import (  # noqa: F401 - re-exported: callers build models from here
-    BACKBONES, CNN_BACKBONE, FUSIONS, MODEL_NAMES, VIT_BACKBONE, VIT_FULL_DEPTH, VIT_PATCH, ModelSpec, validate_spec,
-)
+from trainables.spec import CNN_BACKBONE, VIT_BACKBONE, ModelSpec, validate_spec
+
+__all__ = ["Classifier", "ModelSpec", "build_model", "count_parameters"]
+
 
 class Normalized(nn.Module):
     """A timm backbone (num_classes=0) that normalises its [0, 1] input first."""
@@ -43,8 +45,8 @@ class Classifier(nn.Module):
         return self.head(features[0] if len(features) == 1 else features)
 
 
-class SeedFusionHead(nn.Module):
-    """The seed's hybrid head, as written: attention over a sequence of one vector."""
+class SingleTokenFusionHead(nn.Module):
+    """fusion='single_token', the seed's hybrid head as written: attention over a sequence of one vector."""
 
     def __init__(self, cnn_features: int, vit_features: int, num_classes: int):
         super().__init__()
@@ -64,8 +66,8 @@ class SeedFusionHead(nn.Module):
         return self.classifier(attended.squeeze(1))
 
 
-class TokenFusionHead(nn.Module):
-    """Variant: the CNN and ViT features become two tokens that attend to each other.
+class TwoTokenFusionHead(nn.Module):
+    """fusion='two_tokens': the CNN and ViT features become two tokens that attend to each other.
 
     With one token (the seed's head) attention reduces to a linear map; with two, each
     branch can weigh the other's evidence per image.
@@ -100,8 +102,6 @@ def vit_head(features: int, num_classes: int) -> nn.Module:
 
 def create_backbone(name: str, spec: ModelSpec, drop_rate: float) -> nn.Module:
     """A timm backbone without classifier (num_classes=0), pretrained if asked."""
-    import timm
-
     kwargs = dict(num_classes=0, drop_rate=drop_rate, drop_path_rate=spec.drop_path_rate)
     if name == VIT_BACKBONE:
         kwargs["img_size"] = spec.img_size  # timm resamples the position embedding
@@ -125,7 +125,7 @@ def build_model(spec: ModelSpec) -> Classifier:
         return Classifier([vit], vit_head(vit.num_features, spec.num_classes))
     cnn = create_backbone(CNN_BACKBONE, spec, drop_rate=spec.dropout)
     vit = create_backbone(VIT_BACKBONE, spec, drop_rate=spec.dropout)
-    head_type = SeedFusionHead if spec.fusion == "seed" else TokenFusionHead
+    head_type = SingleTokenFusionHead if spec.fusion == "single_token" else TwoTokenFusionHead
     return Classifier([cnn, vit], head_type(cnn.num_features, vit.num_features, spec.num_classes))
 
 

@@ -12,6 +12,9 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+import timm
+from huggingface_hub import try_to_load_from_cache
+
 
 class PretrainedUnavailable(RuntimeError):
     pass
@@ -30,9 +33,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def is_cached(backbone: str) -> bool:
-    import timm
-    from huggingface_hub import try_to_load_from_cache
-
     hub_id = timm.models.get_pretrained_cfg(backbone).hf_hub_id
     return any(
         isinstance(try_to_load_from_cache(hub_id, filename), str)
@@ -42,8 +42,6 @@ def is_cached(backbone: str) -> bool:
 
 def ensure_pretrained(backbones: tuple[str, ...], weights_files: dict[str, str]) -> None:
     """Fetch each backbone's weights into the local cache, or raise with what to do."""
-    import timm
-
     for backbone in backbones:
         if backbone in weights_files:
             if not Path(weights_files[backbone]).is_file():

@@ -1,43 +1,67 @@
 """What decides a model's architecture, and its checks: plain data, free of torch.
 
 The search validates a study's model before it loads torch or starts Ray; models.py
-builds the network from the same ModelSpec.
+builds the network from the same ModelSpec. The knobs that shape the model take their
+defaults and bounds from trainables.config, their one home.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+
+from trainables.config import (
+    DEFAULTS,
+    FUSIONS,
+    MODEL_NAMES,
+    VIT_FULL_DEPTH,
+    Hyperparameters,
+    renamed,
+    value_problem,
+)
+
+__all__ = ["BACKBONES", "CNN_BACKBONE", "FUSIONS", "MODEL_NAMES", "VIT_BACKBONE", "VIT_FULL_DEPTH", "VIT_PATCH",
+           "ModelSpec", "validate_spec"]
 
 CNN_BACKBONE = "tf_efficientnetv2_s"
 VIT_BACKBONE = "vit_tiny_patch16_224"
 VIT_PATCH = 16
-VIT_FULL_DEPTH = 12
-
-MODEL_NAMES = ("cnn", "vit", "hybrid")
 BACKBONES = {"cnn": (CNN_BACKBONE,), "vit": (VIT_BACKBONE,), "hybrid": (CNN_BACKBONE, VIT_BACKBONE)}
-FUSIONS = ("seed", "tokens")
+LOCAL_FIELDS = ("weights_files",)
+"""Paths on the machine that trained: never written into a checkpoint or model file."""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything that decides a model's architecture (not its training)."""
+    """Everything that decides a model's architecture (not its training).
+
+    dropout, drop_path_rate, vit_depth and fusion are the hyperparameters of the same
+    names (trainables.config.Hyperparameters says what each does).
+    """
 
     name: str
     """One of MODEL_NAMES."""
     num_classes: int
     img_size: int = 224
-    dropout: float = 0.2
-    """cnn: the head's Dropout (the seed's 0.2). vit and hybrid: dropout on the pooled
-    backbone features, so that their seed heads stay exactly as written."""
-    drop_path_rate: float = 0.0
-    """Stochastic depth inside the backbones."""
-    vit_depth: int = VIT_FULL_DEPTH
-    """ViT blocks kept (the first N of the pretrained 12)."""
-    fusion: str = "seed"
-    """Hybrid only: 'seed' as written, or 'tokens' (CNN and ViT features as two tokens)."""
+    dropout: float = DEFAULTS.dropout
+    drop_path_rate: float = DEFAULTS.drop_path_rate
+    vit_depth: int = DEFAULTS.vit_depth
+    fusion: str = DEFAULTS.fusion
     pretrained: bool = True
     weights_files: tuple[tuple[str, str], ...] = ()
     """(backbone, path) pairs: local weights files used instead of the hub download."""
+
+    def with_knobs(self, hp: Hyperparameters) -> ModelSpec:
+        """This spec with a trial's (or the winner's) architecture knobs."""
+        return replace(self, **hp.model_knobs())
+
+    def portable(self) -> dict:
+        """As a plain dict without the local paths: what checkpoints and model files hold."""
+        return {key: value for key, value in asdict(self).items() if key not in LOCAL_FIELDS}
+
+    @classmethod
+    def from_portable(cls, values: dict) -> ModelSpec:
+        """The spec a checkpoint or model file holds (old value names renamed)."""
+        return cls(**{key: renamed(key, value) for key, value in values.items() if key not in LOCAL_FIELDS})
 
 
 def validate_spec(spec: ModelSpec) -> None:
@@ -52,7 +76,8 @@ def validate_spec(spec: ModelSpec) -> None:
         )
     if not 1 <= spec.vit_depth <= VIT_FULL_DEPTH:
         problems.append(f"vit_depth {spec.vit_depth} is outside 1..{VIT_FULL_DEPTH}")
-    if spec.fusion not in FUSIONS:
-        problems.append(f"unknown fusion {spec.fusion!r}: choose one of {', '.join(FUSIONS)}")
+    fusion = value_problem("fusion", spec.fusion)
+    if fusion:
+        problems.append(f"unknown fusion {spec.fusion!r}: choose one of {', '.join(FUSIONS)} ({fusion})")
     if problems:
         raise ValueError("; ".join(problems))

@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
+from ray import tune
 
+from trainables.checkpoint import load_trial_checkpoint, save_trial_checkpoint
 from trainables.config import Hyperparameters
 from trainables.data import CachedSplit
 from trainables.engine import Learner, SpeedOptions, fit, select_device
 from trainables.models import ModelSpec, build_model
 
-CHECKPOINT_FILE = "checkpoint.pt"
-
 
 @dataclass(frozen=True)
 class TrialSetup:
-    """What every trial of a study shares (handed over once via tune.with_parameters)."""
+    """What every trial of a study shares (handed over once via tune.with_parameters).
+
+    The search builds it from its study configuration; the trainable needs no more.
+    """
 
     model: ModelSpec
     """Architecture with the study's fixed settings; per-trial knobs come from the config."""
@@ -41,41 +43,25 @@ class TrialOutOfMemory(RuntimeError):
     """The trial did not fit in its share of the GPU."""
 
 
-def trial_model_spec(base: ModelSpec, hp: Hyperparameters) -> ModelSpec:
-    """The study's model spec with this trial's architecture knobs."""
-    return replace(base, dropout=hp.dropout, drop_path_rate=hp.drop_path_rate, vit_depth=hp.vit_depth, fusion=hp.fusion)
-
-
-def make_checkpoint(learner: Learner, spec: ModelSpec, hp: Hyperparameters, metrics: dict) -> dict:
-    """A plain dict: training state plus what it takes to rebuild the model."""
-    return {**learner.state_dict(), "model_spec": asdict(spec), "hyperparameters": hp.to_dict(), "metrics": metrics}
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def train_trial(config: dict, setup: TrialSetup) -> None:
-    from ray import tune
-
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint
     hp = Hyperparameters.from_dict(config)
     torch.set_num_threads(max(setup.cpus, 1))
     torch.manual_seed(setup.seed)  # same initial head for every trial: configs compare fairly
-    spec = trial_model_spec(setup.model, hp)
+    spec = setup.model.with_knobs(hp)
     device = select_device(setup.gpu_fraction, setup.speed)
     learner = Learner(build_model(spec), hp, device, setup.metric, setup.seed, setup.speed)
 
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            learner.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE))
+            learner.load_state_dict(load_trial_checkpoint(directory))
 
     try:
         for result in fit(learner, setup.train, setup.val, setup.epochs):
             metrics = {**result.metrics, "epoch": result.epoch, "finished": result.finished}
             with tempfile.TemporaryDirectory() as directory:
-                torch.save(make_checkpoint(learner, spec, hp, metrics), Path(directory) / CHECKPOINT_FILE)
+                save_trial_checkpoint(directory, learner, spec, hp, metrics)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
     except torch.cuda.OutOfMemoryError:
         raise TrialOutOfMemory(

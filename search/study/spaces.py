@@ -3,13 +3,14 @@
     parameters:
       lr:         {type: float, low: 1.0e-5, high: 3.0e-3, log: true}
       batch_size: {type: categorical, choices: [16, 32]}
-      fusion:     {type: categorical, choices: [seed, tokens]}
-      vit_depth:  {type: int, low: 4, high: 12, when: {fusion: tokens}}
+      fusion:     {type: categorical, choices: [single_token, two_tokens]}
+      vit_depth:  {type: int, low: 4, high: 12, when: {fusion: two_tokens}}
       early_stop_patience: {type: fixed, value: 4}
 
 Parameters are sampled in file order (Optuna define-by-run); `when` makes one
 conditional on the values of parameters above it. Names are the trainable's
-hyperparameters; anything not in the space keeps its default.
+hyperparameters (trainables.config, which also holds each one's bounds and the models
+it applies to); anything not in the space keeps its default.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainables.config import Hyperparameters
-from trainables.spec import FUSIONS, VIT_FULL_DEPTH
+from trainables.config import DEFAULTS, KNOBS, MEMORY_GROWS, Hyperparameters, finite, value_problem
 
 TYPES = {
     "float": {"low", "high", "log", "step"},
@@ -32,23 +32,6 @@ COMMON_KEYS = {"type", "when"}
 SCALARS = (str, int, float, bool, type(None))
 """What a categorical choice or a `when` value may be (YAML lists and mappings are not)."""
 TOP_LEVEL_KEYS = {"parameters"}
-# Parameters that mean something for some models only.
-MODEL_ONLY = {"vit_depth": ("vit", "hybrid"), "fusion": ("hybrid",)}
-# Values a parameter may take at all: (lowest, highest), either end None for unbounded.
-BOUNDS = {
-    "lr": (1e-12, None),
-    "weight_decay": (0.0, None),
-    "batch_size": (2, None),
-    "label_smoothing": (0.0, 0.99),
-    "aug_strength": (0.0, 1.0),
-    "dropout": (0.0, 0.99),
-    "drop_path_rate": (0.0, 0.99),
-    "vit_depth": (1, VIT_FULL_DEPTH),
-    "plateau_factor": (1e-6, 0.999),
-    "plateau_patience": (0, None),
-    "early_stop_patience": (1, None),
-}
-CHOICES = {"fusion": FUSIONS}
 
 
 class SpaceError(ValueError):
@@ -102,12 +85,17 @@ class Space:
                 chosen[parameter.name] = parameter.suggest(trial)
         return constants
 
-    def largest(self, name: str, default: Any) -> Any:
-        """The largest value a numeric parameter can take (e.g. the batch size to probe)."""
+    def largest(self, name: str) -> Any:
+        """The largest value a numeric parameter can take (its default where the space leaves it out)."""
         for parameter in self.parameters:
             if parameter.name == name:
                 return max(parameter.values())
-        return default
+        return getattr(DEFAULTS, name)
+
+    def heaviest(self) -> Hyperparameters:
+        """The configuration that needs the most GPU memory: the largest value of every knob whose
+        memory grows with it (batch size, ViT depth), defaults elsewhere. The GPU probe measures it."""
+        return Hyperparameters(**{name: self.largest(name) for name in MEMORY_GROWS})
 
 
 def load_space(path: str | Path, model: str) -> Space:
@@ -156,8 +144,8 @@ def parse_parameter(name: str, spec: Any, model: str, earlier: list[Parameter], 
     if name not in known:
         problems.append(f"{name}: not a hyperparameter of the trainable; valid: {', '.join(known)}")
         return None
-    if name in MODEL_ONLY and model not in MODEL_ONLY[name]:
-        problems.append(f"{name}: applies to --model {' or '.join(MODEL_ONLY[name])} only, not {model}")
+    if model not in KNOBS[name].models:
+        problems.append(f"{name}: applies to --model {' or '.join(KNOBS[name].models)} only, not {model}")
         return None
     if not isinstance(spec, dict) or spec.get("type") not in TYPES:
         problems.append(f"{name}: needs 'type:' one of {', '.join(TYPES)}")
@@ -214,13 +202,6 @@ def parse_range(name: str, kind: str, spec: dict, problems: list[str]) -> dict:
     return {"low": low, "high": high, "log": log, "step": step}
 
 
-def finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
 def parse_choices(name: str, choices: Any, problems: list[str]) -> tuple:
     if not isinstance(choices, list) or not choices:
         problems.append(f"{name}: type categorical needs a non-empty list 'choices:'")
@@ -256,22 +237,7 @@ def parse_when(name: str, when: Any, earlier: list[Parameter], problems: list[st
 
 def check_domain(parameter: Parameter, problems: list[str]) -> None:
     """Every value the space can produce must be one the trainable accepts."""
-    expected = type(getattr(Hyperparameters(), parameter.name))
-    name = parameter.name
     for value in parameter.values():
-        if expected is str:
-            if value not in CHOICES.get(name, (value,)):
-                problems.append(f"{name}: {value!r} is not one of {', '.join(CHOICES[name])}")
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{name}: {value!r} is not a{'n integer' if expected is int else ' number'}")
-            continue
-        if not finite(value):
-            problems.append(f"{name}: {value!r} is not a finite number")
-            continue
-        if expected is int and value != int(value):
-            problems.append(f"{name}: {value!r} is not an integer")
-            continue
-        lowest, highest = BOUNDS.get(name, (None, None))
-        if (lowest is not None and value < lowest) or (highest is not None and value > highest):
-            problems.append(f"{name}: {value} is outside [{lowest}, {'inf' if highest is None else highest}]")
+        problem = value_problem(parameter.name, value)
+        if problem:
+            problems.append(problem)

@@ -9,34 +9,33 @@ status tag: completed, pruned or failed.
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
 import tempfile
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
 
-from search.cli import DEFAULT_TRACKING_URI, interrupts_ignored
-from search.errors import UsageError
-from trainables.config import METRIC_MODES
+from filelock import FileLock
+from mlflow.entities import Param, ViewType
+from mlflow.tracking import MlflowClient
 
-EPOCH_METRICS = ("train_loss", *METRIC_MODES, "lr")
-STATUS_TAG = "trial_status"
-TRIAL_ID_TAG = "ray_trial_id"
-STUDY_TAG = "study"
-PARENT_TAG = "mlflow.parentRunId"
-# Tags that mark a final retrain's run: it carries the study's tag too, but is no study.
-ROLE_TAG, FINAL_ROLE = "role", "final"
+from search.cli import interrupts_ignored
+from search.errors import UsageError, one_line
+from search.tracking.schema import (
+    FINAL_ROLE,
+    PARENT_TAG,
+    ROLE_TAG,
+    SERVER_TIMEOUT_S,
+    STATUS_TAG,
+    STUDY_TAG,
+    TRIAL_ID_TAG,
+    check_store_uri,
+    sqlite_path,
+    store_exists,
+)
 
 
-# Schemes of the stores MLflow 3 opens (a bare path would be its deprecated ./mlruns file store).
-STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
-SERVER_TIMEOUT_S = 5
-
-
-def mlflow_client(tracking_uri: str, *, create: bool = True):
+def mlflow_client(tracking_uri: str, *, create: bool = True) -> MlflowClient:
     """A client on a tracking store that answers, or a one-line UsageError that says why not.
 
     A new SQLite store gets its tables here, under a file lock beside it: MLflow's schema
@@ -51,8 +50,6 @@ def mlflow_client(tracking_uri: str, *, create: bool = True):
             f"or pass --tracking-uri of the store that holds it"
         )
     check_store_uri(tracking_uri)
-    from mlflow.tracking import MlflowClient
-
     # Ctrl-C waits for a migration: one stopped half-way leaves the store unusable.
     with store_lock(tracking_uri), no_http_retries(SERVER_TIMEOUT_S), interrupts_ignored():
         client = MlflowClient(tracking_uri)
@@ -64,75 +61,12 @@ def mlflow_client(tracking_uri: str, *, create: bool = True):
     return client
 
 
-def check_store_uri(tracking_uri: str) -> None:
-    """Refuse a tracking URI that cannot work, at once and without writing anything (standard library only)."""
-    scheme = tracking_uri.partition("://")[0].split("+")[0] if "://" in tracking_uri else ""
-    if scheme not in STORE_SCHEMES:
-        raise UsageError(
-            f"--tracking-uri {tracking_uri}: not a store MLflow opens; give sqlite:///path/to/mlflow.db "
-            f"or the http://host:port of an mlflow server"
-        )
-    if scheme == "sqlite":
-        check_sqlite_store(tracking_uri)
-    elif scheme in ("http", "https"):
-        check_server(tracking_uri)
-
-
-def sqlite_path(tracking_uri: str) -> Path:
-    return Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
-
-
-def check_sqlite_store(tracking_uri: str) -> None:
-    """The database file is a writable SQLite database, or can be created where it is named."""
-    import sqlite3
-
-    path = sqlite_path(tracking_uri)
-    where = f"--tracking-uri {tracking_uri}"
-    if not tracking_uri.startswith("sqlite:///") or not path.name:
-        raise UsageError(f"{where}: name a database file, e.g. sqlite:///mlflow/mlflow.db")
-    if path.is_dir():
-        raise UsageError(f"{where}: {path} is a folder; name a database file in it, e.g. {path / 'mlflow.db'}")
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    try:  # SQLite writes a journal beside the database: the folder itself must take new files
-        if not folder.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        os.rmdir(tempfile.mkdtemp(prefix=".store-check-", dir=folder))
-    except OSError as error:
-        raise UsageError(f"{where}: cannot create files in {folder} ({error.strerror}): "
-                         f"pass a --tracking-uri on a writable disk") from None
-    if not path.exists():
-        return
-    try:
-        with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30)) as database:
-            database.execute("BEGIN IMMEDIATE")  # takes the write lock: a read-only file or disk fails here
-            database.rollback()
-    except sqlite3.Error as error:
-        raise UsageError(f"{where}: {path} cannot be written as an SQLite database ({error}): "
-                         f"pass a writable MLflow store, or a new file") from None
-
-
-def check_server(tracking_uri: str) -> None:
-    """Something listens at the server's address (MLflow's client would retry for minutes)."""
-    address = urlparse(tracking_uri)
-    port = address.port or (443 if address.scheme == "https" else 80)
-    try:
-        with socket.create_connection((address.hostname or "", port), timeout=SERVER_TIMEOUT_S):
-            pass
-    except OSError as error:
-        raise UsageError(f"--tracking-uri {tracking_uri}: no MLflow server answers at {address.hostname}:{port} "
-                         f"({error.strerror or error}): start it, or use the local store {DEFAULT_TRACKING_URI}") from None
-
-
 @contextmanager
 def store_lock(tracking_uri: str) -> Iterator[None]:
     """Held while a SQLite store is created or migrated; other stores need none."""
     if not tracking_uri.startswith("sqlite:///"):
         yield
         return
-    from filelock import FileLock
-
     path = sqlite_path(tracking_uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock"):
@@ -155,22 +89,8 @@ def no_http_retries(seconds: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
-def store_exists(tracking_uri: str) -> bool:
-    """False for a SQLite store whose file is missing (reading must not create it)."""
-    if tracking_uri.startswith("sqlite:///"):
-        return sqlite_path(tracking_uri).is_file()
-    return True
-
-
 def all_runs(client, filter_string: str) -> list:
     """Runs of every active experiment matching filter_string, newest first."""
-    from mlflow.entities import ViewType
-
     experiment_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     if not experiment_ids:
         return []
@@ -207,32 +127,8 @@ def get_or_create_experiment(client, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=default_artifact_root(tracking_uri))
 
 
-def trial_outcome(result: dict | None, error: bool) -> str:
-    """completed, pruned or failed: how a trial ended, from its last result.
-
-    The trainable marks its last epoch with finished=True (budget spent or early
-    stopping). A trial whose last result lacks it was stopped from outside: by ASHA.
-    """
-    if error:
-        return "failed"
-    if result and result.get("finished"):
-        return "completed"
-    return "pruned"
-
-
 def log_params(client, run_id: str, params: dict) -> None:
-    from mlflow.entities import Param
-
     client.log_batch(run_id, params=[Param(str(k), str(v)) for k, v in sorted(params.items())])
-
-
-def first_line(error_file: str | None) -> str:
-    """The last line of a trial's traceback, which names the exception."""
-    try:
-        lines = [line for line in Path(error_file).read_text().splitlines() if line.strip()]
-    except (OSError, TypeError):
-        return "unknown error"
-    return lines[-1][:500] if lines else "unknown error"
 
 
 def settle_lost_children(client, experiment_id: str, parent_run_id: str, trial_ids: set[str]) -> None:
@@ -264,3 +160,12 @@ def close_open_children(client, experiment_id: str, parent_run_id: str) -> None:
     for run in runs:
         client.set_tag(run.info.run_id, STATUS_TAG, "interrupted")
         client.set_terminated(run.info.run_id, "KILLED")
+
+
+def read_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:
+    """An artifact of a run as text, or None where the run has no such file."""
+    folder, _, name = path.rpartition("/")
+    if not any(item.path == path for item in client.list_artifacts(run_id, folder or None)):
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        return Path(client.download_artifacts(run_id, path, directory)).read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ import copy
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -22,17 +22,23 @@ import numpy as np
 import torch
 from torch import nn
 
+import yaml
+from mlflow.entities import Metric
+from tqdm import tqdm
+
 from search.cli import require_pretrained, weights_files
 from search.errors import UsageError
-from search.final_config import WinnerConfig
-from search.tracking import FINAL_ROLE, ROLE_TAG, STUDY_TAG
-from search.final_report import HeldOutResult, evaluate_test, per_class_metrics, plot_confusion, summary_lines
-from search.launch import FULL, SMOKE, absolute_uri
+from search.final_model.registry import log_model
+from search.final_model.report import HeldOutResult, evaluate_test, per_class_metrics, plot_confusion, summary_lines
+from search.final_model.winner import WinnerConfig
+from search.study.config import FULL, SMOKE
+from search.tracking.schema import FINAL_ROLE, ROLE_TAG, STUDY_TAG, absolute_uri
+from search.tracking.store import get_or_create_experiment, log_params, mlflow_client
+from trainables.checkpoint import ModelFile
 from trainables.data import CachedSplit, DataError, DatasetIndex, index_source, prepare_splits, subsample
-from trainables.engine import EpochResult, Learner, NonFiniteLoss, fit, select_device
+from trainables.engine import EVAL_BATCH_FACTOR, EpochResult, Learner, NonFiniteLoss, batch_count, epoch_batches, fit, select_device
 from trainables.models import ModelSpec, build_model, validate_spec
 
-MODEL_ARTIFACT = "model"
 RESULT_FILES = ("config.yaml", "classes.json", "splits.json", "classification_report.txt", "confusion_matrix.png")
 
 
@@ -73,16 +79,15 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
     except DataError as error:
         raise UsageError(str(error)) from None
     if config.smoke:
-        index = subsample(index, SMOKE["per_class"], config.seed)  # the very subsample the study drew
+        index = subsample(index, SMOKE.per_class or {}, config.seed)  # the very subsample the study drew
     if index.classes != config.classes:
         raise UsageError(class_mismatch(index.source, index.classes, config))
 
     weights = weights_files(args.weights)
     spec = ModelSpec(
-        config.model, len(config.classes), config.img_size, dropout=hp.dropout, drop_path_rate=hp.drop_path_rate,
-        vit_depth=hp.vit_depth, fusion=hp.fusion, pretrained=config.pretrained and not args.no_pretrained,
+        config.model, len(config.classes), config.img_size, pretrained=config.pretrained and not args.no_pretrained,
         weights_files=tuple(sorted(weights.items())),
-    )
+    ).with_knobs(hp)
     try:
         validate_spec(spec)
     except ValueError as error:
@@ -91,7 +96,7 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
         require_pretrained(config.model, weights)
 
     if args.keep_val:  # early stopping decides: give it the study's budget
-        epochs = args.epochs or config.epochs or FULL["epochs"]
+        epochs = args.epochs or config.epochs or FULL.epochs
     else:  # no val split to stop on: as many epochs as the winner needed
         epochs = args.epochs or config.best_epoch
     if epochs is None:
@@ -143,23 +148,7 @@ def class_mismatch(source: str, classes: list[str], config: WinnerConfig) -> str
 # ---------------------------------------------------------------- execute
 
 
-class ProgressLearner(Learner):
-    """The search's Learner, ticking a progress bar after every batch; `fit` stays the one loop."""
-
-    tick: Callable[[], object] = staticmethod(lambda: None)
-
-    def train_epoch(self, split: CachedSplit, on_batch: Callable[[], None] | None = None) -> float:
-        return super().train_epoch(split, on_batch or self.tick)
-
-    def predict(self, split: CachedSplit, on_batch: Callable[[], None] | None = None):
-        return super().predict(split, on_batch or self.tick)
-
-
 def execute_final(final: PreparedFinal) -> int:
-    from mlflow.entities import Metric
-
-    from search.tracking import log_params, mlflow_client
-
     config = final.config
     client = mlflow_client(final.tracking_uri)
     experiment_id, run_id = open_final_run(client, final)
@@ -195,8 +184,6 @@ def execute_final(final: PreparedFinal) -> int:
 
 def open_final_run(client, final: PreparedFinal) -> tuple[str, str]:
     """A top-level run beside the study's (same experiment), tagged with the study and role=final."""
-    from search.tracking import get_or_create_experiment
-
     config = final.config
     if config.experiment_id and not final.experiment:
         experiment_id = config.experiment_id
@@ -220,24 +207,19 @@ def describe(final: PreparedFinal) -> str:
     )
 
 
-def train(final: PreparedFinal, on_epoch: Callable[[EpochResult], None]) -> tuple[ProgressLearner, int]:
+def train(final: PreparedFinal, on_epoch: Callable[[EpochResult], None]) -> tuple[Learner, int]:
     """Train through `fit`, handing every epoch to on_epoch; with a val split, keep the best epoch's weights."""
-    from tqdm import tqdm
-
     hp = final.config.hyperparameters
     torch.manual_seed(final.seed)  # as a trial does: the same seed gives the same initial head
     monitor = final.config.metric if final.val is not None else "train_loss"
-    learner = ProgressLearner(build_model(final.spec), hp, select_device(), monitor, final.seed)
+    learner = Learner(build_model(final.spec), hp, select_device(), monitor, final.seed)
 
-    per_epoch = batch_count(len(final.train), hp.batch_size, drop_single=True)
-    if final.val is not None:
-        per_epoch += batch_count(len(final.val), hp.batch_size * 2)
+    per_epoch = epoch_batches(len(final.train), len(final.val) if final.val is not None else None, hp.batch_size)
     epochs_bar = tqdm(total=final.epochs, desc="retrain", unit="epoch", position=0, dynamic_ncols=True)
     batches_bar = tqdm(total=per_epoch, desc="epoch 1", unit="batch", position=1, leave=False, dynamic_ncols=True)
-    learner.tick = batches_bar.update
     best_state, best_epoch = None, 0
     try:
-        for result in fit(learner, final.train, final.val, final.epochs):
+        for result in fit(learner, final.train, final.val, final.epochs, on_batch=batches_bar.update):
             on_epoch(result)
             if final.val is not None and result.improved:
                 best_state, best_epoch = copy.deepcopy(learner.model.state_dict()), result.epoch
@@ -255,21 +237,13 @@ def train(final: PreparedFinal, on_epoch: Callable[[EpochResult], None]) -> tupl
     return learner, learner.epoch
 
 
-def batch_count(images: int, batch_size: int, drop_single: bool = False) -> int:
-    """Batches per pass, as Learner.batches makes them (a trailing batch of one dropped in training)."""
-    count = -(-images // batch_size)
-    return count - 1 if drop_single and images % batch_size == 1 and images > 1 else count
-
-
-def evaluate_once(final: PreparedFinal, learner: ProgressLearner) -> HeldOutResult:
+def evaluate_once(final: PreparedFinal, learner: Learner) -> HeldOutResult:
     """The one look at the test split."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=batch_count(len(final.test), final.config.hyperparameters.batch_size * 2), desc="test",
-               unit="batch", leave=False, dynamic_ncols=True)
-    learner.tick = bar.update
+    batch_size = EVAL_BATCH_FACTOR * final.config.hyperparameters.batch_size
+    bar = tqdm(total=batch_count(len(final.test), batch_size), desc="test", unit="batch", leave=False,
+               dynamic_ncols=True)
     try:
-        logits, labels = learner.predict(final.test)
+        logits, labels = learner.predict(final.test, on_batch=bar.update)
     finally:
         bar.close()
     return evaluate_test(logits.numpy(), labels, final.config.classes)
@@ -277,8 +251,6 @@ def evaluate_once(final: PreparedFinal, learner: ProgressLearner) -> HeldOutResu
 
 def finish(final: PreparedFinal, client, run_id: str, learner: Learner, result: HeldOutResult, trained_epochs: int) -> dict:
     """Write the results folder, log it and the test metrics, log and register the model."""
-    from mlflow.entities import Metric
-
     model = learner.model.to("cpu", memory_format=torch.contiguous_format).eval()
     write_results(final, model, result)
     stamp = int(datetime.now().timestamp() * 1000)
@@ -286,7 +258,7 @@ def finish(final: PreparedFinal, client, run_id: str, learner: Learner, result: 
     client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in scores.items() if v == v])  # no NaN
     for name in RESULT_FILES:
         client.log_artifact(run_id, str(final.out / name))
-    registered = log_model(final, model, run_id)
+    registered = log_model(model, final.test, final.tracking_uri, run_id, final.register_name)
     client.set_tag(run_id, "registered_model", f"{registered['name']}/{registered['version']}")
     metrics_file = final.out / "metrics.json"
     metrics_file.write_text(json.dumps({
@@ -300,16 +272,9 @@ def finish(final: PreparedFinal, client, run_id: str, learner: Learner, result: 
 
 def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult) -> None:
     """Weights, config, class names, split and the test's plots: everything to use or repeat the model."""
-    import yaml
-
     config, out = final.config, final.out
     out.mkdir(parents=True, exist_ok=True)
-    spec = {k: v for k, v in asdict(final.spec).items() if k != "weights_files"}
-    torch.save(
-        {"model": model.state_dict(), "model_spec": spec, "hyperparameters": config.hyperparameters.to_dict(),
-         "classes": config.classes, "metrics": result.metrics},
-        out / "model.pt",
-    )
+    ModelFile(model.state_dict(), final.spec, config.hyperparameters, config.classes, result.metrics).save(out / "model.pt")
     (out / "config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))
     (out / "classes.json").write_text(json.dumps(config.classes, indent=2))
     index = final.index
@@ -321,42 +286,6 @@ def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult)
     (out / "classification_report.txt").write_text(result.report)
     plot_confusion(result, config.classes, out / "confusion_matrix.png",
                    f"{config.model}: test confusion matrix ({len(result.labels)} images)")
-
-
-def log_model(final: PreparedFinal, model: nn.Module, run_id: str) -> dict:
-    """Log the model as an MLflow model (probabilities out) and register it.
-
-    MLflow saves it as a torch.export graph ('pt2'), not a pickle: loading it needs
-    torch only, neither this project's code nor timm, and runs no pickled code.
-    """
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-
-    # Float32 (N, 3, H, W) in [0, 1] in, one row of C class probabilities out: the model normalises itself.
-    scoring = nn.Sequential(model, nn.Softmax(dim=1)).eval()
-    example = np.ascontiguousarray(final.test.images()[:2]).transpose(0, 3, 1, 2).astype(np.float32) / 255
-    with torch.no_grad():
-        output = scoring(torch.from_numpy(example)).numpy()
-    mlflow.set_tracking_uri(final.tracking_uri)
-    info = mlflow.pytorch.log_model(
-        scoring,
-        name=MODEL_ARTIFACT,
-        run_id=run_id,
-        signature=infer_signature(example, output),
-        input_example=example,
-        registered_model_name=final.register_name,
-        serialization_format="pt2",  # the example's batch of 2 marks the batch dimension dynamic
-        pip_requirements=pinned("torch", "numpy"),  # stated, not inferred: inference reloads the model
-    )
-    return {"name": final.register_name, "version": int(info.registered_model_version), "model_uri": info.model_uri}
-
-
-def pinned(*packages: str) -> list[str]:
-    """Installed versions, without local labels (+cpu, +cu130) that package indexes do not serve."""
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
 def print_closing(final: PreparedFinal, result: HeldOutResult, registered: dict, experiment_id: str, run_id: str) -> None:

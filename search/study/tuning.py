@@ -1,8 +1,7 @@
-"""One study: Optuna TPE proposes, ASHA stops, Ray Tune runs trials in GPU slots."""
+"""The Tune wiring of a study: Optuna TPE proposes, ASHA stops, Ray Tune runs trials in GPU slots."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -14,10 +13,13 @@ from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from search.spaces import Space
-from search.callbacks import EpochPrinter
-from search.tracking import trial_outcome
-from trainables.config import METRIC_MODES
+from search.study.config import StudyConfig
+from search.study.console import EpochPrinter
+from search.study.spaces import Space
+from search.tracking.schema import trial_outcome
+from trainables.data import CachedSplit
+from trainables.engine import SpeedOptions
+from trainables.spec import ModelSpec
 from trainables.trainable import TrialSetup, train_trial
 
 OPTUNA_STATES = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}
@@ -64,48 +66,33 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return self._ot_study
 
 
-@dataclass(frozen=True)
-class StudyPlan:
-    """How the study runs, resolved from the command line."""
-
-    name: str
-    trials: int
-    metric: str
-    seed: int
-    grace_period: int
-    reduction_factor: int
-    gpus_per_trial: float
-    cpus_per_trial: int
-    max_concurrent: int
-    storage_path: str
-    max_failures: int = 0
-
-
-def make_searcher(space: Space, plan: StudyPlan) -> PruneAwareOptunaSearch:
+def make_searcher(space: Space, config: StudyConfig) -> PruneAwareOptunaSearch:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=plan.seed)
-    return PruneAwareOptunaSearch(space=space.sample, metric=plan.metric, mode=METRIC_MODES[plan.metric], sampler=sampler)
+    sampler = optuna.samplers.TPESampler(seed=config.seed)
+    return PruneAwareOptunaSearch(space=space.sample, metric=config.metric, mode=config.mode, sampler=sampler)
 
 
-def make_trainable(setup: TrialSetup, plan: StudyPlan):
+def make_trainable(setup: TrialSetup, config: StudyConfig):
     return tune.with_resources(
         tune.with_parameters(train_trial, setup=setup),
-        {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial},
+        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial or 0},
     )
 
 
-def restore_tuner(space: Space, setup: TrialSetup, plan: StudyPlan) -> tune.Tuner:
+def restore_tuner(setup: TrialSetup, config: StudyConfig) -> tune.Tuner:
     """Continue an interrupted study: finished trials kept, unfinished ones from their last checkpoint.
 
     Ray restores the searcher (with its Optuna study), the scheduler and the callbacks
     as they were pickled; only the trainable, which holds this process's data paths,
     is given anew.
     """
-    path = str(Path(plan.storage_path) / plan.name)
-    return tune.Tuner.restore(path, trainable=make_trainable(setup, plan), resume_unfinished=True, resume_errored=False)
+    return tune.Tuner.restore(
+        str(config.experiment_dir), trainable=make_trainable(setup, config), resume_unfinished=True,
+        resume_errored=False,
+    )
 
 
-def unfinished_trials(plan: StudyPlan) -> int:
+def unfinished_trials(config: StudyConfig) -> int:
     """Trials of the study not yet ended, by Ray's last snapshot of the experiment.
 
     That snapshot is what --resume restores. On Ctrl-C Ray takes it before it stops the
@@ -113,44 +100,57 @@ def unfinished_trials(plan: StudyPlan) -> int:
     ResultGrid's counts would take an interrupted last wave for a finished study.
     """
     try:
-        trials = ExperimentAnalysis(str(Path(plan.storage_path) / plan.name)).trials
+        trials = ExperimentAnalysis(str(config.experiment_dir)).trials
     except ValueError:  # no snapshot at all: nothing is recorded as ended
-        return plan.trials
-    return plan.trials - sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in trials)
+        return config.trials
+    return config.trials - sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in trials)
 
 
-def make_tuner(space: Space, setup: TrialSetup, plan: StudyPlan, callbacks: list, trainable=None) -> tune.Tuner:
-    """The study's Tuner; `trainable` replaces make_trainable(setup, plan) (benchmarks inject a fixed-cost one)."""
-    mode = METRIC_MODES[plan.metric]
+def make_tuner(space: Space, setup: TrialSetup, config: StudyConfig, callbacks: list, trainable=None) -> tune.Tuner:
+    """The study's Tuner; `trainable` replaces make_trainable(setup, config) (benchmarks inject a fixed-cost one)."""
     scheduler = ASHAScheduler(
         time_attr="epoch",
         max_t=setup.epochs,
-        grace_period=min(plan.grace_period, setup.epochs),
-        reduction_factor=plan.reduction_factor,
+        grace_period=min(config.grace_period, setup.epochs),
+        reduction_factor=config.reduction_factor,
     )
     return tune.Tuner(
-        trainable if trainable is not None else make_trainable(setup, plan),
+        trainable if trainable is not None else make_trainable(setup, config),
         tune_config=tune.TuneConfig(
-            metric=plan.metric,
-            mode=mode,
-            search_alg=make_searcher(space, plan),
+            metric=config.metric,
+            mode=config.mode,
+            search_alg=make_searcher(space, config),
             scheduler=scheduler,
-            num_samples=plan.trials,
-            max_concurrent_trials=plan.max_concurrent,
+            num_samples=config.trials,
+            max_concurrent_trials=config.max_concurrent,
             # Keep worker processes (with torch and timm imported) from trial to trial.
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=plan.name,
-            storage_path=str(Path(plan.storage_path).resolve()),
+            name=config.name,
+            storage_path=str(Path(config.storage_path).resolve()),
             # result.json per trial (what Tune reads back); MLflow is the record, not CSV or TensorBoard.
-            callbacks=[JsonLoggerCallback(), EpochPrinter(setup.epochs, plan.metric), *callbacks],
+            callbacks=[JsonLoggerCallback(), EpochPrinter(setup.epochs, config.metric), *callbacks],
             # The best checkpoint for the study, the latest for resuming: Ray keeps both.
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=plan.metric, checkpoint_score_order=mode
+                num_to_keep=1, checkpoint_score_attribute=config.metric, checkpoint_score_order=config.mode
             ),
             # A crashed trial is retried from its last checkpoint this many times, then failed.
-            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
             verbose=0,  # EpochPrinter says what happens, one line per event
         ),
     )
+
+
+def trial_setup(config: StudyConfig, spec: ModelSpec, train: CachedSplit, val: CachedSplit) -> TrialSetup:
+    """What the trainable takes from the study's configuration, handed to every trial once."""
+    return TrialSetup(
+        model=spec, train=train, val=val, epochs=config.epochs, metric=config.metric, seed=config.seed,
+        gpu_fraction=config.gpus_per_trial or 0.0, cpus=config.cpus_per_trial, speed=speed_options(config),
+    )
+
+
+def speed_options(config: StudyConfig) -> SpeedOptions:
+    """The CUDA speed flags: the trials train with them, and the GPU probe measures with them."""
+    return SpeedOptions(amp=config.amp, channels_last=config.channels_last, cudnn_benchmark=config.cudnn_benchmark,
+                        compile=config.compile)

@@ -1,27 +1,27 @@
-"""Ray Tune callbacks, run in the driver: MLflow child runs and one printed line per event.
+"""The trials' child runs: a Ray Tune callback, run in the driver, mirrors each trial into MLflow.
 
-Kept apart from search.tracking, which is plain MLflow, so that scripts which only
-read the store (final.py) need not import Ray.
+Kept apart from search.tracking.store, which is plain MLflow, so that scripts which
+only read the store (final.py) need not import Ray.
 """
 
 from __future__ import annotations
 
 import time
 
+from mlflow.entities import Metric
 from ray import tune
 
-from search.tracking import (
+from search.tracking.schema import (
     EPOCH_METRICS,
     PARENT_TAG,
     STATUS_TAG,
     STUDY_TAG,
+    TRIAL_CONFIG,
     TRIAL_ID_TAG,
-    first_line,
-    log_params,
-    mlflow_client,
-    settle_lost_children,
+    exception_line,
     trial_outcome,
 )
+from search.tracking.store import log_params, mlflow_client, settle_lost_children
 
 
 class MlflowTrials(tune.Callback):
@@ -81,15 +81,14 @@ class MlflowTrials(tune.Callback):
                 STATUS_TAG: "running",
             },
         )
-        log_params(self.client, run.info.run_id, trial.config)
+        log_params(self.client, run.info.run_id, trial.config)  # for people and the UI
+        self.client.log_dict(run.info.run_id, trial.config, TRIAL_CONFIG)  # for final.py --run-id
         return run.info.run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.child_run(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
-
         stamp, step = int(time.time() * 1000), int(result["epoch"])
         run_id = self.child_run(trial)
         if step <= self.logged_epochs.get(trial.trial_id, 0):
@@ -101,7 +100,7 @@ class MlflowTrials(tune.Callback):
         self.finish(trial, trial_outcome(trial.last_result, error=False))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.finish(trial, "failed", cause=first_line(trial.error_file))
+        self.finish(trial, "failed", cause=exception_line(trial.error_file))
 
     def on_experiment_end(self, trials, **info):
         try:
@@ -115,31 +114,3 @@ class MlflowTrials(tune.Callback):
         if cause:
             self.client.set_tag(run_id, "failure", cause)
         self.client.set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
-
-
-class EpochPrinter(tune.Callback):
-    """One line per trial event, instead of Ray's tables."""
-
-    def __init__(self, epochs: int, metric: str):
-        self.epochs, self.metric, self.numbers = epochs, metric, {}
-
-    def label(self, trial) -> str:
-        number = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
-        return f"trial {number:>3} ({trial.trial_id})"
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
-        print(f"{self.label(trial)} started: {config}", flush=True)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        print(
-            f"{self.label(trial)} epoch {result['epoch']:>2}/{self.epochs}  train_loss {result['train_loss']:.4f}  "
-            f"val_loss {result['val_loss']:.4f}  val_acc {result['val_acc']:.4f}  {self.metric} {result[self.metric]:.4f}",
-            flush=True,
-        )
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        print(f"{self.label(trial)} {trial_outcome(trial.last_result, error=False)}", flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"{self.label(trial)} failed: {first_line(trial.error_file)}", flush=True)

@@ -14,6 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    accuracy_score,
+    balanced_accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from trainables.config import METRIC_MODES
 
 ECE_BINS = 15
 OVERFIT_GAP = 0.05
@@ -60,17 +73,6 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
 
 def evaluate_test(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> HeldOutResult:
     """Every test metric of the final run, from the logits of the test split."""
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        classification_report,
-        confusion_matrix,
-        f1_score,
-        log_loss,
-        precision_recall_fscore_support,
-        roc_auc_score,
-    )
-
     everyone = list(range(len(classes)))
     probabilities = softmax(logits)
     predictions = probabilities.argmax(axis=1)
@@ -81,7 +83,7 @@ def evaluate_test(logits: np.ndarray, labels: np.ndarray, classes: list[str]) ->
             "test_acc": float(accuracy_score(labels, predictions)),
             "test_balanced_acc": float(balanced_accuracy_score(labels, predictions)),
             "test_macro_f1": float(f1_score(labels, predictions, labels=everyone, average="macro", zero_division=0)),
-            "test_roc_auc": roc_auc(labels, probabilities, everyone, roc_auc_score),
+            "test_roc_auc": roc_auc(labels, probabilities, everyone),
             "test_ece": expected_calibration_error(labels, probabilities),
         }
         precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=everyone, zero_division=0)
@@ -94,7 +96,7 @@ def evaluate_test(logits: np.ndarray, labels: np.ndarray, classes: list[str]) ->
     return HeldOutResult(metrics, per_class, confusion, report, predictions, labels)
 
 
-def roc_auc(labels: np.ndarray, probabilities: np.ndarray, everyone: list[int], roc_auc_score) -> float:
+def roc_auc(labels: np.ndarray, probabilities: np.ndarray, everyone: list[int]) -> float:
     """One-vs-rest macro ROC-AUC; NaN when a class is missing from the test split (undefined)."""
     try:
         if len(everyone) == 2:
@@ -135,9 +137,8 @@ def metric_safe_names(classes: list[str], limit: int) -> dict[str, str]:
 def plot_confusion(result: HeldOutResult, classes: list[str], path: Path, title: str) -> Path:
     import matplotlib
 
-    matplotlib.use("Agg")  # files only, never a window
+    matplotlib.use("Agg")  # files only, never a window: chosen before pyplot loads, so pyplot loads here
     import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
 
     side = min(4 + 0.55 * len(classes), 24)
     figure, axes = plt.subplots(figsize=(side, side * 0.9))
@@ -167,8 +168,6 @@ def summary_lines(result: HeldOutResult, metric: str, best_value: float | None, 
 
 
 def comparison_lines(result: HeldOutResult, metric: str, best_value: float) -> list[str]:
-    from trainables.config import METRIC_MODES
-
     twin = "test_" + metric.removeprefix("val_")
     test_value = result.metrics[twin]
     lines = [f"Search's best {metric} {best_value:.4f}  vs  {twin} {test_value:.4f}"]

@@ -17,9 +17,16 @@ from __future__ import annotations
 
 import gc
 import math
+import multiprocessing
+import signal
+import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from trainables.config import SHAPES_MODEL
 
 MiB = 2**20
 GiB = 2**30
@@ -118,12 +125,14 @@ def probe_peak_memory(model_name: str, num_classes: int, batch_size: int, img_si
     AdamW's state allocated, which is a trial's steady state -- and one evaluation batch
     of twice the batch size, as `predict` uses. Returns max_memory_allocated over that,
     less what this process held before. Pass the largest configuration the space can
-    draw: the largest batch size, and model knobs (vit_depth, fusion, ...) whose defaults
-    are already the largest. Weights are random: memory does not depend on their values.
+    draw (Space.heaviest: the largest batch size and ViT depth). Weights are random:
+    memory does not depend on their values.
 
     Run it in a process that will not host trials (see probe_in_subprocess): the probe
     leaves a CUDA context behind.
     """
+    # torch and the modules built on it load here, not at the top: the arithmetic above is
+    # used (and tested) without them, and the probe runs in a process of its own.
     import torch
 
     if not torch.cuda.is_available():
@@ -131,14 +140,12 @@ def probe_peak_memory(model_name: str, num_classes: int, batch_size: int, img_si
             "--gpus-per-trial auto measures GPU memory, but no CUDA GPU is visible: "
             "pass --gpus-per-trial 0 to train on the CPU"
         )
-    import numpy as np
-
     from trainables.config import Hyperparameters
     from trainables.data import CachedSplit
     from trainables.engine import Learner, SpeedOptions
     from trainables.models import ModelSpec, build_model
 
-    known = {f.name for f in fields(ModelSpec)} - {"name", "num_classes", "img_size", "pretrained", "weights_files"}
+    known = set(SHAPES_MODEL)
     unknown = sorted(set(model_knobs) - known)
     if unknown:
         raise ValueError(f"unknown model knob(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -193,8 +200,6 @@ class GpuProbe:
     """
 
     def __init__(self, model_name: str, num_classes: int, batch_size: int, img_size: int, speed=None, **model_knobs):
-        import multiprocessing
-
         context = multiprocessing.get_context("spawn")  # CUDA cannot live in a forked child
         self._receive, send = context.Pipe(duplex=False)
         self._process = context.Process(
@@ -228,9 +233,6 @@ class GpuProbe:
 
 def _probe_and_send(send, model_name: str, num_classes: int, batch_size: int, img_size: int, speed,
                     model_knobs: dict) -> None:
-    import signal
-    import sys
-
     # Ctrl-C is the driver's to handle (it cancels the probe); cancel() sends SIGTERM,
     # which exits through Python so that the probe's temporary images are removed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

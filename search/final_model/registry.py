@@ -1,0 +1,46 @@
+"""The final model in MLflow: logged as a torch.export graph that outputs class probabilities, and registered."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import torch
+from mlflow.models import infer_signature
+from torch import nn
+
+from trainables.data import CachedSplit
+
+MODEL_ARTIFACT = "model"
+
+
+def log_model(model: nn.Module, examples: CachedSplit, tracking_uri: str, run_id: str, register_name: str) -> dict:
+    """Log the model as an MLflow model (probabilities out) and register it.
+
+    MLflow saves it as a torch.export graph ('pt2'), not a pickle: loading it needs
+    torch only, neither this project's code nor timm, and runs no pickled code.
+    """
+    # Float32 (N, 3, H, W) in [0, 1] in, one row of C class probabilities out: the model normalises itself.
+    scoring = nn.Sequential(model, nn.Softmax(dim=1)).eval()
+    example = np.ascontiguousarray(examples.images()[:2]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    with torch.no_grad():
+        output = scoring(torch.from_numpy(example)).numpy()
+    mlflow.set_tracking_uri(tracking_uri)
+    info = mlflow.pytorch.log_model(
+        scoring,
+        name=MODEL_ARTIFACT,
+        run_id=run_id,
+        signature=infer_signature(example, output),
+        input_example=example,
+        registered_model_name=register_name,
+        serialization_format="pt2",  # the example's batch of 2 marks the batch dimension dynamic
+        pip_requirements=pinned("torch", "numpy"),  # stated, not inferred: inference reloads the model
+    )
+    return {"name": register_name, "version": int(info.registered_model_version), "model_uri": info.model_uri}
+
+
+def pinned(*packages: str) -> list[str]:
+    """Installed versions, without local labels (+cpu, +cu130) that package indexes do not serve."""
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]

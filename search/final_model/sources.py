@@ -1,0 +1,131 @@
+"""The winner's configuration from MLflow: a study's best (--study), or one trial or study run (--run-id).
+
+A study's parent run holds its best_config.yaml. A trial's configuration is rebuilt in
+that same form from its study's study.yaml, the trial's own hyperparameters.yaml and
+its metric history, then checked by the same `parse_config`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
+
+from search.errors import UsageError, one_line
+from search.final_model.winner import WinnerConfig, parse_config, winner_record
+from search.tracking.schema import (
+    BEST_CONFIG,
+    BEST_DIR,
+    FINAL_ROLE,
+    PARENT_TAG,
+    ROLE_TAG,
+    STATUS_TAG,
+    STUDY_TAG,
+    TRIAL_CONFIG,
+    TRIAL_ID_TAG,
+)
+from search.tracking.store import all_runs, is_study_run, mlflow_client, read_artifact, study_runs
+from search.tracking.study_run import read_study_config
+
+
+def load_winner(args) -> WinnerConfig:
+    """The configuration named on the command line by --study or --run-id."""
+    try:
+        if args.study is not None:
+            return load_study(args.tracking_uri, args.study, args.model)
+        return load_run(args.tracking_uri, args.run_id, args.model)
+    except (MlflowException, SQLAlchemyError) as error:  # a server that is down, a file that is no MLflow store
+        raise UsageError(f"cannot read MLflow at {args.tracking_uri}: {one_line(error)}") from None
+
+
+def load_study(tracking_uri: str, name: str, requested_model: str | None) -> WinnerConfig:
+    """The best config of a study's parent run (the latest study of that name that has one)."""
+    client = mlflow_client(tracking_uri, create=False)
+    parents = study_runs(client, name)
+    if not parents:
+        known = sorted({run.data.tags[STUDY_TAG] for run in all_runs(client, f"tags.{STUDY_TAG} LIKE '%'") if is_study_run(run)})
+        hint = f"; studies there: {', '.join(known[:8])}{' ...' if len(known) > 8 else ''}" if known else "; it holds no study"
+        raise UsageError(f"no study named {name!r} in {tracking_uri}{hint}")
+    for parent in parents:  # newest first
+        if has_best_config(client, parent.info.run_id) and completed_trials(client, parent):
+            return config_from_parent(client, parent, requested_model)
+    raise UsageError(why_no_winner(client, parents[0], name))
+
+
+def has_best_config(client, run_id: str) -> bool:
+    return any(item.path == BEST_CONFIG for item in client.list_artifacts(run_id, BEST_DIR))
+
+
+def trial_statuses(client, parent) -> list[str]:
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=50_000
+    )
+    return [child.data.tags.get(STATUS_TAG, "unknown") for child in children]
+
+
+def completed_trials(client, parent) -> int:
+    return trial_statuses(client, parent).count("completed")
+
+
+def why_no_winner(client, parent, name: str) -> str:
+    statuses = trial_statuses(client, parent)
+    if parent.info.status == "RUNNING":
+        return f"study {name!r} is still running (or its process died): retrain once it has finished"
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses))) or "no trials"
+    return f"study {name!r} has no completed trial ({counts}): nothing to retrain; see its failed runs in MLflow"
+
+
+def config_from_parent(client, parent, requested_model: str | None) -> WinnerConfig:
+    name = parent.data.tags[STUDY_TAG]
+    text = read_artifact(client, parent.info.run_id, BEST_CONFIG) or ""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UsageError(f"the {BEST_CONFIG} of study {name!r} is not valid YAML") from None
+    return parse_config(raw, f"study {name}", requested_model, experiment_id=parent.info.experiment_id,
+                        run_id=parent.info.run_id)
+
+
+def load_run(tracking_uri: str, run_id: str, requested_model: str | None) -> WinnerConfig:
+    """One trial's configuration (or, given a study's parent run, the study's winner)."""
+    client = mlflow_client(tracking_uri, create=False)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UsageError(f"no run with id {run_id} in {tracking_uri}") from None
+    tags = run.data.tags
+    if tags.get(ROLE_TAG) == FINAL_ROLE:
+        raise UsageError(f"run {run_id} is a final retrain, not a trial: pass --config with its config.yaml to repeat it")
+    if is_study_run(run):
+        if not (has_best_config(client, run_id) and completed_trials(client, run)):
+            raise UsageError(why_no_winner(client, run, tags[STUDY_TAG]))
+        return config_from_parent(client, run, requested_model)
+    if PARENT_TAG not in tags or STUDY_TAG not in tags:
+        raise UsageError(f"run {run_id} is neither a study nor a trial of one (no '{STUDY_TAG}' tag)")
+    status = tags.get(STATUS_TAG, "unknown")
+    if status in ("failed", "running", "interrupted", "lost", "unknown"):
+        raise UsageError(f"trial run {run_id} is {status}: pick a completed (or pruned) trial")
+    return config_from_trial(client, run, client.get_run(tags[PARENT_TAG]), requested_model)
+
+
+def config_from_trial(client, trial, parent, requested_model: str | None) -> WinnerConfig:
+    """best_config.yaml's form for one trial: its study's settings, its hyperparameters, its best epoch."""
+    config = read_study_config(client, parent)
+    source = f"trial run {trial.info.run_id}"
+    history = client.get_metric_history(trial.info.run_id, config.metric)
+    if not history:
+        raise UsageError(f"trial run {trial.info.run_id} reported no {config.metric}: nothing to retrain")
+    sign = 1 if config.mode == "max" else -1
+    best = max(history, key=lambda m: (sign * m.value, -m.step))  # the best score, first reached
+    hyperparameters = yaml.safe_load(read_artifact(client, trial.info.run_id, TRIAL_CONFIG) or "null")
+    data = read_artifact(client, parent.info.run_id, "data.json")
+    if not isinstance(hyperparameters, dict) or data is None:
+        raise UsageError(f"{source} lacks its {TRIAL_CONFIG} or its study's data.json: retrain the study's "
+                         f"winner with --study {config.name}, or pass --config")
+    checkpoint = {"metrics": {config.metric: best.value, "epoch": best.step}, "hyperparameters": hyperparameters,
+                  "model_spec": None}
+    raw = winner_record(config, trial.data.tags.get(TRIAL_ID_TAG), checkpoint, json.loads(data)["classes"])
+    return parse_config(raw, source, requested_model, experiment_id=parent.info.experiment_id,
+                        run_id=trial.info.run_id)

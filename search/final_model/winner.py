@@ -1,0 +1,198 @@
+"""The winner's configuration (best_config.yaml): one writer, one reader, checked before anything runs.
+
+A study writes its winner with `winner_record` (from its StudyConfig and the best
+trial's checkpoint) beside its Ray folder and on its parent run; final.py reads it with
+`parse_config`, whether it comes from that run, from a file (--config), or is rebuilt
+for one trial (--run-id) from the study's study.yaml and the trial's own
+hyperparameters. The retrain writes the same file next to its results (repeat it with
+--config).
+
+Standard library, PyYAML and trainables' plain-data modules only: a wrong file is
+refused before MLflow or torch load.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from search.errors import UsageError
+from search.study.config import StudyConfig
+from trainables.config import (
+    DEFAULTS, KNOBS, METRIC_MODES, MODEL_NAMES, SHAPES_MODEL, Hyperparameters, renamed, value_problem,
+)
+
+REQUIRED_KEYS = ("model", "hyperparameters", "classes", "data", "seed", "img_size")
+OPTIONAL_KEYS = ("study", "trial_id", "metric", "best_value", "best_epoch", "model_spec", "epochs", "smoke", "pretrained")
+SPEC_KEYS = ("name", "num_classes", "img_size", *SHAPES_MODEL, "pretrained", "weights_files")
+
+
+@dataclass(frozen=True)
+class WinnerConfig:
+    """What the retrain needs to know about the configuration it repeats."""
+
+    model: str
+    """cnn, vit or hybrid."""
+    hyperparameters: Hyperparameters
+    classes: list[str]
+    """The study's class names, in label order: the data must have exactly these."""
+    data: str
+    """The study's data source ('synthetic' or an absolute folder)."""
+    seed: int
+    """The study's seed: it decides the train/val/test split."""
+    img_size: int
+    smoke: bool = False
+    """A --smoke study: the same per-class subsample is applied, so the split is identical."""
+    pretrained: bool = True
+    """The study started from pretrained backbones."""
+    metric: str = "val_acc"
+    best_value: float | None = None
+    """The search's best validation score (of `metric`)."""
+    best_epoch: int | None = None
+    """The epoch at which the winner scored it: the retrain's default budget."""
+    epochs: int | None = None
+    """The study's epoch budget per trial."""
+    study: str | None = None
+    trial_id: str | None = None
+    source: str = ""
+    """Where it came from, for messages: 'study NAME', 'trial run ID', 'config FILE'."""
+    experiment_id: str | None = None
+    """The study's MLflow experiment, when it came from MLflow."""
+    run_id: str | None = None
+    """The MLflow run it came from (the study's parent run, or the trial's run)."""
+    raw: dict = field(default_factory=dict, repr=False)
+    """The config in best_config.yaml form, written beside the results."""
+
+
+def winner_record(config: StudyConfig, trial_id: str, checkpoint: dict, classes: list[str]) -> dict:
+    """best_config.yaml's content: the best trial's configuration and score, with the study settings a
+    retrain repeats. `checkpoint` is the trial's (metrics, hyperparameters and model_spec as saved)."""
+    return {
+        "study": config.name,
+        "trial_id": trial_id,
+        "metric": config.metric,
+        "best_value": float(checkpoint["metrics"][config.metric]),
+        "best_epoch": int(checkpoint["metrics"]["epoch"]),
+        "hyperparameters": checkpoint["hyperparameters"],
+        "model_spec": checkpoint["model_spec"],
+        "classes": list(classes),
+        "model": config.model,
+        "epochs": config.epochs,
+        "img_size": config.img_size,
+        "seed": config.seed,
+        "data": config.data,
+        "smoke": config.smoke,
+        "pretrained": config.pretrained,
+    }
+
+
+# ---------------------------------------------------------------- the file form
+
+
+def parse_config(raw: object, source: str, requested_model: str | None = None, **where) -> WinnerConfig:
+    """Validate a best_config.yaml mapping; raise one UsageError listing every problem."""
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source} is not a best_config.yaml mapping (model, hyperparameters, classes, ...)")
+    problems: list[str] = []
+    model = raw.get("model")
+    if requested_model and model and requested_model != model:
+        problems.append(f"it is a config for --model {model}, not --model {requested_model}")
+    unknown = sorted(set(raw) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+    missing = [key for key in REQUIRED_KEYS if raw.get(key) is None]
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+        raise UsageError(f"{source}: " + "; ".join(problems))
+
+    if model not in MODEL_NAMES:
+        problems.append(f"model {model!r} is not one of {', '.join(MODEL_NAMES)}")
+    hp = parse_hyperparameters(raw["hyperparameters"], model, problems)
+    classes = raw["classes"]
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        problems.append("classes must be a list of at least 2 class names")
+        classes = []
+    for key in ("seed", "img_size"):
+        if not isinstance(raw[key], int) or isinstance(raw[key], bool):
+            problems.append(f"{key} must be an integer, not {raw[key]!r}")
+    metric = raw.get("metric") or "val_acc"
+    if metric not in METRIC_MODES:
+        problems.append(f"metric {metric!r} is not one of {', '.join(METRIC_MODES)}")
+    for key in ("best_epoch", "epochs"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            problems.append(f"{key} must be a positive integer, not {value!r}")
+    best_value = raw.get("best_value")
+    if best_value is not None and not (isinstance(best_value, (int, float)) and not isinstance(best_value, bool)
+                                       and math.isfinite(best_value)):
+        problems.append(f"best_value must be a finite number, not {best_value!r}")
+    if raw.get("model_spec") is not None:
+        check_model_spec(raw["model_spec"], model, len(classes), raw["img_size"], hp, problems)
+    if problems:
+        raise UsageError(f"{source}: " + "; ".join(problems))
+    return WinnerConfig(
+        model=model, hyperparameters=hp, classes=list(classes), data=str(raw["data"]), seed=raw["seed"],
+        img_size=raw["img_size"], smoke=bool(raw.get("smoke", False)), pretrained=bool(raw.get("pretrained", True)),
+        metric=metric, best_value=None if best_value is None else float(best_value), best_epoch=raw.get("best_epoch"),
+        epochs=raw.get("epochs"), study=raw.get("study"), trial_id=raw.get("trial_id"), source=source,
+        raw={**raw, "hyperparameters": hp.to_dict()}, **where,
+    )
+
+
+def parse_hyperparameters(values: object, model: str, problems: list[str]) -> Hyperparameters:
+    """Typed, in range (the bounds a search space may use), and meaningful for this model."""
+    if not isinstance(values, dict):
+        problems.append("hyperparameters must map names to values")
+        return Hyperparameters()
+    try:
+        hp = Hyperparameters.from_dict(values)
+    except (TypeError, ValueError) as error:
+        problems.append(f"hyperparameters: {error}")
+        return Hyperparameters()
+    problems += [problem for name, value in hp.to_dict().items() if (problem := value_problem(name, value))]
+    for name, limits in KNOBS.items():
+        if model not in limits.models and getattr(hp, name) != getattr(DEFAULTS, name):
+            problems.append(
+                f"{name}={getattr(hp, name)} applies to {' or '.join(limits.models)} only: "
+                f"this is not a config for a {model}"
+            )
+    return hp
+
+
+def check_model_spec(spec: object, model: str, num_classes: int, img_size: int, hp: Hyperparameters, problems: list[str]) -> None:
+    """The architecture the study trained must be the one these hyperparameters and classes describe."""
+    if not isinstance(spec, dict):
+        problems.append("model_spec must be a mapping")
+        return
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        problems.append(f"model_spec: unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(SPEC_KEYS)}")
+    if spec.get("name", model) != model:
+        problems.append(f"model_spec is for model {spec['name']}, but model is {model}: this config mixes two models")
+    if spec.get("num_classes", num_classes) != num_classes:
+        problems.append(f"model_spec.num_classes is {spec['num_classes']} but classes lists {num_classes}")
+    if spec.get("img_size", img_size) != img_size:
+        problems.append(f"model_spec.img_size is {spec['img_size']} but img_size is {img_size}")
+    for knob in SHAPES_MODEL:
+        if knob in spec and not same(renamed(knob, spec[knob]), getattr(hp, knob)):
+            problems.append(f"model_spec.{knob}={spec[knob]} disagrees with hyperparameters.{knob}={getattr(hp, knob)}")
+
+
+def same(a: object, b: object) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def load_file(path: str, requested_model: str | None) -> WinnerConfig:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"config file {path} does not exist: pass the best_config.yaml a study wrote (ray_results/<study>/best/)")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        raise UsageError(f"config file {path} is not valid YAML: pass the best_config.yaml a study wrote") from None
+    return parse_config(raw, f"config {path}", requested_model)

@@ -1,0 +1,268 @@
+"""A study's configuration: one frozen, typed record, built and checked once at the command line.
+
+It is the only settings object the driver passes around. It is written once as
+study.yaml on the study's MLflow parent run and in its Ray experiment folder; `--resume`
+and final.py read that file back through `StudyConfig.from_yaml`, the one loader. The
+parent run's params show the same values for people and the UI; no code reads them.
+
+Standard library only (PyYAML when a file is written or read), so that bad arguments are answered at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import MISSING, asdict, dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from search.cli import weights_files, weights_problems
+from search.errors import UsageError
+from trainables.config import METRIC_MODES, MODEL_NAMES, is_synthetic
+
+CONFIG_FILE = "study.yaml"
+FORMAT = 1
+"""study.yaml's format version, written into the file; a file of another version is refused."""
+SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
+MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 1024
+"""1024 px is already 3 MB of cache per image and 4,096 ViT tokens; these models were made for 224."""
+MAX_NAME_LENGTH = 100
+STUDY_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
+"""A study's name is a folder under --storage-path and a value in MLflow filters: nothing that escapes either."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Image size, epoch budget and per-class sample caps that --smoke or a full run start from."""
+
+    img_size: int
+    epochs: int
+    per_class: dict[str, int] | None = None
+    """At most this many images of each class per split (None: all)."""
+
+
+FULL = Profile(img_size=224, epochs=15)
+SMOKE = Profile(img_size=32, epochs=3, per_class={"train": 24, "val": 8, "test": 8})
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem and how to fix it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """Everything that decides a study, resolved (no 'default' left to interpret later)."""
+
+    # ---- what to search
+    name: str
+    """The study's name: its Ray folder, its MLflow parent run and `study` tag."""
+    model: str
+    """cnn, vit or hybrid."""
+    trials: int = 30
+    data: str
+    """'synthetic[:C]' or the absolute path of the data folder."""
+    space: str
+    """The search-space YAML, an absolute path."""
+    metric: str = "val_acc"
+    """What the search optimises (val_loss is minimised)."""
+    seed: int = 0
+    """Seeds the split, the TPE sampler and every trial."""
+    # ---- training
+    epochs: int
+    """Epoch budget per trial (ASHA's max_t)."""
+    img_size: int
+    smoke: bool = False
+    """The CPU-sized profile: a per-class subsample of every split (SMOKE.per_class)."""
+    pretrained: bool = True
+    weights: tuple[tuple[str, str], ...] = ()
+    """(backbone, path) pairs of local pretrained weights files."""
+    # ---- speed on CUDA
+    amp: bool = True
+    channels_last: bool = True
+    cudnn_benchmark: bool = True
+    compile: bool = False
+    # ---- resources and early stopping
+    gpus_per_trial: float | None = None
+    """GPU share per trial, 0 for the CPU; None ('auto') until the driver has measured it. study.yaml
+    always holds the measured share."""
+    cpus_per_trial: int = 1
+    max_concurrent: int | None = None
+    """Trials at once; None until resolved from the resources."""
+    max_failures: int = 0
+    grace_period: int = 2
+    reduction_factor: int = 3
+    # ---- where results go
+    storage_path: str
+    """Ray Tune's trial folders and checkpoints, an absolute path."""
+    cache_dir: str
+    """The decoded-image cache, an absolute path."""
+    tracking_uri: str
+    experiment: str
+    """The MLflow experiment that holds the study's runs."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every value that cannot run, each said with its command-line flag and the fix."""
+        problems = []
+        if not STUDY_NAME.fullmatch(self.name):
+            problems.append(f"--name {self.name!r}: use 1 to {MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', "
+                            f"starting with a letter or digit (it names a folder and an MLflow run)")
+        if self.model not in MODEL_NAMES:
+            problems.append(f"--model {self.model!r}: choose one of {', '.join(MODEL_NAMES)}")
+        if self.trials < 1:
+            problems.append(f"--trials {self.trials}: run at least 1 trial")
+        if self.metric not in METRIC_MODES:
+            problems.append(f"--metric {self.metric!r}: choose one of {', '.join(METRIC_MODES)}")
+        if self.epochs < 1:
+            problems.append(f"--epochs {self.epochs}: train at least 1 epoch")
+        if not MIN_IMG_SIZE <= self.img_size <= MAX_IMG_SIZE:
+            problems.append(f"--img-size {self.img_size}: use {MIN_IMG_SIZE} to {MAX_IMG_SIZE} (224 is standard)")
+        if self.gpus_per_trial is not None and not 0 <= self.gpus_per_trial <= 1:
+            problems.append(f"--gpus-per-trial {self.gpus_per_trial}: give a fraction in (0, 1], or 0 for CPU")
+        if self.cpus_per_trial < 1:
+            problems.append(f"--cpus-per-trial {self.cpus_per_trial}: give at least 1")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            problems.append(f"--max-concurrent {self.max_concurrent}: give at least 1")
+        if self.max_failures < 0:
+            problems.append(f"--max-failures {self.max_failures}: give 0 or more")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            problems.append("ASHA needs --grace-period >= 1 and --reduction-factor >= 2")
+        return problems
+
+    @property
+    def mode(self) -> str:
+        """'max' or 'min': which way the metric improves."""
+        return METRIC_MODES[self.metric]
+
+    @property
+    def per_class(self) -> dict[str, int] | None:
+        """The smoke profile's per-class caps, or None."""
+        return SMOKE.per_class if self.smoke else None
+
+    @property
+    def experiment_dir(self) -> Path:
+        """The study's Ray experiment folder."""
+        return Path(self.storage_path) / self.name
+
+    # ------------------------------------------------------------ the file
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["weights"] = dict(self.weights)
+        return {"format": FORMAT, **values}
+
+    def to_yaml(self) -> str:
+        import yaml  # deferred, here and below: --help and argument errors answer without it
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str) -> StudyConfig:
+        """The one loader of study.yaml; ConfigError names the file and every problem."""
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"{source} is not valid YAML") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source} is not a study configuration (a mapping of settings)")
+        if raw.get("format") != FORMAT:
+            raise ConfigError(f"{source} has format {raw.get('format')!r}, this version reads format {FORMAT}")
+        values = {key: value for key, value in raw.items() if key != "format"}
+        known = {f.name: f for f in fields(cls)}
+        problems = [f"unknown setting {key!r}" for key in values if key not in known]
+        problems += [f"missing setting {name!r}" for name, f in known.items() if name not in values and f.default is MISSING]
+        problems += [f"{key} is {value!r}, not {kind}" for key, value in values.items() if key in known
+                     for kind in [known[key].type] if not of_type(value, str(kind))]
+        if problems:
+            raise ConfigError(f"{source}: " + "; ".join(problems))
+        values["weights"] = tuple(sorted((values.get("weights") or {}).items()))
+        try:
+            return cls(**values)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+
+
+TYPE_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "int | None": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+    "float | None": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "tuple[tuple[str, str], ...]": lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(p, str) for k, p in v.items())),
+}
+
+
+def of_type(value: object, annotation: str) -> bool:
+    """Whether a YAML value has the field's type (annotations are strings under `from __future__ import annotations`)."""
+    return TYPE_CHECKS[annotation](value)
+
+
+# ---------------------------------------------------------------- from the command line
+
+
+def new_config(args: argparse.Namespace) -> StudyConfig:
+    """The study's configuration from run.py's arguments, every default resolved; a UsageError lists every problem."""
+    problems = weights_problems(args.weights)
+    profile = SMOKE if args.smoke else FULL
+    storage = absolute(args.storage_path)
+    try:
+        config = StudyConfig(
+            name=args.name or new_study_name(args.model, storage),
+            model=args.model,
+            trials=args.trials,
+            data=resolved_source(args.data),
+            space=absolute(args.space or SPACES_DIR / f"{args.model}.yaml"),
+            metric=args.metric,
+            seed=args.seed,
+            epochs=profile.epochs if args.epochs is None else args.epochs,
+            img_size=profile.img_size if args.img_size is None else args.img_size,
+            smoke=args.smoke,
+            pretrained=not args.no_pretrained,
+            weights=tuple(sorted(weights_files([item for item in args.weights if "=" in item]).items())),
+            amp=args.amp,
+            channels_last=args.channels_last,
+            cudnn_benchmark=args.cudnn_benchmark,
+            compile=args.compile,
+            gpus_per_trial=None if args.gpus_per_trial == "auto" else args.gpus_per_trial,
+            cpus_per_trial=args.cpus_per_trial,
+            max_concurrent=args.max_concurrent,
+            max_failures=args.max_failures,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
+            storage_path=storage,
+            cache_dir=absolute(args.cache_dir),
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment or args.model,
+        )
+    except ConfigError as error:
+        problems.insert(0, str(error))
+    if problems:
+        raise UsageError("; ".join(problems))
+    return config
+
+
+def absolute(path: str | Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def resolved_source(data: str) -> str:
+    """'synthetic[:C]' as it is, a folder as its absolute path: what the study records."""
+    return data if is_synthetic(data) else absolute(data)
+
+
+def new_study_name(model: str, storage_path: str) -> str:
+    """<model>-<timestamp>, with a suffix if a study of that second exists already."""
+    stem = f"{model}-{datetime.now():%Y%m%d-%H%M%S}"
+    name, number = stem, 1
+    while (Path(storage_path) / name).exists():
+        number += 1
+        name = f"{stem}-{number}"
+    return name

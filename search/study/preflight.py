@@ -1,0 +1,54 @@
+"""The checks a study's inputs pass before anything heavy loads or anything is written (no torch, no Ray, no MLflow).
+
+The store's address, a name not taken, the search space, the data source and the model
+it implies. Every problem is a one-line UsageError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from search.errors import UsageError
+from search.study.config import StudyConfig
+from search.study.spaces import Space, SpaceError, load_space
+from search.tracking.schema import check_store_uri
+from trainables.data import DataError, DatasetIndex, index_source, subsample
+from trainables.spec import ModelSpec, validate_spec
+
+
+@dataclass(frozen=True)
+class CheckedStudy:
+    """What the checks found: the parsed space, the split data index, the model it implies."""
+
+    space: Space
+    index: DatasetIndex
+    """Split (and, for --smoke, subsampled) as the study will use it."""
+    spec: ModelSpec
+    """The study's model; each trial adds its own knobs."""
+    resume_run_id: str | None = None
+    """The parent run of the interrupted study this one continues."""
+
+
+def name_taken(name: str, where: str) -> str:
+    return f"a study named {name!r} exists already {where}: continue it with --resume, or choose another --name"
+
+
+def check_study(config: StudyConfig, resume_run_id: str | None = None) -> CheckedStudy:
+    """The inputs that need neither torch nor Ray: store address, name, space, data layout, model."""
+    check_store_uri(config.tracking_uri)
+    if resume_run_id is None and config.experiment_dir.exists():
+        raise UsageError(name_taken(config.name, f"under --storage-path {config.storage_path}"))
+    try:
+        space = load_space(config.space, config.model)
+        index = index_source(config.data, config.seed)
+    except (SpaceError, DataError) as error:
+        raise UsageError(str(error)) from None
+    if config.per_class:
+        index = subsample(index, config.per_class, config.seed)
+    spec = ModelSpec(config.model, len(index.classes), config.img_size, pretrained=config.pretrained,
+                     weights_files=config.weights)
+    try:
+        validate_spec(spec)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return CheckedStudy(space, index, spec, resume_run_id)

@@ -1,0 +1,44 @@
+"""--resume: the interrupted study's own configuration, read back from its parent run's study.yaml."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from search.cli import weights_files
+from search.errors import UsageError
+from search.study.config import StudyConfig, absolute
+from search.tracking.schema import check_store_uri
+from search.tracking.store import mlflow_client
+from search.tracking.study_run import find_study, read_study_config
+
+
+def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
+    """The study's recorded configuration and its parent run; refuse what cannot resume.
+
+    Only where this machine keeps things comes from the command line: --storage-path (where
+    the trials are), --cache-dir, --tracking-uri and, if given, --weights.
+    """
+    if not args.name:
+        raise UsageError("--resume needs --name STUDY: the name the interrupted run printed")
+    check_store_uri(args.tracking_uri)
+    parent = find_study(args.tracking_uri, args.name)
+    where = f"--tracking-uri {args.tracking_uri}"
+    if parent is None:
+        raise UsageError(f"no study named {args.name!r} in {where}: check --name, or start it without --resume")
+    storage = absolute(args.storage_path)
+    if not (Path(storage) / args.name / "tuner.pkl").is_file():
+        raise UsageError(f"study {args.name!r} has no trial state under --storage-path {args.storage_path}: "
+                         f"pass the one it ran with")
+    recorded = read_study_config(mlflow_client(args.tracking_uri, create=False), parent)
+    if recorded.model != args.model:
+        raise UsageError(f"study {args.name!r} searched --model {recorded.model}: resume it with that model, "
+                         f"not {args.model}")
+    if parent.info.status == "FINISHED":
+        raise UsageError(f"study {args.name!r} already finished: start a new one with another --name")
+    given_weights = tuple(sorted(weights_files([item for item in args.weights if "=" in item]).items()))
+    config = replace(recorded, storage_path=storage, cache_dir=absolute(args.cache_dir),
+                     tracking_uri=args.tracking_uri, weights=given_weights or recorded.weights)
+    return config, parent.info.run_id
+

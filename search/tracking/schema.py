@@ -1,0 +1,133 @@
+"""What the record is called and where it is, checked without MLflow (standard library only).
+
+Tag names, the metrics a trial logs per epoch, and the checks of a tracking URI that
+run before anything heavy loads: a bad address is refused at once, in one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import tempfile
+from contextlib import closing
+from pathlib import Path
+from urllib.parse import urlparse
+
+from search.cli import DEFAULT_TRACKING_URI
+from search.errors import UsageError
+from trainables.config import METRICS
+
+EPOCH_METRICS = ("train_loss", *METRICS, "lr")
+STATUS_TAG = "trial_status"
+TRIAL_ID_TAG = "ray_trial_id"
+STUDY_TAG = "study"
+PARENT_TAG = "mlflow.parentRunId"
+# Tags that mark a final retrain's run: it carries the study's tag too, but is no study.
+ROLE_TAG, FINAL_ROLE = "role", "final"
+BEST_DIR = "best"
+"""The winner's files (best_config.yaml, best_model.pt): a folder of the study's Ray folder and of its run."""
+BEST_CONFIG = f"{BEST_DIR}/best_config.yaml"
+TRIAL_CONFIG = "hyperparameters.yaml"
+"""A trial's configuration, as an artifact of its child run."""
+
+# Schemes of the stores MLflow 3 opens (a bare path would be its deprecated ./mlruns file store).
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+SERVER_TIMEOUT_S = 5
+
+
+def check_store_uri(tracking_uri: str) -> None:
+    """Refuse a tracking URI that cannot work, at once and without writing anything (standard library only)."""
+    scheme = tracking_uri.partition("://")[0].split("+")[0] if "://" in tracking_uri else ""
+    if scheme not in STORE_SCHEMES:
+        raise UsageError(
+            f"--tracking-uri {tracking_uri}: not a store MLflow opens; give sqlite:///path/to/mlflow.db "
+            f"or the http://host:port of an mlflow server"
+        )
+    if scheme == "sqlite":
+        check_sqlite_store(tracking_uri)
+    elif scheme in ("http", "https"):
+        check_server(tracking_uri)
+
+
+def sqlite_path(tracking_uri: str) -> Path:
+    return Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+
+
+def check_sqlite_store(tracking_uri: str) -> None:
+    """The database file is a writable SQLite database, or can be created where it is named."""
+    import sqlite3
+
+    path = sqlite_path(tracking_uri)
+    where = f"--tracking-uri {tracking_uri}"
+    if not tracking_uri.startswith("sqlite:///") or not path.name:
+        raise UsageError(f"{where}: name a database file, e.g. sqlite:///mlflow/mlflow.db")
+    if path.is_dir():
+        raise UsageError(f"{where}: {path} is a folder; name a database file in it, e.g. {path / 'mlflow.db'}")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:  # SQLite writes a journal beside the database: the folder itself must take new files
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        os.rmdir(tempfile.mkdtemp(prefix=".store-check-", dir=folder))
+    except OSError as error:
+        raise UsageError(f"{where}: cannot create files in {folder} ({error.strerror}): "
+                         f"pass a --tracking-uri on a writable disk") from None
+    if not path.exists():
+        return
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30)) as database:
+            database.execute("BEGIN IMMEDIATE")  # takes the write lock: a read-only file or disk fails here
+            database.rollback()
+    except sqlite3.Error as error:
+        raise UsageError(f"{where}: {path} cannot be written as an SQLite database ({error}): "
+                         f"pass a writable MLflow store, or a new file") from None
+
+
+def check_server(tracking_uri: str) -> None:
+    """Something listens at the server's address (MLflow's client would retry for minutes)."""
+    address = urlparse(tracking_uri)
+    port = address.port or (443 if address.scheme == "https" else 80)
+    try:
+        with socket.create_connection((address.hostname or "", port), timeout=SERVER_TIMEOUT_S):
+            pass
+    except OSError as error:
+        raise UsageError(f"--tracking-uri {tracking_uri}: no MLflow server answers at {address.hostname}:{port} "
+                         f"({error.strerror or error}): start it, or use the local store {DEFAULT_TRACKING_URI}") from None
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False for a SQLite store whose file is missing (reading must not create it)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return sqlite_path(tracking_uri).is_file()
+    return True
+
+
+def absolute_uri(uri: str) -> str:
+    """A SQLite URI with an absolute path, to print: `mlflow ui` may run from another folder."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def trial_outcome(result: dict | None, error: bool) -> str:
+    """completed, pruned or failed: how a trial ended, from its last result.
+
+    The trainable marks its last epoch with finished=True (budget spent or early
+    stopping). A trial whose last result lacks it was stopped from outside: by ASHA.
+    """
+    if error:
+        return "failed"
+    if result and result.get("finished"):
+        return "completed"
+    return "pruned"
+
+
+def exception_line(error_file: str | None) -> str:
+    """The line of a trial's traceback file that names the exception: its last."""
+    try:
+        lines = [line for line in Path(error_file).read_text().splitlines() if line.strip()]
+    except (OSError, TypeError):
+        return "unknown error"
+    return lines[-1][:500] if lines else "unknown error"

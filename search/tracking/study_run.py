@@ -1,0 +1,71 @@
+"""The study's parent run: opened with the study's configuration, reopened on --resume, given the winner.
+
+The configuration goes on the run once, as study.yaml (StudyConfig.to_yaml); its
+values are also the run's params, for people and the UI's filters. `read_study_config`
+is how --resume and final.py get it back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from search.errors import UsageError
+from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
+from search.tracking.schema import BEST_DIR, STUDY_TAG, store_exists
+from search.tracking.store import get_or_create_experiment, log_params, mlflow_client, read_artifact, study_runs
+from trainables.data import DatasetIndex
+
+
+def open_parent_run(client: MlflowClient, config: StudyConfig, index: DatasetIndex, skipped: list[str]) -> tuple[str, str]:
+    """A new study's parent run, with its configuration, data summary and space file: (experiment id, run id)."""
+    experiment_id = get_or_create_experiment(client, config.experiment, config.tracking_uri)
+    parent = client.create_run(experiment_id, run_name=config.name, tags={STUDY_TAG: config.name, "model": config.model})
+    parent_id = parent.info.run_id
+    summary = {key: value for key, value in index.summary().items() if key not in ("source", "classes")}
+    shown = {key: value for key, value in config.to_dict().items() if key != "format"}
+    log_params(client, parent_id, {**shown, "mode": config.mode, **summary, "ignored_files": index.ignored_files,
+                                   "skipped_images": len(skipped)})
+    client.log_text(parent_id, config.to_yaml(), CONFIG_FILE)
+    client.log_dict(parent_id, index.summary(), "data.json")
+    client.log_artifact(parent_id, config.space)
+    if skipped:
+        client.log_metric(parent_id, "skipped_images", len(skipped))
+        client.log_text(parent_id, "\n".join(skipped), "skipped_images.txt")
+    return experiment_id, parent_id
+
+
+def reopen_parent_run(client: MlflowClient, run_id: str) -> str:
+    """An interrupted study's parent run, RUNNING again: its experiment id."""
+    client.update_run(run_id, status="RUNNING")
+    return client.get_run(run_id).info.experiment_id
+
+
+def find_study(tracking_uri: str, name: str):
+    """The newest parent run of study `name`, or None; opens no new store."""
+    if not store_exists(tracking_uri):
+        return None
+    parents = study_runs(mlflow_client(tracking_uri, create=False), name)
+    return parents[0] if parents else None
+
+
+def read_study_config(client: MlflowClient, run) -> StudyConfig:
+    """The study.yaml of a study's parent run; a one-line UsageError for a study that predates it."""
+    name = run.data.tags.get(STUDY_TAG, run.info.run_id)
+    text = read_artifact(client, run.info.run_id, CONFIG_FILE)
+    if text is None:
+        raise UsageError(f"study {name!r} predates {CONFIG_FILE} (it was run by an older version of this tool): "
+                         f"start a new study, or retrain its winner with final.py --study {name}")
+    try:
+        return StudyConfig.from_yaml(text, f"{CONFIG_FILE} of study {name!r}")
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+
+
+def log_best(client: MlflowClient, parent_id: str, best: dict, folder: Path) -> None:
+    """The winner's files (best_config.yaml, best_model.pt in `folder`), its score and trial on the parent run."""
+    for file in sorted(folder.iterdir()):
+        client.log_artifact(parent_id, str(file), BEST_DIR)
+    client.log_metric(parent_id, f"best_{best['metric']}", best["best_value"])
+    client.set_tag(parent_id, "best_trial", best["trial_id"])

@@ -1,0 +1,72 @@
+"""Checkpoints and model files: the one module that writes and reads them.
+
+Both are plain dicts saved with torch.save and loaded with weights_only=True (no
+pickled code runs). A trial checkpoint holds the training state (model, optimizer,
+scheduler, scaler, epoch, early-stopping state) to resume a trial; a model file holds
+the weights and what it takes to rebuild and use the model (spec, hyperparameters,
+classes, metrics): the study's best_model.pt and the final retrain's model.pt.
+Neither holds a path of the machine that wrote it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainables.config import Hyperparameters
+from trainables.engine import Learner
+from trainables.spec import ModelSpec
+
+CHECKPOINT_FILE = "checkpoint.pt"
+"""A trial checkpoint's file inside the folder Ray Tune keeps per checkpoint."""
+
+
+def save_trial_checkpoint(directory: str | Path, learner: Learner, spec: ModelSpec, hp: Hyperparameters,
+                          metrics: dict) -> Path:
+    """The learner's training state plus the spec, hyperparameters and this epoch's metrics."""
+    path = Path(directory) / CHECKPOINT_FILE
+    state = {**learner.state_dict(), "model_spec": spec.portable(), "hyperparameters": hp.to_dict(),
+             "metrics": metrics}
+    torch.save(state, path)
+    return path
+
+
+def load_trial_checkpoint(directory: str | Path) -> dict:
+    """A trial checkpoint as saved: learner.load_state_dict takes it as it is."""
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A trained model with what it takes to rebuild and use it."""
+
+    weights: dict
+    """The model's state dict."""
+    spec: ModelSpec
+    hyperparameters: Hyperparameters
+    classes: list[str]
+    """Class names in output order."""
+    metrics: dict
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        torch.save(
+            {"model": self.weights, "model_spec": self.spec.portable(), "hyperparameters": self.hyperparameters.to_dict(),
+             "classes": list(self.classes), "metrics": self.metrics},
+            path,
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelFile:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(state["model"], ModelSpec.from_portable(state["model_spec"]),
+                   Hyperparameters.from_dict(state["hyperparameters"]), state["classes"], state["metrics"])
+
+    @classmethod
+    def from_trial_checkpoint(cls, state: dict, classes: list[str]) -> ModelFile:
+        """The model of a trial checkpoint (its training state left behind)."""
+        return cls(state["model"], ModelSpec.from_portable(state["model_spec"]),
+                   Hyperparameters.from_dict(state["hyperparameters"]), classes, state["metrics"])
