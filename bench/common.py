@@ -7,6 +7,7 @@ into one table.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -51,10 +52,8 @@ def machine_info(device: str) -> dict[str, str]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB, CUDA {torch.version.cuda}"
-    try:
+    with contextlib.suppress(OSError):  # no load average on this platform
         info["load average"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        pass
     return info
 
 
@@ -88,11 +87,15 @@ def structured_image(rng: np.random.Generator, label: int, num_classes: int, siz
     from PIL import Image, ImageDraw
 
     low = 16
-    yy, xx = np.mgrid[0:1:low * 1j, 0:1:low * 1j]
+    yy, xx = np.mgrid[0 : 1 : low * 1j, 0 : 1 : low * 1j]
     base = 0.5 + 0.35 * np.cos(2 * np.pi * (label / num_classes + np.array([0.0, 1 / 3, 2 / 3])))
     angle = rng.uniform(0, np.pi)
-    field = base * (0.6 + 0.3 * (np.cos(angle) * xx + np.sin(angle) * yy))[..., None] + rng.normal(0, 0.05, (low, low, 3))
-    image = Image.fromarray((np.clip(field, 0, 1) * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+    field = base * (0.6 + 0.3 * (np.cos(angle) * xx + np.sin(angle) * yy))[..., None] + rng.normal(
+        0, 0.05, (low, low, 3)
+    )
+    image = Image.fromarray((np.clip(field, 0, 1) * 255).astype(np.uint8)).resize(
+        (size, size), Image.Resampling.BICUBIC
+    )
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(4, 9))):  # blobs and bars of other colours
         x, y = rng.uniform(0, size, 2)
@@ -208,7 +211,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
     """A number with `digits` significant figures, or an em dash for missing values."""
     if value is None or (isinstance(value, float) and value != value):
         return "—"
-    if isinstance(value, int) or (abs(value) >= 10 ** digits):
+    if isinstance(value, int) or (abs(value) >= 10**digits):
         return f"{value:,.0f}"
     return f"{value:.{digits}g}" if abs(value) >= 1 else f"{value:.{digits}f}".rstrip("0").rstrip(".") or "0"
 
@@ -222,7 +225,7 @@ def text_table(rows: list[Row]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = []
     for n, row in enumerate(cells):
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
         if n == 0:
             lines.append("  ".join("-" * width for width in widths))
     return "\n".join(lines)

@@ -39,8 +39,12 @@ def run(device: torch.device, quick: bool = False) -> dict:
                 continue
             reserved = torch.cuda.max_memory_reserved()
             free, total = torch.cuda.mem_get_info()
-            out["plans"][key] = {"peak_bytes": peak, "reserved_bytes": reserved,
-                        "here": plan_or_error(peak, free, total), "reference": plan_or_error(peak, *REFERENCE)}
+            out["plans"][key] = {
+                "peak_bytes": peak,
+                "reserved_bytes": reserved,
+                "here": plan_or_error(peak, free, total),
+                "reference": plan_or_error(peak, *REFERENCE),
+            }
     return out
 
 

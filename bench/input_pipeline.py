@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import NUM_WORKERS, synchronize, write_jpeg_folder
 from torch import nn
 
-from common import NUM_WORKERS, synchronize, write_jpeg_folder
 from trainables.augment import MAX_JITTER, MAX_NOISE_STD, MAX_ROTATION_DEGREES, augment_batch
 from trainables.config import Hyperparameters
 from trainables.data import DatasetIndex, cache_split, index_source
@@ -34,8 +34,13 @@ STRENGTH = 1.0
 """augment_batch at full strength: the magnitudes the torchvision baseline uses."""
 
 
-def run(device: torch.device, quick: bool = False, images: int | None = None, epochs: int | None = None,
-        workers: int = NUM_WORKERS) -> dict:
+def run(
+    device: torch.device,
+    quick: bool = False,
+    images: int | None = None,
+    epochs: int | None = None,
+    workers: int = NUM_WORKERS,
+) -> dict:
     """workers: the baseline's DataLoader workers, and the torch threads the project's path may use."""
     count = images or (128 if quick else 512)
     epochs = epochs or (1 if quick else 3)
@@ -74,7 +79,7 @@ def project_path(folder: Path, cache_dir: Path, device: torch.device, epochs: in
         order = np.random.default_rng(number).permutation(len(split))[:limit]
         synchronize(device)
         start = time.perf_counter()
-        for images, labels in learner.batches(split, order, BATCH, drop_single=True):
+        for images, _labels in learner.batches(split, order, BATCH, drop_single=True):
             if augment:
                 images = augment_batch(images, STRENGTH, generator)
         synchronize(device)
@@ -116,16 +121,18 @@ def baseline_transform():
         if hasattr(v2, "GaussianNoise")
         else v2.Lambda(lambda x: (x + torch.randn_like(x) * MAX_NOISE_STD).clamp(0, 1))
     )
-    return v2.Compose([
-        v2.Resize((IMG_SIZE, IMG_SIZE), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.RandomRotation(MAX_ROTATION_DEGREES),
-        v2.ColorJitter(brightness=MAX_JITTER, contrast=MAX_JITTER, saturation=MAX_JITTER),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        noise,
-    ])
+    return v2.Compose(
+        [
+            v2.Resize((IMG_SIZE, IMG_SIZE), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(MAX_ROTATION_DEGREES),
+            v2.ColorJitter(brightness=MAX_JITTER, contrast=MAX_JITTER, saturation=MAX_JITTER),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            noise,
+        ]
+    )
 
 
 def torchvision_path(folder: Path, device: torch.device, epochs: int, workers: int) -> dict:
@@ -134,8 +141,13 @@ def torchvision_path(folder: Path, device: torch.device, epochs: int, workers: i
 
     dataset = ImageFolder(str(folder), transform=baseline_transform())
     loader = DataLoader(
-        dataset, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=False,
-        pin_memory=device.type == "cuda", persistent_workers=True,
+        dataset,
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=False,
+        pin_memory=device.type == "cuda",
+        persistent_workers=True,
         generator=torch.Generator().manual_seed(0),
     )
 
@@ -150,7 +162,7 @@ def torchvision_path(folder: Path, device: torch.device, epochs: int, workers: i
 
     first = epoch()  # includes starting the workers
     seconds = [epoch() for _ in range(epochs)]
-    del loader
+    loader = None  # stops its workers: epoch() is done with it
     return {
         "torchvision_first_epoch_s": first,
         "torchvision_epoch_s": float(np.median(seconds)),

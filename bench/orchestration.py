@@ -43,9 +43,14 @@ def epoch_metrics(config: dict, epoch: int, epochs: int) -> dict:
     """Every key train_trial reports: engine metrics, lr, epoch and finished."""
     acc = score(config, epoch)
     return {
-        "train_loss": 2.4 * (1 - acc), "val_loss": 2.5 * (1 - acc), "val_acc": acc,
-        "val_balanced_acc": acc, "val_macro_f1": acc, "lr": config.get("lr", 3e-4),
-        "epoch": epoch, "finished": epoch >= epochs,
+        "train_loss": 2.4 * (1 - acc),
+        "val_loss": 2.5 * (1 - acc),
+        "val_acc": acc,
+        "val_balanced_acc": acc,
+        "val_macro_f1": acc,
+        "lr": config.get("lr", 3e-4),
+        "epoch": epoch,
+        "finished": epoch >= epochs,
     }
 
 
@@ -96,8 +101,11 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
     from trainables.models import ModelSpec
     from trainables.trainable import TrialSetup
 
-    for key, value in {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_DEDUP_LOGS": "0",
-                       "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}.items():
+    for key, value in {
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+        "RAY_DEDUP_LOGS": "0",
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    }.items():
         os.environ.setdefault(key, value)  # as search/run.py sets them
 
     name = f"bench-mc{max_concurrent}"
@@ -105,13 +113,33 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
     log_path = tmp / f"{name}.jsonl"
     space = load_space(Path(__file__).resolve().parents[1] / "spaces" / "vit.yaml", "vit")
     unused = CachedSplit(str(tmp / "unused.npy"), np.zeros(0, dtype=np.int64))  # the fixed-cost trainable reads no data
-    setup = TrialSetup(model=ModelSpec("vit", 11, 224, pretrained=False), train=unused, val=unused, epochs=epochs,
-                       metric="val_acc", seed=0, gpu_fraction=0.0, cpus=1)
+    setup = TrialSetup(
+        model=ModelSpec("vit", 11, 224, pretrained=False),
+        train=unused,
+        val=unused,
+        epochs=epochs,
+        metric="val_acc",
+        seed=0,
+        gpu_fraction=0.0,
+        cpus=1,
+    )
     # The project's defaults (search/run.py): ASHA grace period 2, reduction factor 3, one core per trial.
-    config = StudyConfig(name=name, model="vit", trials=trials, data="synthetic", space=space.path, epochs=epochs,
-                         img_size=224, pretrained=False, gpus_per_trial=0.0, max_concurrent=max_concurrent,
-                         storage_path=str(tmp / "ray"), cache_dir=str(tmp / "cache"), tracking_uri=uri,
-                         experiment="bench")
+    config = StudyConfig(
+        name=name,
+        model="vit",
+        trials=trials,
+        data="synthetic",
+        space=space.path,
+        epochs=epochs,
+        img_size=224,
+        pretrained=False,
+        gpus_per_trial=0.0,
+        max_concurrent=max_concurrent,
+        storage_path=str(tmp / "ray"),
+        cache_dir=str(tmp / "cache"),
+        tracking_uri=uri,
+        experiment="bench",
+    )
     index = DatasetIndex("synthetic", [f"class_{c:02d}" for c in range(11)], {"train": [], "val": [], "test": []})
     trainable = tune.with_resources(
         tune.with_parameters(fixed_cost_trial, seconds=seconds, epochs=epochs, log_path=str(log_path)),
@@ -144,7 +172,9 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
 
     lines = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     if errors or not lines:
-        raise RuntimeError(f"the fixed-cost study failed ({errors} trial errors); its output:\n{printed.getvalue()[-3000:]}")
+        raise RuntimeError(
+            f"the fixed-cost study failed ({errors} trial errors); its output:\n{printed.getvalue()[-3000:]}"
+        )
     own = sum(line["own"] for line in lines)
     startup = min(line["start"] for line in lines) - launch
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -200,7 +230,9 @@ def optuna_loop(tmp: Path, seconds: float, trials: int = TRIALS, epochs: int = E
     return {"wall_s": wall, "own_s": own, "overhead_per_trial_s": (wall - own) / trials, "epochs_run": trials * epochs}
 
 
-def run(device=None, quick: bool = False, seconds: float | None = None, concurrency: tuple[int, ...] | None = None) -> dict:
+def run(
+    device=None, quick: bool = False, seconds: float | None = None, concurrency: tuple[int, ...] | None = None
+) -> dict:
     """device is unused: the orchestration is the same on any machine."""
     seconds = seconds if seconds is not None else (0.1 if quick else 1.0)
     concurrency = concurrency or ((1,) if quick else (1, 2))

@@ -17,9 +17,9 @@ import gc
 import time
 
 import torch
-
 from common import synchronize
 from trainable_efficiency import bare_loop
+
 from trainables.config import Hyperparameters
 from trainables.engine import Learner, SpeedOptions, select_device
 from trainables.models import ModelSpec, build_model
@@ -39,8 +39,12 @@ COMPILE_STEPS = 3
 catch recompiles (GradScaler's first update, the optimizer's state appearing)."""
 
 
-def run(device: torch.device, quick: bool = False, models: tuple[str, ...] = MODELS,
-        compile_models: tuple[str, ...] | None = None) -> dict:
+def run(
+    device: torch.device,
+    quick: bool = False,
+    models: tuple[str, ...] = MODELS,
+    compile_models: tuple[str, ...] | None = None,
+) -> dict:
     """compile_models: the models whose compile time is measured (default: cnn and vit --
     the hybrid's compile costs about both of theirs together, minutes of a short lease)."""
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -91,4 +95,3 @@ def measure(model: str, speed: SpeedOptions, steps: int) -> dict:
         "warmup_extra_s": first_steps - COMPILE_STEPS * per_step,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
-

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import Stopwatch, synchronize, write_array_split
+
+from trainables.checkpoint import save_trial_checkpoint
 from trainables.config import Hyperparameters
 from trainables.engine import Learner, fit, select_device
 from trainables.models import ModelSpec, build_model
-from trainables.checkpoint import save_trial_checkpoint
 
 NUM_CLASSES = 11
 AUG_STRENGTH = 0.5
@@ -43,9 +43,16 @@ SIZES = {
 }
 
 
-def run(device: torch.device, quick: bool = False, model: str = "vit", img_size: int = 224,
-        train_images: int | None = None, val_images: int | None = None, batch: int | None = None,
-        epochs: int | None = None) -> dict:
+def run(
+    device: torch.device,
+    quick: bool = False,
+    model: str = "vit",
+    img_size: int = 224,
+    train_images: int | None = None,
+    val_images: int | None = None,
+    batch: int | None = None,
+    epochs: int | None = None,
+) -> dict:
     default = SIZES[(device.type, quick)]
     train_images, val_images = train_images or default[0], val_images or default[1]
     batch, epochs = batch or default[2], epochs or default[3]
@@ -54,8 +61,15 @@ def run(device: torch.device, quick: bool = False, model: str = "vit", img_size:
     hp = Hyperparameters(batch_size=batch, aug_strength=AUG_STRENGTH, early_stop_patience=epochs + 2)
     spec = ModelSpec(model, NUM_CLASSES, img_size, pretrained=False)
     steps = train_images // batch
-    out = {"model": model, "img_size": img_size, "train_images": train_images, "val_images": val_images,
-           "batch": batch, "epochs": epochs, "steps_per_epoch": steps}
+    out = {
+        "model": model,
+        "img_size": img_size,
+        "train_images": train_images,
+        "val_images": val_images,
+        "batch": batch,
+        "epochs": epochs,
+        "steps_per_epoch": steps,
+    }
 
     with tempfile.TemporaryDirectory(prefix="bench-trainable-") as tmp:
         train = write_array_split(Path(tmp) / "train.npy", train_images, img_size, NUM_CLASSES, seed=1)
@@ -81,8 +95,17 @@ def new_learner(spec: ModelSpec, hp: Hyperparameters, device: torch.device) -> L
     return Learner(build_model(spec), hp, device, "val_acc", seed=0)
 
 
-def measure(spec: ModelSpec, hp: Hyperparameters, device: torch.device, train, val, steps: int, epochs: int,
-            tmp: Path, warmup: int) -> dict:
+def measure(
+    spec: ModelSpec,
+    hp: Hyperparameters,
+    device: torch.device,
+    train,
+    val,
+    steps: int,
+    epochs: int,
+    tmp: Path,
+    warmup: int,
+) -> dict:
     """Bare-loop epochs and whole epochs, interleaved so that drift in machine load hits both.
 
     Both drive the same Learner (model, optimizer, scaler): the bare steps change its

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 from search.errors import UsageError
-from trainables.config import MODEL_NAMES
+from trainables.spec import BACKBONES
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 
@@ -35,8 +35,13 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_weights_argument(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--weights", action="append", default=[], metavar="BACKBONE=PATH",
-                       help="local pretrained weights for a backbone (tf_efficientnetv2_s or vit_tiny_patch16_224); repeatable")
+    group.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="BACKBONE=PATH",
+        help="local pretrained weights for a backbone (tf_efficientnetv2_s or vit_tiny_patch16_224); repeatable",
+    )
 
 
 def weights_problems(items: list[str]) -> list[str]:
@@ -57,7 +62,6 @@ def require_pretrained(model: str, weights: dict[str, str]) -> None:
     or a one-line UsageError says how to get them."""
     # Deferred: timm loads here, once the arguments are known to be good.
     from trainables.pretrained import PretrainedUnavailable, ensure_pretrained
-    from trainables.spec import BACKBONES
 
     try:
         ensure_pretrained(BACKBONES[model], weights)

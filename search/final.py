@@ -31,33 +31,55 @@ def build_parser() -> argparse.ArgumentParser:
     source = what.add_mutually_exclusive_group(required=True)
     source.add_argument("--study", metavar="NAME", help="a study's name (run.py --name): its best trial's config")
     source.add_argument("--run-id", metavar="ID", help="one trial's MLflow run id (or a study's parent run id)")
-    source.add_argument("--config", metavar="FILE", help="a best_config.yaml, as a study writes it (ray_results/<study>/best/)")
+    source.add_argument(
+        "--config", metavar="FILE", help="a best_config.yaml, as a study writes it (ray_results/<study>/best/)"
+    )
     what.add_argument("--model", default=None, choices=MODEL_NAMES, help="refuse a config that is not for this model")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=None,
-                          help="epochs to train (default: as many as the best trial needed; with --keep-val: the study's budget)")
-    training.add_argument("--keep-val", action="store_true",
-                          help="train on train only and early-stop on val (keeping the best epoch), instead of train+val")
-    training.add_argument("--seed", type=int, default=None,
-                          help="seeds weight init, batch order and augmentation (default: the study's seed); "
-                          "the split always uses the study's seed, so the test images stay unseen")
-    training.add_argument("--no-pretrained", action="store_true",
-                          help="random initialisation instead of timm's pretrained weights (a study run with "
-                          "--no-pretrained retrains without them too)")
+    training.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs to train (default: as many as the best trial needed; with --keep-val: the study's budget)",
+    )
+    training.add_argument(
+        "--keep-val",
+        action="store_true",
+        help="train on train only and early-stop on val (keeping the best epoch), instead of train+val",
+    )
+    training.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seeds weight init, batch order and augmentation (default: the study's seed); "
+        "the split always uses the study's seed, so the test images stay unseen",
+    )
+    training.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="random initialisation instead of timm's pretrained weights (a study run with "
+        "--no-pretrained retrains without them too)",
+    )
     add_weights_argument(training)
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default=None,
-                      help="data source (default: the study's); its classes must be the study's")
+    data.add_argument(
+        "--data", default=None, help="data source (default: the study's); its classes must be the study's"
+    )
     data.add_argument("--cache-dir", default=".cache/images", help="decoded-image cache (shared with run.py)")
 
     results = parser.add_argument_group("where results go")
     results.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
-    results.add_argument("--experiment", default=None, help="MLflow experiment (default: the study's; else the model name)")
+    results.add_argument(
+        "--experiment", default=None, help="MLflow experiment (default: the study's; else the model name)"
+    )
     results.add_argument("--register-name", default=None, help="registered model name (default: <model>-classifier)")
-    results.add_argument("--out", default=None, help="local folder for weights, config, classes and metrics "
-                         "(default: final/<study>-<timestamp>)")
+    results.add_argument(
+        "--out",
+        default=None,
+        help="local folder for weights, config, classes and metrics (default: final/<study>-<timestamp>)",
+    )
     return parser
 
 

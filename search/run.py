@@ -43,36 +43,74 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsFormatter,
     )
     what = parser.add_argument_group("what to search")
-    what.add_argument("--model", required=True, choices=MODEL_NAMES, help="cnn: tf_efficientnetv2_s; vit: vit_tiny_patch16_224; hybrid: both")
+    what.add_argument(
+        "--model",
+        required=True,
+        choices=MODEL_NAMES,
+        help="cnn: tf_efficientnetv2_s; vit: vit_tiny_patch16_224; hybrid: both",
+    )
     what.add_argument("--trials", type=int, default=30, help="number of trials")
-    what.add_argument("--data", default="data", help="a folder with one sub-folder per class (split 70/15/15), "
-                      "a folder with train/ val/ test/, or 'synthetic' (built-in, 11 classes; 'synthetic:C' for C)")
+    what.add_argument(
+        "--data",
+        default="data",
+        help="a folder with one sub-folder per class (split 70/15/15), "
+        "a folder with train/ val/ test/, or 'synthetic' (built-in, 11 classes; 'synthetic:C' for C)",
+    )
     what.add_argument("--space", default=None, help="search-space YAML (default: spaces/<model>.yaml)")
-    what.add_argument("--metric", default="val_acc", choices=METRICS, help="what the search optimises (val_loss is minimised)")
+    what.add_argument(
+        "--metric", default="val_acc", choices=METRICS, help="what the search optimises (val_loss is minimised)"
+    )
     what.add_argument("--seed", type=int, default=0, help="seeds the split, the TPE sampler and every trial")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=None, help="epoch budget per trial (default 15; 3 with --smoke)")
+    training.add_argument(
+        "--epochs", type=int, default=None, help="epoch budget per trial (default 15; 3 with --smoke)"
+    )
     training.add_argument("--img-size", type=int, default=None, help="square image size (default 224; 32 with --smoke)")
-    training.add_argument("--no-pretrained", action="store_true", help="random initialisation instead of timm's pretrained weights")
+    training.add_argument(
+        "--no-pretrained", action="store_true", help="random initialisation instead of timm's pretrained weights"
+    )
     add_weights_argument(training)
-    training.add_argument("--smoke", action="store_true", help="CPU-friendly profile: 32 px, 3 epochs, 24 training images per class")
+    training.add_argument(
+        "--smoke", action="store_true", help="CPU-friendly profile: 32 px, 3 epochs, 24 training images per class"
+    )
 
     speed = parser.add_argument_group("speed on CUDA (ignored on the CPU)")
-    speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="fp16 autocast with GradScaler")
-    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory layout")
-    speed.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="autotune convolutions once")
-    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="torch.compile each trial's model (its compile time is paid again in every trial)")
+    speed.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=True, help="fp16 autocast with GradScaler"
+    )
+    speed.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory layout"
+    )
+    speed.add_argument(
+        "--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="autotune convolutions once"
+    )
+    speed.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile each trial's model (its compile time is paid again in every trial)",
+    )
 
     resources = parser.add_argument_group("resources and early stopping")
-    resources.add_argument("--gpus-per-trial", type=gpu_fraction, default="auto", metavar="F|auto",
-                           help="GPU share per trial, 0 for the CPU; 'auto' measures one training step of the largest "
-                           "configuration and packs as many trials as fit in free memory (0 without a GPU)")
+    resources.add_argument(
+        "--gpus-per-trial",
+        type=gpu_fraction,
+        default="auto",
+        metavar="F|auto",
+        help="GPU share per trial, 0 for the CPU; 'auto' measures one training step of the largest "
+        "configuration and packs as many trials as fit in free memory (0 without a GPU)",
+    )
     resources.add_argument("--cpus-per-trial", type=int, default=1, help="CPU cores per trial")
-    resources.add_argument("--max-concurrent", type=int, default=None, help="most trials at once (default: as many as resources allow)")
-    resources.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial from its last checkpoint")
-    resources.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs every trial gets before it can be stopped")
+    resources.add_argument(
+        "--max-concurrent", type=int, default=None, help="most trials at once (default: as many as resources allow)"
+    )
+    resources.add_argument(
+        "--max-failures", type=int, default=0, help="retries of a crashed trial from its last checkpoint"
+    )
+    resources.add_argument(
+        "--grace-period", type=int, default=2, help="ASHA: epochs every trial gets before it can be stopped"
+    )
     resources.add_argument("--reduction-factor", type=int, default=3, help="ASHA: keep the top 1/N at each rung")
 
     tracking = parser.add_argument_group("where results go")
@@ -81,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     tracking.add_argument("--cache-dir", default=".cache/images", help="decoded-image cache shared by trials")
     tracking.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
     tracking.add_argument("--experiment", default=None, help="MLflow experiment (default: the model name)")
-    tracking.add_argument("--resume", action="store_true", help="continue the interrupted study --name with its own settings")
+    tracking.add_argument(
+        "--resume", action="store_true", help="continue the interrupted study --name with its own settings"
+    )
     return parser
 
 

@@ -4,13 +4,28 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import mounted_tmpfs, run_script, write_image_folder
 
 FLAGS = [
-    "--model", "--trials", "--data", "--epochs", "--img-size", "--seed", "--space", "--gpus-per-trial",
-    "--cpus-per-trial", "--max-concurrent", "--grace-period", "--reduction-factor", "--metric", "--name",
-    "--storage-path", "--tracking-uri", "--experiment", "--no-pretrained", "--smoke",
+    "--model",
+    "--trials",
+    "--data",
+    "--epochs",
+    "--img-size",
+    "--seed",
+    "--space",
+    "--gpus-per-trial",
+    "--cpus-per-trial",
+    "--max-concurrent",
+    "--grace-period",
+    "--reduction-factor",
+    "--metric",
+    "--name",
+    "--storage-path",
+    "--tracking-uri",
+    "--experiment",
+    "--no-pretrained",
+    "--smoke",
 ]
 
 
@@ -34,22 +49,43 @@ BAD = {
     "gpus on a cpu machine": (["--model", "cnn", "--gpus-per-trial", "0.5"], "no CUDA GPU is visible"),
     "image too small for the vit patch": (["--model", "vit", "--img-size", "40"], "multiple of the ViT patch"),
     "missing default data": (["--model", "cnn", "--data", "data"], "--data synthetic"),
-    "missing space": (["--model", "cnn", "--space", "nope.yaml"], "space file nope.yaml does not exist"),
+    "missing space": (["--model", "cnn", "--space", "nope.yaml"], "nope.yaml does not exist"),
     "unknown space parameter": (["--model", "cnn", "--space", "bad.yaml"], "learning_rate: not a hyperparameter"),
-    "missing weights file": (["--model", "cnn", "--weights", "tf_efficientnetv2_s=missing.safetensors"], "missing.safetensors"),
+    "missing weights file": (
+        ["--model", "cnn", "--weights", "tf_efficientnetv2_s=missing.safetensors"],
+        "missing.safetensors",
+    ),
     "offline pretrained weights": (["--model", "vit"], "rerun with --no-pretrained"),
     "image size without bound": (["--model", "cnn", "--img-size", "4096"], "--img-size 4096: use 16 to 1024"),
     "synthetic set too large": (["--model", "cnn", "--data", "synthetic:10000000"], "2 <= C <= 1000"),
     "data is a file": (["--model", "cnn", "--data", "bad.yaml"], "is a file: pass the folder"),
-    "name escaping the storage": (["--model", "cnn", "--name", "../../escaped-study"], "--name '../../escaped-study': use"),
+    "name escaping the storage": (
+        ["--model", "cnn", "--name", "../../escaped-study"],
+        "--name '../../escaped-study': use",
+    ),
     "name too long": (["--model", "cnn", "--name", "s" * 300], "use 1 to 100 letters"),
-    "name with quotes": (["--model", "cnn", "--name", "it's \"x\""], "starting with a letter or digit"),
-    "name of an existing ray folder": (["--model", "cnn", "--name", "taken"], "'taken' exists already under --storage-path"),
+    "name with quotes": (["--model", "cnn", "--name", 'it\'s "x"'], "starting with a letter or digit"),
+    "name of an existing ray folder": (
+        ["--model", "cnn", "--name", "taken"],
+        "'taken' exists already under --storage-path",
+    ),
     "unknown tracking scheme": (["--model", "cnn", "--tracking-uri", "foo://bar"], "not a store MLflow opens"),
-    "tracking server not answering": (["--model", "cnn", "--tracking-uri", "http://127.0.0.1:1"], "no MLflow server answers"),
-    "tracking store under /proc": (["--model", "cnn", "--tracking-uri", "sqlite:////proc/nope/m.db"], "cannot create files in /proc"),
-    "tracking store under a file": (["--model", "cnn", "--tracking-uri", "sqlite:///bad.yaml/m.db"], "(Not a directory)"),
-    "tracking store that is no database": (["--model", "cnn", "--tracking-uri", "sqlite:///bad.yaml"], "cannot be written as an SQLite"),
+    "tracking server not answering": (
+        ["--model", "cnn", "--tracking-uri", "http://127.0.0.1:1"],
+        "no MLflow server answers",
+    ),
+    "tracking store under /proc": (
+        ["--model", "cnn", "--tracking-uri", "sqlite:////proc/nope/m.db"],
+        "cannot create files in /proc",
+    ),
+    "tracking store under a file": (
+        ["--model", "cnn", "--tracking-uri", "sqlite:///bad.yaml/m.db"],
+        "(Not a directory)",
+    ),
+    "tracking store that is no database": (
+        ["--model", "cnn", "--tracking-uri", "sqlite:///bad.yaml"],
+        "cannot be written as an SQLite",
+    ),
     "space with a NaN bound": (["--model", "cnn", "--space", "nan.yaml"], "lr: 'low:' and 'high:' must be finite"),
 }
 # A hub that cannot be reached and an empty weights cache: offline, on any machine.
@@ -94,8 +130,20 @@ def test_a_name_used_by_a_study_in_mlflow_is_refused_before_anything_is_written(
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow_client(uri)
     client.create_run(client.create_experiment("vit"), run_name="taken", tags={STUDY_TAG: "taken"})
-    result = run_script("run.py", "--model", "vit", "--smoke", "--data", "synthetic", "--no-pretrained", "--name", "taken",
-                        "--tracking-uri", uri, cwd=tmp_path)
+    result = run_script(
+        "run.py",
+        "--model",
+        "vit",
+        "--smoke",
+        "--data",
+        "synthetic",
+        "--no-pretrained",
+        "--name",
+        "taken",
+        "--tracking-uri",
+        uri,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and "'taken' exists already in --tracking-uri" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 1
@@ -108,8 +156,18 @@ def test_a_read_only_tracking_store_is_refused_at_once(tmp_path):
 
     mlflow_client(f"sqlite:///{tmp_path}/store/mlflow.db")
     with mounted_tmpfs(tmp_path / "ro", copy_from=tmp_path / "store", read_only=True) as read_only:
-        result = run_script("run.py", "--model", "vit", "--smoke", "--data", "synthetic", "--no-pretrained",
-                            "--tracking-uri", f"sqlite:///{read_only}/mlflow.db", cwd=tmp_path)
+        result = run_script(
+            "run.py",
+            "--model",
+            "vit",
+            "--smoke",
+            "--data",
+            "synthetic",
+            "--no-pretrained",
+            "--tracking-uri",
+            f"sqlite:///{read_only}/mlflow.db",
+            cwd=tmp_path,
+        )
     assert result.returncode == 2 and "Read-only file system" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

@@ -2,10 +2,10 @@ import os
 
 import numpy as np
 import pytest
+from helpers import mounted_tmpfs, write_image_folder
 from PIL import Image
 
 import trainables.data as data
-from helpers import mounted_tmpfs, write_image_folder
 from trainables.data import DataError, cache_split, index_source, prepare_splits, stratified_split
 
 
@@ -50,7 +50,10 @@ def test_synthetic_source_has_class_structure():
     assert first.shape == (32, 32, 3) and first.dtype == np.uint8
     assert np.array_equal(first, data.synthetic_image("c03-0007", 11, 32))
     # Images of one class resemble each other more than images of another class.
-    means = {c: np.mean([data.synthetic_image(f"c{c:02d}-{i:04d}", 11, 32).mean((0, 1)) for i in range(5)], 0) for c in (0, 5)}
+    means = {
+        c: np.mean([data.synthetic_image(f"c{c:02d}-{i:04d}", 11, 32).mean((0, 1)) for i in range(5)], 0)
+        for c in (0, 5)
+    }
     spread = np.abs(data.synthetic_image("c00-0009", 11, 32).mean((0, 1)) - means[0]).sum()
     assert spread < np.abs(means[0] - means[5]).sum()
 
@@ -149,7 +152,7 @@ def test_a_disk_that_fills_while_caching_is_an_error_not_sigbus_and_leaves_no_pa
     """The space check passed (another writer filled the disk since): the allocation, not a mapped write, fails."""
     index = index_source("synthetic:2", seed=0)
     with mounted_tmpfs(tmp_path / "small", megabytes=8) as small:
-        with pytest.raises(DataError, match="the disk of the image cache .* is full"):
+        with pytest.raises(DataError, match=r"the disk of the image cache .* is full"):
             cache_split(index, "train", 512, small)  # 84 images of 768 KB: 63 MB
         assert list(small.iterdir()) == []
         cached = cache_split(index, "val", 64, small)  # what fits still caches

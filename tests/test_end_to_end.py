@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers import run_script
+
 from search.study.config import SMOKE
+from trainables.config import Hyperparameters
 from trainables.data import cache_split, index_source, subsample
 from trainables.engine import Learner
-from trainables.config import Hyperparameters
 from trainables.models import ModelSpec, build_model
 
 TRIALS = 2
@@ -23,9 +23,25 @@ EPOCHS = {"vit": 2, "cnn": 1, "hybrid": 1}
 def run_smoke_study(model: str, tmp_path: Path) -> tuple[object, str, str]:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = run_script(
-        "run.py", "--model", model, "--trials", str(TRIALS), "--epochs", str(EPOCHS[model]), "--smoke",
-        "--data", "synthetic", "--no-pretrained", "--name", f"e2e-{model}", "--tracking-uri", uri,
-        "--storage-path", str(tmp_path / "ray"), "--cache-dir", str(tmp_path / "cache"),
+        "run.py",
+        "--model",
+        model,
+        "--trials",
+        str(TRIALS),
+        "--epochs",
+        str(EPOCHS[model]),
+        "--smoke",
+        "--data",
+        "synthetic",
+        "--no-pretrained",
+        "--name",
+        f"e2e-{model}",
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        str(tmp_path / "ray"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -59,7 +75,7 @@ def test_smoke_study_is_recorded_in_mlflow_and_its_best_checkpoint_reproduces(mo
     assert parent.info.status == "FINISHED"
     assert parent.data.params["model"] == model and parent.data.params["num_classes"] == "11"
     assert int(parent.data.params["train_images"]) == 11 * SMOKE.per_class["train"]
-    assert parent.data.params["img_size"] == str(SMOKE["img_size"])
+    assert parent.data.params["img_size"] == str(SMOKE.img_size)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "best")}
     assert artifacts == {"best/best_config.yaml", "best/best_model.pt"}
 

@@ -1,12 +1,11 @@
-import numpy as np
 import pytest
 import torch
 
+from trainables.checkpoint import load_trial_checkpoint, save_trial_checkpoint
 from trainables.config import Hyperparameters
 from trainables.data import index_source, prepare_splits, subsample
-from trainables.engine import Learner, NonFiniteLoss, fit
+from trainables.engine import Learner, NonFiniteLoss, batch_count, epoch_batches, fit
 from trainables.models import ModelSpec, build_model
-from trainables.checkpoint import load_trial_checkpoint, save_trial_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +40,7 @@ def test_a_restored_checkpoint_continues_exactly(splits, tmp_path):
     straight = [r.metrics for r in fit(learner(hp), splits["train"], splits["val"], 3)]
 
     first = learner(hp)
-    for result in fit(first, splits["train"], splits["val"], 2):
-        pass
+    *_, result = fit(first, splits["train"], splits["val"], 2)
     save_trial_checkpoint(tmp_path, first, ModelSpec("vit", 4, 32), hp, result.metrics)
     resumed = learner(hp, seed=0)
     torch.manual_seed(123)  # a different process state must not matter
@@ -55,3 +53,18 @@ def test_a_restored_checkpoint_continues_exactly(splits, tmp_path):
 def test_diverging_loss_stops_the_trial(splits):
     with pytest.raises(NonFiniteLoss, match="lower the learning rate"):
         list(fit(learner(Hyperparameters(lr=1e6, batch_size=16, weight_decay=0.0)), splits["train"], splits["val"], 3))
+
+
+@pytest.mark.parametrize("batch_size", [5, 16, 64])
+def test_on_batch_ticks_once_per_batch_as_epoch_batches_counts(splits, batch_size):
+    """The final retrain's progress bar is sized by epoch_batches and advanced by fit's own hook."""
+    ticks: list[int] = []
+    hp = Hyperparameters(batch_size=batch_size)
+    for result in fit(learner(hp), splits["train"], splits["val"], 2, on_batch=lambda: ticks.append(1)):
+        assert len(ticks) == result.epoch * epoch_batches(len(splits["train"]), len(splits["val"]), batch_size)
+
+
+def test_batch_count_leaves_out_a_trailing_batch_of_one_in_training_only():
+    assert batch_count(33, 16, drop_single=True) == 2 and batch_count(33, 16) == 3
+    assert batch_count(1, 16, drop_single=True) == 1  # a split of one image still trains
+    assert batch_count(32, 16, drop_single=True) == 2

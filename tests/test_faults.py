@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, mounted_tmpfs, run_script, write_image_folder
 
 TRIALS = 3
@@ -18,9 +17,23 @@ TRIALS = 3
 
 def study_args(tmp_path: Path, name: str, *extra: str, data: str = "synthetic") -> list[str]:
     return [
-        "--model", "vit", "--smoke", "--data", data, "--no-pretrained", "--epochs", "2",
-        "--name", name, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-        "--storage-path", str(tmp_path / "ray"), "--cache-dir", str(tmp_path / "cache"), *extra,
+        "--model",
+        "vit",
+        "--smoke",
+        "--data",
+        data,
+        "--no-pretrained",
+        "--epochs",
+        "2",
+        "--name",
+        name,
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--storage-path",
+        str(tmp_path / "ray"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *extra,
     ]
 
 
@@ -37,9 +50,7 @@ def study_runs(tmp_path: Path, name: str):
 
 def test_trials_that_diverge_are_failed_and_the_study_goes_on(tmp_path):
     (tmp_path / "space.yaml").write_text(
-        "parameters:\n"
-        "  lr: {type: categorical, choices: [0.001, 1.0e+6]}\n"
-        "  weight_decay: {type: fixed, value: 0.0}\n"
+        "parameters:\n  lr: {type: categorical, choices: [0.001, 1.0e+6]}\n  weight_decay: {type: fixed, value: 0.0}\n"
     )
     # Real-world mess in the data too: a corrupt image and a file that is no image.
     images = write_image_folder(tmp_path / "images", {"a": 10, "b": 10, "c": 10}, size=48)
@@ -68,7 +79,10 @@ def start_study(tmp_path: Path, name: str, trials: int = TRIALS, concurrent: int
     args = study_args(tmp_path, name, "--trials", str(trials), "--max-concurrent", str(concurrent))
     return subprocess.Popen(
         [sys.executable, str(ROOT / "search" / "run.py"), *args],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -136,7 +150,7 @@ def test_ctrl_c_in_the_last_wave_interrupts_the_study_rather_than_finishing_it(t
 
 
 def test_a_full_disk_under_the_storage_path_is_one_line_and_a_resume_command(tmp_path):
-    """A 30 MB disk for Ray's trial folders: the first checkpoint (ViT-Tiny with AdamW, about 66 MB) cannot be written."""
+    """A 30 MB disk for Ray's trial folders: the first checkpoint (ViT-Tiny with AdamW, 66 MB) cannot be written."""
     with mounted_tmpfs(tmp_path / "ray", megabytes=30):
         result = run_script("run.py", *study_args(tmp_path, "full", "--trials", "2", "--epochs", "1"), cwd=tmp_path)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
@@ -186,7 +200,9 @@ def test_runs_of_trials_ray_never_saved_are_settled(tmp_path):
     parent = client.create_run(experiment).info.run_id
 
     def child(trial_id: str, epochs: int) -> str:
-        run_id = client.create_run(experiment, tags={PARENT_TAG: parent, TRIAL_ID_TAG: trial_id, STATUS_TAG: "running"}).info.run_id
+        run_id = client.create_run(
+            experiment, tags={PARENT_TAG: parent, TRIAL_ID_TAG: trial_id, STATUS_TAG: "running"}
+        ).info.run_id
         for epoch in range(1, epochs + 1):
             client.log_metric(run_id, "val_acc", 0.5, step=epoch)
         return run_id

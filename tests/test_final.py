@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-
 from helpers import run_script, write_image_folder
+
 from search.study.config import SMOKE
 from trainables.data import index_source, subsample
 
@@ -32,8 +32,16 @@ THREADS = 1
 def final(study, *args: str, out: str = "out"):
     start = time.perf_counter()
     result = run_script(
-        "final.py", *args, "--no-pretrained", "--tracking-uri", study.uri,
-        "--cache-dir", str(study.root / "final-cache"), "--out", str(study.root / out), cwd=study.root,
+        "final.py",
+        *args,
+        "--no-pretrained",
+        "--tracking-uri",
+        study.uri,
+        "--cache-dir",
+        str(study.root / "final-cache"),
+        "--out",
+        str(study.root / out),
+        cwd=study.root,
         env={"OMP_NUM_THREADS": str(THREADS)},
     )
     result.seconds = time.perf_counter() - start
@@ -52,9 +60,28 @@ def study(tmp_path_factory):
         for path in test_files:
             path.write_bytes(b"not an image: the search must never decode this file")
         searched = run_script(
-            "run.py", "--model", MODEL, "--trials", "2", "--epochs", "2", "--smoke", "--data", str(images),
-            "--no-pretrained", "--seed", str(SEED), "--name", NAME, "--tracking-uri", uri,
-            "--storage-path", str(root / "ray"), "--cache-dir", str(root / "search-cache"), cwd=root,
+            "run.py",
+            "--model",
+            MODEL,
+            "--trials",
+            "2",
+            "--epochs",
+            "2",
+            "--smoke",
+            "--data",
+            str(images),
+            "--no-pretrained",
+            "--seed",
+            str(SEED),
+            "--name",
+            NAME,
+            "--tracking-uri",
+            uri,
+            "--storage-path",
+            str(root / "ray"),
+            "--cache-dir",
+            str(root / "search-cache"),
+            cwd=root,
         )
     finally:
         for path, content in originals.items():
@@ -63,8 +90,14 @@ def study(tmp_path_factory):
 
     from mlflow.tracking import MlflowClient
 
-    namespace = SimpleNamespace(root=root, uri=uri, images=images, client=MlflowClient(uri),
-                                split=subsample(index, SMOKE.per_class, SEED), test_files=set(test_files))
+    namespace = SimpleNamespace(
+        root=root,
+        uri=uri,
+        images=images,
+        client=MlflowClient(uri),
+        split=subsample(index, SMOKE.per_class, SEED),
+        test_files=set(test_files),
+    )
     namespace.first = final(namespace, "--study", NAME)
     assert namespace.first.returncode == 0, namespace.first.stdout[-3000:] + namespace.first.stderr[-3000:]
     print(f"\nfinal.py --study on the smoke study: {namespace.first.seconds:.1f} s")
@@ -83,7 +116,9 @@ def first_final(study):
 
 
 def study_parent(client):
-    (parent,) = [r for r in runs_of(client, NAME) if "mlflow.parentRunId" not in r.data.tags and "role" not in r.data.tags]
+    (parent,) = [
+        r for r in runs_of(client, NAME) if "mlflow.parentRunId" not in r.data.tags and "role" not in r.data.tags
+    ]
     return parent
 
 
@@ -112,8 +147,14 @@ def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
     assert {f"test_recall/{name}" for name in CLASSES} <= set(metrics)
 
     artifacts = {a.path for a in study.client.list_artifacts(run.info.run_id)}
-    assert {"confusion_matrix.png", "classification_report.txt", "metrics.json", "config.yaml", "classes.json",
-            "splits.json"} <= artifacts
+    assert {
+        "confusion_matrix.png",
+        "classification_report.txt",
+        "metrics.json",
+        "config.yaml",
+        "classes.json",
+        "splits.json",
+    } <= artifacts
     out = study.root / "out"
     assert json.loads((out / "classes.json").read_text()) == sorted(CLASSES)
     assert json.loads((out / "metrics.json").read_text())["test"]["test_acc"] == pytest.approx(metrics["test_acc"])
@@ -131,11 +172,14 @@ def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
 
 
 def test_registered_model_loads_and_returns_one_row_of_class_scores_per_image(study):
-    import mlflow
     import torch
 
+    import mlflow
+
     run = first_final(study)
-    (version,) = [v for v in study.client.search_model_versions("name = 'vit-classifier'") if v.run_id == run.info.run_id]
+    (version,) = [
+        v for v in study.client.search_model_versions("name = 'vit-classifier'") if v.run_id == run.info.run_id
+    ]
     mlflow.set_tracking_uri(study.uri)
     model = mlflow.pytorch.load_model(f"models:/vit-classifier/{version.version}")
     images = torch.rand(5, 3, SMOKE.img_size, SMOKE.img_size)
@@ -170,6 +214,26 @@ def test_test_split_is_disjoint_from_train_and_val_and_the_search_never_read_it(
     assert first_final(study).data.params["test_images"] == str(len(test))
 
 
+def test_the_study_config_is_written_once_and_read_back_by_its_one_loader(study):
+    from search.study.config import StudyConfig
+
+    parent = study_parent(study.client)
+    on_run = study.client.download_artifacts(parent.info.run_id, "study.yaml", str(study.root))
+    beside_trials = (study.root / "ray" / NAME / "study.yaml").read_text()
+    assert Path(on_run).read_text() == beside_trials
+    config = StudyConfig.from_yaml(beside_trials, "study.yaml")
+    assert (config.name, config.model, config.data, config.smoke, config.seed) == (
+        NAME,
+        MODEL,
+        str(study.images),
+        True,
+        SEED,
+    )
+    assert config.gpus_per_trial == 0.0 and config.max_concurrent >= 1  # the resolved share, never 'auto'
+    # The parent run's params show the same values (for people and the UI); nothing reads them back.
+    assert parent.data.params["trials"] == str(config.trials) and parent.data.params["data"] == config.data
+
+
 @pytest.fixture
 def one_thread():
     import torch
@@ -181,8 +245,7 @@ def one_thread():
 
 
 def retrain_in_process(study, *flags: str):
-    from search.final import build_parser
-    from search.final import load_winner
+    from search.final import build_parser, load_winner
     from search.final_model.retrain import prepare_final, train
 
     config = study.root / "ray" / NAME / "best" / "best_config.yaml"
@@ -208,7 +271,9 @@ def test_the_same_config_and_seed_give_the_same_test_metrics(study, one_thread):
 
 def test_keep_val_trains_on_train_and_keeps_the_best_val_epoch(study, one_thread):
     prepared, _, trained_epochs, epochs = retrain_in_process(study, "--keep-val", "--epochs", "2")
-    assert len(prepared.train) == len(study.split.splits["train"]) and len(prepared.val) == len(study.split.splits["val"])
+    assert len(prepared.train) == len(study.split.splits["train"]) and len(prepared.val) == len(
+        study.split.splits["val"]
+    )
     assert prepared.settings["train_on"] == "train" and 1 <= len(epochs) <= 2
     scores = [r.metrics["val_acc"] for r in epochs]
     assert trained_epochs == 1 + scores.index(max(scores))  # the best val epoch's weights, not the last
@@ -246,7 +311,9 @@ def study_without_a_completed_trial(tmp_path: Path) -> str:
     experiment = client.create_experiment(MODEL, artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(experiment, run_name="broken", tags={"study": "broken", "model": MODEL}).info.run_id
     for _ in range(2):
-        child = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "study": "broken", "trial_status": "failed"})
+        child = client.create_run(
+            experiment, tags={"mlflow.parentRunId": parent, "study": "broken", "trial_status": "failed"}
+        )
         client.set_terminated(child.info.run_id, "FAILED")
     client.set_terminated(parent, "FAILED")
     return uri
@@ -267,7 +334,10 @@ def edited_config(study, tmp_path: Path, **changes) -> str:
 
 REFUSALS = {
     "missing study": (lambda s, t: ["--study", "nope"], "no study named 'nope'"),
-    "missing store": (lambda s, t: ["--study", NAME, "--tracking-uri", f"sqlite:///{t}/none/mlflow.db"], "no MLflow store at"),
+    "missing store": (
+        lambda s, t: ["--study", NAME, "--tracking-uri", f"sqlite:///{t}/none/mlflow.db"],
+        "no MLflow store at",
+    ),
     "no completed trial": (
         lambda s, t: ["--study", "broken", "--tracking-uri", study_without_a_completed_trial(t)],
         "study 'broken' has no completed trial (2 failed)",
@@ -277,12 +347,30 @@ REFUSALS = {
         "it is a config for --model vit, not --model cnn",
     ),
     "config mixing two models": (lambda s, t: ["--config", another_models_config(s, t)], "model_spec is for model vit"),
-    "infinite learning rate": (lambda s, t: ["--config", edited_config(s, t, hp_lr=float("inf"))], "lr=inf is not a finite number"),
-    "NaN dropout": (lambda s, t: ["--config", edited_config(s, t, hp_dropout=float("nan"))], "dropout=nan is not a finite number"),
-    "infinite batch size": (lambda s, t: ["--config", edited_config(s, t, hp_batch_size=float("inf"))], "batch_size=inf"),
-    "best value not a number": (lambda s, t: ["--config", edited_config(s, t, best_value="abc")], "best_value must be a finite number"),
-    "unknown tracking scheme": (lambda s, t: ["--study", NAME, "--tracking-uri", "foo://bar"], "not a store MLflow opens"),
-    "tracking server not answering": (lambda s, t: ["--study", NAME, "--tracking-uri", "http://127.0.0.1:1"], "no MLflow server answers"),
+    "infinite learning rate": (
+        lambda s, t: ["--config", edited_config(s, t, hp_lr=float("inf"))],
+        "lr=inf is not a finite number",
+    ),
+    "NaN dropout": (
+        lambda s, t: ["--config", edited_config(s, t, hp_dropout=float("nan"))],
+        "dropout=nan is not a finite number",
+    ),
+    "infinite batch size": (
+        lambda s, t: ["--config", edited_config(s, t, hp_batch_size=float("inf"))],
+        "batch_size=inf",
+    ),
+    "best value not a number": (
+        lambda s, t: ["--config", edited_config(s, t, best_value="abc")],
+        "best_value must be a finite number",
+    ),
+    "unknown tracking scheme": (
+        lambda s, t: ["--study", NAME, "--tracking-uri", "foo://bar"],
+        "not a store MLflow opens",
+    ),
+    "tracking server not answering": (
+        lambda s, t: ["--study", NAME, "--tracking-uri", "http://127.0.0.1:1"],
+        "no MLflow server answers",
+    ),
     "data with other classes": (
         lambda s, t: ["--config", str(s.root / "ray" / NAME / "best" / "best_config.yaml"), "--data", "synthetic:4"],
         "has other classes than",
@@ -312,8 +400,22 @@ def test_help_answers_fast_and_names_every_flag(tmp_path):
     start = time.perf_counter()
     result = run_script("final.py", "--help", cwd=tmp_path)
     assert result.returncode == 0 and time.perf_counter() - start < 2.0
-    for flag in ("--study", "--run-id", "--config", "--model", "--epochs", "--keep-val", "--seed", "--no-pretrained",
-                 "--weights", "--data", "--cache-dir", "--tracking-uri", "--register-name", "--out"):
+    for flag in (
+        "--study",
+        "--run-id",
+        "--config",
+        "--model",
+        "--epochs",
+        "--keep-val",
+        "--seed",
+        "--no-pretrained",
+        "--weights",
+        "--data",
+        "--cache-dir",
+        "--tracking-uri",
+        "--register-name",
+        "--out",
+    ):
         assert flag in result.stdout
     assert "sqlite:///mlflow/mlflow.db" in result.stdout
 
@@ -325,7 +427,9 @@ def test_metrics_come_from_scikit_learn_and_ece_bins_confidence():
     from search.final_model.report import evaluate_test, expected_calibration_error
 
     labels = np.array([0, 0, 1, 1, 2, 2])
-    logits = np.log(np.array([[.8, .1, .1], [.6, .3, .1], [.1, .7, .2], [.5, .4, .1], [.1, .1, .8], [.2, .2, .6]]))
+    logits = np.log(
+        np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.1, 0.7, 0.2], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]])
+    )
     result = evaluate_test(logits, labels, ["a", "b", "c"])
     assert result.metrics["test_acc"] == pytest.approx(5 / 6)
     assert result.per_class["b"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}

@@ -35,8 +35,13 @@ ray.shutdown()
 def run_probe(ray_tmpdir: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_TMPDIR": ray_tmpdir}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-c", PROBE, str(Path(__file__).parent / "helpers")],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, str(Path(__file__).parent / "helpers")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ def test_token_fusion_variant_attends_over_two_tokens():
 
 
 def test_vit_depth_keeps_the_first_blocks():
-    full, full_params = param_count("vit")
+    _, full_params = param_count("vit")
     shallow, shallow_params = param_count("vit", vit_depth=3)
     assert len(shallow.backbones[0].backbone.blocks) == 3
     assert shallow_params < full_params

@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
+from helpers import study_config
 from optuna.trial import TrialState
 
-from helpers import study_config
 from search.study.spaces import load_space
 from search.study.tuning import make_searcher
 

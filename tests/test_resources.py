@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 import sys
 import types
 
@@ -13,8 +13,8 @@ import pytest
 from search.study.gpu_share import (
     CUDA_CONTEXT_BYTES,
     GiB,
-    MiB,
     GpuTooSmall,
+    MiB,
     NoCudaError,
     choose_gpu_fraction,
     probe_peak_memory,
@@ -167,10 +167,16 @@ def test_a_measured_share_packs_the_card(capsys):
     assert "--gpus-per-trial auto: one trial needs" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("error, message", [
-    (GpuTooSmall("one trial needs 9.00 GiB"), "one trial needs 9.00 GiB"),
-    (RuntimeError("CUDA error: out of memory\nmore lines"), "could not measure the GPU (CUDA error: out of memory)"),
-])
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (GpuTooSmall("one trial needs 9.00 GiB"), "one trial needs 9.00 GiB"),
+        (
+            RuntimeError("CUDA error: out of memory\nmore lines"),
+            "could not measure the GPU (CUDA error: out of memory)",
+        ),
+    ],
+)
 def test_a_probe_that_fails_is_a_usage_error(error, message):
     from search.errors import UsageError
     from search.study.driver import measured_gpu_share

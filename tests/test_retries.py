@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import study_config
 from optuna.trial import TrialState
 
 import search.study.tuning
-from helpers import study_config
 from search.study.spaces import load_space
 from search.study.tuning import make_tuner
 from search.tracking.schema import PARENT_TAG, STATUS_TAG, STUDY_TAG
@@ -58,8 +58,16 @@ def crash_once_trial(config: dict, epochs: int, marker: str, log_path: str) -> N
     record({"attempt_from": first})
     for epoch in range(first, epochs + 1):
         loss = 1.0 / epoch
-        metrics = {"train_loss": loss, "val_loss": loss, "val_acc": 1 - loss, "val_balanced_acc": 1 - loss,
-                   "val_macro_f1": 1 - loss, "lr": config["lr"], "epoch": epoch, "finished": epoch == epochs}
+        metrics = {
+            "train_loss": loss,
+            "val_loss": loss,
+            "val_acc": 1 - loss,
+            "val_balanced_acc": 1 - loss,
+            "val_macro_f1": 1 - loss,
+            "lr": config["lr"],
+            "epoch": epoch,
+            "finished": epoch == epochs,
+        }
         record({"epoch": epoch})  # before report: nothing after a report is sure to run
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
@@ -91,14 +99,32 @@ def run_study(tmp_path: Path, max_failures: int, monkeypatch) -> dict:
     monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # as search/run.py sets it
     searchers = []
     make_searcher = search.study.tuning.make_searcher
-    monkeypatch.setattr(search.study.tuning, "make_searcher", lambda *a: searchers.append(make_searcher(*a)) or searchers[-1])
+    monkeypatch.setattr(
+        search.study.tuning, "make_searcher", lambda *a: searchers.append(make_searcher(*a)) or searchers[-1]
+    )
 
     name, uri, log_path = f"retry{max_failures}", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "trial.jsonl"
     unused = CachedSplit(str(tmp_path / "unused.npy"), np.zeros(0, dtype=np.int64))  # this trainable reads no data
-    setup = TrialSetup(model=ModelSpec("cnn", 3, 32, pretrained=False), train=unused, val=unused, epochs=EPOCHS,
-                       metric="val_acc", seed=0, gpu_fraction=0.0, cpus=1)
-    config = study_config(name=name, trials=1, epochs=EPOCHS, grace_period=EPOCHS, reduction_factor=2,
-                          storage_path=str(tmp_path / "ray"), tracking_uri=uri, max_failures=max_failures)
+    setup = TrialSetup(
+        model=ModelSpec("cnn", 3, 32, pretrained=False),
+        train=unused,
+        val=unused,
+        epochs=EPOCHS,
+        metric="val_acc",
+        seed=0,
+        gpu_fraction=0.0,
+        cpus=1,
+    )
+    config = study_config(
+        name=name,
+        trials=1,
+        epochs=EPOCHS,
+        grace_period=EPOCHS,
+        reduction_factor=2,
+        storage_path=str(tmp_path / "ray"),
+        tracking_uri=uri,
+        max_failures=max_failures,
+    )
     trainable = tune.with_resources(
         tune.with_parameters(crash_once_trial, epochs=EPOCHS, marker=str(tmp_path / "crashed"), log_path=str(log_path)),
         {"cpu": 1, "gpu": 0},
@@ -111,8 +137,14 @@ def run_study(tmp_path: Path, max_failures: int, monkeypatch) -> dict:
     results = make_tuner(load_space(SPACES / "cnn.yaml", "cnn"), setup, config, callbacks, trainable=trainable).fit()
 
     children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
-    history = {key: [(m.step, m.value) for m in client.get_metric_history(children[0].info.run_id, key)]
-               for key in ("train_loss", "val_acc")} if children else {}
+    history = (
+        {
+            key: [(m.step, m.value) for m in client.get_metric_history(children[0].info.run_id, key)]
+            for key in ("train_loss", "val_acc")
+        }
+        if children
+        else {}
+    )
     events = [json.loads(line) for line in log_path.read_text().splitlines()]
     (searcher,) = searchers
     return {

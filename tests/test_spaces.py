@@ -35,13 +35,19 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_conditional_and_fixed_parameters(tmp_path):
-    space = load_space(write(tmp_path, """
+    space = load_space(
+        write(
+            tmp_path,
+            """
 parameters:
   fusion: {type: categorical, choices: [single_token, two_tokens]}
   vit_depth: {type: int, low: 4, high: 12, when: {fusion: two_tokens}}
   lr: {type: float, low: 1e-5, high: 1e-3, log: true}
   early_stop_patience: {type: fixed, value: 3}
-"""), "hybrid")
+""",
+        ),
+        "hybrid",
+    )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     seen = set()
     for _ in range(12):
@@ -56,28 +62,58 @@ parameters:
 
 
 BAD_SPACES = {
-    "unknown top-level key": ("parameters: {lr: {type: float, low: 0.1, high: 1}}\nsearch: x\n", "unknown top-level key"),
+    "unknown top-level key": (
+        "parameters: {lr: {type: float, low: 0.1, high: 1}}\nsearch: x\n",
+        "unknown top-level key",
+    ),
     "not a mapping": ("- lr\n", "expected a mapping 'parameters:'"),
     "empty parameters": ("parameters: {}\n", "is empty"),
-    "unknown parameter": ("parameters: {learning_rate: {type: float, low: 0.1, high: 1}}\n", "not a hyperparameter of the trainable; valid: lr"),
-    "unknown distribution": ("parameters: {lr: {type: gaussian, low: 0.1, high: 1}}\n", "needs 'type:' one of float, int, categorical, fixed"),
-    "unknown key": ("parameters: {lr: {type: float, low: 0.1, high: 1, q: 2}}\n", "unknown key(s) q for type float; valid:"),
+    "unknown parameter": (
+        "parameters: {learning_rate: {type: float, low: 0.1, high: 1}}\n",
+        "not a hyperparameter of the trainable; valid: lr",
+    ),
+    "unknown distribution": (
+        "parameters: {lr: {type: gaussian, low: 0.1, high: 1}}\n",
+        "needs 'type:' one of float, int, categorical, fixed",
+    ),
+    "unknown key": (
+        "parameters: {lr: {type: float, low: 0.1, high: 1, q: 2}}\n",
+        "unknown key(s) q for type float; valid:",
+    ),
     "inverted range": ("parameters: {lr: {type: float, low: 0.1, high: 0.01}}\n", "empty or inverted range"),
     "empty range": ("parameters: {dropout: {type: float, low: 0.2, high: 0.2}}\n", "empty or inverted range"),
-    "log of zero": ("parameters: {weight_decay: {type: float, low: 0.0, high: 0.1, log: true}}\n", "log scale needs low > 0"),
+    "log of zero": (
+        "parameters: {weight_decay: {type: float, low: 0.0, high: 0.1, log: true}}\n",
+        "log scale needs low > 0",
+    ),
     "missing bound": ("parameters: {lr: {type: float, low: 0.1}}\n", "needs numeric 'low:' and 'high:'"),
     "empty choices": ("parameters: {batch_size: {type: categorical, choices: []}}\n", "non-empty list 'choices:'"),
     "out of domain": ("parameters: {dropout: {type: float, low: 0.0, high: 1.5}}\n", "outside"),
     "wrong type": ("parameters: {batch_size: {type: categorical, choices: [16, big]}}\n", "not an integer"),
-    "bad fusion": ("parameters: {fusion: {type: categorical, choices: [single_token, concat]}}\n", "'concat' is not one of single_token, two_tokens"),
-    "old fusion name": ("parameters: {fusion: {type: categorical, choices: [seed, two_tokens]}}\n", "'seed' is now called 'single_token'"),
-    "dangling when": ("parameters: {lr: {type: float, low: 0.1, high: 1, when: {fusion: two_tokens}}}\n", "not a categorical parameter defined above"),
+    "bad fusion": (
+        "parameters: {fusion: {type: categorical, choices: [single_token, concat]}}\n",
+        "'concat' is not one of single_token, two_tokens",
+    ),
+    "old fusion name": (
+        "parameters: {fusion: {type: categorical, choices: [seed, two_tokens]}}\n",
+        "'seed' is now called 'single_token'",
+    ),
+    "dangling when": (
+        "parameters: {lr: {type: float, low: 0.1, high: 1, when: {fusion: two_tokens}}}\n",
+        "not a categorical parameter defined above",
+    ),
     "invalid yaml": ("parameters: {lr: [\n", "not valid YAML"),
     "NaN bound": ("parameters: {lr: {type: float, low: .nan, high: 0.1}}\n", "must be finite numbers"),
     "infinite bound": ("parameters: {lr: {type: float, low: 0.001, high: .inf}}\n", "must be finite numbers"),
-    "infinite step": ("parameters: {dropout: {type: float, low: 0.0, high: 0.5, step: .inf}}\n", "'step' must be a positive number"),
+    "infinite step": (
+        "parameters: {dropout: {type: float, low: 0.0, high: 0.5, step: .inf}}\n",
+        "'step' must be a positive number",
+    ),
     "infinite fixed value": ("parameters: {lr: {type: fixed, value: .inf}}\n", "lr: inf is not a finite number"),
-    "infinite integer": ("parameters: {batch_size: {type: fixed, value: .inf}}\n", "batch_size: inf is not a finite number"),
+    "infinite integer": (
+        "parameters: {batch_size: {type: fixed, value: .inf}}\n",
+        "batch_size: inf is not a finite number",
+    ),
     "nested when value": (
         "parameters: {batch_size: {type: categorical, choices: [16, 32]}, lr: {type: float, low: 0.001, high: 0.01, "
         "when: {batch_size: [[16]]}}}\n",

@@ -69,12 +69,6 @@ def warp(images: torch.Tensor, degrees: torch.Tensor, flip_x: torch.Tensor, flip
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
-    """Rotate each image about its centre by its own angle; corners fill with black."""
-    ones = torch.ones_like(degrees)
-    return warp(images, degrees, ones, ones)
-
-
 def luminance(images: torch.Tensor) -> torch.Tensor:
     weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
     return (images * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)

@@ -23,12 +23,12 @@ CHECKPOINT_FILE = "checkpoint.pt"
 """A trial checkpoint's file inside the folder Ray Tune keeps per checkpoint."""
 
 
-def save_trial_checkpoint(directory: str | Path, learner: Learner, spec: ModelSpec, hp: Hyperparameters,
-                          metrics: dict) -> Path:
+def save_trial_checkpoint(
+    directory: str | Path, learner: Learner, spec: ModelSpec, hp: Hyperparameters, metrics: dict
+) -> Path:
     """The learner's training state plus the spec, hyperparameters and this epoch's metrics."""
     path = Path(directory) / CHECKPOINT_FILE
-    state = {**learner.state_dict(), "model_spec": spec.portable(), "hyperparameters": hp.to_dict(),
-             "metrics": metrics}
+    state = {**learner.state_dict(), "model_spec": spec.portable(), "hyperparameters": hp.to_dict(), "metrics": metrics}
     torch.save(state, path)
     return path
 
@@ -53,8 +53,13 @@ class ModelFile:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         torch.save(
-            {"model": self.weights, "model_spec": self.spec.portable(), "hyperparameters": self.hyperparameters.to_dict(),
-             "classes": list(self.classes), "metrics": self.metrics},
+            {
+                "model": self.weights,
+                "model_spec": self.spec.portable(),
+                "hyperparameters": self.hyperparameters.to_dict(),
+                "classes": list(self.classes),
+                "metrics": self.metrics,
+            },
             path,
         )
         return path
@@ -62,11 +67,21 @@ class ModelFile:
     @classmethod
     def load(cls, path: str | Path) -> ModelFile:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(state["model"], ModelSpec.from_portable(state["model_spec"]),
-                   Hyperparameters.from_dict(state["hyperparameters"]), state["classes"], state["metrics"])
+        return cls(
+            state["model"],
+            ModelSpec.from_portable(state["model_spec"]),
+            Hyperparameters.from_dict(state["hyperparameters"]),
+            state["classes"],
+            state["metrics"],
+        )
 
     @classmethod
     def from_trial_checkpoint(cls, state: dict, classes: list[str]) -> ModelFile:
         """The model of a trial checkpoint (its training state left behind)."""
-        return cls(state["model"], ModelSpec.from_portable(state["model_spec"]),
-                   Hyperparameters.from_dict(state["hyperparameters"]), classes, state["metrics"])
+        return cls(
+            state["model"],
+            ModelSpec.from_portable(state["model_spec"]),
+            Hyperparameters.from_dict(state["hyperparameters"]),
+            classes,
+            state["metrics"],
+        )

@@ -113,10 +113,6 @@ class Hyperparameters:
         """The values that shape the model: the ModelSpec fields of the same names."""
         return {name: getattr(self, name) for name in SHAPES_MODEL}
 
-    def for_model(self, model: str) -> dict[str, Any]:
-        """The values that mean something for `model` (a cnn has no vit_depth)."""
-        return {name: value for name, value in self.to_dict().items() if model in KNOBS[name].models}
-
 
 KNOBS: dict[str, Knob] = {f.name: f.metadata["knob"] for f in fields(Hyperparameters)}
 DEFAULTS = Hyperparameters()

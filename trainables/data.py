@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainables.config import SYNTHETIC, is_synthetic
+from trainables.config import is_synthetic
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
@@ -79,7 +79,9 @@ def index_source(source: str | os.PathLike, seed: int) -> DatasetIndex:
         return synthetic_index(source, seed)
     root = Path(source).expanduser().resolve()
     if root.is_file():
-        raise DataError(f"--data {root} is a file: pass the folder that holds the class sub-folders, or --data synthetic")
+        raise DataError(
+            f"--data {root} is a file: pass the folder that holds the class sub-folders, or --data synthetic"
+        )
     if not root.is_dir():
         raise DataError(
             f"data folder {root} does not exist: put images there (one sub-folder per class), "
@@ -97,9 +99,7 @@ def index_source(source: str | os.PathLike, seed: int) -> DatasetIndex:
     classes, samples, ignored = scan_class_folders(root)
     labels = np.array([s.label for s in samples])
     parts = stratified_split(labels, seed, classes)
-    return DatasetIndex(
-        str(root), classes, {split: [samples[i] for i in parts[split]] for split in SPLITS}, ignored
-    )
+    return DatasetIndex(str(root), classes, {split: [samples[i] for i in parts[split]] for split in SPLITS}, ignored)
 
 
 def scan_class_folders(root: Path, prefix: str = "") -> tuple[list[str], list[Sample], int]:
@@ -118,7 +118,9 @@ def scan_class_folders(root: Path, prefix: str = "") -> tuple[list[str], list[Sa
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         ignored += len(files) - len(images)
         if not images:
-            raise DataError(f"class folder {class_dir} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): add some or remove it")
+            raise DataError(
+                f"class folder {class_dir} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): add some or remove it"
+            )
         samples += [Sample(prefix + str(p.relative_to(root)), label) for p in images]
     return [p.name for p in class_dirs], samples, ignored
 
@@ -130,14 +132,16 @@ def presplit_index(root: Path) -> DatasetIndex:
         splits[split], class_sets[split], ignored = samples, classes, ignored + n_ignored
     if len({tuple(c) for c in class_sets.values()}) > 1:
         detail = "; ".join(f"{s}: {', '.join(c)}" for s, c in class_sets.items())
-        raise DataError(f"train/, val/ and test/ under {root} hold different classes ({detail}): give them the same class folders")
+        raise DataError(
+            f"train/, val/ and test/ under {root} hold different classes ({detail}): give them the same class folders"
+        )
     return DatasetIndex(str(root), class_sets["train"], splits, ignored)
 
 
 def stratified_split(labels: np.ndarray, seed: int, classes: list[str]) -> dict[str, np.ndarray]:
     """70/15/15 per class, seeded; every class gets at least one image in each split."""
     rng = np.random.default_rng(seed)
-    parts = {split: [] for split in SPLITS}
+    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     for label in range(len(classes)):
         members = np.flatnonzero(labels == label)
         if len(members) < len(SPLITS):
@@ -183,7 +187,9 @@ def synthetic_index(source: str, seed: int) -> DatasetIndex:
     except ValueError:
         num_classes = 0
     if not 2 <= num_classes <= SYNTHETIC_MAX_CLASSES:
-        raise DataError(f"--data {source}: write 'synthetic' or 'synthetic:C' with 2 <= C <= {SYNTHETIC_MAX_CLASSES} classes")
+        raise DataError(
+            f"--data {source}: write 'synthetic' or 'synthetic:C' with 2 <= C <= {SYNTHETIC_MAX_CLASSES} classes"
+        )
     classes = [f"class_{c:02d}" for c in range(num_classes)]
     samples = [Sample(f"c{c:02d}-{i:04d}", c) for c in range(num_classes) for i in range(SYNTHETIC_PER_CLASS)]
     parts = stratified_split(np.array([s.label for s in samples]), seed, classes)
@@ -277,8 +283,10 @@ def cache_split(index: DatasetIndex, split: str, size: int, cache_dir: str | os.
     except OSError as error:
         partial.unlink(missing_ok=True)
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DataError(f"the disk of the image cache {path.parent} is full: free space, or pass --cache-dir "
-                            f"on a larger disk, or a smaller --img-size") from None
+            raise DataError(
+                f"the disk of the image cache {path.parent} is full: free space, or pass --cache-dir "
+                f"on a larger disk, or a smaller --img-size"
+            ) from None
         raise
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -375,4 +383,6 @@ def prepare_splits(
             counts = Counter(s.label for split in splits for s in index.splits[split])
             empty = [c for label, c in enumerate(index.classes) if counts[label] == 0]
             if empty:
-                raise DataError(f"every image of class(es) {', '.join(empty)} failed to decode: check those files") from None
+                raise DataError(
+                    f"every image of class(es) {', '.join(empty)} failed to decode: check those files"
+                ) from None

@@ -13,6 +13,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,7 +23,6 @@ from torch import nn
 from trainables.augment import augment_batch
 from trainables.config import METRIC_MODES, Hyperparameters
 from trainables.data import CachedSplit
-
 
 EVAL_BATCH_FACTOR = 2
 """Evaluation batches are this many times the training batch: no gradients, so they fit."""
@@ -80,12 +80,12 @@ class Learner:
         speed: SpeedOptions = SpeedOptions(),
     ):
         self.device, self.hp, self.monitor, self.seed = device, hp, monitor, seed
-        self.mode = METRIC_MODES.get(monitor, "min")
+        self.mode: Literal["min", "max"] = "max" if METRIC_MODES.get(monitor) == "max" else "min"
         cuda = device.type == "cuda"
         self.amp = cuda and speed.amp
         self.finite_check_every = 16 if self.amp else 1  # without GradScaler, stop at the first bad step
         self.memory_format = torch.channels_last if cuda and speed.channels_last else torch.contiguous_format
-        self.model = model.to(device, memory_format=self.memory_format)
+        self.model = model.to(device).to(memory_format=self.memory_format)
         # The compiled wrapper runs the steps; self.model keeps plain state-dict keys.
         self.network = torch.compile(self.model) if cuda and speed.compile else self.model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
@@ -137,11 +137,14 @@ class Learner:
 
     def diverged(self, total: torch.Tensor) -> NonFiniteLoss:
         return NonFiniteLoss(
-            f"training loss became {total.item():g} in epoch {self.epoch + 1}: lower the learning rate (lr={self.hp.lr:g})"
+            f"training loss became {total.item():g} in epoch {self.epoch + 1}: "
+            f"lower the learning rate (lr={self.hp.lr:g})"
         )
 
     @torch.no_grad()
-    def predict(self, split: CachedSplit, on_batch: Callable[[], None] | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    def predict(
+        self, split: CachedSplit, on_batch: Callable[[], None] | None = None
+    ) -> tuple[torch.Tensor, np.ndarray]:
         """Float32 logits (N, C) on the CPU, in split order, and the labels; on_batch as in train_epoch."""
         self.model.eval()
         outputs = []
@@ -255,7 +258,9 @@ def batch_count(images: int, batch_size: int, drop_single: bool = False) -> int:
 
 def epoch_batches(train: int, val: int | None, batch_size: int) -> int:
     """Batches `fit` runs per epoch (and calls on_batch for): training, then validation at twice the batch."""
-    return batch_count(train, batch_size, drop_single=True) + (batch_count(val, EVAL_BATCH_FACTOR * batch_size) if val else 0)
+    return batch_count(train, batch_size, drop_single=True) + (
+        batch_count(val, EVAL_BATCH_FACTOR * batch_size) if val else 0
+    )
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, prefix: str = "val") -> dict[str, float]:

@@ -7,6 +7,8 @@ and a model that carries its own normalisation can be used without this project.
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 import torch
 from torch import nn
@@ -20,9 +22,11 @@ __all__ = ["Classifier", "ModelSpec", "build_model", "count_parameters"]
 class Normalized(nn.Module):
     """A timm backbone (num_classes=0) that normalises its [0, 1] input first."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: Any):
         super().__init__()
         cfg = backbone.pretrained_cfg
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self.backbone = backbone
@@ -83,32 +87,31 @@ class TwoTokenFusionHead(nn.Module):
         self.classifier = nn.Linear(128, num_classes)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        tokens = torch.stack([proj(f) for proj, f in zip(self.to_tokens, features)], dim=1)  # (B, 2, 128)
+        tokens = torch.stack([proj(f) for proj, f in zip(self.to_tokens, features, strict=True)], dim=1)  # (B, 2, 128)
         attended, _ = self.attention(tokens, tokens, tokens, need_weights=False)
         return self.classifier((tokens + attended).mean(dim=1))
 
 
 def cnn_head(features: int, num_classes: int, dropout: float) -> nn.Module:
-    return nn.Sequential(
-        nn.Dropout(dropout), nn.Linear(features, 256), nn.ReLU(), nn.Linear(256, num_classes)
-    )
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(features, 256), nn.ReLU(), nn.Linear(256, num_classes))
 
 
 def vit_head(features: int, num_classes: int) -> nn.Module:
-    return nn.Sequential(
-        nn.LayerNorm(features), nn.Linear(features, 256), nn.GELU(), nn.Linear(256, num_classes)
-    )
+    return nn.Sequential(nn.LayerNorm(features), nn.Linear(features, 256), nn.GELU(), nn.Linear(256, num_classes))
 
 
-def create_backbone(name: str, spec: ModelSpec, drop_rate: float) -> nn.Module:
-    """A timm backbone without classifier (num_classes=0), pretrained if asked."""
-    kwargs = dict(num_classes=0, drop_rate=drop_rate, drop_path_rate=spec.drop_path_rate)
+def create_backbone(name: str, spec: ModelSpec, drop_rate: float) -> Any:
+    """A timm backbone without classifier (num_classes=0), pretrained if asked.
+
+    Typed Any: timm's models carry pretrained_cfg, num_features and (ViT) blocks, which nn.Module does not declare.
+    """
+    kwargs: dict[str, Any] = dict(num_classes=0, drop_rate=drop_rate, drop_path_rate=spec.drop_path_rate)
     if name == VIT_BACKBONE:
         kwargs["img_size"] = spec.img_size  # timm resamples the position embedding
     weights_file = dict(spec.weights_files).get(name)
     if spec.pretrained and weights_file:
         kwargs["pretrained_cfg_overlay"] = dict(file=weights_file)
-    backbone = timm.create_model(name, pretrained=spec.pretrained, **kwargs)
+    backbone: Any = timm.create_model(name, pretrained=spec.pretrained, **kwargs)
     if name == VIT_BACKBONE and spec.vit_depth < len(backbone.blocks):
         backbone.blocks = backbone.blocks[: spec.vit_depth]
     return backbone

@@ -33,7 +33,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def is_cached(backbone: str) -> bool:
-    hub_id = timm.models.get_pretrained_cfg(backbone).hf_hub_id
+    config = timm.models.get_pretrained_cfg(backbone)
+    hub_id = config.hf_hub_id if config is not None else None
+    if not hub_id:
+        return False
     return any(
         isinstance(try_to_load_from_cache(hub_id, filename), str)
         for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")

@@ -8,6 +8,7 @@ defaults and bounds from trainables.config, their one home.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from trainables.config import (
     DEFAULTS,
@@ -19,8 +20,17 @@ from trainables.config import (
     value_problem,
 )
 
-__all__ = ["BACKBONES", "CNN_BACKBONE", "FUSIONS", "MODEL_NAMES", "VIT_BACKBONE", "VIT_FULL_DEPTH", "VIT_PATCH",
-           "ModelSpec", "validate_spec"]
+__all__ = [
+    "BACKBONES",
+    "CNN_BACKBONE",
+    "FUSIONS",
+    "MODEL_NAMES",
+    "VIT_BACKBONE",
+    "VIT_FULL_DEPTH",
+    "VIT_PATCH",
+    "ModelSpec",
+    "validate_spec",
+]
 
 CNN_BACKBONE = "tf_efficientnetv2_s"
 VIT_BACKBONE = "vit_tiny_patch16_224"
@@ -61,7 +71,8 @@ class ModelSpec:
     @classmethod
     def from_portable(cls, values: dict) -> ModelSpec:
         """The spec a checkpoint or model file holds (old value names renamed)."""
-        return cls(**{key: renamed(key, value) for key, value in values.items() if key not in LOCAL_FIELDS})
+        kept: dict[str, Any] = {key: renamed(key, value) for key, value in values.items() if key not in LOCAL_FIELDS}
+        return cls(**kept)
 
 
 def validate_spec(spec: ModelSpec) -> None:

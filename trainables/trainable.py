@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from ray import tune
@@ -36,7 +36,7 @@ class TrialSetup:
     seed: int
     gpu_fraction: float
     cpus: int
-    speed: SpeedOptions = SpeedOptions()
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
 
 
 class TrialOutOfMemory(RuntimeError):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
-import mlflow
 import mlflow.pytorch
 import numpy as np
 import torch
 from mlflow.models import infer_signature
 from torch import nn
 
+import mlflow
 from trainables.data import CachedSplit
 
 MODEL_ARTIFACT = "model"

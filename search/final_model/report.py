@@ -86,11 +86,15 @@ def evaluate_test(logits: np.ndarray, labels: np.ndarray, classes: list[str]) ->
             "test_roc_auc": roc_auc(labels, probabilities, everyone),
             "test_ece": expected_calibration_error(labels, probabilities),
         }
-        precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=everyone, zero_division=0)
-        report = classification_report(labels, predictions, labels=everyone, target_names=classes, digits=4, zero_division=0)
+        precision, recall, f1, support = precision_recall_fscore_support(
+            labels, predictions, labels=everyone, zero_division=0
+        )
+        report = classification_report(
+            labels, predictions, labels=everyone, target_names=classes, digits=4, zero_division=0
+        )
     per_class = {
         name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-        for name, p, r, f, s in zip(classes, precision, recall, f1, support)
+        for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
     }
     confusion = confusion_matrix(labels, predictions, labels=everyone)
     return HeldOutResult(metrics, per_class, confusion, report, predictions, labels)
@@ -115,11 +119,7 @@ def per_class_metrics(result: HeldOutResult) -> dict[str, float]:
     """Per-class precision, recall and F1 as MLflow metric names (test_f1/<class>)."""
     longest_prefix = max(len(f"test_{key}/") for key in PER_CLASS_KEYS)
     names = metric_safe_names(list(result.per_class), METRIC_NAME_LIMIT - longest_prefix)
-    return {
-        f"test_{key}/{safe}": result.per_class[name][key]
-        for name, safe in names.items()
-        for key in PER_CLASS_KEYS
-    }
+    return {f"test_{key}/{safe}": result.per_class[name][key] for name, safe in names.items() for key in PER_CLASS_KEYS}
 
 
 def metric_safe_names(classes: list[str], limit: int) -> dict[str, str]:
@@ -128,7 +128,8 @@ def metric_safe_names(classes: list[str], limit: int) -> dict[str, str]:
     safe = {name: re.sub(r"[^A-Za-z0-9_\-. ]", "_", name) for name in classes}
     taken = Counter(safe.values())
     return {
-        name: cleaned if len(cleaned) <= limit and taken[cleaned] == 1
+        name: cleaned
+        if len(cleaned) <= limit and taken[cleaned] == 1
         else f"{cleaned[: limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
         for name, cleaned in safe.items()
     }
@@ -155,13 +156,19 @@ def plot_confusion(result: HeldOutResult, classes: list[str], path: Path, title:
 def summary_lines(result: HeldOutResult, metric: str, best_value: float | None, test_images: int) -> list[str]:
     """The short report: test scores, and the search's best validation score beside its test twin."""
     rows = [
-        ("accuracy", "test_acc"), ("balanced accuracy", "test_balanced_acc"), ("macro F1", "test_macro_f1"),
-        ("ROC-AUC (OvR macro)", "test_roc_auc"), (f"ECE ({ECE_BINS} bins)", "test_ece"), ("loss", "test_loss"),
+        ("accuracy", "test_acc"),
+        ("balanced accuracy", "test_balanced_acc"),
+        ("macro F1", "test_macro_f1"),
+        ("ROC-AUC (OvR macro)", "test_roc_auc"),
+        (f"ECE ({ECE_BINS} bins)", "test_ece"),
+        ("loss", "test_loss"),
     ]
     lines = [f"Test split: {test_images} images the search never saw"]
     lines += [f"  {label:<20}{result.metrics[key]:.4f}" for label, key in rows]
     worst = min(result.per_class.items(), key=lambda item: item[1]["recall"])
-    lines.append(f"  {'lowest recall':<20}{worst[1]['recall']:.4f} ({worst[0]}; all classes in classification_report.txt)")
+    lines.append(
+        f"  {'lowest recall':<20}{worst[1]['recall']:.4f} ({worst[0]}; all classes in classification_report.txt)"
+    )
     if best_value is not None:
         lines += comparison_lines(result, metric, best_value)
     return lines

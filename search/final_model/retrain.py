@@ -18,12 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
-
 import yaml
 from mlflow.entities import Metric
+from torch import nn
 from tqdm import tqdm
 
 from search.cli import require_pretrained, weights_files
@@ -36,7 +34,16 @@ from search.tracking.schema import FINAL_ROLE, ROLE_TAG, STUDY_TAG, absolute_uri
 from search.tracking.store import get_or_create_experiment, log_params, mlflow_client
 from trainables.checkpoint import ModelFile
 from trainables.data import CachedSplit, DataError, DatasetIndex, index_source, prepare_splits, subsample
-from trainables.engine import EVAL_BATCH_FACTOR, EpochResult, Learner, NonFiniteLoss, batch_count, epoch_batches, fit, select_device
+from trainables.engine import (
+    EVAL_BATCH_FACTOR,
+    EpochResult,
+    Learner,
+    NonFiniteLoss,
+    batch_count,
+    epoch_batches,
+    fit,
+    select_device,
+)
 from trainables.models import ModelSpec, build_model, validate_spec
 
 RESULT_FILES = ("config.yaml", "classes.json", "splits.json", "classification_report.txt", "confusion_matrix.png")
@@ -85,7 +92,10 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
 
     weights = weights_files(args.weights)
     spec = ModelSpec(
-        config.model, len(config.classes), config.img_size, pretrained=config.pretrained and not args.no_pretrained,
+        config.model,
+        len(config.classes),
+        config.img_size,
+        pretrained=config.pretrained and not args.no_pretrained,
         weights_files=tuple(sorted(weights.items())),
     ).with_knobs(hp)
     try:
@@ -100,11 +110,15 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
     else:  # no val split to stop on: as many epochs as the winner needed
         epochs = args.epochs or config.best_epoch
     if epochs is None:
-        raise UsageError(f"{config.source} does not say how many epochs the winner trained (best_epoch): pass --epochs N")
+        raise UsageError(
+            f"{config.source} does not say how many epochs the winner trained (best_epoch): pass --epochs N"
+        )
 
     splits = ("train", "val", "test") if args.keep_val else ("trainval", "test")
     index = DatasetIndex(
-        index.source, index.classes, {**index.splits, "trainval": index.splits["train"] + index.splits["val"]},
+        index.source,
+        index.classes,
+        {**index.splits, "trainval": index.splits["train"] + index.splits["val"]},
         index.ignored_files,
     )
     try:
@@ -115,17 +129,41 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
     label = config.study or (Path(args.config).stem if args.config else f"run-{config.run_id}")
     seed = config.seed if args.seed is None else args.seed
     settings = {
-        "model": config.model, "source": config.source, "study": config.study, "trial_id": config.trial_id,
-        "train_on": "train" if args.keep_val else "train+val", "epochs": epochs, "img_size": config.img_size,
-        "seed": seed, "split_seed": config.seed, "data": index.source, "smoke": config.smoke,
-        "pretrained": spec.pretrained, "search_metric": config.metric, "search_best_value": config.best_value,
-        "num_classes": len(index.classes), "train_images": len(cached[splits[0]]),
-        "val_images": len(cached["val"]) if args.keep_val else 0, "test_images": len(cached["test"]),
+        "model": config.model,
+        "source": config.source,
+        "study": config.study,
+        "trial_id": config.trial_id,
+        "train_on": "train" if args.keep_val else "train+val",
+        "epochs": epochs,
+        "img_size": config.img_size,
+        "seed": seed,
+        "split_seed": config.seed,
+        "data": index.source,
+        "smoke": config.smoke,
+        "pretrained": spec.pretrained,
+        "search_metric": config.metric,
+        "search_best_value": config.best_value,
+        "num_classes": len(index.classes),
+        "train_images": len(cached[splits[0]]),
+        "val_images": len(cached["val"]) if args.keep_val else 0,
+        "test_images": len(cached["test"]),
     }
     return PreparedFinal(
-        config, spec, index, cached[splits[0]], cached.get("val"), cached["test"], epochs, seed,
-        args.tracking_uri, args.experiment, args.register_name or f"{config.model}-classifier",
-        Path(args.out or f"final/{label}-{datetime.now():%Y%m%d-%H%M%S}"), label, settings, skipped,
+        config,
+        spec,
+        index,
+        cached[splits[0]],
+        cached.get("val"),
+        cached["test"],
+        epochs,
+        seed,
+        args.tracking_uri,
+        args.experiment,
+        args.register_name or f"{config.model}-classifier",
+        Path(args.out or f"final/{label}-{datetime.now():%Y%m%d-%H%M%S}"),
+        label,
+        settings,
+        skipped,
     )
 
 
@@ -133,10 +171,14 @@ def class_mismatch(source: str, classes: list[str], config: WinnerConfig) -> str
     missing = [c for c in config.classes if c not in classes]
     extra = [c for c in classes if c not in config.classes]
     if missing or extra:
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
-            f"not in the study: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "",
-        ) if part)
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
+                f"not in the study: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "",
+            )
+            if part
+        )
     else:
         detail = "the same names in another order"
     return (
@@ -154,7 +196,10 @@ def execute_final(final: PreparedFinal) -> int:
     experiment_id, run_id = open_final_run(client, final)
     log_params(client, run_id, {**final.settings, **config.hyperparameters.to_dict()})
     if final.skipped_images:
-        print(f"warning: skipped {len(final.skipped_images)} unreadable image(s), e.g. {', '.join(final.skipped_images[:3])}")
+        print(
+            f"warning: skipped {len(final.skipped_images)} unreadable image(s), "
+            f"e.g. {', '.join(final.skipped_images[:3])}"
+        )
     print(f"{describe(final)}{' Smoke config: the study subsample.' if config.smoke else ''}", flush=True)
 
     def log_epoch(result: EpochResult) -> None:
@@ -165,7 +210,9 @@ def execute_final(final: PreparedFinal) -> int:
     try:
         learner, trained_epochs = train(final, log_epoch)
         if final.val is not None:
-            print(f"Early stopping on {config.metric}: testing the weights of epoch {trained_epochs} of {learner.epoch}")
+            print(
+                f"Early stopping on {config.metric}: testing the weights of epoch {trained_epochs} of {learner.epoch}"
+            )
         result = evaluate_once(final, learner)
         registered = finish(final, client, run_id, learner, result, trained_epochs)
         status = "FINISHED"
@@ -189,8 +236,13 @@ def open_final_run(client, final: PreparedFinal) -> tuple[str, str]:
         experiment_id = config.experiment_id
     else:
         experiment_id = get_or_create_experiment(client, final.experiment or config.model, final.tracking_uri)
-    tags = {ROLE_TAG: FINAL_ROLE, "model": config.model, "source_run_id": config.run_id or "",
-            "best_trial": config.trial_id or "", "mlflow.note.content": describe(final)}
+    tags = {
+        ROLE_TAG: FINAL_ROLE,
+        "model": config.model,
+        "source_run_id": config.run_id or "",
+        "best_trial": config.trial_id or "",
+        "mlflow.note.content": describe(final),
+    }
     if config.study:
         tags[STUDY_TAG] = config.study
     run = client.create_run(experiment_id, run_name=f"{final.label}-final", tags=tags)
@@ -240,8 +292,9 @@ def train(final: PreparedFinal, on_epoch: Callable[[EpochResult], None]) -> tupl
 def evaluate_once(final: PreparedFinal, learner: Learner) -> HeldOutResult:
     """The one look at the test split."""
     batch_size = EVAL_BATCH_FACTOR * final.config.hyperparameters.batch_size
-    bar = tqdm(total=batch_count(len(final.test), batch_size), desc="test", unit="batch", leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=batch_count(len(final.test), batch_size), desc="test", unit="batch", leave=False, dynamic_ncols=True
+    )
     try:
         logits, labels = learner.predict(final.test, on_batch=bar.update)
     finally:
@@ -249,7 +302,9 @@ def evaluate_once(final: PreparedFinal, learner: Learner) -> HeldOutResult:
     return evaluate_test(logits.numpy(), labels, final.config.classes)
 
 
-def finish(final: PreparedFinal, client, run_id: str, learner: Learner, result: HeldOutResult, trained_epochs: int) -> dict:
+def finish(
+    final: PreparedFinal, client, run_id: str, learner: Learner, result: HeldOutResult, trained_epochs: int
+) -> dict:
     """Write the results folder, log it and the test metrics, log and register the model."""
     model = learner.model.to("cpu", memory_format=torch.contiguous_format).eval()
     write_results(final, model, result)
@@ -261,11 +316,19 @@ def finish(final: PreparedFinal, client, run_id: str, learner: Learner, result: 
     registered = log_model(model, final.test, final.tracking_uri, run_id, final.register_name)
     client.set_tag(run_id, "registered_model", f"{registered['name']}/{registered['version']}")
     metrics_file = final.out / "metrics.json"
-    metrics_file.write_text(json.dumps({
-        "test": result.metrics, "per_class": result.per_class, "confusion_matrix": result.confusion.tolist(),
-        "trained_epochs": trained_epochs, "settings": final.settings,
-        "mlflow": {"tracking_uri": final.tracking_uri, "run_id": run_id, **registered},
-    }, indent=2))
+    metrics_file.write_text(
+        json.dumps(
+            {
+                "test": result.metrics,
+                "per_class": result.per_class,
+                "confusion_matrix": result.confusion.tolist(),
+                "trained_epochs": trained_epochs,
+                "settings": final.settings,
+                "mlflow": {"tracking_uri": final.tracking_uri, "run_id": run_id, **registered},
+            },
+            indent=2,
+        )
+    )
     client.log_artifact(run_id, str(metrics_file))
     return registered
 
@@ -274,27 +337,43 @@ def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult)
     """Weights, config, class names, split and the test's plots: everything to use or repeat the model."""
     config, out = final.config, final.out
     out.mkdir(parents=True, exist_ok=True)
-    ModelFile(model.state_dict(), final.spec, config.hyperparameters, config.classes, result.metrics).save(out / "model.pt")
+    ModelFile(model.state_dict(), final.spec, config.hyperparameters, config.classes, result.metrics).save(
+        out / "model.pt"
+    )
     (out / "config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))
     (out / "classes.json").write_text(json.dumps(config.classes, indent=2))
     index = final.index
-    (out / "splits.json").write_text(json.dumps(
-        {"source": index.source, "seed": config.seed, "smoke": config.smoke,
-         **{split: [s.key for s in index.splits[split]] for split in ("train", "val", "test")}},
-        indent=1,
-    ))
+    (out / "splits.json").write_text(
+        json.dumps(
+            {
+                "source": index.source,
+                "seed": config.seed,
+                "smoke": config.smoke,
+                **{split: [s.key for s in index.splits[split]] for split in ("train", "val", "test")},
+            },
+            indent=1,
+        )
+    )
     (out / "classification_report.txt").write_text(result.report)
-    plot_confusion(result, config.classes, out / "confusion_matrix.png",
-                   f"{config.model}: test confusion matrix ({len(result.labels)} images)")
+    plot_confusion(
+        result,
+        config.classes,
+        out / "confusion_matrix.png",
+        f"{config.model}: test confusion matrix ({len(result.labels)} images)",
+    )
 
 
-def print_closing(final: PreparedFinal, result: HeldOutResult, registered: dict, experiment_id: str, run_id: str) -> None:
+def print_closing(
+    final: PreparedFinal, result: HeldOutResult, registered: dict, experiment_id: str, run_id: str
+) -> None:
     print()
     for line in summary_lines(result, final.config.metric, final.config.best_value, len(final.test)):
         print(line)
     uri = f"models:/{registered['name']}/{registered['version']}"
-    print(f"Model:      registered as {registered['name']} version {registered['version']} "
-          f"(mlflow.pytorch.load_model({uri!r}): float32 images (N, 3, H, W) in [0, 1] -> class probabilities)")
+    print(
+        f"Model:      registered as {registered['name']} version {registered['version']} "
+        f"(mlflow.pytorch.load_model({uri!r}): float32 images (N, 3, H, W) in [0, 1] -> class probabilities)"
+    )
     print(f"Results:    {final.out}/ (model.pt, config.yaml, classes.json, metrics.json, confusion_matrix.png, ...)")
     print(f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(final.tracking_uri)} --host 127.0.0.1 --port 5000")
     print(f"            then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")

@@ -45,8 +45,14 @@ def load_study(tracking_uri: str, name: str, requested_model: str | None) -> Win
     client = mlflow_client(tracking_uri, create=False)
     parents = study_runs(client, name)
     if not parents:
-        known = sorted({run.data.tags[STUDY_TAG] for run in all_runs(client, f"tags.{STUDY_TAG} LIKE '%'") if is_study_run(run)})
-        hint = f"; studies there: {', '.join(known[:8])}{' ...' if len(known) > 8 else ''}" if known else "; it holds no study"
+        known = sorted(
+            {run.data.tags[STUDY_TAG] for run in all_runs(client, f"tags.{STUDY_TAG} LIKE '%'") if is_study_run(run)}
+        )
+        hint = (
+            f"; studies there: {', '.join(known[:8])}{' ...' if len(known) > 8 else ''}"
+            if known
+            else "; it holds no study"
+        )
         raise UsageError(f"no study named {name!r} in {tracking_uri}{hint}")
     for parent in parents:  # newest first
         if has_best_config(client, parent.info.run_id) and completed_trials(client, parent):
@@ -84,8 +90,9 @@ def config_from_parent(client, parent, requested_model: str | None) -> WinnerCon
         raw = yaml.safe_load(text)
     except yaml.YAMLError:
         raise UsageError(f"the {BEST_CONFIG} of study {name!r} is not valid YAML") from None
-    return parse_config(raw, f"study {name}", requested_model, experiment_id=parent.info.experiment_id,
-                        run_id=parent.info.run_id)
+    return parse_config(
+        raw, f"study {name}", requested_model, experiment_id=parent.info.experiment_id, run_id=parent.info.run_id
+    )
 
 
 def load_run(tracking_uri: str, run_id: str, requested_model: str | None) -> WinnerConfig:
@@ -97,7 +104,9 @@ def load_run(tracking_uri: str, run_id: str, requested_model: str | None) -> Win
         raise UsageError(f"no run with id {run_id} in {tracking_uri}") from None
     tags = run.data.tags
     if tags.get(ROLE_TAG) == FINAL_ROLE:
-        raise UsageError(f"run {run_id} is a final retrain, not a trial: pass --config with its config.yaml to repeat it")
+        raise UsageError(
+            f"run {run_id} is a final retrain, not a trial: pass --config with its config.yaml to repeat it"
+        )
     if is_study_run(run):
         if not (has_best_config(client, run_id) and completed_trials(client, run)):
             raise UsageError(why_no_winner(client, run, tags[STUDY_TAG]))
@@ -122,10 +131,14 @@ def config_from_trial(client, trial, parent, requested_model: str | None) -> Win
     hyperparameters = yaml.safe_load(read_artifact(client, trial.info.run_id, TRIAL_CONFIG) or "null")
     data = read_artifact(client, parent.info.run_id, "data.json")
     if not isinstance(hyperparameters, dict) or data is None:
-        raise UsageError(f"{source} lacks its {TRIAL_CONFIG} or its study's data.json: retrain the study's "
-                         f"winner with --study {config.name}, or pass --config")
-    checkpoint = {"metrics": {config.metric: best.value, "epoch": best.step}, "hyperparameters": hyperparameters,
-                  "model_spec": None}
+        raise UsageError(
+            f"{source} lacks its {TRIAL_CONFIG} or its study's data.json: retrain the study's "
+            f"winner with --study {config.name}, or pass --config"
+        )
+    checkpoint = {
+        "metrics": {config.metric: best.value, "epoch": best.step},
+        "hyperparameters": hyperparameters,
+        "model_spec": None,
+    }
     raw = winner_record(config, trial.data.tags.get(TRIAL_ID_TAG), checkpoint, json.loads(data)["classes"])
-    return parse_config(raw, source, requested_model, experiment_id=parent.info.experiment_id,
-                        run_id=trial.info.run_id)
+    return parse_config(raw, source, requested_model, experiment_id=parent.info.experiment_id, run_id=trial.info.run_id)

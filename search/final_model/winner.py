@@ -22,11 +22,28 @@ import yaml
 from search.errors import UsageError
 from search.study.config import StudyConfig
 from trainables.config import (
-    DEFAULTS, KNOBS, METRIC_MODES, MODEL_NAMES, SHAPES_MODEL, Hyperparameters, renamed, value_problem,
+    DEFAULTS,
+    KNOBS,
+    METRIC_MODES,
+    MODEL_NAMES,
+    SHAPES_MODEL,
+    Hyperparameters,
+    renamed,
+    value_problem,
 )
 
 REQUIRED_KEYS = ("model", "hyperparameters", "classes", "data", "seed", "img_size")
-OPTIONAL_KEYS = ("study", "trial_id", "metric", "best_value", "best_epoch", "model_spec", "epochs", "smoke", "pretrained")
+OPTIONAL_KEYS = (
+    "study",
+    "trial_id",
+    "metric",
+    "best_value",
+    "best_epoch",
+    "model_spec",
+    "epochs",
+    "smoke",
+    "pretrained",
+)
 SPEC_KEYS = ("name", "num_classes", "img_size", *SHAPES_MODEL, "pretrained", "weights_files")
 
 
@@ -102,12 +119,15 @@ def parse_config(raw: object, source: str, requested_model: str | None = None, *
         problems.append(f"it is a config for --model {model}, not --model {requested_model}")
     unknown = sorted(set(raw) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
-        problems.append(f"unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+        problems.append(
+            f"unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)}"
+        )
     missing = [key for key in REQUIRED_KEYS if raw.get(key) is None]
     if missing:
         problems.append(f"missing {', '.join(missing)}")
         raise UsageError(f"{source}: " + "; ".join(problems))
 
+    model = str(raw["model"])
     if model not in MODEL_NAMES:
         problems.append(f"model {model!r} is not one of {', '.join(MODEL_NAMES)}")
     hp = parse_hyperparameters(raw["hyperparameters"], model, problems)
@@ -126,19 +146,32 @@ def parse_config(raw: object, source: str, requested_model: str | None = None, *
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             problems.append(f"{key} must be a positive integer, not {value!r}")
     best_value = raw.get("best_value")
-    if best_value is not None and not (isinstance(best_value, (int, float)) and not isinstance(best_value, bool)
-                                       and math.isfinite(best_value)):
+    if best_value is not None and not (
+        isinstance(best_value, (int, float)) and not isinstance(best_value, bool) and math.isfinite(best_value)
+    ):
         problems.append(f"best_value must be a finite number, not {best_value!r}")
     if raw.get("model_spec") is not None:
         check_model_spec(raw["model_spec"], model, len(classes), raw["img_size"], hp, problems)
     if problems:
         raise UsageError(f"{source}: " + "; ".join(problems))
     return WinnerConfig(
-        model=model, hyperparameters=hp, classes=list(classes), data=str(raw["data"]), seed=raw["seed"],
-        img_size=raw["img_size"], smoke=bool(raw.get("smoke", False)), pretrained=bool(raw.get("pretrained", True)),
-        metric=metric, best_value=None if best_value is None else float(best_value), best_epoch=raw.get("best_epoch"),
-        epochs=raw.get("epochs"), study=raw.get("study"), trial_id=raw.get("trial_id"), source=source,
-        raw={**raw, "hyperparameters": hp.to_dict()}, **where,
+        model=model,
+        hyperparameters=hp,
+        classes=list(classes),
+        data=str(raw["data"]),
+        seed=raw["seed"],
+        img_size=raw["img_size"],
+        smoke=bool(raw.get("smoke", False)),
+        pretrained=bool(raw.get("pretrained", True)),
+        metric=metric,
+        best_value=None if best_value is None else float(best_value),
+        best_epoch=raw.get("best_epoch"),
+        epochs=raw.get("epochs"),
+        study=raw.get("study"),
+        trial_id=raw.get("trial_id"),
+        source=source,
+        raw={**raw, "hyperparameters": hp.to_dict()},
+        **where,
     )
 
 
@@ -162,7 +195,9 @@ def parse_hyperparameters(values: object, model: str, problems: list[str]) -> Hy
     return hp
 
 
-def check_model_spec(spec: object, model: str, num_classes: int, img_size: int, hp: Hyperparameters, problems: list[str]) -> None:
+def check_model_spec(
+    spec: object, model: str, num_classes: int, img_size: int, hp: Hyperparameters, problems: list[str]
+) -> None:
     """The architecture the study trained must be the one these hyperparameters and classes describe."""
     if not isinstance(spec, dict):
         problems.append("model_spec must be a mapping")
@@ -190,7 +225,9 @@ def same(a: object, b: object) -> bool:
 def load_file(path: str, requested_model: str | None) -> WinnerConfig:
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"config file {path} does not exist: pass the best_config.yaml a study wrote (ray_results/<study>/best/)")
+        raise UsageError(
+            f"config file {path} does not exist: pass the best_config.yaml a study wrote (ray_results/<study>/best/)"
+        )
     try:
         raw = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError, OSError):

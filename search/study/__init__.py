@@ -1,1 +1,1 @@
-"""The study: its configuration, pre-flight checks (no torch, no Ray), search space, GPU share, Tune wiring and driver."""
+"""The study: its configuration, pre-flight checks (no torch, no Ray), space, GPU share, Tune wiring and driver."""

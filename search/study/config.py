@@ -110,8 +110,10 @@ class StudyConfig:
         """Every value that cannot run, each said with its command-line flag and the fix."""
         problems = []
         if not STUDY_NAME.fullmatch(self.name):
-            problems.append(f"--name {self.name!r}: use 1 to {MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', "
-                            f"starting with a letter or digit (it names a folder and an MLflow run)")
+            problems.append(
+                f"--name {self.name!r}: use 1 to {MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', "
+                f"starting with a letter or digit (it names a folder and an MLflow run)"
+            )
         if self.model not in MODEL_NAMES:
             problems.append(f"--model {self.model!r}: choose one of {', '.join(MODEL_NAMES)}")
         if self.trials < 1:
@@ -177,9 +179,16 @@ class StudyConfig:
         values = {key: value for key, value in raw.items() if key != "format"}
         known = {f.name: f for f in fields(cls)}
         problems = [f"unknown setting {key!r}" for key in values if key not in known]
-        problems += [f"missing setting {name!r}" for name, f in known.items() if name not in values and f.default is MISSING]
-        problems += [f"{key} is {value!r}, not {kind}" for key, value in values.items() if key in known
-                     for kind in [known[key].type] if not of_type(value, str(kind))]
+        problems += [
+            f"missing setting {name!r}" for name, f in known.items() if name not in values and f.default is MISSING
+        ]
+        problems += [
+            f"{key} is {value!r}, not {kind}"
+            for key, value in values.items()
+            if key in known
+            for kind in [known[key].type]
+            if not of_type(value, str(kind))
+        ]
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         values["weights"] = tuple(sorted((values.get("weights") or {}).items()))
@@ -195,13 +204,14 @@ TYPE_CHECKS = {
     "bool": lambda v: isinstance(v, bool),
     "int | None": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
     "float | None": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "tuple[tuple[str, str], ...]": lambda v: v is None or (isinstance(v, dict) and all(
-        isinstance(k, str) and isinstance(p, str) for k, p in v.items())),
+    "tuple[tuple[str, str], ...]": lambda v: (
+        v is None or (isinstance(v, dict) and all(isinstance(k, str) and isinstance(p, str) for k, p in v.items()))
+    ),
 }
 
 
 def of_type(value: object, annotation: str) -> bool:
-    """Whether a YAML value has the field's type (annotations are strings under `from __future__ import annotations`)."""
+    """Whether a YAML value has the field's type (annotation: a string under `from __future__ import annotations`)."""
     return TYPE_CHECKS[annotation](value)
 
 

@@ -25,7 +25,8 @@ class EpochPrinter(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         print(
             f"{self.label(trial)} epoch {result['epoch']:>2}/{self.epochs}  train_loss {result['train_loss']:.4f}  "
-            f"val_loss {result['val_loss']:.4f}  val_acc {result['val_acc']:.4f}  {self.metric} {result[self.metric]:.4f}",
+            f"val_loss {result['val_loss']:.4f}  val_acc {result['val_acc']:.4f}  "
+            f"{self.metric} {result[self.metric]:.4f}",
             flush=True,
         )
 
@@ -37,9 +38,12 @@ class EpochPrinter(tune.Callback):
 
 
 def print_resume_hint(config: StudyConfig, why: str = "interrupted") -> None:
-    print(f"\nStudy {config.name} {why}; finished trials are kept. Resume it with:\n"
-          f"  python search/run.py --model {config.model} --name {config.name} --resume"
-          f" --storage-path {config.storage_path} --tracking-uri {config.tracking_uri}", flush=True)
+    print(
+        f"\nStudy {config.name} {why}; finished trials are kept. Resume it with:\n"
+        f"  python search/run.py --model {config.model} --name {config.name} --resume"
+        f" --storage-path {config.storage_path} --tracking-uri {config.tracking_uri}",
+        flush=True,
+    )
 
 
 def print_closing(config: StudyConfig, best: dict | None, best_dir: str, experiment_id: str) -> None:
@@ -47,7 +51,10 @@ def print_closing(config: StudyConfig, best: dict | None, best_dir: str, experim
     if best is None:
         print(f"\nNo trial of study {config.name} produced a result: see the failed runs in MLflow.")
     else:
-        print(f"\nBest trial {best['trial_id']}: {best['metric']} = {best['best_value']:.4f} at epoch {best['best_epoch']}")
+        print(
+            f"\nBest trial {best['trial_id']}: {best['metric']} = {best['best_value']:.4f} "
+            f"at epoch {best['best_epoch']}"
+        )
         for key, value in best["hyperparameters"].items():
             print(f"  {key:<20} {value}")
         print(f"Config:     {best_dir}/best_config.yaml")

@@ -83,7 +83,9 @@ def prepare_study(config: StudyConfig, checked: CheckedStudy) -> PreparedStudy:
 
     Returns with Ray running; on any error Ray is stopped again and nothing was written.
     """
-    gpu_probe = start_gpu_probe(config, checked)  # --gpus-per-trial auto: a process of its own, overlapping what follows
+    gpu_probe = start_gpu_probe(
+        config, checked
+    )  # --gpus-per-trial auto: a process of its own, overlapping what follows
     share = given_gpu_share(config) if gpu_probe is None else None  # checked at once
     try:
         if config.pretrained:
@@ -94,8 +96,9 @@ def prepare_study(config: StudyConfig, checked: CheckedStudy) -> PreparedStudy:
         if share is None:
             share = measured_gpu_share(config, gpu_probe)
         resolved = replace(config, gpus_per_trial=share.gpus_per_trial, max_concurrent=share.max_concurrent)
-        return PreparedStudy(resolved, checked.space, index, checked.spec, splits["train"], splits["val"], skipped,
-                             checked.resume_run_id)
+        return PreparedStudy(
+            resolved, checked.space, index, checked.spec, splits["train"], splits["val"], skipped, checked.resume_run_id
+        )
     except BaseException:
         if gpu_probe is not None:
             gpu_probe.cancel()
@@ -104,7 +107,7 @@ def prepare_study(config: StudyConfig, checked: CheckedStudy) -> PreparedStudy:
 
 
 def open_tracking_store(config: StudyConfig, resume_run_id: str | None) -> None:
-    """The MLflow store, created (or migrated) now rather than after the long work; a new study's name must be new there."""
+    """The MLflow store, created (or migrated) now rather than after the long work; a new study's name is new there."""
     client = mlflow_client(config.tracking_uri)
     if resume_run_id is None and study_runs(client, config.name):
         raise UsageError(name_taken(config.name, f"in --tracking-uri {config.tracking_uri}"))
@@ -132,8 +135,14 @@ def start_gpu_probe(config: StudyConfig, checked: CheckedStudy) -> GpuProbe | No
     if config.gpus_per_trial is not None or not torch.cuda.is_available():
         return None
     heaviest = checked.space.heaviest()
-    return GpuProbe(config.model, len(checked.index.classes), heaviest.batch_size, config.img_size,
-                    speed_options(config), **heaviest.model_knobs())
+    return GpuProbe(
+        config.model,
+        len(checked.index.classes),
+        heaviest.batch_size,
+        config.img_size,
+        speed_options(config),
+        **heaviest.model_knobs(),
+    )
 
 
 def given_gpu_share(config: StudyConfig) -> GpuShare:
@@ -149,8 +158,10 @@ def measured_gpu_share(config: StudyConfig, gpu_probe) -> GpuShare:
     except GpuTooSmall as error:
         raise UsageError(str(error)) from None
     except RuntimeError as error:  # e.g. a GPU too full to open a CUDA context
-        raise UsageError(f"--gpus-per-trial auto could not measure the GPU ({one_line(error)}): "
-                         f"give a share such as --gpus-per-trial 0.5, or 0 for the CPU") from None
+        raise UsageError(
+            f"--gpus-per-trial auto could not measure the GPU ({one_line(error)}): "
+            f"give a share such as --gpus-per-trial 0.5, or 0 for the CPU"
+        ) from None
     print(f"--gpus-per-trial auto: {plan.explanation}", flush=True)
     # The probe measured GPU 0; Ray places fractional trials on every GPU, assumed alike.
     trials = plan.trials * max(1, torch.cuda.device_count())
@@ -160,7 +171,9 @@ def measured_gpu_share(config: StudyConfig, gpu_probe) -> GpuShare:
 def resolve_gpus(requested: float) -> float:
     """A given --gpus-per-trial, refused where no GPU would take it."""
     if requested > 0 and not torch.cuda.device_count():
-        raise UsageError(f"--gpus-per-trial {requested} but no CUDA GPU is visible: pass --gpus-per-trial 0 to train on the CPU")
+        raise UsageError(
+            f"--gpus-per-trial {requested} but no CUDA GPU is visible: pass --gpus-per-trial 0 to train on the CPU"
+        )
     return requested
 
 
@@ -215,9 +228,12 @@ def tune_and_record(study: PreparedStudy) -> int:
     except Exception:
         if not disk_full(config.storage_path):
             raise
-        print(f"search/run.py: error: the disk under --storage-path {config.storage_path} is full "
-              f"({megabytes(free_bytes(config.storage_path))} free): free some space, then resume the study; "
-              f"trials that failed for want of space stay failed", file=sys.stderr)
+        print(
+            f"search/run.py: error: the disk under --storage-path {config.storage_path} is full "
+            f"({megabytes(free_bytes(config.storage_path))} free): free some space, then resume the study; "
+            f"trials that failed for want of space stay failed",
+            file=sys.stderr,
+        )
         print_resume_hint(config, "stopped on a full disk")
         return 1
     finally:

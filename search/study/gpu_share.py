@@ -115,8 +115,9 @@ def choose_gpu_fraction(
     return GpuPlan(fraction, int(trials), int(per_trial), explanation)
 
 
-def probe_peak_memory(model_name: str, num_classes: int, batch_size: int, img_size: int, speed=None,
-                      **model_knobs) -> int:
+def probe_peak_memory(
+    model_name: str, num_classes: int, batch_size: int, img_size: int, speed=None, **model_knobs
+) -> int:
     """Peak CUDA bytes one trial allocates: its own training steps and evaluation batch.
 
     Runs the engine's Learner with the study's speed options (default: fp16 autocast +
@@ -203,8 +204,10 @@ class GpuProbe:
         context = multiprocessing.get_context("spawn")  # CUDA cannot live in a forked child
         self._receive, send = context.Pipe(duplex=False)
         self._process = context.Process(
-            target=_probe_and_send, args=(send, model_name, num_classes, batch_size, img_size, speed, model_knobs),
-            name="gpu-probe", daemon=True,  # ends with the driver, on Ctrl-C too
+            target=_probe_and_send,
+            args=(send, model_name, num_classes, batch_size, img_size, speed, model_knobs),
+            name="gpu-probe",
+            daemon=True,  # ends with the driver, on Ctrl-C too
         )
         self._process.start()
         send.close()  # the child holds the only writing end: its death reads as EOF here
@@ -231,8 +234,9 @@ class GpuProbe:
         self._process.join()
 
 
-def _probe_and_send(send, model_name: str, num_classes: int, batch_size: int, img_size: int, speed,
-                    model_knobs: dict) -> None:
+def _probe_and_send(
+    send, model_name: str, num_classes: int, batch_size: int, img_size: int, speed, model_knobs: dict
+) -> None:
     # Ctrl-C is the driver's to handle (it cancels the probe); cancel() sends SIGTERM,
     # which exits through Python so that the probe's temporary images are removed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -249,7 +253,8 @@ def _probe_and_send(send, model_name: str, num_classes: int, batch_size: int, im
         send.send(("error", RuntimeError(f"GPU memory probe: {type(error).__name__}: {error}")))
 
 
-def probe_in_subprocess(model_name: str, num_classes: int, batch_size: int, img_size: int, speed=None,
-                        **model_knobs) -> tuple[int, int, int]:
+def probe_in_subprocess(
+    model_name: str, num_classes: int, batch_size: int, img_size: int, speed=None, **model_knobs
+) -> tuple[int, int, int]:
     """(peak, free, total) bytes, measured in a fresh spawned process (see GpuProbe)."""
     return GpuProbe(model_name, num_classes, batch_size, img_size, speed, **model_knobs).result()

@@ -45,8 +45,9 @@ def check_study(config: StudyConfig, resume_run_id: str | None = None) -> Checke
         raise UsageError(str(error)) from None
     if config.per_class:
         index = subsample(index, config.per_class, config.seed)
-    spec = ModelSpec(config.model, len(index.classes), config.img_size, pretrained=config.pretrained,
-                     weights_files=config.weights)
+    spec = ModelSpec(
+        config.model, len(index.classes), config.img_size, pretrained=config.pretrained, weights_files=config.weights
+    )
     try:
         validate_spec(spec)
     except ValueError as error:

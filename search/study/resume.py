@@ -29,16 +29,22 @@ def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
         raise UsageError(f"no study named {args.name!r} in {where}: check --name, or start it without --resume")
     storage = absolute(args.storage_path)
     if not (Path(storage) / args.name / "tuner.pkl").is_file():
-        raise UsageError(f"study {args.name!r} has no trial state under --storage-path {args.storage_path}: "
-                         f"pass the one it ran with")
+        raise UsageError(
+            f"study {args.name!r} has no trial state under --storage-path {args.storage_path}: pass the one it ran with"
+        )
     recorded = read_study_config(mlflow_client(args.tracking_uri, create=False), parent)
     if recorded.model != args.model:
-        raise UsageError(f"study {args.name!r} searched --model {recorded.model}: resume it with that model, "
-                         f"not {args.model}")
+        raise UsageError(
+            f"study {args.name!r} searched --model {recorded.model}: resume it with that model, not {args.model}"
+        )
     if parent.info.status == "FINISHED":
         raise UsageError(f"study {args.name!r} already finished: start a new one with another --name")
     given_weights = tuple(sorted(weights_files([item for item in args.weights if "=" in item]).items()))
-    config = replace(recorded, storage_path=storage, cache_dir=absolute(args.cache_dir),
-                     tracking_uri=args.tracking_uri, weights=given_weights or recorded.weights)
+    config = replace(
+        recorded,
+        storage_path=storage,
+        cache_dir=absolute(args.cache_dir),
+        tracking_uri=args.tracking_uri,
+        weights=given_weights or recorded.weights,
+    )
     return config, parent.info.run_id
-

@@ -15,10 +15,11 @@ it applies to); anything not in the space keeps its default.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from trainables.config import DEFAULTS, KNOBS, MEMORY_GROWS, Hyperparameters, finite, value_problem
 
@@ -100,8 +101,6 @@ class Space:
 
 def load_space(path: str | Path, model: str) -> Space:
     """Read and validate a space file; raise SpaceError listing every problem."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"space file {path} does not exist: pass --space PATH or use spaces/{model}.yaml")
@@ -139,7 +138,9 @@ def parse_document(document: Any, model: str, problems: list[str]) -> list[Param
     return parameters
 
 
-def parse_parameter(name: str, spec: Any, model: str, earlier: list[Parameter], problems: list[str]) -> Parameter | None:
+def parse_parameter(
+    name: str, spec: Any, model: str, earlier: list[Parameter], problems: list[str]
+) -> Parameter | None:
     known = Hyperparameters.names()
     if name not in known:
         problems.append(f"{name}: not a hyperparameter of the trainable; valid: {', '.join(known)}")
@@ -157,7 +158,7 @@ def parse_parameter(name: str, spec: Any, model: str, earlier: list[Parameter], 
         problems.append(f"{name}: unknown key(s) {', '.join(unknown)} for type {kind}; valid: {valid}")
         return None
     before = len(problems)
-    fields_ = {"when": parse_when(name, spec.get("when"), earlier, problems)}
+    fields_: dict[str, Any] = {"when": parse_when(name, spec.get("when"), earlier, problems)}
     if kind in ("float", "int"):
         fields_.update(parse_range(name, kind, spec, problems))
     elif kind == "categorical":
@@ -187,13 +188,17 @@ def parse_range(name: str, kind: str, spec: dict, problems: list[str]) -> dict:
     low, high, step = (as_number(spec.get(key)) for key in ("low", "high", "step"))
     number = int if kind == "int" else (int, float)
     if not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)):
-        problems.append(f"{name}: type {kind} needs numeric 'low:' and 'high:'" + (" (integers)" if kind == "int" else ""))
+        problems.append(
+            f"{name}: type {kind} needs numeric 'low:' and 'high:'" + (" (integers)" if kind == "int" else "")
+        )
         return {}
     if not all(finite(v) for v in (low, high)):
         problems.append(f"{name}: 'low:' and 'high:' must be finite numbers, got low={low}, high={high}")
         return {}
     if low >= high:
-        problems.append(f"{name}: empty or inverted range low={low} >= high={high}; give low < high (or use type fixed)")
+        problems.append(
+            f"{name}: empty or inverted range low={low} >= high={high}; give low < high (or use type fixed)"
+        )
     log = bool(spec.get("log", False))
     if log and low <= 0:
         problems.append(f"{name}: log scale needs low > 0, got {low}")

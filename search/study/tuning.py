@@ -87,7 +87,9 @@ def restore_tuner(setup: TrialSetup, config: StudyConfig) -> tune.Tuner:
     is given anew.
     """
     return tune.Tuner.restore(
-        str(config.experiment_dir), trainable=make_trainable(setup, config), resume_unfinished=True,
+        str(config.experiment_dir),
+        trainable=make_trainable(setup, config),
+        resume_unfinished=True,
         resume_errored=False,
     )
 
@@ -145,12 +147,23 @@ def make_tuner(space: Space, setup: TrialSetup, config: StudyConfig, callbacks: 
 def trial_setup(config: StudyConfig, spec: ModelSpec, train: CachedSplit, val: CachedSplit) -> TrialSetup:
     """What the trainable takes from the study's configuration, handed to every trial once."""
     return TrialSetup(
-        model=spec, train=train, val=val, epochs=config.epochs, metric=config.metric, seed=config.seed,
-        gpu_fraction=config.gpus_per_trial or 0.0, cpus=config.cpus_per_trial, speed=speed_options(config),
+        model=spec,
+        train=train,
+        val=val,
+        epochs=config.epochs,
+        metric=config.metric,
+        seed=config.seed,
+        gpu_fraction=config.gpus_per_trial or 0.0,
+        cpus=config.cpus_per_trial,
+        speed=speed_options(config),
     )
 
 
 def speed_options(config: StudyConfig) -> SpeedOptions:
     """The CUDA speed flags: the trials train with them, and the GPU probe measures with them."""
-    return SpeedOptions(amp=config.amp, channels_last=config.channels_last, cudnn_benchmark=config.cudnn_benchmark,
-                        compile=config.compile)
+    return SpeedOptions(
+        amp=config.amp,
+        channels_last=config.channels_last,
+        cudnn_benchmark=config.cudnn_benchmark,
+        compile=config.compile,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sqlite3
 import tempfile
 from contextlib import closing
 from pathlib import Path
@@ -56,8 +57,6 @@ def sqlite_path(tracking_uri: str) -> Path:
 
 def check_sqlite_store(tracking_uri: str) -> None:
     """The database file is a writable SQLite database, or can be created where it is named."""
-    import sqlite3
-
     path = sqlite_path(tracking_uri)
     where = f"--tracking-uri {tracking_uri}"
     if not tracking_uri.startswith("sqlite:///") or not path.name:
@@ -72,8 +71,9 @@ def check_sqlite_store(tracking_uri: str) -> None:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         os.rmdir(tempfile.mkdtemp(prefix=".store-check-", dir=folder))
     except OSError as error:
-        raise UsageError(f"{where}: cannot create files in {folder} ({error.strerror}): "
-                         f"pass a --tracking-uri on a writable disk") from None
+        raise UsageError(
+            f"{where}: cannot create files in {folder} ({error.strerror}): pass a --tracking-uri on a writable disk"
+        ) from None
     if not path.exists():
         return
     try:
@@ -81,8 +81,10 @@ def check_sqlite_store(tracking_uri: str) -> None:
             database.execute("BEGIN IMMEDIATE")  # takes the write lock: a read-only file or disk fails here
             database.rollback()
     except sqlite3.Error as error:
-        raise UsageError(f"{where}: {path} cannot be written as an SQLite database ({error}): "
-                         f"pass a writable MLflow store, or a new file") from None
+        raise UsageError(
+            f"{where}: {path} cannot be written as an SQLite database ({error}): "
+            f"pass a writable MLflow store, or a new file"
+        ) from None
 
 
 def check_server(tracking_uri: str) -> None:
@@ -93,8 +95,10 @@ def check_server(tracking_uri: str) -> None:
         with socket.create_connection((address.hostname or "", port), timeout=SERVER_TIMEOUT_S):
             pass
     except OSError as error:
-        raise UsageError(f"--tracking-uri {tracking_uri}: no MLflow server answers at {address.hostname}:{port} "
-                         f"({error.strerror or error}): start it, or use the local store {DEFAULT_TRACKING_URI}") from None
+        raise UsageError(
+            f"--tracking-uri {tracking_uri}: no MLflow server answers at {address.hostname}:{port} "
+            f"({error.strerror or error}): start it, or use the local store {DEFAULT_TRACKING_URI}"
+        ) from None
 
 
 def store_exists(tracking_uri: str) -> bool:
@@ -126,8 +130,10 @@ def trial_outcome(result: dict | None, error: bool) -> str:
 
 def exception_line(error_file: str | None) -> str:
     """The line of a trial's traceback file that names the exception: its last."""
+    if error_file is None:
+        return "unknown error"
     try:
         lines = [line for line in Path(error_file).read_text().splitlines() if line.strip()]
-    except (OSError, TypeError):
+    except OSError:
         return "unknown error"
     return lines[-1][:500] if lines else "unknown error"

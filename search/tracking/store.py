@@ -94,7 +94,9 @@ def all_runs(client, filter_string: str) -> list:
     experiment_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     if not experiment_ids:
         return []
-    return list(client.search_runs(experiment_ids, filter_string, max_results=50_000, order_by=["attributes.start_time DESC"]))
+    return list(
+        client.search_runs(experiment_ids, filter_string, max_results=50_000, order_by=["attributes.start_time DESC"])
+    )
 
 
 def is_study_run(run) -> bool:
@@ -164,7 +166,7 @@ def close_open_children(client, experiment_id: str, parent_run_id: str) -> None:
 
 def read_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:
     """An artifact of a run as text, or None where the run has no such file."""
-    folder, _, name = path.rpartition("/")
+    folder = path.rpartition("/")[0]
     if not any(item.path == path for item in client.list_artifacts(run_id, folder or None)):
         return None
     with tempfile.TemporaryDirectory() as directory:

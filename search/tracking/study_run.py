@@ -18,15 +18,22 @@ from search.tracking.store import get_or_create_experiment, log_params, mlflow_c
 from trainables.data import DatasetIndex
 
 
-def open_parent_run(client: MlflowClient, config: StudyConfig, index: DatasetIndex, skipped: list[str]) -> tuple[str, str]:
+def open_parent_run(
+    client: MlflowClient, config: StudyConfig, index: DatasetIndex, skipped: list[str]
+) -> tuple[str, str]:
     """A new study's parent run, with its configuration, data summary and space file: (experiment id, run id)."""
     experiment_id = get_or_create_experiment(client, config.experiment, config.tracking_uri)
-    parent = client.create_run(experiment_id, run_name=config.name, tags={STUDY_TAG: config.name, "model": config.model})
+    parent = client.create_run(
+        experiment_id, run_name=config.name, tags={STUDY_TAG: config.name, "model": config.model}
+    )
     parent_id = parent.info.run_id
     summary = {key: value for key, value in index.summary().items() if key not in ("source", "classes")}
     shown = {key: value for key, value in config.to_dict().items() if key != "format"}
-    log_params(client, parent_id, {**shown, "mode": config.mode, **summary, "ignored_files": index.ignored_files,
-                                   "skipped_images": len(skipped)})
+    log_params(
+        client,
+        parent_id,
+        {**shown, "mode": config.mode, **summary, "ignored_files": index.ignored_files, "skipped_images": len(skipped)},
+    )
     client.log_text(parent_id, config.to_yaml(), CONFIG_FILE)
     client.log_dict(parent_id, index.summary(), "data.json")
     client.log_artifact(parent_id, config.space)
@@ -55,8 +62,10 @@ def read_study_config(client: MlflowClient, run) -> StudyConfig:
     name = run.data.tags.get(STUDY_TAG, run.info.run_id)
     text = read_artifact(client, run.info.run_id, CONFIG_FILE)
     if text is None:
-        raise UsageError(f"study {name!r} predates {CONFIG_FILE} (it was run by an older version of this tool): "
-                         f"start a new study, or retrain its winner with final.py --study {name}")
+        raise UsageError(
+            f"study {name!r} predates {CONFIG_FILE} (it was run by an older version of this tool): "
+            f"start a new study, or retrain its winner with final.py --study {name}"
+        )
     try:
         return StudyConfig.from_yaml(text, f"{CONFIG_FILE} of study {name!r}")
     except ConfigError as error:

@@ -31,10 +31,14 @@ def write_image_folder(root: Path, per_class: dict[str, int], size: int = 40, su
 
 
 @contextmanager
-def mounted_tmpfs(where: Path, megabytes: int = 64, copy_from: Path | None = None, read_only: bool = False) -> Iterator[Path]:
+def mounted_tmpfs(
+    where: Path, megabytes: int = 64, copy_from: Path | None = None, read_only: bool = False
+) -> Iterator[Path]:
     """A small tmpfs at `where` (a full or read-only disk on demand); skips the test where mounting is not allowed."""
     where.mkdir(parents=True, exist_ok=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)], capture_output=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)], capture_output=True
+    )
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
     try:
@@ -47,12 +51,18 @@ def mounted_tmpfs(where: Path, megabytes: int = 64, copy_from: Path | None = Non
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def run_script(script: str, *args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, cwd: Path, timeout: float = 900, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run search/<script> as a user would, in its own process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "search" / script), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -60,7 +70,19 @@ def study_config(**changes):
     """A valid StudyConfig for tests (a cnn, synthetic data, CPU), with `changes` applied."""
     from search.study.config import StudyConfig
 
-    values = dict(name="test", model="cnn", trials=3, data="synthetic", space=str(ROOT / "spaces" / "cnn.yaml"),
-                  epochs=3, img_size=32, gpus_per_trial=0.0, max_concurrent=1, storage_path="/tmp/ray_results",
-                  cache_dir="/tmp/cache", tracking_uri="sqlite:////tmp/mlflow.db", experiment="cnn")
+    values = dict(
+        name="test",
+        model="cnn",
+        trials=3,
+        data="synthetic",
+        space=str(ROOT / "spaces" / "cnn.yaml"),
+        epochs=3,
+        img_size=32,
+        gpus_per_trial=0.0,
+        max_concurrent=1,
+        storage_path="/tmp/ray_results",
+        cache_dir="/tmp/cache",
+        tracking_uri="sqlite:////tmp/mlflow.db",
+        experiment="cnn",
+    )
     return StudyConfig(**{**values, **changes})

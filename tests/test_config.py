@@ -1,0 +1,138 @@
+"""One study config, one home per hyperparameter: the records themselves, their one loader, and old names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+import yaml
+from helpers import ROOT, run_script, study_config
+
+from search.study.config import ConfigError, StudyConfig
+from search.study.spaces import load_space
+from trainables.config import DEFAULTS, KNOBS, SHAPES_MODEL, Hyperparameters, value_problem
+from trainables.spec import ModelSpec
+
+
+def test_study_yaml_round_trips_through_the_one_loader():
+    config = study_config(weights=(("vit_tiny_patch16_224", "/w/vit.safetensors"),), max_concurrent=None)
+    text = config.to_yaml()
+    assert yaml.safe_load(text)["format"] == 1
+    assert StudyConfig.from_yaml(text, "study.yaml") == config
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda raw: raw.update(trails=3), "unknown setting 'trails'"),
+        (lambda raw: raw.pop("model"), "missing setting 'model'"),
+        (lambda raw: raw.update(trials="3"), "trials is '3', not int"),
+        (lambda raw: raw.update(smoke="yes"), "smoke is 'yes', not bool"),
+        (lambda raw: raw.update(format=0), "has format 0"),
+        (lambda raw: raw.update(trials=0), "--trials 0: run at least 1 trial"),
+    ],
+)
+def test_a_bad_study_yaml_is_refused_naming_the_file_and_the_problem(edit, message):
+    raw = yaml.safe_load(study_config().to_yaml())
+    edit(raw)
+    with pytest.raises(ConfigError, match=message) as raised:
+        StudyConfig.from_yaml(yaml.safe_dump(raw), "study.yaml of study 'x'")
+    assert str(raised.value).startswith("study.yaml of study 'x'") or "format" in message
+
+
+def test_a_config_lists_every_problem_at_once_by_its_flag():
+    with pytest.raises(ConfigError) as raised:
+        study_config(name="a b", trials=0, img_size=8, cpus_per_trial=0, gpus_per_trial=2.0)
+    for flag in ("--name 'a b'", "--trials 0", "--img-size 8", "--cpus-per-trial 0", "--gpus-per-trial 2.0"):
+        assert flag in str(raised.value)
+
+
+def test_the_knobs_that_shape_the_model_are_exactly_the_model_spec_s_fields():
+    spec_fields = {f.name for f in fields(ModelSpec)} - {
+        "name",
+        "num_classes",
+        "img_size",
+        "pretrained",
+        "weights_files",
+    }
+    assert set(SHAPES_MODEL) == spec_fields
+    spec = ModelSpec("hybrid", 3)
+    assert {name: getattr(spec, name) for name in SHAPES_MODEL} == DEFAULTS.model_knobs()  # defaults from one home
+    tuned = Hyperparameters(dropout=0.3, vit_depth=6, fusion="two_tokens")
+    assert spec.with_knobs(tuned).portable() == {
+        **spec.portable(),
+        "dropout": 0.3,
+        "vit_depth": 6,
+        "fusion": "two_tokens",
+    }
+
+
+def test_every_default_is_a_valid_value_and_bounds_are_enforced():
+    for name in KNOBS:
+        assert value_problem(name, getattr(DEFAULTS, name)) is None, name
+    assert "outside [1, 12]" in value_problem("vit_depth", 13)
+    assert "is not an integer" in value_problem("batch_size", 16.5)
+    assert value_problem("fusion", "concat") == "fusion: 'concat' is not one of single_token, two_tokens"
+
+
+def test_the_probe_measures_the_heaviest_configuration_a_space_allows(tmp_path):
+    space = load_space(ROOT / "spaces" / "vit.yaml", "vit")
+    heaviest = space.heaviest()
+    assert heaviest.batch_size == 32 and heaviest.vit_depth == 12
+    small = tmp_path / "small.yaml"
+    small.write_text(
+        "parameters: {batch_size: {type: categorical, choices: [8, 64]}, vit_depth: {type: int, low: 2, high: 5}}\n"
+    )
+    heaviest = load_space(small, "vit").heaviest()
+    assert (heaviest.batch_size, heaviest.vit_depth) == (64, 5)
+
+
+def test_old_fusion_names_still_load_from_configs_and_checkpoints():
+    assert Hyperparameters.from_dict({"fusion": "seed"}).fusion == "single_token"
+    assert Hyperparameters.from_dict({"fusion": "tokens"}).fusion == "two_tokens"
+    assert ModelSpec.from_portable({"name": "hybrid", "num_classes": 3, "fusion": "tokens"}).fusion == "two_tokens"
+
+
+def test_help_and_argument_errors_load_nothing_heavy():
+    """torch, Ray, MLflow and numpy load only once the arguments are good (the study's checks come next)."""
+    probe = (
+        "import sys\n"
+        "from search.run import main\n"
+        "code = main(['--model', 'cnn', '--trials', '0'])\n"
+        "loaded = {m.split('.')[0] for m in sys.modules}\n"
+        "heavy = sorted(loaded & {'torch', 'ray', 'mlflow', 'numpy', 'optuna', 'timm'})\n"
+        "print(code, heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.stdout.strip() == "2 []", result.stdout + result.stderr
+
+
+def test_resuming_a_study_that_predates_study_yaml_is_one_line(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("cnn", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment, run_name="old", tags={"study": "old", "model": "cnn"})
+    client.log_param(parent.info.run_id, "model", "cnn")  # what older versions recorded, and decoded
+    client.set_terminated(parent.info.run_id, "KILLED")
+    (tmp_path / "ray" / "old").mkdir(parents=True)
+    (tmp_path / "ray" / "old" / "tuner.pkl").write_bytes(b"an older study's trial state")
+    result = run_script(
+        "run.py",
+        "--model",
+        "cnn",
+        "--name",
+        "old",
+        "--resume",
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        str(tmp_path / "ray"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "study 'old' predates study.yaml" in line and "final.py --study old" in line
