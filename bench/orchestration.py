@@ -93,13 +93,12 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
 
     from search.study.config import StudyConfig
     from search.study.spaces import load_space
-    from search.study.tuning import make_tuner
+    from search.study.tuning import make_tuner, trial_setup
     from search.tracking.store import close_open_children, mlflow_client
     from search.tracking.study_run import open_parent_run
     from search.tracking.trials import MlflowTrials
     from trainables.data import CachedSplit, DatasetIndex
     from trainables.models import ModelSpec
-    from trainables.trainable import TrialSetup
 
     for key, value in {
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
@@ -113,16 +112,6 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
     log_path = tmp / f"{name}.jsonl"
     space = load_space(Path(__file__).resolve().parents[1] / "spaces" / "vit.yaml", "vit")
     unused = CachedSplit(str(tmp / "unused.npy"), np.zeros(0, dtype=np.int64))  # the fixed-cost trainable reads no data
-    setup = TrialSetup(
-        model=ModelSpec("vit", 11, 224, pretrained=False),
-        train=unused,
-        val=unused,
-        epochs=epochs,
-        metric="val_acc",
-        seed=0,
-        gpu_fraction=0.0,
-        cpus=1,
-    )
     # The project's defaults (search/run.py): ASHA grace period 2, reduction factor 3, one core per trial.
     config = StudyConfig(
         name=name,
@@ -140,6 +129,7 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
         tracking_uri=uri,
         experiment="bench",
     )
+    setup = trial_setup(config, ModelSpec("vit", 11, 224, pretrained=False), unused, unused)
     index = DatasetIndex("synthetic", [f"class_{c:02d}" for c in range(11)], {"train": [], "val": [], "test": []})
     trainable = tune.with_resources(
         tune.with_parameters(fixed_cost_trial, seconds=seconds, epochs=epochs, log_path=str(log_path)),

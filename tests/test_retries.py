@@ -20,13 +20,12 @@ from optuna.trial import TrialState
 
 import search.study.tuning
 from search.study.spaces import load_space
-from search.study.tuning import make_tuner
+from search.study.tuning import make_tuner, trial_setup
 from search.tracking.schema import PARENT_TAG, STATUS_TAG, STUDY_TAG
 from search.tracking.store import get_or_create_experiment, mlflow_client
 from search.tracking.trials import MlflowTrials
 from trainables.data import CachedSplit
 from trainables.models import ModelSpec
-from trainables.trainable import TrialSetup
 
 SPACES = Path(__file__).resolve().parents[1] / "spaces"
 EPOCHS, CRASH_AFTER = 3, 1
@@ -105,16 +104,6 @@ def run_study(tmp_path: Path, max_failures: int, monkeypatch) -> dict:
 
     name, uri, log_path = f"retry{max_failures}", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "trial.jsonl"
     unused = CachedSplit(str(tmp_path / "unused.npy"), np.zeros(0, dtype=np.int64))  # this trainable reads no data
-    setup = TrialSetup(
-        model=ModelSpec("cnn", 3, 32, pretrained=False),
-        train=unused,
-        val=unused,
-        epochs=EPOCHS,
-        metric="val_acc",
-        seed=0,
-        gpu_fraction=0.0,
-        cpus=1,
-    )
     config = study_config(
         name=name,
         trials=1,
@@ -125,6 +114,7 @@ def run_study(tmp_path: Path, max_failures: int, monkeypatch) -> dict:
         tracking_uri=uri,
         max_failures=max_failures,
     )
+    setup = trial_setup(config, ModelSpec("cnn", 3, 32, pretrained=False), unused, unused)
     trainable = tune.with_resources(
         tune.with_parameters(crash_once_trial, epochs=EPOCHS, marker=str(tmp_path / "crashed"), log_path=str(log_path)),
         {"cpu": 1, "gpu": 0},
