@@ -49,7 +49,7 @@ from trainables.models import ModelSpec, build_model, validate_spec
 RESULT_FILES = ("config.yaml", "classes.json", "splits.json", "classification_report.txt", "confusion_matrix.png")
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class PreparedFinal:
     config: WinnerConfig
     spec: ModelSpec
@@ -149,21 +149,21 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
         "test_images": len(cached["test"]),
     }
     return PreparedFinal(
-        config,
-        spec,
-        index,
-        cached[splits[0]],
-        cached.get("val"),
-        cached["test"],
-        epochs,
-        seed,
-        args.tracking_uri,
-        args.experiment,
-        args.register_name or f"{config.model}-classifier",
-        Path(args.out or f"final/{label}-{datetime.now():%Y%m%d-%H%M%S}"),
-        label,
-        settings,
-        skipped,
+        config=config,
+        spec=spec,
+        index=index,
+        train=cached[splits[0]],
+        val=cached.get("val"),
+        test=cached["test"],
+        epochs=epochs,
+        seed=seed,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        register_name=args.register_name or f"{config.model}-classifier",
+        out=Path(args.out or f"final/{label}-{datetime.now():%Y%m%d-%H%M%S}"),
+        label=label,
+        settings=settings,
+        skipped_images=skipped,
     )
 
 

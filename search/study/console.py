@@ -5,7 +5,7 @@ from __future__ import annotations
 from ray import tune
 
 from search.study.config import StudyConfig
-from search.tracking.schema import absolute_uri, exception_line, trial_outcome
+from search.tracking.schema import BEST_CONFIG_FILE, BEST_MODEL_FILE, absolute_uri, exception_line, trial_outcome
 
 
 class EpochPrinter(tune.Callback):
@@ -57,8 +57,8 @@ def print_closing(config: StudyConfig, best: dict | None, best_dir: str, experim
         )
         for key, value in best["hyperparameters"].items():
             print(f"  {key:<20} {value}")
-        print(f"Config:     {best_dir}/best_config.yaml")
-        print(f"Checkpoint: {best_dir}/best_model.pt")
+        print(f"Config:     {best_dir}/{BEST_CONFIG_FILE}")
+        print(f"Checkpoint: {best_dir}/{BEST_MODEL_FILE}")
         print(f"Retrain:    python search/final.py --study {config.name}")
     print(f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(config.tracking_uri)} --host 127.0.0.1 --port 5000")
     print(f"            then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")

@@ -32,7 +32,7 @@ from search.study.gpu_share import GpuProbe, GpuTooSmall, choose_gpu_fraction
 from search.study.preflight import CheckedStudy, name_taken
 from search.study.spaces import Space
 from search.study.tuning import make_tuner, restore_tuner, speed_options, trial_setup, unfinished_trials
-from search.tracking.schema import BEST_DIR
+from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, BEST_MODEL_FILE
 from search.tracking.store import close_open_children, mlflow_client, study_runs
 from search.tracking.study_run import log_best, open_parent_run, reopen_parent_run
 from search.tracking.trials import MlflowTrials
@@ -48,7 +48,7 @@ FULL_DISK_BYTES = 16 * 2**20
 """Less free space than this under --storage-path explains a failure: a trial's checkpoint is larger."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PreparedStudy:
     """A study ready to run: its configuration (GPU share resolved) and what the checks and the cache produced."""
 
@@ -97,7 +97,14 @@ def prepare_study(config: StudyConfig, checked: CheckedStudy) -> PreparedStudy:
             share = measured_gpu_share(config, gpu_probe)
         resolved = replace(config, gpus_per_trial=share.gpus_per_trial, max_concurrent=share.max_concurrent)
         return PreparedStudy(
-            resolved, checked.space, index, checked.spec, splits["train"], splits["val"], skipped, checked.resume_run_id
+            config=resolved,
+            space=checked.space,
+            index=index,
+            spec=checked.spec,
+            train=splits["train"],
+            val=splits["val"],
+            skipped_images=skipped,
+            resume_run_id=checked.resume_run_id,
         )
     except BaseException:
         if gpu_probe is not None:
@@ -274,8 +281,8 @@ def export_best(config: StudyConfig, classes: list[str], results: ResultGrid) ->
     out = config.experiment_dir / BEST_DIR
     out.mkdir(parents=True, exist_ok=True)
     record = winner_record(config, best.metrics["trial_id"], state, classes)
-    (out / "best_config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-    ModelFile.from_trial_checkpoint(state, classes).save(out / "best_model.pt")
+    (out / BEST_CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+    ModelFile.from_trial_checkpoint(state, classes).save(out / BEST_MODEL_FILE)
     return record
 
 
