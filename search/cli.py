@@ -16,6 +16,8 @@ from search.errors import UsageError
 from trainables.spec import BACKBONES
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+DEFAULT_CACHE_DIR = ".cache/images"
+"""The decoded-image cache that run.py and final.py share."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -52,19 +54,20 @@ def weights_problems(items: list[str]) -> list[str]:
     ]
 
 
-def weights_files(items: list[str]) -> dict[str, str]:
-    """--weights items, already passed by weights_problems, as {backbone: path}."""
-    return dict(item.split("=", 1) for item in items)
+def weights_files(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """--weights items as sorted (backbone, path) pairs; the malformed ones, which weights_problems
+    reports, are left out."""
+    return tuple(sorted(tuple(item.split("=", 1)) for item in items if "=" in item))  # type: ignore[misc]
 
 
-def require_pretrained(model: str, weights: dict[str, str]) -> None:
+def require_pretrained(model: str, weights: tuple[tuple[str, str], ...]) -> None:
     """The model's pretrained backbones are at hand (cached, downloadable or given by --weights),
     or a one-line UsageError says how to get them."""
     # Deferred: timm loads here, once the arguments are known to be good.
     from trainables.pretrained import PretrainedUnavailable, ensure_pretrained
 
     try:
-        ensure_pretrained(BACKBONES[model], weights)
+        ensure_pretrained(BACKBONES[model], dict(weights))
     except PretrainedUnavailable as error:
         raise UsageError(str(error)) from None
 

@@ -14,7 +14,14 @@ import argparse
 import os
 import sys
 
-from search.cli import DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, add_weights_argument, weights_problems
+from search.cli import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_TRACKING_URI,
+    DefaultsFormatter,
+    OneLineParser,
+    add_weights_argument,
+    weights_problems,
+)
 from search.errors import UsageError
 from search.final_model.winner import WinnerConfig, load_file
 from trainables.config import MODEL_NAMES
@@ -67,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--data", default=None, help="data source (default: the study's); its classes must be the study's"
     )
-    data.add_argument("--cache-dir", default=".cache/images", help="decoded-image cache (shared with run.py)")
+    data.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="decoded-image cache (shared with run.py)")
 
     results = parser.add_argument_group("where results go")
     results.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
@@ -99,9 +106,9 @@ def load_winner(args: argparse.Namespace) -> WinnerConfig:
     """--config FILE is read without MLflow; --study and --run-id need it."""
     if args.config is not None:
         return load_file(args.config, args.model)
-    from search.final_model.sources import load_winner as from_mlflow
+    from search.final_model.sources import winner_from_mlflow
 
-    return from_mlflow(args)
+    return winner_from_mlflow(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from search.cli import DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, add_weights_argument
+from search.cli import DEFAULT_CACHE_DIR, DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, add_weights_argument
 from search.errors import UsageError
 from search.study.config import new_config
 from trainables.config import METRICS, MODEL_NAMES
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     tracking = parser.add_argument_group("where results go")
     tracking.add_argument("--name", default=None, help="study name (default: <model>-<timestamp>)")
     tracking.add_argument("--storage-path", default="ray_results", help="Ray Tune trial folders and checkpoints")
-    tracking.add_argument("--cache-dir", default=".cache/images", help="decoded-image cache shared by trials")
+    tracking.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="decoded-image cache shared by trials")
     tracking.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
     tracking.add_argument("--experiment", default=None, help="MLflow experiment (default: the model name)")
     tracking.add_argument(

@@ -87,6 +87,13 @@ def test_the_probe_measures_the_heaviest_configuration_a_space_allows(tmp_path):
     )
     heaviest = load_space(small, "vit").heaviest()
     assert (heaviest.batch_size, heaviest.vit_depth) == (64, 5)
+    # A knob that a `when` can leave out keeps its default in those trials: the probe must cover that too.
+    conditional = tmp_path / "conditional.yaml"
+    conditional.write_text(
+        "parameters: {fusion: {type: categorical, choices: [single_token, two_tokens]},\n"
+        "             vit_depth: {type: int, low: 2, high: 5, when: {fusion: two_tokens}}}\n"
+    )
+    assert load_space(conditional, "hybrid").heaviest().vit_depth == 12
 
 
 def test_old_fusion_names_still_load_from_configs_and_checkpoints():
@@ -136,3 +143,55 @@ def test_resuming_a_study_that_predates_study_yaml_is_one_line(tmp_path):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "study 'old' predates study.yaml" in line and "final.py --study old" in line
+
+
+def test_a_model_file_reloads_to_the_same_outputs_and_keeps_no_local_path(tmp_path):
+    import torch
+
+    from trainables.checkpoint import ModelFile
+    from trainables.models import build_model
+
+    spec = ModelSpec(
+        "hybrid",
+        3,
+        32,
+        vit_depth=2,
+        fusion="two_tokens",
+        pretrained=False,
+        weights_files=(("vit_tiny_patch16_224", "/home/me/vit.safetensors"),),
+    )
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    path = ModelFile(model.state_dict(), spec, Hyperparameters(), ["a", "b", "c"], {"val_acc": 0.5}).save(
+        tmp_path / "m.pt"
+    )
+    saved = torch.load(path, weights_only=True)
+    assert "weights_files" not in saved["model_spec"]
+    saved["model_spec"]["fusion"] = "tokens"  # as a file written before the rename
+    torch.save(saved, path)
+
+    loaded = ModelFile.load(path)
+    assert loaded.spec == ModelSpec("hybrid", 3, 32, vit_depth=2, fusion="two_tokens", pretrained=False)
+    assert loaded.classes == ["a", "b", "c"] and loaded.metrics == {"val_acc": 0.5}
+    rebuilt = build_model(loaded.spec).eval()
+    rebuilt.load_state_dict(loaded.weights)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), model(images))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--name", "a'b\"c"], "--name 'a\\'b\"c': use 1 to 100"),
+        (["--name", "old", "--weights", "bogus"], "--weights bogus: write BACKBONE=PATH"),
+    ],
+)
+def test_resume_checks_its_arguments_first(tmp_path, flags, message):
+    result = run_script(
+        "run.py", "--model", "cnn", "--resume", *flags, "--tracking-uri", f"sqlite:///{tmp_path}/m.db", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert message in line
+    assert not (tmp_path / "m.db").exists()

@@ -172,10 +172,7 @@ def test_select_device_caps_the_process_allocator_to_its_share():
 
 
 def test_probe_peak_is_positive_below_total_and_grows_with_the_batch():
-    try:
-        from search.study.gpu_share import probe_peak_memory
-    except ImportError:
-        from search.resources import probe_peak_memory
+    from search.study.gpu_share import probe_peak_memory
 
     total = torch.cuda.get_device_properties(0).total_memory
     small = probe_peak_memory("cnn", NUM_CLASSES, 4, 64)
@@ -184,10 +181,7 @@ def test_probe_peak_is_positive_below_total_and_grows_with_the_batch():
 
 
 def test_probe_in_a_spawned_process_returns_peak_free_and_total():
-    try:
-        from search.study.gpu_share import probe_in_subprocess
-    except ImportError:
-        from search.resources import probe_in_subprocess
+    from search.study.gpu_share import probe_in_subprocess
 
     peak, free, total = probe_in_subprocess("vit", NUM_CLASSES, 8, 32, vit_depth=2)
     assert all(isinstance(value, int) for value in (peak, free, total))

@@ -14,23 +14,10 @@ from trainables.config import (
     DEFAULTS,
     FUSIONS,
     MODEL_NAMES,
-    VIT_FULL_DEPTH,
     Hyperparameters,
     renamed,
     value_problem,
 )
-
-__all__ = [
-    "BACKBONES",
-    "CNN_BACKBONE",
-    "FUSIONS",
-    "MODEL_NAMES",
-    "VIT_BACKBONE",
-    "VIT_FULL_DEPTH",
-    "VIT_PATCH",
-    "ModelSpec",
-    "validate_spec",
-]
 
 CNN_BACKBONE = "tf_efficientnetv2_s"
 VIT_BACKBONE = "vit_tiny_patch16_224"
@@ -85,10 +72,10 @@ def validate_spec(spec: ModelSpec) -> None:
         problems.append(
             f"img_size {spec.img_size} is not a multiple of the ViT patch ({VIT_PATCH}): use e.g. 32 or 224"
         )
-    if not 1 <= spec.vit_depth <= VIT_FULL_DEPTH:
-        problems.append(f"vit_depth {spec.vit_depth} is outside 1..{VIT_FULL_DEPTH}")
-    fusion = value_problem("fusion", spec.fusion)
-    if fusion:
-        problems.append(f"unknown fusion {spec.fusion!r}: choose one of {', '.join(FUSIONS)} ({fusion})")
+    depth = value_problem("vit_depth", spec.vit_depth)  # its bounds live with the knob
+    if depth:
+        problems.append(depth)
+    if spec.fusion not in FUSIONS:
+        problems.append(f"unknown fusion {spec.fusion!r}: choose one of {', '.join(FUSIONS)}")
     if problems:
         raise ValueError("; ".join(problems))

@@ -44,7 +44,8 @@ from trainables.engine import (
     fit,
     select_device,
 )
-from trainables.models import ModelSpec, build_model, validate_spec
+from trainables.models import build_model
+from trainables.spec import ModelSpec, validate_spec
 
 RESULT_FILES = ("config.yaml", "classes.json", "splits.json", "classification_report.txt", "confusion_matrix.png")
 
@@ -96,7 +97,7 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
         len(config.classes),
         config.img_size,
         pretrained=config.pretrained and not args.no_pretrained,
-        weights_files=tuple(sorted(weights.items())),
+        weights_files=weights,
     ).with_knobs(hp)
     try:
         validate_spec(spec)

@@ -18,6 +18,7 @@ from search.final_model.winner import WinnerConfig, parse_config, winner_record
 from search.tracking.schema import (
     BEST_CONFIG,
     BEST_DIR,
+    DATA_SUMMARY,
     FINAL_ROLE,
     PARENT_TAG,
     ROLE_TAG,
@@ -30,7 +31,7 @@ from search.tracking.store import all_runs, is_study_run, mlflow_client, read_ar
 from search.tracking.study_run import read_study_config
 
 
-def load_winner(args) -> WinnerConfig:
+def winner_from_mlflow(args) -> WinnerConfig:
     """The configuration named on the command line by --study or --run-id."""
     try:
         if args.study is not None:
@@ -128,17 +129,21 @@ def config_from_trial(client, trial, parent, requested_model: str | None) -> Win
         raise UsageError(f"trial run {trial.info.run_id} reported no {config.metric}: nothing to retrain")
     sign = 1 if config.mode == "max" else -1
     best = max(history, key=lambda m: (sign * m.value, -m.step))  # the best score, first reached
-    hyperparameters = yaml.safe_load(read_artifact(client, trial.info.run_id, TRIAL_CONFIG) or "null")
-    data = read_artifact(client, parent.info.run_id, "data.json")
+    try:
+        hyperparameters = yaml.safe_load(read_artifact(client, trial.info.run_id, TRIAL_CONFIG) or "null")
+    except yaml.YAMLError:
+        hyperparameters = None
+    data = read_artifact(client, parent.info.run_id, DATA_SUMMARY)
     if not isinstance(hyperparameters, dict) or data is None:
         raise UsageError(
             f"{source} lacks its {TRIAL_CONFIG} or its study's data.json: retrain the study's "
             f"winner with --study {config.name}, or pass --config"
         )
-    checkpoint = {
-        "metrics": {config.metric: best.value, "epoch": best.step},
-        "hyperparameters": hyperparameters,
-        "model_spec": None,
-    }
-    raw = winner_record(config, trial.data.tags.get(TRIAL_ID_TAG), checkpoint, json.loads(data)["classes"])
+    raw = winner_record(
+        config,
+        trial.data.tags.get(TRIAL_ID_TAG),
+        {config.metric: best.value, "epoch": best.step},
+        hyperparameters,
+        json.loads(data)["classes"],
+    )
     return parse_config(raw, source, requested_model, experiment_id=parent.info.experiment_id, run_id=trial.info.run_id)

@@ -14,7 +14,7 @@ refused before MLflow or torch load.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -31,6 +31,7 @@ from trainables.config import (
     renamed,
     value_problem,
 )
+from trainables.spec import ModelSpec
 
 REQUIRED_KEYS = ("model", "hyperparameters", "classes", "data", "seed", "img_size")
 OPTIONAL_KEYS = (
@@ -44,7 +45,7 @@ OPTIONAL_KEYS = (
     "smoke",
     "pretrained",
 )
-SPEC_KEYS = ("name", "num_classes", "img_size", *SHAPES_MODEL, "pretrained", "weights_files")
+SPEC_KEYS = tuple(f.name for f in fields(ModelSpec))
 
 
 @dataclass(frozen=True)
@@ -84,17 +85,23 @@ class WinnerConfig:
     """The config in best_config.yaml form, written beside the results."""
 
 
-def winner_record(config: StudyConfig, trial_id: str, checkpoint: dict, classes: list[str]) -> dict:
-    """best_config.yaml's content: the best trial's configuration and score, with the study settings a
-    retrain repeats. `checkpoint` is the trial's (metrics, hyperparameters and model_spec as saved)."""
-    return {
+def winner_record(
+    config: StudyConfig,
+    trial_id: str | None,
+    metrics: dict,
+    hyperparameters: dict,
+    classes: list[str],
+    model_spec: dict | None = None,
+) -> dict:
+    """best_config.yaml's content: the best trial's configuration and its best epoch's metrics, with the
+    study settings a retrain repeats (and the trial's model spec, where its checkpoint gives one)."""
+    record = {
         "study": config.name,
         "trial_id": trial_id,
         "metric": config.metric,
-        "best_value": float(checkpoint["metrics"][config.metric]),
-        "best_epoch": int(checkpoint["metrics"]["epoch"]),
-        "hyperparameters": checkpoint["hyperparameters"],
-        "model_spec": checkpoint["model_spec"],
+        "best_value": float(metrics[config.metric]),
+        "best_epoch": int(metrics["epoch"]),
+        "hyperparameters": hyperparameters,
         "classes": list(classes),
         "model": config.model,
         "epochs": config.epochs,
@@ -104,6 +111,7 @@ def winner_record(config: StudyConfig, trial_id: str, checkpoint: dict, classes:
         "smoke": config.smoke,
         "pretrained": config.pretrained,
     }
+    return record if model_spec is None else {**record, "model_spec": model_spec}
 
 
 # ---------------------------------------------------------------- the file form

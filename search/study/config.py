@@ -110,10 +110,7 @@ class StudyConfig:
         """Every value that cannot run, each said with its command-line flag and the fix."""
         problems = []
         if not STUDY_NAME.fullmatch(self.name):
-            problems.append(
-                f"--name {self.name!r}: use 1 to {MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', "
-                f"starting with a letter or digit (it names a folder and an MLflow run)"
-            )
+            problems.append(name_problem(self.name))
         if self.model not in MODEL_NAMES:
             problems.append(f"--model {self.model!r}: choose one of {', '.join(MODEL_NAMES)}")
         if self.trials < 1:
@@ -218,6 +215,13 @@ def of_type(value: object, annotation: str) -> bool:
 # ---------------------------------------------------------------- from the command line
 
 
+def name_problem(name: str) -> str:
+    return (
+        f"--name {name!r}: use 1 to {MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', "
+        f"starting with a letter or digit (it names a folder and an MLflow run)"
+    )
+
+
 def new_config(args: argparse.Namespace) -> StudyConfig:
     """The study's configuration from run.py's arguments, every default resolved; a UsageError lists every problem."""
     problems = weights_problems(args.weights)
@@ -236,7 +240,7 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
             img_size=profile.img_size if args.img_size is None else args.img_size,
             smoke=args.smoke,
             pretrained=not args.no_pretrained,
-            weights=tuple(sorted(weights_files([item for item in args.weights if "=" in item]).items())),
+            weights=weights_files(args.weights),
             amp=args.amp,
             channels_last=args.channels_last,
             cudnn_benchmark=args.cudnn_benchmark,

@@ -41,7 +41,7 @@ def print_resume_hint(config: StudyConfig, why: str = "interrupted") -> None:
     print(
         f"\nStudy {config.name} {why}; finished trials are kept. Resume it with:\n"
         f"  python search/run.py --model {config.model} --name {config.name} --resume"
-        f" --storage-path {config.storage_path} --tracking-uri {config.tracking_uri}",
+        f" --storage-path {config.storage_path} --cache-dir {config.cache_dir} --tracking-uri {config.tracking_uri}",
         flush=True,
     )
 

@@ -89,7 +89,7 @@ def prepare_study(config: StudyConfig, checked: CheckedStudy) -> PreparedStudy:
     share = given_gpu_share(config) if gpu_probe is None else None  # checked at once
     try:
         if config.pretrained:
-            require_pretrained(config.model, dict(config.weights))
+            require_pretrained(config.model, config.weights)
         open_tracking_store(config, checked.resume_run_id)
         index, splits, skipped = cache_data(config, checked.index)
         start_ray()
@@ -280,7 +280,9 @@ def export_best(config: StudyConfig, classes: list[str], results: ResultGrid) ->
         state = load_trial_checkpoint(directory)
     out = config.experiment_dir / BEST_DIR
     out.mkdir(parents=True, exist_ok=True)
-    record = winner_record(config, best.metrics["trial_id"], state, classes)
+    record = winner_record(
+        config, best.metrics["trial_id"], state["metrics"], state["hyperparameters"], classes, state["model_spec"]
+    )
     (out / BEST_CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
     ModelFile.from_trial_checkpoint(state, classes).save(out / BEST_MODEL_FILE)
     return record

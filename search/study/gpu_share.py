@@ -143,7 +143,7 @@ def probe_peak_memory(
         )
     from trainables.config import Hyperparameters
     from trainables.data import CachedSplit
-    from trainables.engine import Learner, SpeedOptions
+    from trainables.engine import EVAL_BATCH_FACTOR, Learner, SpeedOptions
     from trainables.models import ModelSpec, build_model
 
     known = set(SHAPES_MODEL)
@@ -160,7 +160,7 @@ def probe_peak_memory(
     learner = None
     with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
         path = Path(tmp) / "images.npy"
-        count = 2 * batch_size  # two training steps, one evaluation batch
+        count = EVAL_BATCH_FACTOR * batch_size  # two training steps, one evaluation batch
         images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, img_size, img_size, 3))
         images[:] = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
         images.flush()

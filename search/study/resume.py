@@ -6,9 +6,9 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from search.cli import weights_files
+from search.cli import weights_files, weights_problems
 from search.errors import UsageError
-from search.study.config import StudyConfig, absolute
+from search.study.config import STUDY_NAME, StudyConfig, absolute, name_problem
 from search.tracking.schema import check_store_uri
 from search.tracking.store import mlflow_client
 from search.tracking.study_run import find_study, read_study_config
@@ -22,6 +22,9 @@ def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
     """
     if not args.name:
         raise UsageError("--resume needs --name STUDY: the name the interrupted run printed")
+    problems = weights_problems(args.weights) + ([] if STUDY_NAME.fullmatch(args.name) else [name_problem(args.name)])
+    if problems:
+        raise UsageError("; ".join(problems))
     check_store_uri(args.tracking_uri)
     parent = find_study(args.tracking_uri, args.name)
     where = f"--tracking-uri {args.tracking_uri}"
@@ -32,14 +35,15 @@ def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
         raise UsageError(
             f"study {args.name!r} has no trial state under --storage-path {args.storage_path}: pass the one it ran with"
         )
-    recorded = read_study_config(mlflow_client(args.tracking_uri, create=False), parent)
-    if recorded.model != args.model:
+    searched = parent.data.tags.get("model")  # the tag the parent run was opened with
+    if searched != args.model:
         raise UsageError(
-            f"study {args.name!r} searched --model {recorded.model}: resume it with that model, not {args.model}"
+            f"study {args.name!r} searched --model {searched}: resume it with that model, not {args.model}"
         )
     if parent.info.status == "FINISHED":
         raise UsageError(f"study {args.name!r} already finished: start a new one with another --name")
-    given_weights = tuple(sorted(weights_files([item for item in args.weights if "=" in item]).items()))
+    recorded = read_study_config(mlflow_client(args.tracking_uri, create=False), parent)
+    given_weights = weights_files(args.weights)
     config = replace(
         recorded,
         storage_path=storage,

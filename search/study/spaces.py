@@ -87,10 +87,12 @@ class Space:
         return constants
 
     def largest(self, name: str) -> Any:
-        """The largest value a numeric parameter can take (its default where the space leaves it out)."""
+        """The largest value a numeric parameter can take: its default where the space leaves it out,
+        or where a `when` condition can leave it out."""
         for parameter in self.parameters:
             if parameter.name == name:
-                return max(parameter.values())
+                default = [getattr(DEFAULTS, name)] if parameter.when else []
+                return max([*parameter.values(), *default])
         return getattr(DEFAULTS, name)
 
     def heaviest(self) -> Hyperparameters:

@@ -30,6 +30,8 @@ BEST_DIR = "best"
 """The winner's files (best_config.yaml, best_model.pt): a folder of the study's Ray folder and of its run."""
 BEST_CONFIG_FILE, BEST_MODEL_FILE = "best_config.yaml", "best_model.pt"
 BEST_CONFIG = f"{BEST_DIR}/{BEST_CONFIG_FILE}"
+DATA_SUMMARY = "data.json"
+"""The study's data summary (source, classes, images per split), an artifact of its parent run."""
 TRIAL_CONFIG = "hyperparameters.yaml"
 """A trial's configuration, as an artifact of its child run."""
 

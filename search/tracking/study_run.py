@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from search.errors import UsageError
 from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
-from search.tracking.schema import BEST_DIR, STUDY_TAG, store_exists
+from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, BEST_MODEL_FILE, DATA_SUMMARY, STUDY_TAG, store_exists
 from search.tracking.store import get_or_create_experiment, log_params, mlflow_client, read_artifact, study_runs
 from trainables.data import DatasetIndex
 
@@ -35,7 +35,7 @@ def open_parent_run(
         {**shown, "mode": config.mode, **summary, "ignored_files": index.ignored_files, "skipped_images": len(skipped)},
     )
     client.log_text(parent_id, config.to_yaml(), CONFIG_FILE)
-    client.log_dict(parent_id, index.summary(), "data.json")
+    client.log_dict(parent_id, index.summary(), DATA_SUMMARY)
     client.log_artifact(parent_id, config.space)
     if skipped:
         client.log_metric(parent_id, "skipped_images", len(skipped))
@@ -74,7 +74,7 @@ def read_study_config(client: MlflowClient, run) -> StudyConfig:
 
 def log_best(client: MlflowClient, parent_id: str, best: dict, folder: Path) -> None:
     """The winner's files (best_config.yaml, best_model.pt in `folder`), its score and trial on the parent run."""
-    for file in sorted(folder.iterdir()):
-        client.log_artifact(parent_id, str(file), BEST_DIR)
+    for name in (BEST_CONFIG_FILE, BEST_MODEL_FILE):
+        client.log_artifact(parent_id, str(folder / name), BEST_DIR)
     client.log_metric(parent_id, f"best_{best['metric']}", best["best_value"])
     client.set_tag(parent_id, "best_trial", best["trial_id"])
