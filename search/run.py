@@ -14,7 +14,7 @@ import sys
 
 from search.cli import DEFAULT_CACHE_DIR, DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, add_weights_argument
 from search.errors import UsageError
-from search.study.config import new_config
+from search.study.config import FULL, SMOKE, STUDY_DEFAULTS, new_config
 from trainables.config import METRICS, MODEL_NAMES
 
 RUNTIME_ENVIRONMENT = {
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=MODEL_NAMES,
         help="cnn: tf_efficientnetv2_s; vit: vit_tiny_patch16_224; hybrid: both",
     )
-    what.add_argument("--trials", type=int, default=30, help="number of trials")
+    what.add_argument("--trials", type=int, default=STUDY_DEFAULTS["trials"], help="number of trials")
     what.add_argument(
         "--data",
         default="data",
@@ -58,37 +58,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument("--space", default=None, help="search-space YAML (default: spaces/<model>.yaml)")
     what.add_argument(
-        "--metric", default="val_acc", choices=METRICS, help="what the search optimises (val_loss is minimised)"
+        "--metric",
+        default=STUDY_DEFAULTS["metric"],
+        choices=METRICS,
+        help="what the search optimises (val_loss is minimised)",
     )
-    what.add_argument("--seed", type=int, default=0, help="seeds the split, the TPE sampler and every trial")
+    what.add_argument(
+        "--seed", type=int, default=STUDY_DEFAULTS["seed"], help="seeds the split, the TPE sampler and every trial"
+    )
 
     training = parser.add_argument_group("training")
     training.add_argument(
-        "--epochs", type=int, default=None, help="epoch budget per trial (default 15; 3 with --smoke)"
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"epoch budget per trial (default {FULL.epochs}; {SMOKE.epochs} with --smoke)",
     )
-    training.add_argument("--img-size", type=int, default=None, help="square image size (default 224; 32 with --smoke)")
+    training.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help=f"square image size (default {FULL.img_size}; {SMOKE.img_size} with --smoke)",
+    )
     training.add_argument(
         "--no-pretrained", action="store_true", help="random initialisation instead of timm's pretrained weights"
     )
     add_weights_argument(training)
     training.add_argument(
-        "--smoke", action="store_true", help="CPU-friendly profile: 32 px, 3 epochs, 24 training images per class"
+        "--smoke",
+        action="store_true",
+        help=f"CPU-friendly profile: {SMOKE.img_size} px, {SMOKE.epochs} epochs, "
+        f"{(SMOKE.per_class or {}).get('train')} training images per class",
     )
 
     speed = parser.add_argument_group("speed on CUDA (ignored on the CPU)")
     speed.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=True, help="fp16 autocast with GradScaler"
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=STUDY_DEFAULTS["amp"],
+        help="fp16 autocast with GradScaler",
     )
     speed.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory layout"
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=STUDY_DEFAULTS["channels_last"],
+        help="NHWC memory layout",
     )
     speed.add_argument(
-        "--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="autotune convolutions once"
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=STUDY_DEFAULTS["cudnn_benchmark"],
+        help="autotune convolutions once",
     )
     speed.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=STUDY_DEFAULTS["compile"],
         help="torch.compile each trial's model (its compile time is paid again in every trial)",
     )
 
@@ -101,17 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU share per trial, 0 for the CPU; 'auto' measures one training step of the largest "
         "configuration and packs as many trials as fit in free memory (0 without a GPU)",
     )
-    resources.add_argument("--cpus-per-trial", type=int, default=1, help="CPU cores per trial")
+    resources.add_argument(
+        "--cpus-per-trial", type=int, default=STUDY_DEFAULTS["cpus_per_trial"], help="CPU cores per trial"
+    )
     resources.add_argument(
         "--max-concurrent", type=int, default=None, help="most trials at once (default: as many as resources allow)"
     )
     resources.add_argument(
-        "--max-failures", type=int, default=0, help="retries of a crashed trial from its last checkpoint"
+        "--max-failures",
+        type=int,
+        default=STUDY_DEFAULTS["max_failures"],
+        help="retries of a crashed trial from its last checkpoint",
     )
     resources.add_argument(
-        "--grace-period", type=int, default=2, help="ASHA: epochs every trial gets before it can be stopped"
+        "--grace-period",
+        type=int,
+        default=STUDY_DEFAULTS["grace_period"],
+        help="ASHA: epochs every trial gets before it can be stopped",
     )
-    resources.add_argument("--reduction-factor", type=int, default=3, help="ASHA: keep the top 1/N at each rung")
+    resources.add_argument(
+        "--reduction-factor",
+        type=int,
+        default=STUDY_DEFAULTS["reduction_factor"],
+        help="ASHA: keep the top 1/N at each rung",
+    )
 
     tracking = parser.add_argument_group("where results go")
     tracking.add_argument("--name", default=None, help="study name (default: <model>-<timestamp>)")

@@ -214,6 +214,9 @@ def of_type(value: object, annotation: str) -> bool:
 
 # ---------------------------------------------------------------- from the command line
 
+STUDY_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(StudyConfig) if f.default is not MISSING}
+"""run.py's defaults: the record's own, so the two cannot drift apart."""
+
 
 def name_problem(name: str) -> str:
     return (
