@@ -24,6 +24,13 @@ RUNTIME_ENVIRONMENT = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a machine-local Ray on 127.0.0.1 (search.study.driver.start_ray)
 }
 """Set before Ray is imported, which reads them then."""
+SPEED_FLAGS = {
+    "amp": "fp16 autocast with GradScaler",
+    "channels_last": "NHWC memory layout",
+    "cudnn_benchmark": "autotune convolutions once",
+    "compile": "torch.compile each trial's model (its compile time is paid again in every trial)",
+}
+"""The CUDA speed switches: StudyConfig fields, each a --flag / --no-flag pair."""
 
 
 def gpu_fraction(value: str) -> float | str:
@@ -92,30 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     speed = parser.add_argument_group("speed on CUDA (ignored on the CPU)")
-    speed.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=STUDY_DEFAULTS["amp"],
-        help="fp16 autocast with GradScaler",
-    )
-    speed.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=STUDY_DEFAULTS["channels_last"],
-        help="NHWC memory layout",
-    )
-    speed.add_argument(
-        "--cudnn-benchmark",
-        action=argparse.BooleanOptionalAction,
-        default=STUDY_DEFAULTS["cudnn_benchmark"],
-        help="autotune convolutions once",
-    )
-    speed.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=STUDY_DEFAULTS["compile"],
-        help="torch.compile each trial's model (its compile time is paid again in every trial)",
-    )
+    for name, meaning in SPEED_FLAGS.items():
+        speed.add_argument(
+            f"--{name.replace('_', '-')}",
+            action=argparse.BooleanOptionalAction,
+            default=STUDY_DEFAULTS[name],
+            help=meaning,
+        )
 
     resources = parser.add_argument_group("resources and early stopping")
     resources.add_argument(
