@@ -67,13 +67,7 @@ class ModelFile:
     @classmethod
     def load(cls, path: str | Path) -> ModelFile:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(
-            state["model"],
-            ModelSpec.from_portable(state["model_spec"]),
-            Hyperparameters.from_dict(state["hyperparameters"]),
-            state["classes"],
-            state["metrics"],
-        )
+        return cls.from_trial_checkpoint(state, state["classes"])  # the same keys, plus the classes
 
     @classmethod
     def from_trial_checkpoint(cls, state: dict, classes: list[str]) -> ModelFile:
