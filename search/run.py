@@ -22,8 +22,14 @@ RUNTIME_ENVIRONMENT = {
     "RAY_DEDUP_LOGS": "0",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a machine-local Ray on 127.0.0.1 (search.study.driver.start_ray)
+    "RAY_AUTH_MODE": "token",  # Ray's default, said explicitly: Ray then starts without a warning about it
 }
 """Set before Ray is imported, which reads them then."""
+QUIET_ENVIRONMENT = {
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's older reporter, silent at verbose=0 (the newer one prints a config box)
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
+}
+"""Added without --verbose: the study's own lines are all the terminal shows."""
 SPEED_FLAGS = {
     "amp": "fp16 autocast with GradScaler",
     "channels_last": "NHWC memory layout",
@@ -148,8 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     tracking.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
     tracking.add_argument("--experiment", default=None, help="MLflow experiment (default: the model name)")
     tracking.add_argument(
+        "--optuna-storage",
+        default=None,
+        metavar="URI",
+        help="database of the Optuna study, for optuna-dashboard (default: optuna.db beside a SQLite "
+        "--tracking-uri, else under --storage-path)",
+    )
+    tracking.add_argument(
         "--resume", action="store_true", help="continue the interrupted study --name with its own settings"
     )
+    tracking.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own output too")
     return parser
 
 
@@ -165,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         from search.study.preflight import check_study  # the data layer (numpy, PIL), once the arguments are good
 
         checked = check_study(config, resume_run_id)
-        for key, value in RUNTIME_ENVIRONMENT.items():
+        environment = RUNTIME_ENVIRONMENT if args.verbose else {**RUNTIME_ENVIRONMENT, **QUIET_ENVIRONMENT}
+        for key, value in environment.items():
             os.environ.setdefault(key, value)
         from search.study.driver import run_study  # torch, Ray and MLflow load once the study is known to be good
 
-        return run_study(config, checked)
+        return run_study(config, checked, verbose=args.verbose)
     except UsageError as error:
         print(f"search/run.py: error: {error}", file=sys.stderr)
         return 2

@@ -3,23 +3,32 @@
 One study for the whole module, on a class-folder dataset whose test images are
 replaced by unreadable bytes while the study runs: had the search decoded any of
 them, it would have reported them as skipped. They are restored before final.py,
-which must then read them.
+which must then read them. Both scripts run as a user runs them, from a folder laid
+out like the project (its spaces/) with the default store, Ray folder and image cache,
+all relative to it: whatever they write lands there, where the tests can look.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 import yaml
-from helpers import run_script, write_image_folder
+from helpers import ROOT, run_script, write_image_folder
 
 from search.study.config import SMOKE
+from search.tracking.store import read_artifact
 from trainables.data import index_source, subsample
 
 NAME, MODEL, SEED = "fstudy", "vit", 0
@@ -29,21 +38,20 @@ CLASSES = {"benign": 40, "cyst": 40, "malignant": 40, "normal": 40}
 THREADS = 1
 
 
-def final(study, *args: str, out: str = "out"):
+def final(study, *args: str):
+    """final.py from the project folder, with the default store and cache, its output written to out/.
+
+    Its output is read as bytes: text mode would turn a progress bar's carriage returns into newlines.
+    """
     start = time.perf_counter()
-    result = run_script(
-        "final.py",
-        *args,
-        "--no-pretrained",
-        "--tracking-uri",
-        study.uri,
-        "--cache-dir",
-        str(study.root / "final-cache"),
-        "--out",
-        str(study.root / out),
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "search" / "final.py"), *args, "--no-pretrained", "--out", "out"],
         cwd=study.root,
-        env={"OMP_NUM_THREADS": str(THREADS)},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(THREADS)},
+        capture_output=True,
+        timeout=900,
     )
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
     result.seconds = time.perf_counter() - start
     return result
 
@@ -51,11 +59,11 @@ def final(study, *args: str, out: str = "out"):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("final")
+    shutil.copytree(ROOT / "spaces", root / "spaces")
     images = write_image_folder(root / "images", CLASSES, size=40)
     index = index_source(images, SEED)
     test_files = [images / s.key for s in index.splits["test"]]
     originals = {path: path.read_bytes() for path in test_files}
-    uri = f"sqlite:///{root}/mlflow.db"
     try:
         for path in test_files:
             path.write_bytes(b"not an image: the search must never decode this file")
@@ -75,12 +83,6 @@ def study(tmp_path_factory):
             str(SEED),
             "--name",
             NAME,
-            "--tracking-uri",
-            uri,
-            "--storage-path",
-            str(root / "ray"),
-            "--cache-dir",
-            str(root / "search-cache"),
             cwd=root,
         )
     finally:
@@ -90,6 +92,8 @@ def study(tmp_path_factory):
 
     from mlflow.tracking import MlflowClient
 
+    uri = f"sqlite:///{root}/mlflow/mlflow.db"  # the default sqlite:///mlflow/mlflow.db, seen from the project
+    cache = root / ".cache" / "images"  # shared with final.py: what the search alone cached is noted now
     namespace = SimpleNamespace(
         root=root,
         uri=uri,
@@ -97,6 +101,7 @@ def study(tmp_path_factory):
         client=MlflowClient(uri),
         split=subsample(index, SMOKE.per_class, SEED),
         test_files=set(test_files),
+        search_cache={p.name: np.load(p, mmap_mode="r").shape[0] for p in cache.glob("*.npy")},
     )
     namespace.first = final(namespace, "--study", NAME)
     assert namespace.first.returncode == 0, namespace.first.stdout[-3000:] + namespace.first.stderr[-3000:]
@@ -124,11 +129,13 @@ def study_parent(client):
 
 # ---------------------------------------------------------------- the final run
 
+TEST_METRICS = ("test_acc", "test_balanced_acc", "test_macro_f1", "test_roc_auc", "test_ece", "test_loss")
+
 
 def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
     run = first_final(study)
     parent = study_parent(study.client)
-    best = yaml.safe_load((study.root / "ray" / NAME / "best" / "best_config.yaml").read_text())
+    best = yaml.safe_load((study.root / "ray_results" / NAME / "best" / "best_config.yaml").read_text())
     assert run.info.status == "FINISHED" and "mlflow.parentRunId" not in run.data.tags
     assert run.data.tags["study"] == NAME and run.info.experiment_id == parent.info.experiment_id
 
@@ -140,11 +147,11 @@ def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
     history = study.client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == list(range(1, best["best_epoch"] + 1))
     metrics = run.data.metrics
-    for key in ("test_acc", "test_balanced_acc", "test_macro_f1", "test_roc_auc", "test_ece", "test_loss"):
+    for key in TEST_METRICS:
         assert np.isfinite(metrics[key]), key
     assert 0 <= metrics["test_ece"] <= 1 and 0.5 <= metrics["test_roc_auc"] <= 1
     assert metrics["test_acc"] > 1 / len(CLASSES)  # learns: above chance
-    assert {f"test_recall/{name}" for name in CLASSES} <= set(metrics)
+    assert set(metrics) == {"train_loss", "lr", "trained_epochs", *TEST_METRICS}  # nothing per class: see below
 
     artifacts = {a.path for a in study.client.list_artifacts(run.info.run_id)}
     assert {
@@ -154,6 +161,7 @@ def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
         "config.yaml",
         "classes.json",
         "splits.json",
+        "per_class_metrics.json",
     } <= artifacts
     out = study.root / "out"
     assert json.loads((out / "classes.json").read_text()) == sorted(CLASSES)
@@ -168,7 +176,63 @@ def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
     # The short report puts the search's best validation accuracy beside the test accuracy.
     stdout = study.first.stdout
     assert f"Search's best val_acc {best['best_value']:.4f}  vs  test_acc {metrics['test_acc']:.4f}" in stdout
-    assert "registered as vit-classifier version" in stdout and "retrain" in study.first.stderr  # the progress bar
+    assert "registered as vit-classifier version" in stdout
+
+
+def test_per_class_scores_are_one_table_artifact_with_a_row_per_class(study):
+    """Not three metrics per class, which would crowd the run's chart view (33 charts for 11 classes)."""
+    run = first_final(study)
+    table = json.loads(read_artifact(study.client, run.info.run_id, "per_class_metrics.json"))
+    assert table["columns"] == ["class", "precision", "recall", "f1", "support"]
+    per_class = json.loads((study.root / "out" / "metrics.json").read_text())["per_class"]
+    assert [row[0] for row in table["data"]] == sorted(CLASSES) == list(per_class)
+    for name, *scores in table["data"]:
+        assert scores == pytest.approx([per_class[name][key] for key in table["columns"][1:]]), name
+    assert sum(row[-1] for row in table["data"]) == int(run.data.params["test_images"])
+    # Logged as a table, so that the UI shows it as one (artifact view, evaluation tables).
+    assert {"path": "per_class_metrics.json", "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
+    assert not [key for key in run.data.metrics if "/" in key]
+
+
+def test_output_to_a_file_is_one_line_per_epoch_and_no_progress_bars(study):
+    """final.py's output captured (not a terminal, as under nohup or in a cluster job): plain lines."""
+    epochs = int(first_final(study).data.params["epochs"])
+    lines = [line for line in study.first.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == epochs, study.first.stdout
+    for number, line in enumerate(lines, 1):
+        assert re.fullmatch(rf"epoch {number}/{epochs}  train_loss \d+\.\d{{4}}  \(\d+\.\d s\)", line), line
+    assert "\r" not in study.first.stdout + study.first.stderr
+
+
+def test_a_terminal_gets_progress_bars_instead_of_epoch_lines(study, one_thread, monkeypatch, capsys):
+    from search.final_model import retrain
+
+    monkeypatch.setattr(retrain, "bars_wanted", lambda: True)
+    retrain_in_process(study, "--epochs", "1")
+    captured = capsys.readouterr()
+    assert "retrain: 100%" in captured.err and "1/1" in captured.err
+    assert not [line for line in captured.out.splitlines() if line.startswith("epoch ")]
+
+
+def test_the_model_is_logged_in_the_study_experiment_with_its_files_beside_the_store(study):
+    """Not in experiment 0 ("Default"), whose files go to ./mlruns in whatever folder final.py runs from."""
+    run = first_final(study)
+    assert not list(study.root.rglob("mlruns"))
+    (output,) = run.outputs.model_outputs  # the run's Models column in the UI
+    logged = study.client.get_logged_model(output.model_id)
+    assert logged.experiment_id == run.info.experiment_id == study_parent(study.client).info.experiment_id
+    assert logged.source_run_id == run.info.run_id and logged.status == "READY"
+    assert output.model_id in [m.model_id for m in study.client.search_logged_models([run.info.experiment_id])]
+
+    (version,) = [
+        v for v in study.client.search_model_versions("name = 'vit-classifier'") if v.run_id == run.info.run_id
+    ]
+    assert version.source == f"models:/{logged.model_id}"  # the version is this logged model
+    artifacts = (study.root / "mlflow" / "artifacts").resolve()
+    stored = Path(urlparse(study.client.get_model_version_download_uri("vit-classifier", version.version)).path)
+    assert stored.is_relative_to(artifacts) and (stored / "MLmodel").is_file()
+    assert Path(urlparse(logged.artifact_location).path).is_relative_to(artifacts)
+    # test_registered_model_loads_... loads it from there.
 
 
 def test_registered_model_loads_and_returns_one_row_of_class_scores_per_image(study):
@@ -206,9 +270,8 @@ def test_test_split_is_disjoint_from_train_and_val_and_the_search_never_read_it(
     # The search decoded only train and val (no skipped images: it never met an unreadable test file) ...
     parent = study_parent(study.client)
     assert "skipped_images" not in parent.data.metrics and parent.data.params.get("skipped_images", "0") == "0"
-    cached = sorted(p.name.split("-")[0] for p in (study.root / "search-cache").glob("*.npy"))
-    assert cached == ["train", "val"]
-    rows = sum(np.load(p, mmap_mode="r").shape[0] for p in (study.root / "search-cache").glob("*.npy"))
+    assert sorted(name.split("-")[0] for name in study.search_cache) == ["train", "val"]
+    rows = sum(study.search_cache.values())
     assert rows == int(parent.data.params["train_images"]) + int(parent.data.params["val_images"]) == len(seen)
     # ... and the final run tested on all of it.
     assert first_final(study).data.params["test_images"] == str(len(test))
@@ -219,7 +282,7 @@ def test_the_study_config_is_written_once_and_read_back_by_its_one_loader(study)
 
     parent = study_parent(study.client)
     on_run = study.client.download_artifacts(parent.info.run_id, "study.yaml", str(study.root))
-    beside_trials = (study.root / "ray" / NAME / "study.yaml").read_text()
+    beside_trials = (study.root / "ray_results" / NAME / "study.yaml").read_text()
     assert Path(on_run).read_text() == beside_trials
     config = StudyConfig.from_yaml(beside_trials, "study.yaml")
     assert (config.name, config.model, config.data, config.smoke, config.seed) == (
@@ -248,9 +311,9 @@ def retrain_in_process(study, *flags: str):
     from search.final import build_parser, load_winner
     from search.final_model.retrain import prepare_final, train
 
-    config = study.root / "ray" / NAME / "best" / "best_config.yaml"
+    config = study.root / "ray_results" / NAME / "best" / "best_config.yaml"
     args = build_parser().parse_args(
-        ["--config", str(config), "--no-pretrained", "--cache-dir", str(study.root / "final-cache"), *flags]
+        ["--config", str(config), "--no-pretrained", "--cache-dir", str(study.root / ".cache" / "images"), *flags]
     )
     prepared = prepare_final(args, load_winner(args))
     epochs = []
@@ -286,7 +349,7 @@ def test_a_trial_run_gives_the_config_the_study_logged(study):
     best_trial = parent.data.tags["best_trial"]
     (child,) = [r for r in runs_of(study.client, NAME) if r.data.tags.get("ray_trial_id") == best_trial]
     from_trial = load_run(study.uri, child.info.run_id, None)
-    best = yaml.safe_load((study.root / "ray" / NAME / "best" / "best_config.yaml").read_text())
+    best = yaml.safe_load((study.root / "ray_results" / NAME / "best" / "best_config.yaml").read_text())
     assert from_trial.hyperparameters.to_dict() == best["hyperparameters"]
     assert from_trial.classes == best["classes"] and from_trial.data == best["data"] and from_trial.smoke
     assert from_trial.best_value == pytest.approx(best["best_value"])
@@ -296,7 +359,7 @@ def test_a_trial_run_gives_the_config_the_study_logged(study):
 
 
 def another_models_config(study, tmp_path: Path) -> str:
-    best = yaml.safe_load((study.root / "ray" / NAME / "best" / "best_config.yaml").read_text())
+    best = yaml.safe_load((study.root / "ray_results" / NAME / "best" / "best_config.yaml").read_text())
     best["model"] = "cnn"  # model_spec still says vit
     (tmp_path / "mixed.yaml").write_text(yaml.safe_dump(best))
     return str(tmp_path / "mixed.yaml")
@@ -321,7 +384,7 @@ def study_without_a_completed_trial(tmp_path: Path) -> str:
 
 def edited_config(study, tmp_path: Path, **changes) -> str:
     """The study's best_config.yaml with some values replaced (hyperparameters.NAME for a hyperparameter)."""
-    config = yaml.safe_load((study.root / "ray" / NAME / "best" / "best_config.yaml").read_text())
+    config = yaml.safe_load((study.root / "ray_results" / NAME / "best" / "best_config.yaml").read_text())
     for key, value in changes.items():
         if key.startswith("hp_"):
             config["hyperparameters"][key.removeprefix("hp_")] = value
@@ -343,7 +406,7 @@ REFUSALS = {
         "study 'broken' has no completed trial (2 failed)",
     ),
     "config for another model": (
-        lambda s, t: ["--config", str(s.root / "ray" / NAME / "best" / "best_config.yaml"), "--model", "cnn"],
+        lambda s, t: ["--config", str(s.root / "ray_results" / NAME / "best" / "best_config.yaml"), "--model", "cnn"],
         "it is a config for --model vit, not --model cnn",
     ),
     "config mixing two models": (lambda s, t: ["--config", another_models_config(s, t)], "model_spec is for model vit"),
@@ -372,7 +435,12 @@ REFUSALS = {
         "no MLflow server answers",
     ),
     "data with other classes": (
-        lambda s, t: ["--config", str(s.root / "ray" / NAME / "best" / "best_config.yaml"), "--data", "synthetic:4"],
+        lambda s, t: [
+            "--config",
+            str(s.root / "ray_results" / NAME / "best" / "best_config.yaml"),
+            "--data",
+            "synthetic:4",
+        ],
         "has other classes than",
     ),
 }
@@ -439,22 +507,3 @@ def test_metrics_come_from_scikit_learn_and_ece_bins_confidence():
     assert result.metrics["test_ece"] == pytest.approx((2 * 0.4 + 0.3 + 2 * 0.2 + 0.5) / 6)
     confident = np.eye(3)[labels]
     assert expected_calibration_error(labels, confident) == 0.0
-
-
-def test_per_class_metric_names_fit_mlflow_whatever_the_classes_are_called(tmp_path):
-    """A 240-character class folder (legal on disk, accepted by run.py), and two names MLflow would make one."""
-    from mlflow.entities import Metric
-
-    from search.final_model.report import evaluate_test, per_class_metrics
-    from search.tracking.store import mlflow_client
-
-    classes = ["x" * 240, "x" * 239 + "y", "a?b", "a*b", "plain"]
-    labels = np.arange(len(classes)).repeat(2)
-    result = evaluate_test(np.eye(len(classes))[labels] * 5, labels, classes)
-    names = per_class_metrics(result)
-    assert len(names) == 3 * len(classes)  # none merged
-    assert max(map(len, names)) <= 250 and "test_recall/plain" in names
-    client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
-    run_id = client.create_run(client.create_experiment("names")).info.run_id
-    client.log_batch(run_id, metrics=[Metric(key, value, 0, 0) for key, value in names.items()])
-    assert client.get_run(run_id).data.metrics == pytest.approx(names)

@@ -120,6 +120,11 @@ SHAPES_MODEL = tuple(name for name, limits in KNOBS.items() if limits.shapes_mod
 MEMORY_GROWS = tuple(name for name, limits in KNOBS.items() if limits.memory_grows)
 
 
+def knobs_of(model: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The values of the knobs that mean something for `model` (vit_depth is no cnn's), in their order."""
+    return {name: value for name, value in values.items() if name not in KNOBS or model in KNOBS[name].models}
+
+
 def renamed(name: str, value: object) -> object:
     return RENAMED_VALUES.get(name, {}).get(value, value) if isinstance(value, str) else value
 

@@ -244,7 +244,17 @@ class CachedSplit:
 
 def cache_key(index: DatasetIndex, split: str, size: int) -> str:
     """Changes whenever a file of the split, its label, or the image size changes."""
-    digest = hashlib.sha256(json.dumps([index.source, size, index.classes]).encode())
+    return split_digest(index, split, size)
+
+
+def data_digest(index: DatasetIndex) -> str:
+    """The data's fingerprint (every split's files, labels, sizes and times): MLflow's dataset digest."""
+    splits = "".join(f"{split}:{split_digest(index, split)}\n" for split in sorted(index.splits))
+    return hashlib.sha256(splits.encode()).hexdigest()[:20]
+
+
+def split_digest(index: DatasetIndex, split: str, *header: object) -> str:
+    digest = hashlib.sha256(json.dumps([index.source, *header, index.classes]).encode())
     root = None if index.is_synthetic else Path(index.source)
     for sample in index.splits[split]:
         stamp = ""

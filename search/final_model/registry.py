@@ -28,10 +28,21 @@ def log_model(model: nn.Module, examples: CachedSplit, tracking_uri: str, run_id
     with torch.no_grad():
         output = scoring(torch.from_numpy(example)).numpy()
     mlflow.set_tracking_uri(tracking_uri)
+    # The model belongs to the run's experiment, and so do its files (beside the store). Left to
+    # itself, log_model puts it in the active experiment, and with none active that is experiment 0
+    # ("Default"), whose files go to ./mlruns in whatever folder the script runs from.
+    run = mlflow.get_run(run_id)
+    logged = mlflow.initialize_logged_model(
+        name=MODEL_ARTIFACT,
+        source_run_id=run_id,
+        experiment_id=run.info.experiment_id,
+        params=run.data.params,  # as log_model does when it creates the model itself
+    )
     info = mlflow.pytorch.log_model(
         scoring,
         name=MODEL_ARTIFACT,
-        run_id=run_id,
+        model_id=logged.model_id,
+        run_id=run_id,  # links the model to the run as its output (the run's Models column)
         signature=infer_signature(example, output),
         input_example=example,
         registered_model_name=register_name,

@@ -6,10 +6,7 @@ without a model.
 
 from __future__ import annotations
 
-import hashlib
-import re
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,29 +107,15 @@ def roc_auc(labels: np.ndarray, probabilities: np.ndarray, everyone: list[int]) 
         return float("nan")
 
 
-METRIC_NAME_LIMIT = 250
-"""MLflow's longest metric name."""
-PER_CLASS_KEYS = ("precision", "recall", "f1")
+PER_CLASS_TABLE = "per_class_metrics.json"
+"""The final run's per-class scores: one table artifact, not three metrics per class crowding the charts."""
+PER_CLASS_COLUMNS = ("precision", "recall", "f1", "support")
 
 
-def per_class_metrics(result: HeldOutResult) -> dict[str, float]:
-    """Per-class precision, recall and F1 as MLflow metric names (test_f1/<class>)."""
-    longest_prefix = max(len(f"test_{key}/") for key in PER_CLASS_KEYS)
-    names = metric_safe_names(list(result.per_class), METRIC_NAME_LIMIT - longest_prefix)
-    return {f"test_{key}/{safe}": result.per_class[name][key] for name, safe in names.items() for key in PER_CLASS_KEYS}
-
-
-def metric_safe_names(classes: list[str], limit: int) -> dict[str, str]:
-    """Each class name as MLflow takes it in a metric name: characters it refuses become '_', and a
-    name that is too long, or that another class's name becomes too, is cut and given a short digest."""
-    safe = {name: re.sub(r"[^A-Za-z0-9_\-. ]", "_", name) for name in classes}
-    taken = Counter(safe.values())
-    return {
-        name: cleaned
-        if len(cleaned) <= limit and taken[cleaned] == 1
-        else f"{cleaned[: limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-        for name, cleaned in safe.items()
-    }
+def per_class_table(result: HeldOutResult) -> dict[str, list]:
+    """Columns class, precision, recall, f1 and support, one row per class (MLflow's log_table)."""
+    rows = result.per_class.values()
+    return {"class": list(result.per_class), **{key: [row[key] for row in rows] for key in PER_CLASS_COLUMNS}}
 
 
 def plot_confusion(result: HeldOutResult, classes: list[str], path: Path, title: str) -> Path:

@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +28,14 @@ from tqdm import tqdm
 from search.cli import require_pretrained, weights_files
 from search.errors import UsageError
 from search.final_model.registry import log_model
-from search.final_model.report import HeldOutResult, evaluate_test, per_class_metrics, plot_confusion, summary_lines
+from search.final_model.report import (
+    PER_CLASS_TABLE,
+    HeldOutResult,
+    evaluate_test,
+    per_class_table,
+    plot_confusion,
+    summary_lines,
+)
 from search.final_model.winner import WinnerConfig
 from search.study.config import FULL, SMOKE
 from search.tracking.schema import FINAL_ROLE, ROLE_TAG, STUDY_TAG, absolute_uri
@@ -268,16 +276,27 @@ def train(final: PreparedFinal, on_epoch: Callable[[EpochResult], None]) -> tupl
     learner = Learner(build_model(final.spec), hp, select_device(), monitor, final.seed)
 
     per_epoch = epoch_batches(len(final.train), len(final.val) if final.val is not None else None, hp.batch_size)
-    epochs_bar = tqdm(total=final.epochs, desc="retrain", unit="epoch", position=0, dynamic_ncols=True)
-    batches_bar = tqdm(total=per_epoch, desc="epoch 1", unit="batch", position=1, leave=False, dynamic_ncols=True)
+    bars = bars_wanted()
+    epochs_bar = tqdm(
+        total=final.epochs, desc="retrain", unit="epoch", position=0, dynamic_ncols=True, disable=not bars
+    )
+    batches_bar = tqdm(
+        total=per_epoch, desc="epoch 1", unit="batch", position=1, leave=False, dynamic_ncols=True, disable=not bars
+    )
     best_state, best_epoch = None, 0
+    started = time.perf_counter()
     try:
         for result in fit(learner, final.train, final.val, final.epochs, on_batch=batches_bar.update):
             on_epoch(result)
             if final.val is not None and result.improved:
                 best_state, best_epoch = copy.deepcopy(learner.model.state_dict()), result.epoch
-            epochs_bar.set_postfix({k: f"{v:.4f}" for k, v in result.metrics.items() if k in ("train_loss", monitor)})
-            epochs_bar.update()
+            shown = {k: v for k, v in result.metrics.items() if k in ("train_loss", monitor)}
+            if bars:
+                epochs_bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
+                epochs_bar.update()
+            else:
+                print(epoch_line(result.epoch, final.epochs, shown, time.perf_counter() - started), flush=True)
+            started = time.perf_counter()
             if not result.finished:
                 batches_bar.reset()
                 batches_bar.set_description(f"epoch {result.epoch + 1}")
@@ -290,11 +309,28 @@ def train(final: PreparedFinal, on_epoch: Callable[[EpochResult], None]) -> tupl
     return learner, learner.epoch
 
 
+def bars_wanted() -> bool:
+    """Progress bars on a terminal only. Redirected to a file (nohup, a cluster job, a test's capture), a
+    bar is redrawn with carriage returns into one endless line; there, train() prints a line per epoch."""
+    return sys.stdout.isatty() and sys.stderr.isatty()  # the bars draw on stderr, the lines go to stdout
+
+
+def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], seconds: float) -> str:
+    """'epoch 3/10  train_loss 0.4312  val_acc 0.8123  (12.4 s)'."""
+    scores = "  ".join(f"{key} {value:.4f}" for key, value in metrics.items())
+    return f"epoch {epoch}/{epochs}  {scores}  ({seconds:.1f} s)"
+
+
 def evaluate_once(final: PreparedFinal, learner: Learner) -> HeldOutResult:
     """The one look at the test split."""
     batch_size = EVAL_BATCH_FACTOR * final.config.hyperparameters.batch_size
     bar = tqdm(
-        total=batch_count(len(final.test), batch_size), desc="test", unit="batch", leave=False, dynamic_ncols=True
+        total=batch_count(len(final.test), batch_size),
+        desc="test",
+        unit="batch",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not bars_wanted(),
     )
     try:
         logits, labels = learner.predict(final.test, on_batch=bar.update)
@@ -310,8 +346,9 @@ def finish(
     model = learner.model.to("cpu", memory_format=torch.contiguous_format).eval()
     write_results(final, model, result)
     stamp = int(datetime.now().timestamp() * 1000)
-    scores = {**result.metrics, **per_class_metrics(result), "trained_epochs": trained_epochs}
+    scores = {**result.metrics, "trained_epochs": trained_epochs}
     client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in scores.items() if v == v])  # no NaN
+    client.log_table(run_id, data=per_class_table(result), artifact_file=PER_CLASS_TABLE)
     for name in RESULT_FILES:
         client.log_artifact(run_id, str(final.out / name))
     registered = log_model(model, final.test, final.tracking_uri, run_id, final.register_name)

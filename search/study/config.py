@@ -19,6 +19,7 @@ from typing import Any
 
 from search.cli import weights_files, weights_problems
 from search.errors import UsageError
+from search.tracking.schema import default_optuna_storage
 from trainables.config import METRIC_MODES, MODEL_NAMES, is_synthetic
 
 CONFIG_FILE = "study.yaml"
@@ -100,6 +101,8 @@ class StudyConfig:
     tracking_uri: str
     experiment: str
     """The MLflow experiment that holds the study's runs."""
+    optuna_storage: str | None = None
+    """The database of the Optuna study (same name as the study); None: in memory, as studies made before it was."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -200,6 +203,7 @@ TYPE_CHECKS = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "bool": lambda v: isinstance(v, bool),
     "int | None": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+    "str | None": lambda v: v is None or isinstance(v, str),
     "float | None": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
     "tuple[tuple[str, str], ...]": lambda v: (
         v is None or (isinstance(v, dict) and all(isinstance(k, str) and isinstance(p, str) for k, p in v.items()))
@@ -258,6 +262,7 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
             cache_dir=absolute(args.cache_dir),
             tracking_uri=args.tracking_uri,
             experiment=args.experiment or args.model,
+            optuna_storage=args.optuna_storage or default_optuna_storage(args.tracking_uri, storage),
         )
     except ConfigError as error:
         problems.insert(0, str(error))

@@ -5,33 +5,50 @@ from __future__ import annotations
 from ray import tune
 
 from search.study.config import StudyConfig
-from search.tracking.schema import BEST_CONFIG_FILE, BEST_MODEL_FILE, absolute_uri, exception_line, trial_outcome
+from search.study.report import StudySummary, chance_level, counts_line, duration, label_of
+from search.tracking.schema import (
+    BEST_CONFIG_FILE,
+    BEST_MODEL_FILE,
+    absolute_uri,
+    exception_line,
+    runs_page,
+    trial_label,
+    trial_outcome,
+)
+from trainables.config import METRIC_MODES, knobs_of
 
 
 class EpochPrinter(tune.Callback):
-    """One line per trial event, instead of Ray's tables."""
+    """One line per trial event, instead of Ray's tables; trials by their MLflow names (t00, t01, ...)."""
 
-    def __init__(self, epochs: int, metric: str):
-        self.epochs, self.metric, self.numbers = epochs, metric, {}
+    def __init__(self, epochs: int, metric: str, trials: int):
+        self.epochs, self.metric, self.trials = epochs, metric, trials
+        self.best: dict[str, float] = {}
+        """Each trial's best score so far, for the line that says how it ended."""
+
+    @property
+    def mode(self) -> str:
+        return METRIC_MODES[self.metric]
 
     def label(self, trial) -> str:
-        number = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
-        return f"trial {number:>3} ({trial.trial_id})"
+        return trial_label(trial.experiment_tag, self.trials)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
         print(f"{self.label(trial)} started: {config}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        print(
-            f"{self.label(trial)} epoch {result['epoch']:>2}/{self.epochs}  train_loss {result['train_loss']:.4f}  "
-            f"val_loss {result['val_loss']:.4f}  val_acc {result['val_acc']:.4f}  "
-            f"{self.metric} {result[self.metric]:.4f}",
-            flush=True,
-        )
+        shown = dict.fromkeys(("train_loss", "val_loss", "val_acc", self.metric))  # the metric once, in order
+        scores = "  ".join(f"{key} {result[key]:.4f}" for key in shown)
+        print(f"{self.label(trial)} epoch {result['epoch']:>2}/{self.epochs}  {scores}", flush=True)
+        score, best = result[self.metric], self.best.get(trial.trial_id)
+        self.best[trial.trial_id] = score if best is None else (max if self.mode == "max" else min)(best, score)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        print(f"{self.label(trial)} {trial_outcome(trial.last_result, error=False)}", flush=True)
+        outcome = trial_outcome(trial.last_result, error=False)
+        epoch, best = (trial.last_result or {}).get("epoch"), self.best.get(trial.trial_id)
+        ending = f" after epoch {epoch}, best {self.metric} {best:.4f}" if epoch and best is not None else ""
+        print(f"{self.label(trial)} {outcome}{ending}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"{self.label(trial)} failed: {exception_line(trial.error_file)}", flush=True)
@@ -46,19 +63,26 @@ def print_resume_hint(config: StudyConfig, why: str = "interrupted") -> None:
     )
 
 
-def print_closing(config: StudyConfig, best: dict | None, best_dir: str, experiment_id: str) -> None:
-    """The winner (or that there is none), where its files are, and how to look at the study."""
+def print_closing(
+    config: StudyConfig, best: dict | None, best_dir: str, experiment_id: str, summary: StudySummary | None
+) -> None:
+    """How the study went, the winner (or that there is none), where its files are, how to look at it."""
+    print()
+    if summary is not None:
+        print(f"Study {config.name}: {counts_line(summary)} in {duration(summary.elapsed_s)}.")
     if best is None:
-        print(f"\nNo trial of study {config.name} produced a result: see the failed runs in MLflow.")
+        print(f"No trial of study {config.name} produced a result: see the failed runs in MLflow.")
     else:
-        print(
-            f"\nBest trial {best['trial_id']}: {best['metric']} = {best['best_value']:.4f} "
-            f"at epoch {best['best_epoch']}"
-        )
-        for key, value in best["hyperparameters"].items():
-            print(f"  {key:<20} {value}")
+        chance = chance_level(config.metric, summary.num_classes) if summary else None
+        against = f" (chance {chance:.4f})" if chance is not None else ""
+        trial = label_of(summary, best["trial_id"]) if summary else best["trial_id"]
+        print(f"Best trial {trial}: {best['metric']} = {best['best_value']:.4f}{against} at epoch {best['best_epoch']}")
+        for key, value in knobs_of(config.model, best["hyperparameters"]).items():
+            print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
         print(f"Config:     {best_dir}/{BEST_CONFIG_FILE}")
         print(f"Checkpoint: {best_dir}/{BEST_MODEL_FILE}")
         print(f"Retrain:    python search/final.py --study {config.name}")
     print(f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(config.tracking_uri)} --host 127.0.0.1 --port 5000")
-    print(f"            then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
+    print(f"            then open {runs_page(experiment_id, config.name)}")
+    if config.optuna_storage:
+        print(f"Optuna:     optuna-dashboard {config.optuna_storage}   (pip install optuna-dashboard)")

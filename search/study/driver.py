@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,11 +31,14 @@ from search.study.config import CONFIG_FILE, StudyConfig
 from search.study.console import print_closing, print_resume_hint
 from search.study.gpu_share import GpuProbe, GpuTooSmall, choose_gpu_fraction
 from search.study.preflight import CheckedStudy, name_taken
+from search.study.report import StudySummary
 from search.study.spaces import Space
 from search.study.tuning import make_tuner, restore_tuner, speed_options, trial_setup, unfinished_trials
+from search.tracking.optuna_store import fail_orphans, load_study, study_exists
 from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, BEST_MODEL_FILE
 from search.tracking.store import close_open_children, mlflow_client, study_runs
-from search.tracking.study_run import log_best, open_parent_run, reopen_parent_run
+from search.tracking.study_report import ELAPSED_METRIC, log_study_report
+from search.tracking.study_run import data_record, log_best, open_parent_run, reopen_parent_run
 from search.tracking.trials import MlflowTrials
 from trainables.checkpoint import ModelFile, load_trial_checkpoint
 from trainables.data import CachedSplit, DataError, DatasetIndex, existing_ancestor, megabytes, prepare_splits
@@ -71,14 +75,16 @@ class GpuShare:
     max_concurrent: int
 
 
-def run_study(config: StudyConfig, checked: CheckedStudy) -> int:
-    return execute_study(prepare_study(config, checked))
+def run_study(config: StudyConfig, checked: CheckedStudy, verbose: bool = False) -> int:
+    """verbose: Ray's own output (its progress reports, the trial processes' output) besides the study's lines."""
+    started = time.monotonic()  # the study's time includes caching the data and starting Ray
+    return execute_study(prepare_study(config, checked, verbose), started, verbose)
 
 
 # ---------------------------------------------------------------- prepare
 
 
-def prepare_study(config: StudyConfig, checked: CheckedStudy) -> PreparedStudy:
+def prepare_study(config: StudyConfig, checked: CheckedStudy, verbose: bool = False) -> PreparedStudy:
     """Check and cache everything the study needs, and start Ray.
 
     Returns with Ray running; on any error Ray is stopped again and nothing was written.
@@ -92,7 +98,7 @@ def prepare_study(config: StudyConfig, checked: CheckedStudy) -> PreparedStudy:
             require_pretrained(config.model, config.weights)
         open_tracking_store(config, checked.resume_run_id)
         index, splits, skipped = cache_data(config, checked.index)
-        start_ray()
+        start_ray(verbose)
         if share is None:
             share = measured_gpu_share(config, gpu_probe)
         resolved = replace(config, gpus_per_trial=share.gpus_per_trial, max_concurrent=share.max_concurrent)
@@ -114,10 +120,15 @@ def prepare_study(config: StudyConfig, checked: CheckedStudy) -> PreparedStudy:
 
 
 def open_tracking_store(config: StudyConfig, resume_run_id: str | None) -> None:
-    """The MLflow store, created (or migrated) now rather than after the long work; a new study's name is new there."""
+    """The MLflow store, created (or migrated) now rather than after the long work; a new study's name is new
+    there and in the Optuna storage (Optuna would add this study's trials to the old one's)."""
     client = mlflow_client(config.tracking_uri)
-    if resume_run_id is None and study_runs(client, config.name):
+    if resume_run_id is not None:
+        return
+    if study_runs(client, config.name):
         raise UsageError(name_taken(config.name, f"in --tracking-uri {config.tracking_uri}"))
+    if config.optuna_storage and study_exists(config.optuna_storage, config.name):
+        raise UsageError(name_taken(config.name, f"in --optuna-storage {config.optuna_storage}"))
 
 
 def cache_data(config: StudyConfig, index: DatasetIndex) -> tuple[DatasetIndex, dict[str, CachedSplit], list[str]]:
@@ -128,13 +139,24 @@ def cache_data(config: StudyConfig, index: DatasetIndex) -> tuple[DatasetIndex, 
         raise UsageError(str(error)) from None
 
 
-def start_ray() -> None:
-    """A private, single-machine Ray that listens on 127.0.0.1 only."""
+def start_ray(verbose: bool = False) -> None:
+    """A private, single-machine Ray that listens on 127.0.0.1 only.
+
+    The trial processes' own output reaches the terminal with `verbose` only: what a trial
+    has to say comes through its results and, when it fails, its error file (Ray's logs
+    under /tmp/ray keep the rest).
+    """
     os.environ.setdefault(LOOPBACK_SWITCH, "0")
     if os.environ[LOOPBACK_SWITCH] == "0":
         ray_constants.ENABLE_RAY_CLUSTER = False  # read when Ray was imported: apply it now
     # address="local": a Ray of its own, never one that another `ray start` left running on this machine.
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=verbose,
+    )
 
 
 def start_gpu_probe(config: StudyConfig, checked: CheckedStudy) -> GpuProbe | None:
@@ -194,16 +216,16 @@ def trial_slots(gpus_per_trial: float, cpus_per_trial: int) -> int:
 # ---------------------------------------------------------------- execute
 
 
-def execute_study(study: PreparedStudy) -> int:
-    """Run the study on the Ray that prepare_study started, then stop Ray."""
+def execute_study(study: PreparedStudy, started: float, verbose: bool = False) -> int:
+    """Run the study on the Ray that prepare_study started, then stop Ray; `started`: time.monotonic() at launch."""
     try:
-        return tune_and_record(study)
+        return tune_and_record(study, started, verbose)
     finally:
         ray.shutdown()
 
 
-def tune_and_record(study: PreparedStudy) -> int:
-    """Open the parent run, run the trials, export the winner; the exit code."""
+def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False) -> int:
+    """Open the parent run, run the trials, export the winner and explain the study; the exit code."""
     config = study.config
     client = mlflow_client(config.tracking_uri)
     with interrupts_ignored():  # the study's run is opened whole, never left RUNNING half-described
@@ -214,8 +236,8 @@ def tune_and_record(study: PreparedStudy) -> int:
         if study.resume_run_id:
             tuner = restore_tuner(setup, config)
         else:
-            callbacks = [MlflowTrials(config.tracking_uri, experiment_id, parent_id, config.name)]
-            tuner = make_tuner(study.space, setup, config, callbacks)
+            callbacks = [MlflowTrials(config.tracking_uri, experiment_id, parent_id, config, data_record(study.index))]
+            tuner = make_tuner(study.space, setup, config, callbacks, verbose=verbose)
             write_config_beside_trials(config)
         results = tuner.fit()
         if unfinished_trials(config):  # Ctrl-C: Ray returns normally, having saved where each trial was
@@ -224,9 +246,10 @@ def tune_and_record(study: PreparedStudy) -> int:
             return 130
         best = export_best(config, study.index.classes, results)
         if best is not None:
-            log_best(client, parent_id, best, config.experiment_dir / BEST_DIR)
+            log_best(client, config, parent_id, best, config.experiment_dir / BEST_DIR)
         status = "FINISHED" if best else "FAILED"
-        print_closing(config, best, str(config.experiment_dir / BEST_DIR), experiment_id)
+        summary = explain_study(client, config, parent_id, started, len(study.index.classes), best)
+        print_closing(config, best, str(config.experiment_dir / BEST_DIR), experiment_id, summary)
         return 0 if best else 1
     except KeyboardInterrupt:
         status = "KILLED"
@@ -246,7 +269,31 @@ def tune_and_record(study: PreparedStudy) -> int:
     finally:
         with interrupts_ignored():  # a second Ctrl-C must not leave the record half-closed
             close_open_children(client, experiment_id, parent_id)
+            if status != "FINISHED":  # a finished study logged its time with its report
+                log_elapsed(client, parent_id, started)
             client.set_terminated(parent_id, status)
+
+
+def explain_study(
+    client: MlflowClient, config: StudyConfig, parent_id: str, started: float, num_classes: int, best: dict | None
+) -> StudySummary | None:
+    """The whole study's time, the Optuna trials Ray lost to a kill settled, and the study's report (None if it
+    could not be made: the trials and the winner are recorded already, and stay so)."""
+    log_elapsed(client, parent_id, started)
+    try:
+        study = load_study(config.optuna_storage, config.name) if config.optuna_storage else None
+        if study is not None:
+            fail_orphans(study)
+        return log_study_report(client, config, parent_id, num_classes, best)
+    except Exception as error:
+        print(f"warning: the study's report (note, plots, importances) failed: {one_line(error)}", flush=True)
+        return None
+
+
+def log_elapsed(client: MlflowClient, parent_id: str, started: float) -> None:
+    """This session's time added to the study's elapsed_s (a resumed study has had sessions before)."""
+    before = client.get_run(parent_id).data.metrics.get(ELAPSED_METRIC, 0.0)
+    client.log_metric(parent_id, ELAPSED_METRIC, before + time.monotonic() - started)
 
 
 def open_or_reopen(client: MlflowClient, study: PreparedStudy) -> tuple[str, str]:
@@ -258,7 +305,8 @@ def open_or_reopen(client: MlflowClient, study: PreparedStudy) -> tuple[str, str
     if study.skipped_images:
         named = ", ".join(study.skipped_images[:3])
         print(f"warning: skipped {len(study.skipped_images)} unreadable image(s), e.g. {named}", flush=True)
-    return open_parent_run(client, study.config, study.index, study.skipped_images)
+    searched = [parameter.name for parameter in study.space.parameters if parameter.type != "fixed"]
+    return open_parent_run(client, study.config, study.index, study.skipped_images, searched)
 
 
 def write_config_beside_trials(config: StudyConfig) -> None:

@@ -10,13 +10,15 @@ from ray import tune
 from ray.tune import ExperimentAnalysis
 from ray.tune.experiment import Trial
 from ray.tune.logger import JsonLoggerCallback
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search.study.config import StudyConfig
 from search.study.console import EpochPrinter
 from search.study.spaces import Space
-from search.tracking.schema import trial_outcome
+from search.tracking.optuna_store import open_optuna_storage
+from search.tracking.schema import TRIAL_ID_TAG, trial_outcome
 from trainables.data import CachedSplit
 from trainables.engine import SpeedOptions
 from trainables.spec import ModelSpec
@@ -26,24 +28,39 @@ OPTUNA_STATES = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED, 
 
 
 class PruneAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna how a trial really ended.
+    """OptunaSearch that tells Optuna how a trial really ended, once.
 
     Ray's OptunaSearch tells an ASHA-stopped trial as COMPLETE with its early score,
     feeding TPE one-epoch results as if final, and a crashed trial that reported
     anything as COMPLETE too. Here: finished trials are COMPLETE with their best
     score, ASHA-stopped ones PRUNED, crashed ones FAIL.
+
+    With a database storage, a resumed study's searcher comes from Ray's last snapshot,
+    which can predate what the database holds: epochs reported again and trials told
+    already are skipped instead of told twice (Optuna refuses that).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._best_scores: dict[str, float] = {}
 
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        self._ot_trials[trial_id].set_user_attr(TRIAL_ID_TAG, trial_id)  # the MLflow child run's tag too
+        return config
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._remember(trial_id, result)
+        stored = self._stored(trial_id)
+        if stored.state.is_finished() or result.get(TRAINING_ITERATION) in stored.intermediate_values:
+            return
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        self._completed_trials.add(trial_id)
+        if self._stored(trial_id).state.is_finished():
             return
         self._remember(trial_id, result)
         state = OPTUNA_STATES[trial_outcome(result, error)]
@@ -51,7 +68,10 @@ class PruneAwareOptunaSearch(OptunaSearch):
         if state == TrialState.COMPLETE and value is None:
             state = TrialState.FAIL  # finished without a usable score
         self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
-        self._completed_trials.add(trial_id)
+
+    def _stored(self, trial_id: str) -> optuna.trial.FrozenTrial:
+        """The trial as the storage has it now."""
+        return self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id)
 
     def _remember(self, trial_id: str, result: dict | None) -> None:
         score = (result or {}).get(self.metric)
@@ -67,9 +87,18 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
 
 def make_searcher(space: Space, config: StudyConfig) -> PruneAwareOptunaSearch:
+    """TPE over the space, seeded; the Optuna study in config.optuna_storage under the study's name."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=config.seed)
-    return PruneAwareOptunaSearch(space=space.sample, metric=config.metric, mode=config.mode, sampler=sampler)
+    storage = open_optuna_storage(config.optuna_storage) if config.optuna_storage else None
+    return PruneAwareOptunaSearch(
+        space=space.sample,
+        metric=config.metric,
+        mode=config.mode,
+        sampler=sampler,
+        storage=storage,
+        study_name=config.name if storage else None,
+    )
 
 
 def make_trainable(setup: TrialSetup, config: StudyConfig):
@@ -108,8 +137,13 @@ def unfinished_trials(config: StudyConfig) -> int:
     return config.trials - sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in trials)
 
 
-def make_tuner(space: Space, setup: TrialSetup, config: StudyConfig, callbacks: list, trainable=None) -> tune.Tuner:
-    """The study's Tuner; `trainable` replaces make_trainable(setup, config) (benchmarks inject a fixed-cost one)."""
+def make_tuner(
+    space: Space, setup: TrialSetup, config: StudyConfig, callbacks: list, trainable=None, verbose: bool = False
+) -> tune.Tuner:
+    """The study's Tuner; `trainable` replaces make_trainable(setup, config) (benchmarks inject a fixed-cost one).
+
+    verbose: Tune's own progress output besides the study's lines (run.py --verbose).
+    """
     scheduler = ASHAScheduler(
         time_attr="epoch",
         max_t=setup.epochs,
@@ -132,14 +166,14 @@ def make_tuner(space: Space, setup: TrialSetup, config: StudyConfig, callbacks: 
             name=config.name,
             storage_path=str(Path(config.storage_path).resolve()),
             # result.json per trial (what Tune reads back); MLflow is the record, not CSV or TensorBoard.
-            callbacks=[JsonLoggerCallback(), EpochPrinter(setup.epochs, config.metric), *callbacks],
+            callbacks=[JsonLoggerCallback(), EpochPrinter(setup.epochs, config.metric, config.trials), *callbacks],
             # The best checkpoint for the study, the latest for resuming: Ray keeps both.
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=config.metric, checkpoint_score_order=config.mode
             ),
             # A crashed trial is retried from its last checkpoint this many times, then failed.
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            verbose=0,  # EpochPrinter says what happens, one line per event
+            verbose=1 if verbose else 0,  # EpochPrinter says what happens, one line per event
         ),
     )
 

@@ -22,6 +22,8 @@ from trainables.config import METRICS
 EPOCH_METRICS = ("train_loss", *METRICS, "lr")
 STATUS_TAG = "trial_status"
 TRIAL_ID_TAG = "ray_trial_id"
+TRIAL_LABEL_TAG = "trial"
+"""A trial's short name (t07): its child run's name until the trial ends, then with the outcome added."""
 STUDY_TAG = "study"
 PARENT_TAG = "mlflow.parentRunId"
 # Tags that mark a final retrain's run: it carries the study's tag too, but is no study.
@@ -34,6 +36,10 @@ DATA_SUMMARY = "data.json"
 """The study's data summary (source, classes, images per split), an artifact of its parent run."""
 TRIAL_CONFIG = "hyperparameters.yaml"
 """A trial's configuration, as an artifact of its child run."""
+OPTUNA_FILE = "optuna.db"
+"""The Optuna studies' SQLite file: its own, since MLflow and Optuna each keep an alembic_version table."""
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+"""What MLflow 3's UI reads to open an experiment on its model-training runs page, not its GenAI view."""
 
 # Schemes of the stores MLflow 3 opens (a bare path would be its deprecated ./mlruns file store).
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -109,6 +115,37 @@ def store_exists(tracking_uri: str) -> bool:
     if tracking_uri.startswith("sqlite:///"):
         return sqlite_path(tracking_uri).is_file()
     return True
+
+
+def default_optuna_storage(tracking_uri: str, storage_path: str) -> str:
+    """Beside a SQLite MLflow store (mlflow/optuna.db); under --storage-path for a server or another database."""
+    folder = sqlite_path(tracking_uri).parent if tracking_uri.startswith("sqlite:///") else Path(storage_path)
+    return f"sqlite:///{(folder / OPTUNA_FILE).resolve()}"
+
+
+def trial_label(experiment_tag: str, trials: int) -> str:
+    """A trial's short name, t00, t01, ...: Ray's trial counter from 0, as Optuna numbers its trials.
+
+    Ray's experiment tag starts with the 1-based counter ("3_lr=0.001,..."); its trial id is random hex.
+    """
+    number = int(experiment_tag.split("_", 1)[0]) - 1
+    return f"t{number:0{max(2, len(str(trials - 1)))}d}"
+
+
+def outcome_name(label: str, outcome: str) -> str:
+    """An ended trial's run name, "t07 pruned": its outcome shows in the runs table without opening it."""
+    return f"{label} {outcome}"
+
+
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+"""An experiment tag (+ a key) holding a runs-page view (filter, sort, columns) that a URL opens: the UI's Share."""
+
+
+def runs_page(experiment_id: str, study: str | None = None) -> str:
+    """The runs page of an experiment on `mlflow ui`'s default address, on the model-training view; with `study`,
+    the study's saved view (its runs only, best first, its searched knobs as columns)."""
+    view = f"viewStateShareKey={study}&" if study else ""
+    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?{view}workflowType=machine_learning"
 
 
 def absolute_uri(uri: str) -> str:

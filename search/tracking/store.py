@@ -16,20 +16,25 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
-from mlflow.entities import Param, ViewType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, ViewType
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from search.cli import interrupts_ignored
 from search.errors import UsageError, one_line
 from search.tracking.schema import (
+    EXPERIMENT_KIND_TAG,
     FINAL_ROLE,
     PARENT_TAG,
     ROLE_TAG,
     SERVER_TIMEOUT_S,
     STATUS_TAG,
     STUDY_TAG,
+    TRAINING_KIND,
     TRIAL_ID_TAG,
+    TRIAL_LABEL_TAG,
     check_store_uri,
+    outcome_name,
     sqlite_path,
     store_exists,
 )
@@ -123,10 +128,20 @@ def default_artifact_root(tracking_uri: str) -> str | None:
 
 
 def get_or_create_experiment(client, name: str, tracking_uri: str) -> str:
+    """The experiment's id; a new one keeps its artifacts beside a SQLite store and opens on MLflow's training view."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=default_artifact_root(tracking_uri))
+    if experiment is None:
+        return client.create_experiment(
+            name, artifact_location=default_artifact_root(tracking_uri), tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}
+        )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version, or inferred by the UI later
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def log_data_input(client, run_id: str, dataset: dict) -> None:
+    """The data as the run's MLflow dataset input (the runs table's Dataset column); `dataset`: Dataset's fields."""
+    client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**dataset), [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
 
 
 def log_params(client, run_id: str, params: dict) -> None:
@@ -149,8 +164,7 @@ def settle_lost_children(client, experiment_id: str, parent_run_id: str, trial_i
         if not run.data.metrics:
             client.delete_run(run.info.run_id)
         else:
-            client.set_tag(run.info.run_id, STATUS_TAG, "lost")
-            client.set_terminated(run.info.run_id, "KILLED")
+            end_trial_run(client, run, "lost")
 
 
 def close_open_children(client, experiment_id: str, parent_run_id: str) -> None:
@@ -160,8 +174,15 @@ def close_open_children(client, experiment_id: str, parent_run_id: str) -> None:
         filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
     )
     for run in runs:
-        client.set_tag(run.info.run_id, STATUS_TAG, "interrupted")
-        client.set_terminated(run.info.run_id, "KILLED")
+        end_trial_run(client, run, "interrupted")
+
+
+def end_trial_run(client, run, outcome: str) -> None:
+    """A trial's run that did not end by itself: KILLED, its outcome in its tag and its name."""
+    client.set_tag(run.info.run_id, STATUS_TAG, outcome)
+    if TRIAL_LABEL_TAG in run.data.tags:
+        client.update_run(run.info.run_id, name=outcome_name(run.data.tags[TRIAL_LABEL_TAG], outcome))
+    client.set_terminated(run.info.run_id, "KILLED")
 
 
 def read_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:

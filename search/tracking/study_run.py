@@ -7,21 +7,31 @@ is how --resume and final.py get it back.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from search.errors import UsageError
 from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
-from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, BEST_MODEL_FILE, DATA_SUMMARY, STUDY_TAG, store_exists
-from search.tracking.store import get_or_create_experiment, log_params, mlflow_client, read_artifact, study_runs
-from trainables.data import DatasetIndex
+from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, DATA_SUMMARY, SHARED_VIEW_TAG, STUDY_TAG, store_exists
+from search.tracking.store import (
+    get_or_create_experiment,
+    log_data_input,
+    log_params,
+    mlflow_client,
+    read_artifact,
+    study_runs,
+)
+from trainables.data import DatasetIndex, data_digest
 
 
 def open_parent_run(
-    client: MlflowClient, config: StudyConfig, index: DatasetIndex, skipped: list[str]
+    client: MlflowClient, config: StudyConfig, index: DatasetIndex, skipped: list[str], knobs: list[str]
 ) -> tuple[str, str]:
-    """A new study's parent run, with its configuration, data summary and space file: (experiment id, run id)."""
+    """A new study's parent run, with its configuration, data summary and space file, and the study's view of
+    the runs page (`knobs`: the searched ones, as its columns): (experiment id, run id)."""
     experiment_id = get_or_create_experiment(client, config.experiment, config.tracking_uri)
     parent = client.create_run(
         experiment_id, run_name=config.name, tags={STUDY_TAG: config.name, "model": config.model}
@@ -37,10 +47,35 @@ def open_parent_run(
     client.log_text(parent_id, config.to_yaml(), CONFIG_FILE)
     client.log_dict(parent_id, index.summary(), DATA_SUMMARY)
     client.log_artifact(parent_id, config.space)
+    log_data_input(client, parent_id, data_record(index))
+    save_runs_view(client, experiment_id, config, parent_id, knobs)
     if skipped:
         client.log_metric(parent_id, "skipped_images", len(skipped))
         client.log_text(parent_id, "\n".join(skipped), "skipped_images.txt")
     return experiment_id, parent_id
+
+
+def save_runs_view(client: MlflowClient, experiment_id: str, config: StudyConfig, parent_id: str, knobs: list[str]):
+    """The study's view of the runs page, saved as the UI's Share button saves one (schema.runs_page opens it):
+    this study's runs, best first, with the dataset, the model, the best score and the searched knobs as columns."""
+
+    def column(kind: str, key: str) -> str:
+        return f"{kind}.`{key}`"
+
+    best = column("metrics", f"best_{config.metric}")
+    view = {
+        "searchFilter": f"tags.{STUDY_TAG} = '{config.name}'",
+        "orderByKey": best,
+        "orderByAsc": config.mode == "min",
+        "selectedColumns": [
+            column("attributes", "Dataset"),
+            column("attributes", "Models"),
+            best,
+            *(column("params", knob) for knob in knobs),
+        ],
+        "runsExpanded": {parent_id: True},
+    }
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + config.name, json.dumps(view))
 
 
 def reopen_parent_run(client: MlflowClient, run_id: str) -> str:
@@ -72,9 +107,37 @@ def read_study_config(client: MlflowClient, run) -> StudyConfig:
         raise UsageError(str(error)) from None
 
 
-def log_best(client: MlflowClient, parent_id: str, best: dict, folder: Path) -> None:
-    """The winner's files (best_config.yaml, best_model.pt in `folder`), its score and trial on the parent run."""
-    for name in (BEST_CONFIG_FILE, BEST_MODEL_FILE):
-        client.log_artifact(parent_id, str(folder / name), BEST_DIR)
-    client.log_metric(parent_id, f"best_{best['metric']}", best["best_value"])
+def data_record(index: DatasetIndex) -> dict:
+    """The study's data as the fields of an MLflow Dataset: the runs table's Dataset column shows it."""
+    synthetic = index.is_synthetic
+    counts = {f"{split}_images": len(samples) for split, samples in index.splits.items()}
+    return {
+        "name": index.source if synthetic else Path(index.source).name,
+        "digest": data_digest(index),
+        "source_type": "code" if synthetic else "local",
+        "source": json.dumps({"uri": index.source if synthetic else Path(index.source).as_uri()}),
+        "profile": json.dumps({"num_classes": len(index.classes), "num_images": sum(counts.values()), **counts}),
+    }
+
+
+def log_best(client: MlflowClient, config: StudyConfig, parent_id: str, best: dict, folder: Path) -> str:
+    """The winner on the study's run: its config (what final.py reads), score and trial, and the
+    checkpoint as an MLflow logged model of the run (the runs table's Models column); the model's id."""
+    client.log_artifact(parent_id, str(folder / BEST_CONFIG_FILE), BEST_DIR)
     client.set_tag(parent_id, "best_trial", best["trial_id"])
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    model = client.create_logged_model(
+        experiment_id,
+        name=f"{config.name}-best",
+        source_run_id=parent_id,
+        params={key: str(value) for key, value in best["hyperparameters"].items()},
+        tags={STUDY_TAG: config.name, "model": config.model, "trial": best["trial_id"]},
+        model_type=config.model,
+    )
+    client.log_model_artifacts(model.model_id, str(folder))  # best_model.pt and best_config.yaml
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(parent_id, [LoggedModelOutput(model.model_id, best["best_epoch"])])
+    client.log_metric(
+        parent_id, f"best_{best['metric']}", best["best_value"], step=best["best_epoch"], model_id=model.model_id
+    )
+    return model.model_id

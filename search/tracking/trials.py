@@ -18,37 +18,53 @@ from search.tracking.schema import (
     STUDY_TAG,
     TRIAL_CONFIG,
     TRIAL_ID_TAG,
+    TRIAL_LABEL_TAG,
     exception_line,
+    outcome_name,
+    trial_label,
     trial_outcome,
 )
-from search.tracking.store import log_params, mlflow_client, settle_lost_children
+from search.tracking.store import log_data_input, log_params, mlflow_client, settle_lost_children
 
 
 class MlflowTrials(tune.Callback):
     """A Ray Tune callback that mirrors each trial into a child run of the study's run.
 
-    Ray pickles its callbacks with the study and brings them back on resume, so this
-    one keeps only plain data and finds a resumed trial's existing child run by tag,
-    rather than opening a duplicate.
+    A child run is named by the trial's number (t00, t01, ...) and, once the trial
+    ends, by its outcome too ("t03 pruned"), so the runs table tells them apart at a
+    glance; it carries the study's data as its dataset input and its best score so far
+    as the metric best_<metric>. Ray pickles its callbacks with the study and brings
+    them back on resume, so this one keeps only plain data and finds a resumed trial's
+    existing child run by tag, rather than opening a duplicate.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, study: str):
-        self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
-        self.parent_run_id, self.study = parent_run_id, study
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, config, dataset: dict):
+        self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
+        self.study, self.trials, self.metric, self.mode = config.name, config.trials, config.metric, config.mode
+        self.dataset = dataset
+        """The study's data: the fields of an MLflow Dataset."""
         self.run_ids: dict[str, str] = {}
         self.logged_epochs: dict[str, int] = {}
         """Per trial, the last epoch already in MLflow: a trial resumed from an older
         checkpoint replays (identically) epochs that must not be logged twice."""
+        self.best: dict[str, float] = {}
         self._client = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "run_ids": {}, "logged_epochs": {}}
+        return {**self.__dict__, "_client": None, "run_ids": {}, "logged_epochs": {}, "best": {}}
 
     @property
     def client(self):
         if self._client is None:
             self._client = mlflow_client(self.tracking_uri)
         return self._client
+
+    @property
+    def best_key(self) -> str:
+        return f"best_{self.metric}"
+
+    def label(self, trial) -> str:
+        return trial_label(trial.experiment_tag, self.trials)
 
     def child_run(self, trial) -> str:
         if trial.trial_id not in self.run_ids:
@@ -62,27 +78,33 @@ class MlflowTrials(tune.Callback):
         )
         if not runs:
             return None
-        run_id = runs[0].info.run_id
-        history = self.client.get_metric_history(run_id, "train_loss")
+        run = runs[0]
+        history = self.client.get_metric_history(run.info.run_id, "train_loss")
         self.logged_epochs[trial_id] = max((m.step for m in history), default=0)
-        if runs[0].info.status != "RUNNING":  # interrupted earlier, running again now
-            self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, STATUS_TAG, "running")
-        return run_id
+        if self.best_key in run.data.metrics:
+            self.best[trial_id] = run.data.metrics[self.best_key]
+        if run.info.status != "RUNNING":  # interrupted earlier, running again now
+            label = run.data.tags.get(TRIAL_LABEL_TAG, run.info.run_name)
+            self.client.update_run(run.info.run_id, status="RUNNING", name=label)
+            self.client.set_tag(run.info.run_id, STATUS_TAG, "running")
+        return run.info.run_id
 
     def new_child(self, trial) -> str:
+        label = self.label(trial)
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"{self.study}-{trial.trial_id}",
+            run_name=label,
             tags={
                 PARENT_TAG: self.parent_run_id,
                 TRIAL_ID_TAG: trial.trial_id,
+                TRIAL_LABEL_TAG: label,
                 STUDY_TAG: self.study,
                 STATUS_TAG: "running",
             },
         )
         log_params(self.client, run.info.run_id, trial.config)  # for people and the UI
         self.client.log_dict(run.info.run_id, trial.config, TRIAL_CONFIG)  # for final.py --run-id
+        log_data_input(self.client, run.info.run_id, self.dataset)
         return run.info.run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -94,7 +116,20 @@ class MlflowTrials(tune.Callback):
         if step <= self.logged_epochs.get(trial.trial_id, 0):
             return
         metrics = [Metric(key, float(result[key]), stamp, step) for key in EPOCH_METRICS if key in result]
+        best = self.improved_best(trial.trial_id, result.get(self.metric))
+        if best is not None:
+            metrics.append(Metric(self.best_key, best, stamp, step))
         self.client.log_batch(run_id, metrics=metrics)
+
+    def improved_best(self, trial_id: str, score: float | None) -> float | None:
+        """The trial's new best score, or None where this one is no better (or no number)."""
+        if score is None or score != score:
+            return None
+        best = self.best.get(trial_id)
+        if best is not None and (score <= best if self.mode == "max" else score >= best):
+            return None
+        self.best[trial_id] = float(score)
+        return float(score)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finish(trial, trial_outcome(trial.last_result, error=False))
@@ -113,4 +148,5 @@ class MlflowTrials(tune.Callback):
         self.client.set_tag(run_id, STATUS_TAG, outcome)
         if cause:
             self.client.set_tag(run_id, "failure", cause)
+        self.client.update_run(run_id, name=outcome_name(self.label(trial), outcome))
         self.client.set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
