@@ -115,7 +115,26 @@ def assert_resumed_completely(tmp_path: Path, name: str, trials: int = TRIALS) -
         assert child.data.tags["trial_status"] in ("completed", "pruned", "failed")
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
         assert steps == sorted(set(steps)) and steps[0] == 1  # metrics continue, none repeated
-    assert "best_val_acc" in parents[0].data.metrics
+        assert child.info.run_name == f"{child.data.tags['trial']} {child.data.tags['trial_status']}"
+    parent = parents[0]
+    assert "best_val_acc" in parent.data.metrics
+    # The resumed study explains itself from all its trials, and Optuna holds each trial once, told once.
+    assert f"{len(children)} trials:" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.metrics["elapsed_s"] > 0
+    assert_optuna_matches(tmp_path, name, children)
+
+
+def assert_optuna_matches(tmp_path: Path, name: str, children: list) -> None:
+    """The Optuna database beside the store: every trial ended, and MLflow's trials told with their outcome."""
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
+    states = {t.user_attrs.get("ray_trial_id"): t.state.name for t in study.trials}
+    assert "RUNNING" not in states.values()  # those asked after Ray's last snapshot are settled as FAIL
+    outcomes = {"completed": "COMPLETE", "pruned": "PRUNED", "failed": "FAIL"}
+    assert {c.data.tags["ray_trial_id"]: outcomes[c.data.tags["trial_status"]] for c in children}.items() <= (
+        states.items()
+    )
 
 
 def interrupt_after_first_epoch(tmp_path: Path, name: str, **study) -> str:
@@ -146,6 +165,7 @@ def test_ctrl_c_in_the_last_wave_interrupts_the_study_rather_than_finishing_it(t
     _, parents, children = study_runs(tmp_path, "last-wave")
     assert [p.info.status for p in parents] == ["KILLED"]
     assert sorted(c.data.tags["trial_status"] for c in children) == ["interrupted", "interrupted"]
+    assert sorted(c.info.run_name for c in children) == ["t00 interrupted", "t01 interrupted"]
     assert_resumed_completely(tmp_path, "last-wave", trials=2)
 
 

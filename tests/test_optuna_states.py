@@ -60,3 +60,35 @@ def test_minimised_metric_keeps_the_lowest(searcher):
         minimiser.on_trial_result("d", {"val_loss": loss, "epoch": number, "training_iteration": number})
     minimiser.on_trial_complete("d", {"val_loss": 0.6, "epoch": 3, "training_iteration": 3, "finished": True})
     assert minimiser.study.trials[0].value == pytest.approx(0.4)
+
+
+def test_a_study_in_a_database_is_told_once_even_when_a_resume_replays_it(tmp_path):
+    """A resumed searcher comes from Ray's last snapshot, which can predate what the database holds."""
+    import optuna
+
+    from search.tracking.optuna_store import fail_orphans
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    config = study_config(name="replayed", optuna_storage=storage)
+    searcher = make_searcher(load_space(SPACES / "cnn.yaml", "cnn"), config)
+    searcher.suggest("a")
+    searcher.on_trial_result("a", epoch(0.5, 1))
+    searcher.save(str(tmp_path / "snapshot.pkl"))  # Ray's snapshot, taken before the trial ended
+    searcher.on_trial_result("a", epoch(0.8, 2))
+    searcher.on_trial_complete("a", epoch(0.8, 2, finished=True))
+
+    restored = make_searcher(load_space(SPACES / "cnn.yaml", "cnn"), study_config())
+    restored.restore(str(tmp_path / "snapshot.pkl"))
+    restored.on_trial_result("a", epoch(0.5, 1))  # replayed epochs: already in the database
+    restored.on_trial_result("a", epoch(0.8, 2))
+    restored.on_trial_complete("a", epoch(0.8, 2, finished=True))  # told already: not again
+
+    study = optuna.load_study(study_name="replayed", storage=storage)
+    [trial] = study.trials
+    assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(0.8)
+    assert trial.intermediate_values == {1: 0.5, 2: 0.8}
+    assert trial.user_attrs == {"ray_trial_id": "a"} and study.metric_names == ["val_acc"]
+
+    study.ask()  # asked after the snapshot, then lost with the killed driver: no Ray trial will tell it
+    assert fail_orphans(study) == 1
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]

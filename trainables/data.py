@@ -249,7 +249,7 @@ def cache_key(index: DatasetIndex, split: str, size: int) -> str:
 
 def data_digest(index: DatasetIndex) -> str:
     """The data's fingerprint (every split's files, labels, sizes and times): MLflow's dataset digest."""
-    splits = "".join(f"{split}:{split_digest(index, split)}\n" for split in sorted(index.splits))
+    splits = "".join(f"{split}:{split_digest(index, split)}\n" for split in SPLITS if split in index.splits)
     return hashlib.sha256(splits.encode()).hexdigest()[:20]
 
 

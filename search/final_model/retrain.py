@@ -38,8 +38,9 @@ from search.final_model.report import (
 )
 from search.final_model.winner import WinnerConfig
 from search.study.config import FULL, SMOKE
-from search.tracking.schema import FINAL_ROLE, ROLE_TAG, STUDY_TAG, absolute_uri
-from search.tracking.store import get_or_create_experiment, log_params, mlflow_client
+from search.tracking.schema import FINAL_ROLE, ROLE_TAG, STUDY_TAG, absolute_uri, run_page
+from search.tracking.store import get_or_create_experiment, log_data_input, log_params, mlflow_client
+from search.tracking.study_run import data_record
 from trainables.checkpoint import ModelFile
 from trainables.data import CachedSplit, DataError, DatasetIndex, index_source, prepare_splits, subsample
 from trainables.engine import (
@@ -204,6 +205,7 @@ def execute_final(final: PreparedFinal) -> int:
     client = mlflow_client(final.tracking_uri)
     experiment_id, run_id = open_final_run(client, final)
     log_params(client, run_id, {**final.settings, **config.hyperparameters.to_dict()})
+    log_data_input(client, run_id, data_record(final.index), context="train and test")
     if final.skipped_images:
         print(
             f"warning: skipped {len(final.skipped_images)} unreadable image(s), "
@@ -414,4 +416,4 @@ def print_closing(
     )
     print(f"Results:    {final.out}/ (model.pt, config.yaml, classes.json, metrics.json, confusion_matrix.png, ...)")
     print(f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(final.tracking_uri)} --host 127.0.0.1 --port 5000")
-    print(f"            then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
+    print(f"            then open {run_page(experiment_id, run_id)}")

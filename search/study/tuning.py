@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -91,7 +92,7 @@ def make_searcher(space: Space, config: StudyConfig) -> PruneAwareOptunaSearch:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=config.seed)
     storage = open_optuna_storage(config.optuna_storage) if config.optuna_storage else None
-    return PruneAwareOptunaSearch(
+    searcher = PruneAwareOptunaSearch(
         space=space.sample,
         metric=config.metric,
         mode=config.mode,
@@ -99,6 +100,10 @@ def make_searcher(space: Space, config: StudyConfig) -> PruneAwareOptunaSearch:
         storage=storage,
         study_name=config.name if storage else None,
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        searcher.study.set_metric_names([config.metric])  # optuna-dashboard's axis: val_acc, not "Objective 0"
+    return searcher
 
 
 def make_trainable(setup: TrialSetup, config: StudyConfig):

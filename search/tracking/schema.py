@@ -148,6 +148,11 @@ def runs_page(experiment_id: str, study: str | None = None) -> str:
     return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?{view}workflowType=machine_learning"
 
 
+def run_page(experiment_id: str, run_id: str) -> str:
+    """One run's page on `mlflow ui`'s default address, on the model-training view."""
+    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def absolute_uri(uri: str) -> str:
     """A SQLite URI with an absolute path, to print: `mlflow ui` may run from another folder."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

@@ -139,9 +139,11 @@ def get_or_create_experiment(client, name: str, tracking_uri: str) -> str:
     return experiment.experiment_id
 
 
-def log_data_input(client, run_id: str, dataset: dict) -> None:
-    """The data as the run's MLflow dataset input (the runs table's Dataset column); `dataset`: Dataset's fields."""
-    client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**dataset), [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
+def log_data_input(client, run_id: str, dataset: dict, context: str = "train") -> None:
+    """The data as the run's MLflow dataset input (the runs table's Dataset column); `dataset`: Dataset's fields,
+    `context`: what the run did with it (train; a final run's test too)."""
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+    client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**dataset), tags)])
 
 
 def log_params(client, run_id: str, params: dict) -> None:

@@ -24,7 +24,7 @@ from search.tracking.store import (
     read_artifact,
     study_runs,
 )
-from trainables.data import DatasetIndex, data_digest
+from trainables.data import SPLITS, DatasetIndex, data_digest
 
 
 def open_parent_run(
@@ -110,7 +110,7 @@ def read_study_config(client: MlflowClient, run) -> StudyConfig:
 def data_record(index: DatasetIndex) -> dict:
     """The study's data as the fields of an MLflow Dataset: the runs table's Dataset column shows it."""
     synthetic = index.is_synthetic
-    counts = {f"{split}_images": len(samples) for split, samples in index.splits.items()}
+    counts = {f"{split}_images": len(index.splits[split]) for split in SPLITS if split in index.splits}
     return {
         "name": index.source if synthetic else Path(index.source).name,
         "digest": data_digest(index),
