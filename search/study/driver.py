@@ -248,7 +248,7 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
         if best is not None:
             log_best(client, config, parent_id, best, config.experiment_dir / BEST_DIR)
         status = "FINISHED" if best else "FAILED"
-        summary = explain_study(client, config, parent_id, started, len(study.index.classes), best)
+        summary = explain_study(client, config, parent_id, started, study, best)
         print_closing(config, best, str(config.experiment_dir / BEST_DIR), experiment_id, summary)
         return 0 if best else 1
     except KeyboardInterrupt:
@@ -275,16 +275,16 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
 
 
 def explain_study(
-    client: MlflowClient, config: StudyConfig, parent_id: str, started: float, num_classes: int, best: dict | None
+    client: MlflowClient, config: StudyConfig, parent_id: str, started: float, study: PreparedStudy, best: dict | None
 ) -> StudySummary | None:
     """The whole study's time, the Optuna trials Ray lost to a kill settled, and the study's report (None if it
     could not be made: the trials and the winner are recorded already, and stay so)."""
     log_elapsed(client, parent_id, started)
     try:
-        study = load_study(config.optuna_storage, config.name) if config.optuna_storage else None
-        if study is not None:
-            fail_orphans(study)
-        return log_study_report(client, config, parent_id, num_classes, best)
+        optuna_study = load_study(config.optuna_storage, config.name) if config.optuna_storage else None
+        if optuna_study is not None:
+            fail_orphans(optuna_study)
+        return log_study_report(client, config, parent_id, len(study.index.classes), study.space.searched, best)
     except Exception as error:
         print(f"warning: the study's report (note, plots, importances) failed: {one_line(error)}", flush=True)
         return None
@@ -305,8 +305,7 @@ def open_or_reopen(client: MlflowClient, study: PreparedStudy) -> tuple[str, str
     if study.skipped_images:
         named = ", ".join(study.skipped_images[:3])
         print(f"warning: skipped {len(study.skipped_images)} unreadable image(s), e.g. {named}", flush=True)
-    searched = [parameter.name for parameter in study.space.parameters if parameter.type != "fixed"]
-    return open_parent_run(client, study.config, study.index, study.skipped_images, searched)
+    return open_parent_run(client, study.config, study.index, study.skipped_images, study.space.searched)
 
 
 def write_config_beside_trials(config: StudyConfig) -> None:

@@ -86,6 +86,11 @@ class Space:
                 chosen[parameter.name] = parameter.suggest(trial)
         return constants
 
+    @property
+    def searched(self) -> list[str]:
+        """The parameters the search samples (not the fixed ones), in file order."""
+        return [parameter.name for parameter in self.parameters if parameter.type != "fixed"]
+
     def largest(self, name: str) -> Any:
         """The largest value a numeric parameter can take: its default where the space leaves it out,
         or where a `when` condition can leave it out."""

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from search.study.config import StudyConfig
 from search.study.report import StudySummary, TrialSummary, describe, importances, write_plots
 from search.tracking.optuna_store import load_study
+from search.tracking.runs_view import runs_view, save_runs_view
 from search.tracking.schema import PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG, TRIAL_LABEL_TAG
 from trainables.config import knobs_of
 
@@ -63,9 +64,15 @@ def trial_summary(client: MlflowClient, run, metric: str) -> TrialSummary:
 
 
 def log_study_report(
-    client: MlflowClient, config: StudyConfig, parent_id: str, num_classes: int, winner: dict | None
+    client: MlflowClient,
+    config: StudyConfig,
+    parent_id: str,
+    num_classes: int,
+    knobs: list[str],
+    winner: dict | None,
 ) -> StudySummary:
-    """Note, plots and importance/<param> metrics on the study's run; the summary they came from."""
+    """Note, plots and importance/<knob> metrics on the study's run, and their charts in the study's view of
+    the runs page (`knobs`: the searched ones); the summary they came from."""
     summary = study_summary(client, config, parent_id, num_classes)
     study = load_study(config.optuna_storage, config.name) if config.optuna_storage else None
     knobs = knobs_of(config.model, winner["hyperparameters"]) if winner else {}
@@ -79,4 +86,6 @@ def log_study_report(
         client.log_batch(
             parent_id, metrics=[Metric(f"importance/{name}", value, stamp, 0) for name, value in scores.items()]
         )
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    save_runs_view(client, experiment_id, config, runs_view(config, parent_id, knobs, tuple(scores)))
     return summary

@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from search.errors import UsageError
 from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
-from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, DATA_SUMMARY, SHARED_VIEW_TAG, STUDY_TAG, store_exists
+from search.tracking.runs_view import runs_view, save_runs_view
+from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, DATA_SUMMARY, STUDY_TAG, store_exists
 from search.tracking.store import (
     get_or_create_experiment,
     log_data_input,
@@ -48,34 +49,11 @@ def open_parent_run(
     client.log_dict(parent_id, index.summary(), DATA_SUMMARY)
     client.log_artifact(parent_id, config.space)
     log_data_input(client, parent_id, data_record(index))
-    save_runs_view(client, experiment_id, config, parent_id, knobs)
+    save_runs_view(client, experiment_id, config, runs_view(config, parent_id, knobs))
     if skipped:
         client.log_metric(parent_id, "skipped_images", len(skipped))
         client.log_text(parent_id, "\n".join(skipped), "skipped_images.txt")
     return experiment_id, parent_id
-
-
-def save_runs_view(client: MlflowClient, experiment_id: str, config: StudyConfig, parent_id: str, knobs: list[str]):
-    """The study's view of the runs page, saved as the UI's Share button saves one (schema.runs_page opens it):
-    this study's runs, best first, with the dataset, the model, the best score and the searched knobs as columns."""
-
-    def column(kind: str, key: str) -> str:
-        return f"{kind}.`{key}`"
-
-    best = column("metrics", f"best_{config.metric}")
-    view = {
-        "searchFilter": f"tags.{STUDY_TAG} = '{config.name}'",
-        "orderByKey": best,
-        "orderByAsc": config.mode == "min",
-        "selectedColumns": [
-            column("attributes", "Dataset"),
-            column("attributes", "Models"),
-            best,
-            *(column("params", knob) for knob in knobs),
-        ],
-        "runsExpanded": {parent_id: True},
-    }
-    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + config.name, json.dumps(view))
 
 
 def reopen_parent_run(client: MlflowClient, run_id: str) -> str:
