@@ -95,7 +95,7 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
     from search.study.spaces import load_space
     from search.study.tuning import make_tuner, trial_setup
     from search.tracking.store import close_open_children, mlflow_client
-    from search.tracking.study_run import open_parent_run
+    from search.tracking.study_run import data_record, open_parent_run
     from search.tracking.trials import MlflowTrials
     from trainables.data import CachedSplit, DatasetIndex
     from trainables.models import ModelSpec
@@ -145,12 +145,12 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         launch = time.time()
         client = mlflow_client(uri)
-        experiment_id, parent_id = open_parent_run(client, config, index, [])
+        experiment_id, parent_id = open_parent_run(client, config, index, [], space.searched)
         parent_s = time.time() - launch
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
         ray_init_s = time.time() - launch - parent_s
         try:
-            callbacks = [MlflowTrials(uri, experiment_id, parent_id, name)]
+            callbacks = [MlflowTrials(uri, experiment_id, parent_id, config, data_record(index))]
             results = make_tuner(space, setup, config, callbacks, trainable=trainable).fit()
             wall = time.time() - launch
             errors = results.num_errors

@@ -122,7 +122,8 @@ def run_study(tmp_path: Path, max_failures: int, monkeypatch) -> dict:
     client = mlflow_client(uri)
     experiment_id = get_or_create_experiment(client, "retries", uri)
     parent_id = client.create_run(experiment_id, run_name=name, tags={STUDY_TAG: name}).info.run_id
-    callbacks = [MlflowTrials(uri, experiment_id, parent_id, name)]
+    no_data = {"name": "none", "digest": "0", "source_type": "code", "source": "{}"}  # it reads none
+    callbacks = [MlflowTrials(uri, experiment_id, parent_id, config, no_data)]
 
     results = make_tuner(load_space(SPACES / "cnn.yaml", "cnn"), setup, config, callbacks, trainable=trainable).fit()
 
