@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_smoke_study_is_recorded_in_mlflow_and_its_best_checkpoint_reproduces(mo
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
 
-    # One parent with settings, data summary, best config, checkpoint and metric.
+    # One parent with settings, data summary, best config and metric.
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -77,7 +78,7 @@ def test_smoke_study_is_recorded_in_mlflow_and_its_best_checkpoint_reproduces(mo
     assert int(parent.data.params["train_images"]) == 11 * SMOKE.per_class["train"]
     assert parent.data.params["img_size"] == str(SMOKE.img_size)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "best")}
-    assert artifacts == {"best/best_config.yaml", "best/best_model.pt"}
+    assert artifacts == {"best/best_config.yaml"}  # the checkpoint is the logged model's
 
     # One child per trial: params, per-epoch metrics (step = epoch), a final status.
     assert len(children) == TRIALS
@@ -90,8 +91,13 @@ def test_smoke_study_is_recorded_in_mlflow_and_its_best_checkpoint_reproduces(mo
         for key in ("train_loss", "val_loss", "val_balanced_acc", "val_macro_f1"):
             assert len(client.get_metric_history(child.info.run_id, key)) == len(history)
 
-    # The best checkpoint reloads and reproduces the reported val accuracy.
-    local = Path(client.download_artifacts(parent.info.run_id, "best", str(tmp_path / "download")))
+    # The winner is the study run's logged model: its checkpoint reloads and reproduces the reported val accuracy.
+    import mlflow
+
+    (output,) = parent.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.name == f"e2e-{model}-best" and logged.source_run_id == parent.info.run_id
+    local = Path(mlflow.artifacts.download_artifacts(logged.artifact_location, dst_path=str(tmp_path / "download")))
     config = yaml.safe_load((local / "best_config.yaml").read_text())
     checkpoint = torch.load(local / "best_model.pt", weights_only=True)
     best_reported = parent.data.metrics["best_val_acc"]
@@ -102,5 +108,9 @@ def test_smoke_study_is_recorded_in_mlflow_and_its_best_checkpoint_reproduces(mo
     # The closing lines say where things are and how to open MLflow on loopback.
     assert "best_config.yaml" in stdout and "best_model.pt" in stdout
     assert f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" in stdout
+    # The winner's knobs, those of its model only: vit_depth is a ViT's, fusion a hybrid's.
+    knobs = set(re.findall(r"^  (\w+) ", stdout, re.M))
+    assert {"lr", "batch_size"} <= knobs
+    assert ("vit_depth" in knobs) == (model in ("vit", "hybrid")) and ("fusion" in knobs) == (model == "hybrid")
     if model == "vit":
         assert best_reported > 2 / 11  # learns: well above chance (1/11) in two epochs

@@ -30,20 +30,22 @@ def test_finished_trial_is_complete_with_its_best_score(searcher):
     assert "lr" in config and config["batch_size"] in (16, 32)
     searcher.on_trial_result("a", epoch(0.5, 1))
     searcher.on_trial_result("a", epoch(0.8, 2))
-    searcher.on_trial_complete("a", epoch(0.7, 3, finished=True))
+    searcher.on_trial_complete("a", epoch(0.7, 3, finished=True))  # the budget's last epoch: here alone
     trial = state_of(searcher, 0)
     assert trial.state == TrialState.COMPLETE
     assert trial.value == pytest.approx(0.8)
+    assert trial.intermediate_values == {1: 0.5, 2: 0.8, 3: 0.7}
 
 
 def test_trial_stopped_by_asha_is_pruned_not_complete(searcher):
     searcher.suggest("b")
     searcher.on_trial_result("b", epoch(0.3, 1))
-    # ASHA's STOP: Ray calls on_trial_complete with the last (unfinished) result, error=False.
+    # ASHA's STOP: Ray hands the stopping result to on_trial_complete alone (not on_trial_result), error=False.
     searcher.on_trial_complete("b", epoch(0.35, 2, finished=False))
     trial = state_of(searcher, 0)
     assert trial.state == TrialState.PRUNED
-    assert trial.intermediate_values == {1: 0.3}
+    assert trial.intermediate_values == {1: 0.3, 2: 0.35}
+    assert trial.value == pytest.approx(0.35)  # Optuna's value of a pruned trial: its last report
 
 
 def test_crashed_trial_is_a_failure_even_after_reporting(searcher):

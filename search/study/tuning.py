@@ -61,9 +61,15 @@ class PruneAwareOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         self._completed_trials.add(trial_id)
-        if self._stored(trial_id).state.is_finished():
+        stored = self._stored(trial_id)
+        if stored.state.is_finished():
             return
         self._remember(trial_id, result)
+        # Ray hands a result that ends the trial (ASHA's stop, the epoch budget) to on_trial_complete alone:
+        # report it, or Optuna's curve stops an epoch short and a pruned trial keeps its previous epoch's score.
+        score, step = (result or {}).get(self.metric), (result or {}).get(TRAINING_ITERATION)
+        if score is not None and score == score and step is not None and step not in stored.intermediate_values:
+            self._ot_trials[trial_id].report(score, step)
         state = OPTUNA_STATES[trial_outcome(result, error)]
         value = self._best_scores.get(trial_id) if state == TrialState.COMPLETE else None
         if state == TrialState.COMPLETE and value is None:
