@@ -144,6 +144,27 @@ def test_resuming_a_study_that_predates_study_yaml_is_one_line(tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert "study 'old' predates study.yaml" in line and "final.py --study old" in line
 
+    # A study.yaml of the version before the Optuna database: refused the same way, naming what still works.
+    recorded = study_config(name="old", tracking_uri=uri, storage_path=str(tmp_path / "ray"))
+    client.log_text(parent.info.run_id, recorded.to_yaml(), "study.yaml")
+    assert recorded.optuna_storage is None
+    result = run_script(
+        "run.py",
+        "--model",
+        "cnn",
+        "--name",
+        "old",
+        "--resume",
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        str(tmp_path / "ray"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "study 'old' was run by an older version" in line and "final.py --run-id" in line
+
 
 def test_a_model_file_reloads_to_the_same_outputs_and_keeps_no_local_path(tmp_path):
     import torch

@@ -43,6 +43,12 @@ def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
     if parent.info.status == "FINISHED":
         raise UsageError(f"study {args.name!r} already finished: start a new one with another --name")
     recorded = read_study_config(mlflow_client(args.tracking_uri, create=False), parent)
+    if recorded.optuna_storage is None:  # Ray would bring back callbacks and a searcher of that older shape
+        raise UsageError(
+            f"study {args.name!r} was run by an older version of this tool (its Optuna study has no database), "
+            f"which this one cannot continue: start a new study, or retrain one of its trials with "
+            f"final.py --run-id RUN"
+        )
     given_weights = weights_files(args.weights)
     config = replace(
         recorded,
