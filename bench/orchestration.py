@@ -145,12 +145,13 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         launch = time.time()
         client = mlflow_client(uri)
-        experiment_id, parent_id = open_parent_run(client, config, index, [], space.searched)
+        dataset = data_record(index)
+        experiment_id, parent_id = open_parent_run(client, config, index, dataset, [], space.searched)
         parent_s = time.time() - launch
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
         ray_init_s = time.time() - launch - parent_s
         try:
-            callbacks = [MlflowTrials(uri, experiment_id, parent_id, config, data_record(index))]
+            callbacks = [MlflowTrials(uri, experiment_id, parent_id, config, dataset)]
             results = make_tuner(space, setup, config, callbacks, trainable=trainable).fit()
             wall = time.time() - launch
             errors = results.num_errors

@@ -120,6 +120,13 @@ SHAPES_MODEL = tuple(name for name, limits in KNOBS.items() if limits.shapes_mod
 MEMORY_GROWS = tuple(name for name, limits in KNOBS.items() if limits.memory_grows)
 
 
+def improves(mode: str, score: float | None, best: float | None) -> bool:
+    """Whether `score` is a number that beats `best` (None: nothing yet) in `mode` ('max' or 'min')."""
+    if score is None or math.isnan(score):
+        return False
+    return best is None or (score > best if mode == "max" else score < best)
+
+
 def knobs_of(model: str, values: dict[str, Any]) -> dict[str, Any]:
     """The values of the knobs that mean something for `model` (vit_depth is no cnn's), in their order."""
     return {name: value for name, value in values.items() if name not in KNOBS or model in KNOBS[name].models}

@@ -19,7 +19,7 @@ from typing import Any
 
 from search.cli import weights_files, weights_problems
 from search.errors import UsageError
-from search.tracking.schema import default_optuna_storage
+from search.tracking.schema import absolute_uri, default_optuna_storage
 from trainables.config import METRIC_MODES, MODEL_NAMES, is_synthetic
 
 CONFIG_FILE = "study.yaml"
@@ -102,7 +102,8 @@ class StudyConfig:
     experiment: str
     """The MLflow experiment that holds the study's runs."""
     optuna_storage: str | None = None
-    """The database of the Optuna study (same name as the study); None: in memory, as studies made before it was."""
+    """The database of the Optuna study (same name as the study). run.py always gives one; None (in memory)
+    is for tests, and for the studies made before, which --resume refuses."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -145,6 +146,11 @@ class StudyConfig:
     def per_class(self) -> dict[str, int] | None:
         """The smoke profile's per-class caps, or None."""
         return SMOKE.per_class if self.smoke else None
+
+    @property
+    def asha_grace_period(self) -> int:
+        """ASHA's grace period as the scheduler gets it: no longer than the epoch budget."""
+        return min(self.grace_period, self.epochs)
 
     @property
     def experiment_dir(self) -> Path:
@@ -262,7 +268,9 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
             cache_dir=absolute(args.cache_dir),
             tracking_uri=args.tracking_uri,
             experiment=args.experiment or args.model,
-            optuna_storage=args.optuna_storage or default_optuna_storage(args.tracking_uri, storage),
+            optuna_storage=absolute_uri(args.optuna_storage)  # --resume may run from another folder
+            if args.optuna_storage
+            else default_optuna_storage(args.tracking_uri, storage),
         )
     except ConfigError as error:
         problems.insert(0, str(error))

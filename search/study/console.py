@@ -15,7 +15,7 @@ from search.tracking.schema import (
     trial_label,
     trial_outcome,
 )
-from trainables.config import METRIC_MODES, knobs_of
+from trainables.config import METRIC_MODES, improves, knobs_of
 
 
 class EpochPrinter(tune.Callback):
@@ -41,8 +41,8 @@ class EpochPrinter(tune.Callback):
         shown = dict.fromkeys(("train_loss", "val_loss", "val_acc", self.metric))  # the metric once, in order
         scores = "  ".join(f"{key} {result[key]:.4f}" for key in shown)
         print(f"{self.label(trial)} epoch {result['epoch']:>2}/{self.epochs}  {scores}", flush=True)
-        score, best = result[self.metric], self.best.get(trial.trial_id)
-        self.best[trial.trial_id] = score if best is None else (max if self.mode == "max" else min)(best, score)
+        if improves(self.mode, result[self.metric], self.best.get(trial.trial_id)):
+            self.best[trial.trial_id] = result[self.metric]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         outcome = trial_outcome(trial.last_result, error=False)

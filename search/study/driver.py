@@ -34,10 +34,10 @@ from search.study.preflight import CheckedStudy, name_taken
 from search.study.report import StudySummary
 from search.study.spaces import Space
 from search.study.tuning import make_tuner, restore_tuner, speed_options, trial_setup, unfinished_trials
-from search.tracking.optuna_store import fail_orphans, load_study, study_exists
-from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, BEST_MODEL_FILE
+from search.tracking.optuna_store import fail_orphans, load_study, open_optuna_storage, study_exists
+from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, BEST_MODEL_FILE, ELAPSED_METRIC
 from search.tracking.store import close_open_children, mlflow_client, study_runs
-from search.tracking.study_report import ELAPSED_METRIC, log_study_report
+from search.tracking.study_report import log_study_report
 from search.tracking.study_run import data_record, log_best, open_parent_run, reopen_parent_run
 from search.tracking.trials import MlflowTrials
 from trainables.checkpoint import ModelFile, load_trial_checkpoint
@@ -127,8 +127,10 @@ def open_tracking_store(config: StudyConfig, resume_run_id: str | None) -> None:
         return
     if study_runs(client, config.name):
         raise UsageError(name_taken(config.name, f"in --tracking-uri {config.tracking_uri}"))
-    if config.optuna_storage and study_exists(config.optuna_storage, config.name):
-        raise UsageError(name_taken(config.name, f"in --optuna-storage {config.optuna_storage}"))
+    if config.optuna_storage:
+        open_optuna_storage(config.optuna_storage)  # created now: a bad --optuna-storage fails before any run opens
+        if study_exists(config.optuna_storage, config.name):
+            raise UsageError(name_taken(config.name, f"in --optuna-storage {config.optuna_storage}"))
 
 
 def cache_data(config: StudyConfig, index: DatasetIndex) -> tuple[DatasetIndex, dict[str, CachedSplit], list[str]]:
@@ -228,15 +230,16 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
     """Open the parent run, run the trials, export the winner and explain the study; the exit code."""
     config = study.config
     client = mlflow_client(config.tracking_uri)
+    dataset = data_record(study.index)
     with interrupts_ignored():  # the study's run is opened whole, never left RUNNING half-described
-        experiment_id, parent_id = open_or_reopen(client, study)
-    status = "FAILED"
+        experiment_id, parent_id = open_or_reopen(client, study, dataset)
+    status, timed = "FAILED", False
     try:
         setup = trial_setup(config, study.spec, study.train, study.val)
         if study.resume_run_id:
             tuner = restore_tuner(setup, config)
         else:
-            callbacks = [MlflowTrials(config.tracking_uri, experiment_id, parent_id, config, data_record(study.index))]
+            callbacks = [MlflowTrials(config.tracking_uri, experiment_id, parent_id, config, dataset)]
             tuner = make_tuner(study.space, setup, config, callbacks, verbose=verbose)
             write_config_beside_trials(config)
         results = tuner.fit()
@@ -248,7 +251,9 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
         if best is not None:
             log_best(client, config, parent_id, best, config.experiment_dir / BEST_DIR)
         status = "FINISHED" if best else "FAILED"
-        summary = explain_study(client, config, parent_id, started, study, best)
+        log_elapsed(client, parent_id, started)  # before the report, which states it
+        timed = True
+        summary = explain_study(client, config, parent_id, study, best)
         print_closing(config, best, str(config.experiment_dir / BEST_DIR), experiment_id, summary)
         return 0 if best else 1
     except KeyboardInterrupt:
@@ -269,17 +274,16 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
     finally:
         with interrupts_ignored():  # a second Ctrl-C must not leave the record half-closed
             close_open_children(client, experiment_id, parent_id)
-            if status != "FINISHED":  # a finished study logged its time with its report
+            if not timed:
                 log_elapsed(client, parent_id, started)
             client.set_terminated(parent_id, status)
 
 
 def explain_study(
-    client: MlflowClient, config: StudyConfig, parent_id: str, started: float, study: PreparedStudy, best: dict | None
+    client: MlflowClient, config: StudyConfig, parent_id: str, study: PreparedStudy, best: dict | None
 ) -> StudySummary | None:
-    """The whole study's time, the Optuna trials Ray lost to a kill settled, and the study's report (None if it
-    could not be made: the trials and the winner are recorded already, and stay so)."""
-    log_elapsed(client, parent_id, started)
+    """The Optuna trials Ray lost to a kill settled, and the study's report (None if it could not be made:
+    the trials and the winner are recorded already, and stay so)."""
     try:
         optuna_study = load_study(config.optuna_storage, config.name) if config.optuna_storage else None
         if optuna_study is not None:
@@ -296,7 +300,7 @@ def log_elapsed(client: MlflowClient, parent_id: str, started: float) -> None:
     client.log_metric(parent_id, ELAPSED_METRIC, before + time.monotonic() - started)
 
 
-def open_or_reopen(client: MlflowClient, study: PreparedStudy) -> tuple[str, str]:
+def open_or_reopen(client: MlflowClient, study: PreparedStudy, dataset: dict) -> tuple[str, str]:
     """The study's parent run: new, or the interrupted one reopened on --resume."""
     if study.resume_run_id:
         return reopen_parent_run(client, study.resume_run_id), study.resume_run_id
@@ -305,7 +309,7 @@ def open_or_reopen(client: MlflowClient, study: PreparedStudy) -> tuple[str, str
     if study.skipped_images:
         named = ", ".join(study.skipped_images[:3])
         print(f"warning: skipped {len(study.skipped_images)} unreadable image(s), e.g. {named}", flush=True)
-    return open_parent_run(client, study.config, study.index, study.skipped_images, study.space.searched)
+    return open_parent_run(client, study.config, study.index, dataset, study.skipped_images, study.space.searched)
 
 
 def write_config_beside_trials(config: StudyConfig) -> None:
@@ -320,7 +324,9 @@ def export_best(config: StudyConfig, classes: list[str], results: ResultGrid) ->
         best = results.get_best_result(config.metric, config.mode, scope="all", filter_nan_and_inf=True)
     except RuntimeError:
         return None
-    checkpoint = best.get_best_checkpoint(config.metric, config.mode) if best.metrics else None
+    if not best.metrics:
+        return None
+    checkpoint = best.get_best_checkpoint(config.metric, config.mode)
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:

@@ -95,6 +95,8 @@ class StudySummary:
     """Wall-clock seconds the search ran, over every session of a resumed study."""
     trials: tuple[TrialSummary, ...]
     """Every trial that started, in order."""
+    winner_id: str = ""
+    """Ray's trial id of the study's winner (the one final.py retrains); empty: the best by the curves."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("max", "min"):
@@ -108,7 +110,9 @@ class StudySummary:
 
     @property
     def best_trial(self) -> TrialSummary | None:
-        ranked = self.ranked()
+        """The winner: the trial Ray named, else the first of ranked()."""
+        named = [trial for trial in self.trials if self.winner_id and trial.trial_id == self.winner_id]
+        ranked = named or self.ranked()
         return ranked[0] if ranked else None
 
     @property

@@ -9,7 +9,8 @@ from pathlib import Path
 from search.cli import weights_files, weights_problems
 from search.errors import UsageError
 from search.study.config import STUDY_NAME, StudyConfig, absolute, name_problem
-from search.tracking.schema import check_store_uri
+from search.tracking.optuna_store import study_exists
+from search.tracking.schema import absolute_uri, check_store_uri
 from search.tracking.store import mlflow_client
 from search.tracking.study_run import find_study, read_study_config
 
@@ -48,6 +49,16 @@ def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
             f"study {args.name!r} was run by an older version of this tool (its Optuna study has no database), "
             f"which this one cannot continue: start a new study, or retrain one of its trials with "
             f"final.py --run-id RUN"
+        )
+    if args.optuna_storage and absolute_uri(args.optuna_storage) != recorded.optuna_storage:
+        raise UsageError(
+            f"--optuna-storage cannot change on --resume: study {args.name!r} continues in "
+            f"{recorded.optuna_storage}; leave the flag out"
+        )
+    if not study_exists(recorded.optuna_storage, args.name):
+        raise UsageError(
+            f"the Optuna storage {recorded.optuna_storage} no longer holds study {args.name!r} (moved or deleted?): "
+            f"put that file back, the study continues there"
         )
     given_weights = weights_files(args.weights)
     config = replace(

@@ -20,6 +20,7 @@ from search.study.console import EpochPrinter
 from search.study.spaces import Space
 from search.tracking.optuna_store import open_optuna_storage
 from search.tracking.schema import TRIAL_ID_TAG, trial_outcome
+from trainables.config import improves
 from trainables.data import CachedSplit
 from trainables.engine import SpeedOptions
 from trainables.spec import ModelSpec
@@ -74,22 +75,20 @@ class PruneAwareOptunaSearch(OptunaSearch):
         value = self._best_scores.get(trial_id) if state == TrialState.COMPLETE else None
         if state == TrialState.COMPLETE and value is None:
             state = TrialState.FAIL  # finished without a usable score
-        self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        self.study.tell(self._ot_trials[trial_id], value, state=state)
 
     def _stored(self, trial_id: str) -> optuna.trial.FrozenTrial:
         """The trial as the storage has it now."""
-        return self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id)
+        return self.study._storage.get_trial(self._ot_trials[trial_id]._trial_id)
 
     def _remember(self, trial_id: str, result: dict | None) -> None:
         score = (result or {}).get(self.metric)
-        if score is None or score != score:  # missing or NaN
-            return
-        best = self._best_scores.get(trial_id)
-        better = max if self.mode == "max" else min
-        self._best_scores[trial_id] = score if best is None else better(best, score)
+        if score is not None and improves(self.mode, score, self._best_scores.get(trial_id)):
+            self._best_scores[trial_id] = score
 
     @property
     def study(self) -> optuna.Study:
+        assert self._ot_study is not None, "made with a space, metric and mode, so Ray has set up its study"
         return self._ot_study
 
 
@@ -158,7 +157,7 @@ def make_tuner(
     scheduler = ASHAScheduler(
         time_attr="epoch",
         max_t=setup.epochs,
-        grace_period=min(config.grace_period, setup.epochs),
+        grace_period=config.asha_grace_period,
         reduction_factor=config.reduction_factor,
     )
     return tune.Tuner(

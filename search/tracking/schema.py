@@ -36,6 +36,8 @@ DATA_SUMMARY = "data.json"
 """The study's data summary (source, classes, images per split), an artifact of its parent run."""
 TRIAL_CONFIG = "hyperparameters.yaml"
 """A trial's configuration, as an artifact of its child run."""
+ELAPSED_METRIC = "elapsed_s"
+"""The study's running time on its run, summed over its sessions (a resumed study adds to it)."""
 OPTUNA_FILE = "optuna.db"
 """The Optuna studies' SQLite file: its own, since MLflow and Optuna each keep an alembic_version table."""
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -124,7 +126,9 @@ def default_optuna_storage(tracking_uri: str, storage_path: str) -> str:
 
 
 def trial_label(experiment_tag: str, trials: int) -> str:
-    """A trial's short name, t00, t01, ...: Ray's trial counter from 0, as Optuna numbers its trials.
+    """A trial's short name, t00, t01, ...: Ray's trial counter from 0, which is Optuna's trial number too,
+    unless a killed study had asked Optuna for trials after Ray's last snapshot (Ray draws those again
+    under the numbers it had saved; their old runs are marked lost).
 
     Ray's experiment tag starts with the 1-based counter ("3_lr=0.001,..."); its trial id is random hex.
     """
@@ -141,11 +145,13 @@ SHARED_VIEW_TAG = "mlflow.sharedViewState."
 """An experiment tag (+ a key) holding a runs-page view (filter, sort, columns) that a URL opens: the UI's Share."""
 
 
-def runs_page(experiment_id: str, study: str | None = None) -> str:
-    """The runs page of an experiment on `mlflow ui`'s default address, on the model-training view; with `study`,
-    the study's saved view (its runs only, best first, its searched knobs as columns)."""
-    view = f"viewStateShareKey={study}&" if study else ""
-    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?{view}workflowType=machine_learning"
+def runs_page(experiment_id: str, study: str) -> str:
+    """A study's saved view of its experiment's runs page (search.tracking.runs_view) on `mlflow ui`'s
+    default address, on the model-training view."""
+    return (
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+        f"?viewStateShareKey={study}&workflowType=machine_learning"
+    )
 
 
 def run_page(experiment_id: str, run_id: str) -> str:
@@ -154,7 +160,7 @@ def run_page(experiment_id: str, run_id: str) -> str:
 
 
 def absolute_uri(uri: str) -> str:
-    """A SQLite URI with an absolute path, to print: `mlflow ui` may run from another folder."""
+    """A SQLite URI with an absolute path: `mlflow ui` or a resumed study may run from another folder."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     return uri

@@ -8,9 +8,10 @@ the report covers the whole study, not one session of it.
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
-import yaml
+import optuna
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -18,46 +19,62 @@ from search.study.config import StudyConfig
 from search.study.report import StudySummary, TrialSummary, describe, importances, write_plots
 from search.tracking.optuna_store import load_study
 from search.tracking.runs_view import runs_view, save_runs_view
-from search.tracking.schema import PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG, TRIAL_LABEL_TAG
+from search.tracking.schema import ELAPSED_METRIC, PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG, TRIAL_LABEL_TAG
 from trainables.config import knobs_of
 
 NOTE_TAG = "mlflow.note.content"
 """The run's description, shown (as Markdown) at the top of its page in the MLflow UI."""
 PLOTS_DIR = "plots"
-ELAPSED_METRIC = "elapsed_s"
-"""The study's running time, summed over its sessions (a resumed study adds to it)."""
+SUPERSEDED = "lost"
+"""Runs of trials a killed study lost before Ray's snapshot: Ray drew each again, under the same number."""
 
 
-def study_summary(client: MlflowClient, config: StudyConfig, parent_id: str, num_classes: int) -> StudySummary:
-    """The study as its MLflow runs record it: settings, elapsed time, every trial's outcome and curve."""
+def study_summary(
+    client: MlflowClient,
+    config: StudyConfig,
+    parent_id: str,
+    num_classes: int,
+    study: optuna.Study | None,
+    winner: dict | None,
+) -> StudySummary:
+    """The study as its MLflow runs record it: settings, elapsed time, every trial's outcome and curve, and
+    its knobs as Optuna sampled them (typed; MLflow keeps params as text); `winner`: export_best's record."""
     parent = client.get_run(parent_id)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50_000
     )
-    trials = sorted((trial_summary(client, run, config.metric) for run in children), key=lambda t: t.label)
+    sampled = {t.user_attrs.get(TRIAL_ID_TAG): t.params for t in study.get_trials(deepcopy=False)} if study else {}
+    trials = sorted(
+        (
+            trial_summary(client, run, config.metric, sampled.get(run.data.tags.get(TRIAL_ID_TAG)))
+            for run in children
+            if run.data.tags.get(STATUS_TAG) != SUPERSEDED
+        ),
+        key=lambda trial: trial.label,
+    )
     return StudySummary(
         name=config.name,
         model=config.model,
         metric=config.metric,
         mode=config.mode,
         max_t=config.epochs,
-        grace_period=config.grace_period,
+        grace_period=config.asha_grace_period,
         reduction_factor=config.reduction_factor,
         num_classes=num_classes,
         planned_trials=config.trials,
         elapsed_s=parent.data.metrics.get(ELAPSED_METRIC, 0.0),
         trials=tuple(trials),
+        winner_id=winner["trial_id"] if winner else "",
     )
 
 
-def trial_summary(client: MlflowClient, run, metric: str) -> TrialSummary:
+def trial_summary(client: MlflowClient, run, metric: str, params: dict | None) -> TrialSummary:
     tags = run.data.tags
     history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
     return TrialSummary(
         label=tags.get(TRIAL_LABEL_TAG, run.info.run_name),
         outcome=tags.get(STATUS_TAG, "running"),
-        # Params are text in MLflow; YAML reads numbers and words back as the trial had them.
-        params={key: yaml.safe_load(value) for key, value in run.data.params.items()},
+        params=params if params is not None else dict(run.data.params),
         curve=tuple(dict((m.step, m.value) for m in history).items()),
         trial_id=tags.get(TRIAL_ID_TAG, ""),
     )
@@ -73,16 +90,16 @@ def log_study_report(
 ) -> StudySummary:
     """Note, plots and importance/<knob> metrics on the study's run, and their charts in the study's view of
     the runs page (`knobs`: the searched ones); the summary they came from."""
-    summary = study_summary(client, config, parent_id, num_classes)
     study = load_study(config.optuna_storage, config.name) if config.optuna_storage else None
-    knobs = knobs_of(config.model, winner["hyperparameters"]) if winner else {}
-    client.set_tag(parent_id, NOTE_TAG, describe(summary, winner, knobs))
+    summary = study_summary(client, config, parent_id, num_classes, study, winner)
+    winning = knobs_of(config.model, winner["hyperparameters"]) if winner else {}
+    client.set_tag(parent_id, NOTE_TAG, describe(summary, winner, winning))
     with tempfile.TemporaryDirectory() as folder:
         for plot in write_plots(study, summary, Path(folder)):
             client.log_artifact(parent_id, str(plot), PLOTS_DIR)
     scores = importances(study)
     if scores:
-        stamp = client.get_run(parent_id).info.start_time
+        stamp = int(time.time() * 1000)  # a resumed study's newer numbers must win MLflow's "latest"
         client.log_batch(
             parent_id, metrics=[Metric(f"importance/{name}", value, stamp, 0) for name, value in scores.items()]
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from search.errors import UsageError
+from search.errors import UsageError, one_line
 from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
 from search.tracking.runs_view import runs_view, save_runs_view
 from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, DATA_SUMMARY, STUDY_TAG, store_exists
@@ -29,10 +29,16 @@ from trainables.data import SPLITS, DatasetIndex, data_digest
 
 
 def open_parent_run(
-    client: MlflowClient, config: StudyConfig, index: DatasetIndex, skipped: list[str], knobs: list[str]
+    client: MlflowClient,
+    config: StudyConfig,
+    index: DatasetIndex,
+    dataset: dict,
+    skipped: list[str],
+    knobs: list[str],
 ) -> tuple[str, str]:
-    """A new study's parent run, with its configuration, data summary and space file, and the study's view of
-    the runs page (`knobs`: the searched ones, as its columns): (experiment id, run id)."""
+    """A new study's parent run, with its configuration, data summary and input (`dataset`: data_record's),
+    space file, and the study's view of the runs page (`knobs`: the searched ones, as its columns):
+    (experiment id, run id)."""
     experiment_id = get_or_create_experiment(client, config.experiment, config.tracking_uri)
     parent = client.create_run(
         experiment_id, run_name=config.name, tags={STUDY_TAG: config.name, "model": config.model}
@@ -48,7 +54,7 @@ def open_parent_run(
     client.log_text(parent_id, config.to_yaml(), CONFIG_FILE)
     client.log_dict(parent_id, index.summary(), DATA_SUMMARY)
     client.log_artifact(parent_id, config.space)
-    log_data_input(client, parent_id, data_record(index))
+    log_data_input(client, parent_id, dataset)
     save_runs_view(client, experiment_id, config, runs_view(config, parent_id, knobs))
     if skipped:
         client.log_metric(parent_id, "skipped_images", len(skipped))
@@ -98,11 +104,23 @@ def data_record(index: DatasetIndex) -> dict:
     }
 
 
-def log_best(client: MlflowClient, config: StudyConfig, parent_id: str, best: dict, folder: Path) -> str:
-    """The winner on the study's run: its config (what final.py reads), score and trial, and the
-    checkpoint as an MLflow logged model of the run (the runs table's Models column); the model's id."""
+def log_best(client: MlflowClient, config: StudyConfig, parent_id: str, best: dict, folder: Path) -> None:
+    """The winner on the study's run: its config (what final.py reads), trial and score, and its checkpoint as
+    an MLflow logged model of the run (the runs table's Models column), the score linked to it."""
     client.log_artifact(parent_id, str(folder / BEST_CONFIG_FILE), BEST_DIR)
     client.set_tag(parent_id, "best_trial", best["trial_id"])
+    try:
+        model_id = log_winner_model(client, config, parent_id, best, folder)
+    except Exception as error:  # e.g. a tracking server older than MLflow 3's logged models: the rest stands
+        print(f"warning: the winner's checkpoint could not be logged as an MLflow model: {one_line(error)}")
+        model_id = None
+    client.log_metric(
+        parent_id, f"best_{best['metric']}", best["best_value"], step=best["best_epoch"], model_id=model_id
+    )
+
+
+def log_winner_model(client: MlflowClient, config: StudyConfig, parent_id: str, best: dict, folder: Path) -> str:
+    """best_model.pt and best_config.yaml as a logged model named <study>-best, an output of the study's run."""
     experiment_id = client.get_run(parent_id).info.experiment_id
     model = client.create_logged_model(
         experiment_id,
@@ -112,10 +130,7 @@ def log_best(client: MlflowClient, config: StudyConfig, parent_id: str, best: di
         tags={STUDY_TAG: config.name, "model": config.model, "trial": best["trial_id"]},
         model_type=config.model,
     )
-    client.log_model_artifacts(model.model_id, str(folder))  # best_model.pt and best_config.yaml
+    client.log_model_artifacts(model.model_id, str(folder))
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     client.log_outputs(parent_id, [LoggedModelOutput(model.model_id, best["best_epoch"])])
-    client.log_metric(
-        parent_id, f"best_{best['metric']}", best["best_value"], step=best["best_epoch"], model_id=model.model_id
-    )
     return model.model_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 from ray import tune
 
 from search.tracking.schema import (
@@ -25,6 +26,7 @@ from search.tracking.schema import (
     trial_outcome,
 )
 from search.tracking.store import log_data_input, log_params, mlflow_client, settle_lost_children
+from trainables.config import improves
 
 
 class MlflowTrials(tune.Callback):
@@ -48,7 +50,7 @@ class MlflowTrials(tune.Callback):
         """Per trial, the last epoch already in MLflow: a trial resumed from an older
         checkpoint replays (identically) epochs that must not be logged twice."""
         self.best: dict[str, float] = {}
-        self._client = None
+        self._client: MlflowClient | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_client": None, "run_ids": {}, "logged_epochs": {}, "best": {}}
@@ -123,10 +125,7 @@ class MlflowTrials(tune.Callback):
 
     def improved_best(self, trial_id: str, score: float | None) -> float | None:
         """The trial's new best score, or None where this one is no better (or no number)."""
-        if score is None or score != score:
-            return None
-        best = self.best.get(trial_id)
-        if best is not None and (score <= best if self.mode == "max" else score >= best):
+        if score is None or not improves(self.mode, score, self.best.get(trial_id)):
             return None
         self.best[trial_id] = float(score)
         return float(score)
