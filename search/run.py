@@ -24,10 +24,11 @@ RUNTIME_ENVIRONMENT = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a machine-local Ray on 127.0.0.1 (search.study.driver.start_ray)
     "RAY_AUTH_MODE": "token",  # Ray's default, said explicitly: Ray then starts without a warning about it
 }
-"""Set before Ray is imported, which reads them then."""
+"""Set before Ray and MLflow are imported, which read them then."""
 QUIET_ENVIRONMENT = {
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's older reporter, silent at verbose=0 (the newer one prints a config box)
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # reading study.yaml back on --resume
 }
 """Added without --verbose: the study's own lines are all the terminal shows."""
 SPEED_FLAGS = {
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    environment = RUNTIME_ENVIRONMENT if args.verbose else {**RUNTIME_ENVIRONMENT, **QUIET_ENVIRONMENT}
+    for key, value in environment.items():
+        os.environ.setdefault(key, value)
     try:
         if args.resume:
             from search.study.resume import resumed_config  # MLflow: the record says how the study ran
@@ -179,9 +183,6 @@ def main(argv: list[str] | None = None) -> int:
         from search.study.preflight import check_study  # the data layer (numpy, PIL), once the arguments are good
 
         checked = check_study(config, resume_run_id)
-        environment = RUNTIME_ENVIRONMENT if args.verbose else {**RUNTIME_ENVIRONMENT, **QUIET_ENVIRONMENT}
-        for key, value in environment.items():
-            os.environ.setdefault(key, value)
         from search.study.driver import run_study  # torch, Ray and MLflow load once the study is known to be good
 
         return run_study(config, checked, verbose=args.verbose)

@@ -166,6 +166,46 @@ def test_resuming_a_study_that_predates_study_yaml_is_one_line(tmp_path):
     assert "study 'old' was run by an older version" in line and "final.py --run-id" in line
 
 
+@pytest.mark.parametrize("case", ["database gone", "another database"])
+def test_resume_refuses_an_optuna_database_that_cannot_continue_the_study(tmp_path, case):
+    """The pickled searcher reopens the recorded database: a moved file would start an empty study."""
+    from mlflow.tracking import MlflowClient
+
+    uri, recorded_db = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("cnn", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment, run_name="cut", tags={"study": "cut", "model": "cnn"}).info.run_id
+    recorded = study_config(
+        name="cut", tracking_uri=uri, storage_path=str(tmp_path / "ray"), optuna_storage=recorded_db
+    )
+    client.log_text(parent, recorded.to_yaml(), "study.yaml")
+    client.set_terminated(parent, "KILLED")
+    (tmp_path / "ray" / "cut").mkdir(parents=True)
+    (tmp_path / "ray" / "cut" / "tuner.pkl").write_bytes(b"trial state")
+    extra = ["--optuna-storage", f"sqlite:///{tmp_path}/elsewhere.db"] if case == "another database" else []
+    result = run_script(
+        "run.py",
+        "--model",
+        "cnn",
+        "--name",
+        "cut",
+        "--resume",
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        str(tmp_path / "ray"),
+        *extra,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    if case == "database gone":
+        assert f"the Optuna storage {recorded_db} no longer holds study 'cut'" in line
+        assert not (tmp_path / "optuna.db").exists()  # checking did not create it
+    else:
+        assert f"--optuna-storage cannot change on --resume: study 'cut' continues in {recorded_db}" in line
+
+
 def test_a_model_file_reloads_to_the_same_outputs_and_keeps_no_local_path(tmp_path):
     import torch
 
