@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         from search.study.preflight import check_study  # the data layer (numpy, PIL), once the arguments are good
 
         checked = check_study(config, resume_run_id)
-        from search.study.driver import run_study  # torch, Ray and MLflow load once the study is known to be good
+        from search.tracking.study_run import open_stores  # MLflow and Optuna, not yet torch or Ray
+
+        open_stores(config, resume_run_id, create=False)  # a taken name, answered before the heavy imports
+        from search.study.driver import run_study  # torch and Ray load once the study is known to be good
 
         return run_study(config, checked, verbose=args.verbose)
     except UsageError as error:

@@ -326,11 +326,13 @@ def test_the_study_writes_beside_the_project_and_never_to_mlruns(study):
 # ---------------------------------------------------------------- --verbose, and a lone trial
 
 
+@pytest.mark.slow
 def test_verbose_shows_rays_own_output(lone_study):
     assert "Configuration for experiment" in lone_study.console
     assert "View detailed results" in lone_study.console
 
 
+@pytest.mark.slow
 def test_a_lone_trial_has_nothing_to_compare_it_with(lone_study):
     (run,) = lone_study.children
     assert run.info.run_name == "t00 completed"

@@ -30,15 +30,15 @@ from search.final_model.winner import winner_record
 from search.study.config import CONFIG_FILE, StudyConfig
 from search.study.console import print_closing, print_resume_hint
 from search.study.gpu_share import GpuProbe, GpuTooSmall, choose_gpu_fraction
-from search.study.preflight import CheckedStudy, name_taken
+from search.study.preflight import CheckedStudy
 from search.study.report import StudySummary
 from search.study.spaces import Space
 from search.study.tuning import make_tuner, restore_tuner, speed_options, trial_setup, unfinished_trials
-from search.tracking.optuna_store import fail_orphans, load_study, open_optuna_storage, study_exists
+from search.tracking.optuna_store import fail_orphans, load_study
 from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, BEST_MODEL_FILE, ELAPSED_METRIC
-from search.tracking.store import close_open_children, mlflow_client, study_runs
+from search.tracking.store import close_open_children, mlflow_client
 from search.tracking.study_report import log_study_report
-from search.tracking.study_run import data_record, log_best, open_parent_run, reopen_parent_run
+from search.tracking.study_run import data_record, log_best, open_parent_run, open_stores, reopen_parent_run
 from search.tracking.trials import MlflowTrials
 from trainables.checkpoint import ModelFile, load_trial_checkpoint
 from trainables.data import CachedSplit, DataError, DatasetIndex, existing_ancestor, megabytes, prepare_splits
@@ -96,7 +96,7 @@ def prepare_study(config: StudyConfig, checked: CheckedStudy, verbose: bool = Fa
     try:
         if config.pretrained:
             require_pretrained(config.model, config.weights)
-        open_tracking_store(config, checked.resume_run_id)
+        open_stores(config, checked.resume_run_id)
         index, splits, skipped = cache_data(config, checked.index)
         start_ray(verbose)
         if share is None:
@@ -117,20 +117,6 @@ def prepare_study(config: StudyConfig, checked: CheckedStudy, verbose: bool = Fa
             gpu_probe.cancel()
         ray.shutdown()
         raise
-
-
-def open_tracking_store(config: StudyConfig, resume_run_id: str | None) -> None:
-    """The MLflow store, created (or migrated) now rather than after the long work; a new study's name is new
-    there and in the Optuna storage (Optuna would add this study's trials to the old one's)."""
-    client = mlflow_client(config.tracking_uri)
-    if resume_run_id is not None:
-        return
-    if study_runs(client, config.name):
-        raise UsageError(name_taken(config.name, f"in --tracking-uri {config.tracking_uri}"))
-    if config.optuna_storage:
-        open_optuna_storage(config.optuna_storage)  # created now: a bad --optuna-storage fails before any run opens
-        if study_exists(config.optuna_storage, config.name):
-            raise UsageError(name_taken(config.name, f"in --optuna-storage {config.optuna_storage}"))
 
 
 def cache_data(config: StudyConfig, index: DatasetIndex) -> tuple[DatasetIndex, dict[str, CachedSplit], list[str]]:
