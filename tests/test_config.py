@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import yaml
@@ -116,93 +117,57 @@ def test_help_and_argument_errors_load_nothing_heavy():
     assert result.stdout.strip() == "2 []", result.stdout + result.stderr
 
 
-def test_resuming_a_study_that_predates_study_yaml_is_one_line(tmp_path):
+def interrupted_study(tmp_path: Path, name: str, study_yaml: str | None = None) -> str:
+    """A study's KILLED parent run (with `study_yaml` as its study.yaml) and Ray folder: what --resume looks for.
+    Its store's URI."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment = client.create_experiment("cnn", artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = client.create_run(experiment, run_name="old", tags={"study": "old", "model": "cnn"})
-    client.log_param(parent.info.run_id, "model", "cnn")  # what older versions recorded, and decoded
-    client.set_terminated(parent.info.run_id, "KILLED")
-    (tmp_path / "ray" / "old").mkdir(parents=True)
-    (tmp_path / "ray" / "old" / "tuner.pkl").write_bytes(b"an older study's trial state")
-    result = run_script(
-        "run.py",
-        "--model",
-        "cnn",
-        "--name",
-        "old",
-        "--resume",
-        "--tracking-uri",
-        uri,
-        "--storage-path",
-        str(tmp_path / "ray"),
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
+    parent = client.create_run(experiment, run_name=name, tags={"study": name, "model": "cnn"}).info.run_id
+    client.log_param(parent, "model", "cnn")  # what older versions recorded, and decoded
+    if study_yaml is not None:
+        client.log_text(parent, study_yaml, "study.yaml")
+    client.set_terminated(parent, "KILLED")
+    (tmp_path / "ray" / name).mkdir(parents=True)
+    (tmp_path / "ray" / name / "tuner.pkl").write_bytes(b"an interrupted study's trial state")
+    return uri
+
+
+def refused_resume(tmp_path: Path, name: str, uri: str, *extra: str) -> str:
+    """run.py --resume of study `name`, which must be refused: its one line."""
+    where = ["--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")]
+    result = run_script("run.py", "--model", "cnn", "--name", name, "--resume", *where, *extra, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()
+    return line
+
+
+def test_resuming_a_study_that_predates_study_yaml_is_one_line(tmp_path):
+    line = refused_resume(tmp_path, "old", interrupted_study(tmp_path, "old"))
     assert "study 'old' predates study.yaml" in line and "final.py --study old" in line
 
-    # A study.yaml of the version before the Optuna database: refused the same way, naming what still works.
-    recorded = study_config(name="old", tracking_uri=uri, storage_path=str(tmp_path / "ray"))
-    client.log_text(parent.info.run_id, recorded.to_yaml(), "study.yaml")
-    assert recorded.optuna_storage is None
-    result = run_script(
-        "run.py",
-        "--model",
-        "cnn",
-        "--name",
-        "old",
-        "--resume",
-        "--tracking-uri",
-        uri,
-        "--storage-path",
-        str(tmp_path / "ray"),
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
-    assert "study 'old' was run by an older version" in line and "final.py --run-id" in line
+
+def test_resuming_a_study_from_before_the_optuna_database_is_one_line(tmp_path):
+    recorded = study_config(name="older", storage_path=str(tmp_path / "ray"))
+    assert recorded.optuna_storage is None  # what study.yaml held before the database
+    line = refused_resume(tmp_path, "older", interrupted_study(tmp_path, "older", recorded.to_yaml()))
+    assert "study 'older' was run by an older version" in line and "final.py --run-id" in line
 
 
 @pytest.mark.parametrize("case", ["database gone", "another database"])
 def test_resume_refuses_an_optuna_database_that_cannot_continue_the_study(tmp_path, case):
     """The pickled searcher reopens the recorded database: a moved file would start an empty study."""
-    from mlflow.tracking import MlflowClient
-
-    uri, recorded_db = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("cnn", artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = client.create_run(experiment, run_name="cut", tags={"study": "cut", "model": "cnn"}).info.run_id
-    recorded = study_config(
-        name="cut", tracking_uri=uri, storage_path=str(tmp_path / "ray"), optuna_storage=recorded_db
-    )
-    client.log_text(parent, recorded.to_yaml(), "study.yaml")
-    client.set_terminated(parent, "KILLED")
-    (tmp_path / "ray" / "cut").mkdir(parents=True)
-    (tmp_path / "ray" / "cut" / "tuner.pkl").write_bytes(b"trial state")
-    extra = ["--optuna-storage", f"sqlite:///{tmp_path}/elsewhere.db"] if case == "another database" else []
-    result = run_script(
-        "run.py",
-        "--model",
-        "cnn",
-        "--name",
-        "cut",
-        "--resume",
-        "--tracking-uri",
-        uri,
-        "--storage-path",
-        str(tmp_path / "ray"),
-        *extra,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
+    recorded_db = f"sqlite:///{tmp_path}/optuna.db"
+    recorded = study_config(name="cut", storage_path=str(tmp_path / "ray"), optuna_storage=recorded_db)
+    uri = interrupted_study(tmp_path, "cut", recorded.to_yaml())
     if case == "database gone":
+        line = refused_resume(tmp_path, "cut", uri)
         assert f"the Optuna storage {recorded_db} no longer holds study 'cut'" in line
         assert not (tmp_path / "optuna.db").exists()  # checking did not create it
     else:
+        line = refused_resume(tmp_path, "cut", uri, "--optuna-storage", f"sqlite:///{tmp_path}/elsewhere.db")
         assert f"--optuna-storage cannot change on --resume: study 'cut' continues in {recorded_db}" in line
 
 

@@ -1,8 +1,10 @@
-"""The study's parent run: opened with the study's configuration, reopened on --resume, given the winner.
+"""The study's parent run: its stores and name claimed, opened with the study's configuration and data,
+reopened on --resume, given the winner.
 
 The configuration goes on the run once, as study.yaml (StudyConfig.to_yaml); its
 values are also the run's params, for people and the UI's filters. `read_study_config`
-is how --resume and final.py get it back.
+is how --resume and final.py get it back. The data goes on it (and on each trial's and
+the final retrain's run) as an MLflow dataset input, `data_record`.
 """
 
 from __future__ import annotations
