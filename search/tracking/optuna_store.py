@@ -36,19 +36,28 @@ def open_optuna_storage(url: str) -> optuna.storages.RDBStorage:
         raise UsageError(f"cannot open the Optuna storage --optuna-storage {url}: {one_line(error)}") from None
 
 
-def study_exists(url: str, name: str) -> bool:
-    """Whether the storage holds a study of this name (a file that does not exist holds none)."""
+def existing_optuna_storage(url: str) -> optuna.storages.RDBStorage | None:
+    """The storage, or None for a SQLite file that does not exist (reading must not create it)."""
     if url.startswith("sqlite:///") and not sqlite_path(url).is_file():
-        return False
-    storage = open_optuna_storage(url)
-    return name in optuna.get_all_study_names(storage)
+        return None
+    return open_optuna_storage(url)
+
+
+def holds(storage: optuna.storages.RDBStorage | None, name: str) -> bool:
+    """Whether the storage (None: none) holds a study of this name."""
+    return storage is not None and name in optuna.get_all_study_names(storage)
+
+
+def study_exists(url: str, name: str) -> bool:
+    return holds(existing_optuna_storage(url), name)
 
 
 def load_study(url: str, name: str) -> optuna.Study | None:
     """The study as the storage has it, or None where it holds none."""
-    if not study_exists(url, name):
+    storage = existing_optuna_storage(url)
+    if storage is None or not holds(storage, name):
         return None
-    return optuna.load_study(study_name=name, storage=open_optuna_storage(url))
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def fail_orphans(study: optuna.Study) -> int:

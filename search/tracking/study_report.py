@@ -17,7 +17,6 @@ from mlflow.tracking import MlflowClient
 
 from search.study.config import StudyConfig
 from search.study.report import StudySummary, TrialSummary, describe, importances, write_plots
-from search.tracking.optuna_store import load_study
 from search.tracking.runs_view import runs_view, save_runs_view
 from search.tracking.schema import ELAPSED_METRIC, PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG, TRIAL_LABEL_TAG
 from trainables.config import knobs_of
@@ -87,10 +86,11 @@ def log_study_report(
     num_classes: int,
     knobs: list[str],
     winner: dict | None,
+    study: optuna.Study | None,
 ) -> StudySummary:
     """Note, plots and importance/<knob> metrics on the study's run, and their charts in the study's view of
-    the runs page (`knobs`: the searched ones); the summary they came from."""
-    study = load_study(config.optuna_storage, config.name) if config.optuna_storage else None
+    the runs page (`knobs`: the searched ones; `study`: the Optuna study, None where it has no database);
+    the summary they came from."""
     summary = study_summary(client, config, parent_id, num_classes, study, winner)
     winning = knobs_of(config.model, winner["hyperparameters"]) if winner else {}
     client.set_tag(parent_id, NOTE_TAG, describe(summary, winner, winning))

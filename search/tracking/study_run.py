@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from search.errors import UsageError, one_line
 from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
 from search.study.preflight import name_taken
-from search.tracking.optuna_store import open_optuna_storage, study_exists
+from search.tracking.optuna_store import existing_optuna_storage, holds, open_optuna_storage
 from search.tracking.runs_view import runs_view, save_runs_view
 from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, DATA_SUMMARY, STUDY_TAG, store_exists
 from search.tracking.store import (
@@ -39,20 +39,20 @@ def open_stores(config: StudyConfig, resume_run_id: str | None, *, create: bool 
     run.py asks first with create=False, before torch and Ray load: a taken name is answered in seconds, and
     stores that do not exist yet are left for the driver to create once every other check has passed.
     """
-    if create:
+    url = config.optuna_storage
+    client: MlflowClient | None
+    if create:  # a bad --optuna-storage fails here, before any run opens
         client = mlflow_client(config.tracking_uri)
-        if config.optuna_storage:
-            open_optuna_storage(config.optuna_storage)  # a bad --optuna-storage fails here, before any run opens
-    elif store_exists(config.tracking_uri):
-        client = mlflow_client(config.tracking_uri, create=False)
+        optuna_storage = open_optuna_storage(url) if url else None
     else:
-        client = None
+        client = mlflow_client(config.tracking_uri, create=False) if store_exists(config.tracking_uri) else None
+        optuna_storage = existing_optuna_storage(url) if url else None
     if resume_run_id is not None:
         return
     if client is not None and study_runs(client, config.name):
         raise UsageError(name_taken(config.name, f"in --tracking-uri {config.tracking_uri}"))
-    if config.optuna_storage and study_exists(config.optuna_storage, config.name):
-        raise UsageError(name_taken(config.name, f"in --optuna-storage {config.optuna_storage}"))
+    if holds(optuna_storage, config.name):
+        raise UsageError(name_taken(config.name, f"in --optuna-storage {url}"))
 
 
 def open_parent_run(
