@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 from search.errors import UsageError
-from trainables.spec import BACKBONES
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 DEFAULT_CACHE_DIR = ".cache/images"
@@ -60,14 +59,14 @@ def weights_files(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(tuple(item.split("=", 1)) for item in items if "=" in item))  # type: ignore[misc]
 
 
-def require_pretrained(model: str, weights: tuple[tuple[str, str], ...]) -> None:
-    """The model's pretrained backbones are at hand (cached, downloadable or given by --weights),
+def require_pretrained(backbones: tuple[str, ...], weights: tuple[tuple[str, str], ...]) -> None:
+    """These timm models' pretrained weights are at hand (cached, downloadable or given by --weights),
     or a one-line UsageError says how to get them."""
     # Deferred: timm loads here, once the arguments are known to be good.
     from trainables.pretrained import PretrainedUnavailable, ensure_pretrained
 
     try:
-        ensure_pretrained(BACKBONES[model], dict(weights))
+        ensure_pretrained(backbones, dict(weights))
     except PretrainedUnavailable as error:
         raise UsageError(str(error)) from None
 

@@ -49,20 +49,24 @@ def gpu_fraction(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'auto'") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="search/run.py",
-        description="Find the best hyperparameters for one lightweight image classifier: "
-        "Optuna TPE proposes, ASHA stops weak trials, MLflow records everything.",
-        formatter_class=DefaultsFormatter,
-    )
+def build_parser(
+    prog: str = "search/run.py",
+    description: str = "Find the best hyperparameters for one lightweight image classifier: "
+    "Optuna TPE proposes, ASHA stops weak trials, MLflow records everything.",
+    *,
+    one_study: bool = True,
+) -> argparse.ArgumentParser:
+    """run.py's arguments; compare.py takes the same ones (one_study=False: without --model, --space, --name and
+    --resume, which it sets per study) and hands them on to run.py."""
+    parser = OneLineParser(prog=prog, description=description, formatter_class=DefaultsFormatter)
     what = parser.add_argument_group("what to search")
-    what.add_argument(
-        "--model",
-        required=True,
-        choices=MODEL_NAMES,
-        help="cnn: tf_efficientnetv2_s; vit: vit_tiny_patch16_224; hybrid: both",
-    )
+    if one_study:
+        what.add_argument(
+            "--model",
+            required=True,
+            choices=MODEL_NAMES,
+            help="cnn: tf_efficientnetv2_s; vit: vit_tiny_patch16_224; hybrid: both",
+        )
     what.add_argument("--trials", type=int, default=STUDY_DEFAULTS["trials"], help="number of trials")
     what.add_argument(
         "--data",
@@ -70,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder with one sub-folder per class (split 70/15/15), "
         "a folder with train/ val/ test/, or 'synthetic' (built-in, 11 classes; 'synthetic:C' for C)",
     )
-    what.add_argument("--space", default=None, help="search-space YAML (default: spaces/<model>.yaml)")
+    if one_study:
+        what.add_argument("--space", default=None, help="search-space YAML (default: spaces/<model>.yaml)")
     what.add_argument(
         "--metric",
         default=STUDY_DEFAULTS["metric"],
@@ -149,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     tracking = parser.add_argument_group("where results go")
-    tracking.add_argument("--name", default=None, help="study name (default: <model>-<timestamp>)")
+    if one_study:
+        tracking.add_argument("--name", default=None, help="study name (default: <model>-<timestamp>)")
     tracking.add_argument("--storage-path", default="ray_results", help="Ray Tune trial folders and checkpoints")
     tracking.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="decoded-image cache shared by trials")
     tracking.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
@@ -161,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="database of the Optuna study, for optuna-dashboard (default: optuna.db beside a SQLite "
         "--tracking-uri, else under --storage-path)",
     )
-    tracking.add_argument(
-        "--resume", action="store_true", help="continue the interrupted study --name with its own settings"
-    )
+    if one_study:
+        tracking.add_argument(
+            "--resume", action="store_true", help="continue the interrupted study --name with its own settings"
+        )
     tracking.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own output too")
     return parser
 

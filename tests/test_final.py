@@ -162,6 +162,7 @@ def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
         "classes.json",
         "splits.json",
         "per_class_metrics.json",
+        "test_predictions.csv",
     } <= artifacts
     out = study.root / "out"
     assert json.loads((out / "classes.json").read_text()) == sorted(CLASSES)
@@ -192,6 +193,21 @@ def test_per_class_scores_are_one_table_artifact_with_a_row_per_class(study):
     # Logged as a table, so that the UI shows it as one (artifact view, evaluation tables).
     assert {"path": "per_class_metrics.json", "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
     assert not [key for key in run.data.metrics if "/" in key]
+
+
+def test_per_image_test_predictions_are_recorded_and_read_back_to_the_run_s_scores(study):
+    """compare.py pairs models image by image from this file: every test image, in the split's order."""
+    from search.final_model.predictions import read_predictions
+
+    run = first_final(study)
+    text = read_artifact(study.client, run.info.run_id, "test_predictions.csv")
+    predictions = read_predictions(text, "the final run's predictions")
+    assert predictions.keys == [sample.key for sample in study.split.splits["test"]]
+    assert predictions.classes == sorted(CLASSES)
+    assert predictions.probabilities.shape == (len(predictions.keys), len(CLASSES))
+    assert np.allclose(predictions.probabilities.sum(axis=1), 1, atol=1e-6)
+    assert predictions.correct.mean() == pytest.approx(run.data.metrics["test_acc"])
+    assert text.splitlines()[0] == "image,label,prediction," + ",".join(f"p:{c}" for c in sorted(CLASSES))
 
 
 def test_output_to_a_file_is_one_line_per_epoch_and_no_progress_bars(study):

@@ -1,4 +1,4 @@
-"""The three classifiers of the seed document, built by one factory.
+"""The three classifiers of the seed document, and a larger reference to compare them with, built by one factory.
 
 Every model takes float images in [0, 1], shape (B, 3, H, W), and normalises them
 itself with its backbone's mean and std: the hybrid's two backbones may disagree,
@@ -7,6 +7,7 @@ and a model that carries its own normalisation can be used without this project.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import timm
@@ -14,13 +15,13 @@ import torch
 from torch import nn
 
 # The specification lives apart from torch, so the search can check it before loading torch.
-from trainables.spec import CNN_BACKBONE, VIT_BACKBONE, ModelSpec, validate_spec
+from trainables.spec import CNN_BACKBONE, REFERENCE, VIT_BACKBONE, ModelSpec, validate_spec
 
-__all__ = ["Classifier", "ModelSpec", "build_model", "count_parameters"]
+__all__ = ["Classifier", "ModelSpec", "build_model", "count_parameters", "reference_problem"]
 
 
 class Normalized(nn.Module):
-    """A timm backbone (num_classes=0) that normalises its [0, 1] input first."""
+    """A timm backbone (num_classes=0) or a whole timm classifier that normalises its [0, 1] input first."""
 
     def __init__(self, backbone: Any):
         super().__init__()
@@ -100,26 +101,50 @@ def vit_head(features: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.LayerNorm(features), nn.Linear(features, 256), nn.GELU(), nn.Linear(256, num_classes))
 
 
-def create_backbone(name: str, spec: ModelSpec, drop_rate: float) -> Any:
-    """A timm backbone without classifier (num_classes=0), pretrained if asked.
+def create_backbone(name: str, spec: ModelSpec, drop_rate: float, num_classes: int = 0) -> Any:
+    """A timm model, pretrained if asked: a backbone without classifier (num_classes=0), or with
+    timm's own head of num_classes outputs (a reference).
 
     Typed Any: timm's models carry pretrained_cfg, num_features and (ViT) blocks, which nn.Module does not declare.
     """
-    kwargs: dict[str, Any] = dict(num_classes=0, drop_rate=drop_rate, drop_path_rate=spec.drop_path_rate)
-    if name == VIT_BACKBONE:
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=spec.drop_path_rate)
+    if name == VIT_BACKBONE or fixed_input_size(name):
         kwargs["img_size"] = spec.img_size  # timm resamples the position embedding
     weights_file = dict(spec.weights_files).get(name)
     if spec.pretrained and weights_file:
         kwargs["pretrained_cfg_overlay"] = dict(file=weights_file)
     backbone: Any = timm.create_model(name, pretrained=spec.pretrained, **kwargs)
-    if name == VIT_BACKBONE and spec.vit_depth < len(backbone.blocks):
+    # vit_depth is a knob of our vit and hybrid; a reference that happens to be this ViT stays whole.
+    if name == VIT_BACKBONE and spec.name != REFERENCE and spec.vit_depth < len(backbone.blocks):
         backbone.blocks = backbone.blocks[: spec.vit_depth]
     return backbone
 
 
+def fixed_input_size(name: str) -> bool:
+    """Whether timm builds the model for one input size (ViTs, Swin): it must be told img_size then,
+    or a reference at any other size fails on its first batch. Convolutional models take any size."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return bool(cfg is not None and cfg.fixed_input_size)
+
+
+def reference_problem(name: str) -> str | None:
+    """None when timm knows the model `name` (a pretrained tag such as '.fb_in1k' allowed), else a one-line
+    message with the fix: checked before a comparison starts, not after the lightweight models are done."""
+    if name and timm.is_model(name):
+        return None
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    examples = ", ".join(close) if close else "convnext_tiny, resnet50"
+    hint = "did you mean" if close else "e.g."
+    return f"--reference {name or repr(name)} is not a timm model: pick one of timm.list_models(), {hint} {examples}"
+
+
 def build_model(spec: ModelSpec) -> Classifier:
-    """The seed's architecture for spec.name, with its head exactly as the seed wrote it."""
+    """The seed's architecture for spec.name, with its head exactly as the seed wrote it; or the reference,
+    a timm classifier with timm's own head (how one fine-tunes a larger model)."""
     validate_spec(spec)
+    if spec.name == REFERENCE:
+        model = create_backbone(spec.backbone, spec, drop_rate=spec.dropout, num_classes=spec.num_classes)
+        return Classifier([model], nn.Identity())
     if spec.name == "cnn":
         cnn = create_backbone(CNN_BACKBONE, spec, drop_rate=0.0)
         return Classifier([cnn], cnn_head(cnn.num_features, spec.num_classes, spec.dropout))

@@ -23,6 +23,9 @@ CNN_BACKBONE = "tf_efficientnetv2_s"
 VIT_BACKBONE = "vit_tiny_patch16_224"
 VIT_PATCH = 16
 BACKBONES = {"cnn": (CNN_BACKBONE,), "vit": (VIT_BACKBONE,), "hybrid": (CNN_BACKBONE, VIT_BACKBONE)}
+REFERENCE = "reference"
+"""A larger timm classifier (ModelSpec.backbone names it), trained once with the recipe's default
+hyperparameters to compare the lightweight models against: not one of MODEL_NAMES, never searched."""
 LOCAL_FIELDS = ("weights_files",)
 """Paths on the machine that trained: never written into a checkpoint or model file."""
 
@@ -36,13 +39,16 @@ class ModelSpec:
     """
 
     name: str
-    """One of MODEL_NAMES."""
+    """One of MODEL_NAMES, or REFERENCE."""
     num_classes: int
     img_size: int = 224
     dropout: float = DEFAULTS.dropout
     drop_path_rate: float = DEFAULTS.drop_path_rate
     vit_depth: int = DEFAULTS.vit_depth
     fusion: str = DEFAULTS.fusion
+    backbone: str = ""
+    """The timm model name of a reference (name == REFERENCE); empty for cnn, vit and hybrid,
+    whose backbones are fixed (BACKBONES). Model files written before it existed load with the default."""
     pretrained: bool = True
     weights_files: tuple[tuple[str, str], ...] = ()
     """(backbone, path) pairs: local weights files used instead of the hub download."""
@@ -62,10 +68,23 @@ class ModelSpec:
         return cls(**kept)
 
 
+def backbones_of(spec: ModelSpec) -> tuple[str, ...]:
+    """The timm names whose pretrained weights the model needs (what to download or find locally)."""
+    return (spec.backbone,) if spec.name == REFERENCE else BACKBONES[spec.name]
+
+
 def validate_spec(spec: ModelSpec) -> None:
     problems = []
-    if spec.name not in MODEL_NAMES:
+    if spec.name == REFERENCE:
+        if not spec.backbone:
+            problems.append("a reference model needs its timm name (backbone), e.g. convnext_tiny")
+    elif spec.name not in MODEL_NAMES:
         problems.append(f"unknown model {spec.name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    elif spec.backbone:
+        problems.append(
+            f"{spec.name} has its backbones fixed ({', '.join(BACKBONES[spec.name])}): backbone={spec.backbone!r} "
+            f"is for a reference model only; leave it empty"
+        )
     if spec.num_classes < 2:
         problems.append(f"num_classes is {spec.num_classes}: a classifier needs at least 2 classes")
     if spec.name in ("vit", "hybrid") and spec.img_size % VIT_PATCH:

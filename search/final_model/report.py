@@ -42,6 +42,8 @@ class HeldOutResult:
     """scikit-learn's classification report (text)."""
     predictions: np.ndarray
     labels: np.ndarray
+    probabilities: np.ndarray
+    """(N, C) softmax of the logits."""
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -94,7 +96,7 @@ def evaluate_test(logits: np.ndarray, labels: np.ndarray, classes: list[str]) ->
         for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
     }
     confusion = confusion_matrix(labels, predictions, labels=everyone)
-    return HeldOutResult(metrics, per_class, confusion, report, predictions, labels)
+    return HeldOutResult(metrics, per_class, confusion, report, predictions, labels, probabilities)
 
 
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray, everyone: list[int]) -> float:

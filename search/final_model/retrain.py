@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from search.cli import require_pretrained, weights_files
 from search.errors import UsageError
+from search.final_model.predictions import PREDICTIONS_FILE, Predictions, predictions_csv
 from search.final_model.registry import log_model
 from search.final_model.report import (
     PER_CLASS_TABLE,
@@ -54,9 +55,16 @@ from trainables.engine import (
     select_device,
 )
 from trainables.models import build_model
-from trainables.spec import ModelSpec, validate_spec
+from trainables.spec import REFERENCE, ModelSpec, backbones_of, validate_spec
 
-RESULT_FILES = ("config.yaml", "classes.json", "splits.json", "classification_report.txt", "confusion_matrix.png")
+RESULT_FILES = (
+    "config.yaml",
+    "classes.json",
+    "splits.json",
+    "classification_report.txt",
+    "confusion_matrix.png",
+    PREDICTIONS_FILE,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,13 +83,16 @@ class PreparedFinal:
     tracking_uri: str
     experiment: str | None
     """An experiment name to use instead of the study's."""
-    register_name: str
+    register_name: str | None
+    """The registered model's name; None for a reference model, which is compared, not shipped."""
     out: Path
     label: str
     """The study's name (or the config file's stem): names the run and the results folder."""
     settings: dict
     """What the final run records as params: enough to repeat it."""
     skipped_images: list[str]
+    tags: dict[str, str] = field(default_factory=dict)
+    """Tags the run gets on top of the usual ones (compare.py marks its reference model with them)."""
 
 
 # ---------------------------------------------------------------- prepare
@@ -107,13 +118,14 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
         config.img_size,
         pretrained=config.pretrained and not args.no_pretrained,
         weights_files=weights,
+        backbone=config.backbone,
     ).with_knobs(hp)
     try:
         validate_spec(spec)
     except ValueError as error:
         raise UsageError(f"{config.source}: {error}") from None
     if spec.pretrained:
-        require_pretrained(config.model, weights)
+        require_pretrained(backbones_of(spec), weights)
 
     if args.keep_val:  # early stopping decides: give it the study's budget
         epochs = args.epochs or config.epochs or FULL.epochs
@@ -136,7 +148,7 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
     except DataError as error:
         raise UsageError(str(error)) from None
 
-    label = config.study or (Path(args.config).stem if args.config else f"run-{config.run_id}")
+    label = final_label(config, args.config)
     seed = config.seed if args.seed is None else args.seed
     settings = {
         "model": config.model,
@@ -169,12 +181,19 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
         seed=seed,
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
-        register_name=args.register_name or f"{config.model}-classifier",
+        register_name=None if config.model == REFERENCE else args.register_name or f"{config.model}-classifier",
         out=Path(args.out or f"final/{label}-{datetime.now():%Y%m%d-%H%M%S}"),
         label=label,
         settings=settings,
         skipped_images=skipped,
     )
+
+
+def final_label(config: WinnerConfig, config_file: str | None) -> str:
+    """Names the run and the results folder: the study, the config file, the trial run or the reference."""
+    if config.model == REFERENCE:
+        return f"reference-{config.backbone}"
+    return config.study or (Path(config_file).stem if config_file else f"run-{config.run_id}")
 
 
 def class_mismatch(source: str, classes: list[str], config: WinnerConfig) -> str:
@@ -256,6 +275,7 @@ def open_final_run(client, final: PreparedFinal) -> tuple[str, str]:
     }
     if config.study:
         tags[STUDY_TAG] = config.study
+    tags.update(final.tags)
     run = client.create_run(experiment_id, run_name=f"{final.label}-final", tags=tags)
     return experiment_id, run.info.run_id
 
@@ -264,7 +284,7 @@ def describe(final: PreparedFinal) -> str:
     """The run's description in the MLflow UI."""
     config = final.config
     return (
-        f"Final retrain of {config.source} (trial {config.trial_id or '-'}): {config.model} on "
+        f"Final retrain of {config.source} (trial {config.trial_id or '-'}): {config.backbone or config.model} on "
         f"{final.settings['train_on']} ({len(final.train)} images) for {final.epochs} epoch(s), "
         f"tested once on {len(final.test)} held-out images."
     )
@@ -345,7 +365,7 @@ def finish(
     final: PreparedFinal, client, run_id: str, learner: Learner, result: HeldOutResult, trained_epochs: int
 ) -> dict:
     """Write the results folder, log it and the test metrics, log and register the model."""
-    model = learner.model.to("cpu", memory_format=torch.contiguous_format).eval()
+    model = learner.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     write_results(final, model, result)
     stamp = int(datetime.now().timestamp() * 1000)
     scores = {**result.metrics, "trained_epochs": trained_epochs}
@@ -353,8 +373,10 @@ def finish(
     client.log_table(run_id, data=per_class_table(result), artifact_file=PER_CLASS_TABLE)
     for name in RESULT_FILES:
         client.log_artifact(run_id, str(final.out / name))
-    registered = log_model(model, final.test, final.tracking_uri, run_id, final.register_name)
-    client.set_tag(run_id, "registered_model", f"{registered['name']}/{registered['version']}")
+    registered = {}
+    if final.register_name is not None:
+        registered = log_model(model, final.test, final.tracking_uri, run_id, final.register_name)
+        client.set_tag(run_id, "registered_model", f"{registered['name']}/{registered['version']}")
     metrics_file = final.out / "metrics.json"
     metrics_file.write_text(
         json.dumps(
@@ -395,6 +417,10 @@ def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult)
         )
     )
     (out / "classification_report.txt").write_text(result.report)
+    test_keys = [sample.key for sample in index.splits["test"]]  # the cached split's order: the result's rows
+    (out / PREDICTIONS_FILE).write_text(
+        predictions_csv(Predictions(test_keys, result.labels, result.probabilities, config.classes))
+    )
     plot_confusion(
         result,
         config.classes,
@@ -409,11 +435,12 @@ def print_closing(
     print()
     for line in summary_lines(result, final.config.metric, final.config.best_value, len(final.test)):
         print(line)
-    uri = f"models:/{registered['name']}/{registered['version']}"
-    print(
-        f"Model:      registered as {registered['name']} version {registered['version']} "
-        f"(mlflow.pytorch.load_model({uri!r}): float32 images (N, 3, H, W) in [0, 1] -> class probabilities)"
-    )
+    if registered:
+        uri = f"models:/{registered['name']}/{registered['version']}"
+        print(
+            f"Model:      registered as {registered['name']} version {registered['version']} "
+            f"(mlflow.pytorch.load_model({uri!r}): float32 images (N, 3, H, W) in [0, 1] -> class probabilities)"
+        )
     print(f"Results:    {final.out}/ (model.pt, config.yaml, classes.json, metrics.json, confusion_matrix.png, ...)")
     print(f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(final.tracking_uri)} --host 127.0.0.1 --port 5000")
     print(f"            then open {run_page(experiment_id, run_id)}")

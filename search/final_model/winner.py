@@ -77,6 +77,8 @@ class WinnerConfig:
     trial_id: str | None = None
     source: str = ""
     """Where it came from, for messages: 'study NAME', 'trial run ID', 'config FILE'."""
+    backbone: str = ""
+    """A reference model's timm name (compare.py --reference); empty for cnn, vit and hybrid."""
     experiment_id: str | None = None
     """The study's MLflow experiment, when it came from MLflow."""
     run_id: str | None = None

@@ -42,7 +42,7 @@ from search.tracking.study_run import data_record, log_best, open_parent_run, op
 from search.tracking.trials import MlflowTrials
 from trainables.checkpoint import ModelFile, load_trial_checkpoint
 from trainables.data import CachedSplit, DataError, DatasetIndex, existing_ancestor, megabytes, prepare_splits
-from trainables.spec import ModelSpec
+from trainables.spec import BACKBONES, ModelSpec
 
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """Ray's switch for a machine-local Ray (its default on Windows and macOS). Set to 0, Ray takes 127.0.0.1 as
@@ -95,7 +95,7 @@ def prepare_study(config: StudyConfig, checked: CheckedStudy, verbose: bool = Fa
     share = given_gpu_share(config) if gpu_probe is None else None  # checked at once
     try:
         if config.pretrained:
-            require_pretrained(config.model, config.weights)
+            require_pretrained(BACKBONES[config.model], config.weights)
         open_stores(config, checked.resume_run_id)
         index, splits, skipped = cache_data(config, checked.index)
         start_ray(verbose)

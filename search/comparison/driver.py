@@ -1,0 +1,437 @@
+"""The comparison, step by step: studies, retrains, the reference, measurements, statistics, report.
+
+Each step leaves its result in MLflow before the next starts, and `plan` finds it there
+again, so an interrupted comparison continues where it stopped. The studies run as
+run.py processes (each its own Ray); the retrains, the reference and the measurements
+run here, one after the other, so they have the device to themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from mlflow.entities import Metric
+from sklearn.metrics import confusion_matrix
+
+from search import final as final_script
+from search.cli import interrupts_ignored
+from search.comparison.costs import measure_costs
+from search.comparison.plan import (
+    COMPARISON_ROLE,
+    COMPARISON_TAG,
+    REFERENCE_MODEL_TAG,
+    REFERENCE_ROLE,
+    Entry,
+    Plan,
+    finished_reference,
+    finished_retrain,
+)
+from search.comparison.report import PLOT_FILES, markdown, table_lines, write_plots
+from search.comparison.results import Comparison, Costs, ModelResult, PairedTest, SearchCost
+from search.comparison.stats import metric_intervals, paired_test, recommend, stratified_resamples
+from search.errors import UsageError
+from search.final_model.predictions import PREDICTIONS_FILE, Predictions, read_predictions
+from search.final_model.retrain import execute_final, prepare_final
+from search.final_model.sources import load_study
+from search.final_model.winner import WinnerConfig
+from search.study.config import StudyConfig
+from search.tracking.schema import ELAPSED_METRIC, PARENT_TAG, ROLE_TAG, absolute_uri, run_page
+from search.tracking.store import get_or_create_experiment, log_params, mlflow_client, read_artifact
+from search.tracking.study_run import find_study
+from trainables.config import Hyperparameters, knobs_of
+from trainables.engine import SpeedOptions
+from trainables.spec import REFERENCE, ModelSpec
+
+RUN_SCRIPT = Path(__file__).resolve().parents[1] / "run.py"
+REPORT_TEXT, REPORT_MARKDOWN, REPORT_DATA = "report.txt", "report.md", "comparison.json"
+INPUTS_TAG = "inputs"
+"""A digest of the final runs a comparison run was made from: the same inputs, the same report."""
+DEFAULT_EXPERIMENT = "comparisons"
+
+
+class StepFailed(Exception):
+    """A study or retrain ended without a result; its exit code is the comparison's."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+# ---------------------------------------------------------------- the steps
+
+
+def run_comparison(args: argparse.Namespace, plan: Plan, run_argv: list[str]) -> int:
+    """Every step that is not done yet, then the report; the exit code of the first step that failed."""
+    print(f"Comparison {plan.name}: {', '.join(f'{e.label} ({e.study}, {e.state})' for e in plan.entries)}", flush=True)
+    try:
+        for entry in plan.entries:
+            if entry.state != "finished":
+                run_study(entry, run_argv)
+        client = mlflow_client(plan.tracking_uri, create=False)
+        finals = {entry.label: retrained(client, entry, args) for entry in plan.entries}
+        winners = {entry.label: load_study(plan.tracking_uri, entry.study, None) for entry in plan.entries}
+        if args.reference:
+            finals[args.reference] = reference_run(client, plan, winners[plan.entries[0].label], args)
+        return report(client, plan, finals, winners, args)
+    except StepFailed as failed:
+        return failed.code
+    except KeyboardInterrupt:
+        print(
+            f"\ncomparison {plan.name} interrupted; finished studies and retrains are kept: run the same command again"
+        )
+        return 130
+
+
+def run_study(entry: Entry, run_argv: list[str]) -> None:
+    """run.py in a process of its own (its own Ray); Ctrl-C here is handed on to it, once."""
+    resume = ["--resume"] if entry.state == "unfinished" else []
+    command = [
+        sys.executable,
+        str(RUN_SCRIPT),
+        "--model",
+        entry.config.model,
+        "--name",
+        entry.study,
+        *resume,
+        *run_argv,
+    ]
+    print(f"\n== {entry.label}: {'resuming' if resume else 'starting'} study {entry.study}", flush=True)
+    # A session of its own: a terminal's Ctrl-C reaches this process only, which passes one SIGINT on
+    # (run.py's graceful stop); two would hurry Ray's shutdown.
+    process = subprocess.Popen(command, start_new_session=True)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        process.wait()
+        raise
+    if code == 130:
+        raise KeyboardInterrupt
+    if code != 0 or (parent := find_study(entry.config.tracking_uri, entry.study)) is None:
+        raise StepFailed(code or 1)
+    if parent.info.status != "FINISHED":  # run.py stopped it (a lost cluster, a failed store): its message said why
+        raise StepFailed(1)
+
+
+def retrained(client, entry: Entry, args: argparse.Namespace) -> str:
+    """The final run of the study's winner: one that exists, or one made now with final.py."""
+    run_id = finished_retrain(client, entry.study, PREDICTIONS_FILE)
+    if run_id is not None:
+        print(f"== {entry.label}: reusing retrain {run_id} of study {entry.study}", flush=True)
+        return run_id
+    print(f"\n== {entry.label}: retraining the winner of study {entry.study}", flush=True)
+    argv = ["--study", entry.study, "--tracking-uri", args.tracking_uri, "--cache-dir", args.cache_dir]
+    argv += ["--out", str(Path(args.out) / entry.label)]
+    argv += ["--no-pretrained"] * args.no_pretrained + [item for w in args.weights for item in ("--weights", w)]
+    code = final_script.main(argv)
+    if code == 130:
+        raise KeyboardInterrupt
+    run_id = finished_retrain(client, entry.study, PREDICTIONS_FILE)
+    if code != 0 or run_id is None:
+        raise StepFailed(code or 1)
+    return run_id
+
+
+def reference_run(client, plan: Plan, winner: WinnerConfig, args: argparse.Namespace) -> str:
+    """The larger model, trained once with the recipe's defaults on the studies' split and budget."""
+    name = args.reference
+    run_id = finished_reference(client, plan.name, name, PREDICTIONS_FILE)
+    if run_id is not None:
+        print(f"== reference {name}: reusing run {run_id}", flush=True)
+        return run_id
+    config = reference_config(winner, name)
+    print(f"\n== reference {name}: training once with default hyperparameters, early-stopped on val", flush=True)
+    final_args = argparse.Namespace(
+        data=None,
+        cache_dir=args.cache_dir,
+        weights=args.weights,
+        no_pretrained=args.no_pretrained,
+        keep_val=True,  # the recipe: up to the study's epoch budget, stopped early on the validation split
+        epochs=None,
+        seed=None,
+        config=None,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment or DEFAULT_EXPERIMENT,
+        register_name=None,
+        out=str(Path(args.out) / f"reference-{name}"),
+    )
+    prepared = prepare_final(final_args, config)
+    prepared = replace(prepared, tags={ROLE_TAG: REFERENCE_ROLE, COMPARISON_TAG: plan.name, REFERENCE_MODEL_TAG: name})
+    code = execute_final(prepared)
+    if code == 130:
+        raise KeyboardInterrupt
+    run_id = finished_reference(client, plan.name, name, PREDICTIONS_FILE)
+    if code != 0 or run_id is None:
+        raise StepFailed(code or 1)
+    return run_id
+
+
+def reference_config(winner: WinnerConfig, backbone: str) -> WinnerConfig:
+    """A winner's data, split, image size and epoch budget, with a reference model and default hyperparameters."""
+    hp = Hyperparameters()
+    raw = {
+        "model": REFERENCE,
+        "backbone": backbone,
+        "hyperparameters": hp.to_dict(),
+        **{key: winner.raw[key] for key in ("classes", "data", "seed", "img_size", "epochs", "smoke", "pretrained")},
+    }
+    return replace(
+        winner,
+        model=REFERENCE,
+        backbone=backbone,
+        hyperparameters=hp,
+        best_value=None,
+        best_epoch=None,
+        study=None,
+        trial_id=None,
+        source=f"reference model {backbone}",
+        experiment_id=None,
+        run_id=None,
+        raw=raw,
+    )
+
+
+# ---------------------------------------------------------------- the report
+
+
+def report(
+    client, plan: Plan, finals: dict[str, str], winners: dict[str, WinnerConfig], args: argparse.Namespace
+) -> int:
+    out = Path(args.out)
+    inputs = inputs_digest(finals, args.resamples)
+    saved = saved_comparison(client, plan.name, inputs)
+    if saved is not None:
+        text = read_artifact(client, saved, REPORT_TEXT) or ""
+        print(f"\nComparison {plan.name} is complete; its report (run {saved}):\n\n{text}")
+        return 0
+    predictions = {label: read_final_predictions(client, label, run_id) for label, run_id in finals.items()}
+    check_same_images(predictions)
+    print(f"\n== measuring costs and bootstrapping {args.resamples} resamples of the test images", flush=True)
+    first = next(iter(predictions.values()))
+    resamples = stratified_resamples(first.labels, args.resamples, plan.entries[0].config.seed)
+    entries = {entry.label: entry for entry in plan.entries}
+    models = []
+    for label, run_id in finals.items():
+        entry = entries.get(label)
+        winner = winners[label] if entry else reference_config(winners[plan.entries[0].label], label)
+        models.append(
+            model_result(client, label, run_id, entry, winner, predictions[label], resamples, plan.entries[0].config)
+        )
+    pairs = paired_tests(predictions, [m.name for m in models if not m.reference], resamples)
+    comparison = Comparison(
+        name=plan.name,
+        classes=first.classes,
+        test_images=len(first.keys),
+        models=models,
+        pairs=pairs,
+        recommendation=recommend(models, pairs),
+        resamples=args.resamples,
+        settings=shared_settings(plan, args.reference),
+    )
+    lines = table_lines(comparison)
+    write_report(comparison, lines, out)
+    with interrupts_ignored():  # one whole comparison run, or none
+        run_id, experiment_id = log_comparison(client, plan, comparison, finals, inputs, out, args)
+    print()
+    print("\n".join(lines))
+    print(f"\nReport:     {out}/{REPORT_MARKDOWN} (plots: {', '.join(PLOT_FILES)})")
+    print(f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(plan.tracking_uri)} --host 127.0.0.1 --port 5000")
+    print(f"            then open {run_page(experiment_id, run_id)}")
+    return 0
+
+
+def inputs_digest(finals: dict[str, str], resamples: int) -> str:
+    return hashlib.sha256(json.dumps([sorted(finals.items()), resamples]).encode()).hexdigest()[:16]
+
+
+def saved_comparison(client, name: str, inputs: str) -> str | None:
+    """A finished comparison run made from these very final runs: its report stands."""
+    from search.tracking.store import all_runs, quoted
+
+    runs = all_runs(
+        client,
+        f"tags.{ROLE_TAG} = '{COMPARISON_ROLE}' and tags.{COMPARISON_TAG} = {quoted(name)} "
+        f"and tags.{INPUTS_TAG} = '{inputs}' and attributes.status = 'FINISHED'",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def read_final_predictions(client, label: str, run_id: str) -> Predictions:
+    text = read_artifact(client, run_id, PREDICTIONS_FILE)
+    if text is None:
+        raise UsageError(f"the final run {run_id} of {label} has no {PREDICTIONS_FILE}: retrain it")
+    try:
+        return read_predictions(text, f"{PREDICTIONS_FILE} of run {run_id}")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def check_same_images(predictions: dict[str, Predictions]) -> None:
+    """Paired tests need the same images, in the same order, with the same labels and classes."""
+    (first_label, first), *others = predictions.items()
+    for label, other in others:
+        if other.keys != first.keys or other.classes != first.classes or not np.array_equal(other.labels, first.labels):
+            raise UsageError(
+                f"{label} and {first_label} were tested on different images or classes (was the data changed "
+                f"between their retrains?): retrain them on the same data"
+            )
+
+
+def model_result(
+    client,
+    label: str,
+    run_id: str,
+    entry: Entry | None,
+    winner: WinnerConfig,
+    predictions: Predictions,
+    resamples: np.ndarray,
+    study: StudyConfig,
+) -> ModelResult:
+    """A model's scores with intervals, its measured costs and (for a searched model) the search's cost."""
+    config = entry.config if entry else study
+    return ModelResult(
+        name=label,
+        metrics=metric_intervals(predictions, resamples),
+        costs=costs_of(winner, config),
+        confusion=confusion_matrix(predictions.labels, predictions.predicted, labels=range(len(predictions.classes))),
+        final_run_id=run_id,
+        study=entry.study if entry else None,
+        search=search_cost(client, entry) if entry else None,
+        config=knobs_of(winner.model, winner.hyperparameters.to_dict()) if entry else {},
+        reference=entry is None,
+    )
+
+
+def costs_of(winner: WinnerConfig, study: StudyConfig) -> Costs:
+    """Measured on the study's device (CUDA if its trials had a GPU share), with its speed options."""
+    spec = ModelSpec(
+        winner.model, len(winner.classes), winner.img_size, pretrained=False, backbone=winner.backbone
+    ).with_knobs(winner.hyperparameters)
+    cuda = bool(study.gpus_per_trial) and torch.cuda.is_available()
+    speed = SpeedOptions(study.amp, study.channels_last, study.cudnn_benchmark)
+    return measure_costs(spec, winner.hyperparameters, torch.device("cuda" if cuda else "cpu"), speed)
+
+
+def search_cost(client, entry: Entry) -> SearchCost:
+    """The study's wall time (summed over its sessions) and GPU-hours: each trial's time times its GPU share."""
+    parent = find_study(entry.config.tracking_uri, entry.study)
+    assert parent is not None  # the plan found it
+    trials = client.search_runs(
+        [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=50_000
+    )
+    trial_seconds = sum((run.info.end_time - run.info.start_time) / 1000 for run in trials if run.info.end_time)
+    return SearchCost(
+        wall_seconds=parent.data.metrics.get(ELAPSED_METRIC, float("nan")),
+        gpu_hours=trial_seconds / 3600 * (entry.config.gpus_per_trial or 0.0),
+        trials=len(trials),
+    )
+
+
+def paired_tests(predictions: dict[str, Predictions], searched: list[str], resamples: np.ndarray) -> list[PairedTest]:
+    """Every pair of searched models, then the reference against each."""
+    pairs = [
+        paired_test(a, predictions[a], b, predictions[b], resamples)
+        for i, a in enumerate(searched)
+        for b in searched[i + 1 :]
+    ]
+    references = [label for label in predictions if label not in searched]
+    pairs += [paired_test(r, predictions[r], s, predictions[s], resamples) for r in references for s in searched]
+    return pairs
+
+
+def shared_settings(plan: Plan, reference: str | None) -> dict:
+    config = plan.entries[0].config
+    settings = {
+        "data": config.data,
+        "seed": config.seed,
+        "img_size": config.img_size,
+        "epochs": config.epochs,
+        "trials": config.trials,
+        "smoke": config.smoke,
+        "pretrained": config.pretrained,
+        "studies": ", ".join(entry.study for entry in plan.entries),
+    }
+    if reference:
+        settings["reference"] = reference
+    for key in ("img_size", "epochs", "trials", "pretrained"):
+        values = [getattr(entry.config, key) for entry in plan.entries]
+        if len(set(values)) > 1:  # --studies run with other budgets: say so rather than pretend
+            settings[key] = ", ".join(
+                f"{entry.label} {value}" for entry, value in zip(plan.entries, values, strict=True)
+            )
+    return settings
+
+
+def write_report(comparison: Comparison, lines: list[str], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_TEXT).write_text("\n".join(lines) + "\n")
+    (out / REPORT_MARKDOWN).write_text(markdown(comparison))
+    (out / REPORT_DATA).write_text(json.dumps(as_record(comparison), indent=1))
+    write_plots(comparison, out)
+
+
+def as_record(comparison: Comparison) -> dict:
+    """comparison.json: every number of the report, for a notebook."""
+    record = asdict(comparison)
+    for model in record["models"]:
+        model["confusion"] = np.asarray(model["confusion"]).tolist()
+    return record
+
+
+def log_comparison(
+    client,
+    plan: Plan,
+    comparison: Comparison,
+    finals: dict[str, str],
+    inputs: str,
+    out: Path,
+    args: argparse.Namespace,
+) -> tuple[str, str]:
+    """One run, role=comparison: the report as its description, its numbers as metrics, its files as artifacts."""
+    experiment_id = get_or_create_experiment(client, args.experiment or DEFAULT_EXPERIMENT, plan.tracking_uri)
+    tags = {
+        ROLE_TAG: COMPARISON_ROLE,
+        COMPARISON_TAG: plan.name,
+        INPUTS_TAG: inputs,
+        "mlflow.note.content": markdown(comparison),
+        **{f"study.{entry.label}": entry.study for entry in plan.entries},
+        **{f"final_run.{label}": run_id for label, run_id in finals.items()},
+    }
+    run = client.create_run(experiment_id, run_name=plan.name, tags=tags)
+    run_id = run.info.run_id
+    try:
+        log_params(client, run_id, comparison.settings | {"resamples": comparison.resamples})
+        client.log_batch(run_id, metrics=comparison_metrics(comparison))
+        for name in (REPORT_TEXT, REPORT_MARKDOWN, REPORT_DATA, *PLOT_FILES):
+            client.log_artifact(run_id, str(out / name))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id, experiment_id
+
+
+def comparison_metrics(comparison: Comparison) -> list[Metric]:
+    """<model>/<metric> with _low and _high bounds, and the costs, so the runs table can sort and chart them."""
+    stamp = int(time.time() * 1000)
+    values: dict[str, float] = {}
+    for model in comparison.models:
+        for key, interval in model.metrics.items():
+            values |= {f"{model.name}/{key}": interval.value, f"{model.name}/{key}_low": interval.low}
+            values[f"{model.name}/{key}_high"] = interval.high
+        values[f"{model.name}/parameters"] = model.costs.parameters
+        values[f"{model.name}/train_images_per_s"] = model.costs.train_images_per_s
+        values |= {f"{model.name}/latency_ms_batch{b}": ms for b, ms in model.costs.latency_ms.items()}
+        if model.search is not None:
+            values[f"{model.name}/search_gpu_hours"] = model.search.gpu_hours
+    return [Metric(key, float(value), stamp, 0) for key, value in values.items() if value == value]

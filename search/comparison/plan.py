@@ -1,0 +1,143 @@
+"""Which studies a comparison compares, and how far each has got: the one place that decides what to (re)do.
+
+A comparison named C runs the studies C-cnn, C-vit and C-hybrid. Everything it does is
+found again in MLflow, so running the same command again after Ctrl-C or a kill
+continues: a finished study is kept, an unfinished one resumed, a missing one started;
+a retrain is reused when a finished final run of the study recorded its per-image test
+predictions. With --studies, the named studies are compared as they are.
+
+Standard library, PyYAML and MLflow only: the plan is made and checked before torch loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from search.errors import UsageError
+from search.study.config import StudyConfig, new_config
+from search.study.preflight import check_study
+from search.tracking.schema import ROLE_TAG, STUDY_TAG, store_exists
+from search.tracking.store import all_runs, mlflow_client, quoted
+from search.tracking.study_run import find_study, read_study_config
+
+COMPARISON_TAG = "comparison"
+COMPARISON_ROLE, REFERENCE_ROLE = "comparison", "reference"
+REFERENCE_MODEL_TAG = "reference_model"
+SPLIT_SETTINGS = ("data", "seed", "smoke")
+"""Studies that agree on these hold out the same test images."""
+BUDGET_SETTINGS = ("trials", "epochs", "img_size", "metric", "pretrained", "grace_period", "reduction_factor")
+"""What else the comparison's own studies share: the same budget and recipe."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One compared study and what is left to do for it."""
+
+    label: str
+    """How the report names it: the model, or the study's name where two studies search one model."""
+    config: StudyConfig
+    """As recorded on the study's run, or, for a study not started yet, as it will be."""
+    state: str
+    """'new' (not started), 'unfinished' (to resume) or 'finished'."""
+
+    @property
+    def study(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    entries: list[Entry]
+    tracking_uri: str
+
+
+def plan_comparison(args: argparse.Namespace, run_argv: list[str]) -> Plan:
+    """The comparison's own studies, <name>-<model>, each checked as run.py would check it."""
+    entries = []
+    for model in args.models:
+        study_args = argparse.Namespace(**{**vars(args), "model": model, "name": f"{args.name}-{model}", "space": None})
+        requested = new_config(study_args)
+        parent = find_study(args.tracking_uri, requested.name)
+        if parent is None:
+            check_study(requested)  # space, data, model and image size: refused now, not after the first study
+            entries.append(Entry(model, requested, "new"))
+            continue
+        recorded = read_study_config(mlflow_client(args.tracking_uri, create=False), parent)
+        refuse_changed_settings(args.name, recorded, requested, run_argv)
+        entries.append(Entry(model, recorded, "finished" if parent.info.status == "FINISHED" else "unfinished"))
+    return Plan(args.name, entries, args.tracking_uri)
+
+
+def refuse_changed_settings(comparison: str, recorded: StudyConfig, requested: StudyConfig, argv: list[str]) -> None:
+    changed = [
+        f"{key} {getattr(recorded, key)} (now {getattr(requested, key)})"
+        for key in SPLIT_SETTINGS + BUDGET_SETTINGS
+        if getattr(recorded, key) != getattr(requested, key)
+    ]
+    if changed:
+        raise UsageError(
+            f"comparison {comparison!r} ran study {recorded.name} with other settings: {', '.join(changed)}; "
+            f"repeat its settings to continue it, or pass another --name for a new comparison"
+        )
+
+
+def plan_existing(args: argparse.Namespace) -> Plan:
+    """--studies: finished studies, compared as they are; they must share a split."""
+    if not store_exists(args.tracking_uri):
+        raise UsageError(f"--tracking-uri {args.tracking_uri} holds no MLflow store: run the studies first")
+    client = mlflow_client(args.tracking_uri, create=False)
+    configs = []
+    for name in args.studies:
+        parent = find_study(args.tracking_uri, name)
+        if parent is None:
+            raise UsageError(f"no study named {name!r} in --tracking-uri {args.tracking_uri}: check --studies")
+        config = read_study_config(client, parent)
+        if parent.info.status != "FINISHED":
+            raise UsageError(
+                f"study {name!r} has not finished: continue it first with "
+                f"python search/run.py --model {config.model} --name {name} --resume"
+            )
+        configs.append(config)
+    first = configs[0]
+    for config in configs[1:]:
+        differ = [
+            f"{key} {getattr(first, key)} vs {getattr(config, key)}"
+            for key in SPLIT_SETTINGS
+            if getattr(first, key) != getattr(config, key)
+        ]
+        if differ:
+            raise UsageError(
+                f"studies {first.name} and {config.name} held out different test images ({', '.join(differ)}): "
+                f"compare studies run on the same --data, --seed and --smoke"
+            )
+    models = [config.model for config in configs]
+    entries = [
+        Entry(config.model if models.count(config.model) == 1 else config.name, config, "finished")
+        for config in configs
+    ]
+    return Plan(args.name, entries, args.tracking_uri)
+
+
+def finished_retrain(client, study: str, predictions_file: str) -> str | None:
+    """The newest finished final run of `study` that recorded its per-image test predictions."""
+    runs = all_runs(
+        client,
+        f"tags.{ROLE_TAG} = 'final' and tags.{STUDY_TAG} = {quoted(study)} and attributes.status = 'FINISHED'",
+    )
+    return next((run.info.run_id for run in runs if has_file(client, run.info.run_id, predictions_file)), None)
+
+
+def finished_reference(client, comparison: str, backbone: str, predictions_file: str) -> str | None:
+    """The newest finished run of this comparison's reference model."""
+    runs = all_runs(
+        client,
+        f"tags.{ROLE_TAG} = '{REFERENCE_ROLE}' and tags.{COMPARISON_TAG} = {quoted(comparison)} "
+        f"and tags.{REFERENCE_MODEL_TAG} = {quoted(backbone)} and attributes.status = 'FINISHED'",
+    )
+    return next((run.info.run_id for run in runs if has_file(client, run.info.run_id, predictions_file)), None)
+
+
+def has_file(client, run_id: str, path: str) -> bool:
+    return any(item.path == path for item in client.list_artifacts(run_id))

@@ -1,0 +1,705 @@
+"""What a person reads after compare.py: a terminal table, a Markdown report and three PNG plots.
+
+Everything here renders a `Comparison` that is already computed (see results.py), so the
+report can be checked on one built by hand, without torch, the test images or MLflow.
+matplotlib is imported inside `write_plots` only: the table and the Markdown need numpy alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from search.comparison.results import COMPARED_METRICS, SIGNIFICANCE, Comparison, Interval, ModelResult, PairedTest
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+PLOT_FILES = ("accuracy.png", "accuracy_vs_latency.png", "confusion_matrices.png")
+"""The plots write_plots draws, in reading order; the Markdown links them by these names."""
+PERCENT_METRICS = frozenset({"test_acc", "test_balanced_acc", "test_macro_f1"})
+"""Metrics read as a share of images (shown in percent); the others (ROC-AUC, ECE) keep their 0-1 scale."""
+LATENCY_BATCHES = (1, 32)
+"""Inference batch sizes the costs give a latency for, in the order the tables show them."""
+NA = "n/a"
+"""A number that could not be computed (NaN): ROC-AUC with a class missing from the test split, say."""
+NONE = "-"
+"""A cost that does not apply: peak CUDA memory on the CPU, the search of the reference."""
+GIB = 1024**3
+MIB = 1024**2
+LOG_SPREAD = 10.0
+"""Latencies further apart than this factor get a log axis: a 2 ms and a 40 ms model on one linear axis squash."""
+MAX_LABELLED_CLASSES = 20
+"""Above this many classes the confusion panels drop their class names (they would overlap)."""
+MAX_ANNOTATED_CLASSES = 10
+"""Up to this many classes each confusion cell prints its share; above it the cells are too small."""
+DPI = 120
+REFERENCE_COLOR = "tab:orange"
+MODEL_COLOR = "tab:blue"
+OFF_FRONT_COLOR = "0.6"
+
+
+# ---------------------------------------------------------------- numbers as text
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def no_negative_zero(text: str) -> str:
+    """'-0.0' reads as a loss that is not there: rounding a tiny negative number should give '0.0'."""
+    stripped = text.lstrip("+-")
+    return stripped if stripped and set(stripped) <= set("0.") and text[:1] == "-" else text
+
+
+def fixed(x: float, digits: int, sign: bool = False) -> str:
+    if not finite(x):
+        return NA
+    text = no_negative_zero(f"{x:{'+' if sign else ''}.{digits}f}")
+    return "+" + text if sign and text[0] not in "+-" else text
+
+
+def percent_interval(interval: Interval) -> str:
+    """'91.2 % [88.0, 94.1]': a share of images in percent, with its 95 % interval."""
+    if not finite(interval.value):
+        return NA
+    text = f"{fixed(100 * interval.value, 1)} %"
+    if finite(interval.low) and finite(interval.high):
+        text += f" [{fixed(100 * interval.low, 1)}, {fixed(100 * interval.high, 1)}]"
+    return text
+
+
+def score_interval(interval: Interval) -> str:
+    """'0.973 [0.951, 0.990]': a 0-1 score (bounds as precise as the value: a bound rounded shorter could
+    read as excluding it)."""
+    if not finite(interval.value):
+        return NA
+    text = fixed(interval.value, 3)
+    if finite(interval.low) and finite(interval.high):
+        text += f" [{fixed(interval.low, 3)}, {fixed(interval.high, 3)}]"
+    return text
+
+
+def metric_text(model: ModelResult, key: str) -> str:
+    """A model's metric as the terminal table shows it; a metric the model lacks reads n/a."""
+    interval = model.metrics.get(key)
+    if interval is None:
+        return NA
+    return percent_interval(interval) if key in PERCENT_METRICS else score_interval(interval)
+
+
+def metric_markdown(model: ModelResult, key: str) -> str:
+    """'91.2 (88.0–94.1)' in percent, or '0.973 (0.950–0.990)': the Markdown has room for a third digit."""
+    interval = model.metrics.get(key)
+    if interval is None or not finite(interval.value):
+        return NA
+    scale, digits = (100.0, 1) if key in PERCENT_METRICS else (1.0, 3)
+    text = fixed(scale * interval.value, digits)
+    if finite(interval.low) and finite(interval.high):
+        text += f" ({fixed(scale * interval.low, digits)}–{fixed(scale * interval.high, digits)})"
+    return text
+
+
+def parameters_text(count: int) -> str:
+    """'20.2 M', '850 k': a parameter count to the precision one compares models at."""
+    if count >= 1_000_000:
+        return f"{count / 1_000_000:.1f} M"
+    if count >= 1_000:
+        return f"{count / 1_000:.0f} k"
+    return str(count)
+
+
+def plain_number(x: float) -> str:
+    """Three significant digits without scientific notation: '0.412', '3.21', '41.2', '1234'."""
+    if not finite(x):
+        return NA
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def latency_text(model: ModelResult, batch: int) -> str:
+    latency = model.costs.latency_ms.get(batch)
+    return NA if latency is None else plain_number(latency)
+
+
+def memory_text(peak: int | None) -> str:
+    """'1.9 GiB', '512 MiB', or '-' where nothing was measured (training on the CPU)."""
+    if peak is None:
+        return NONE
+    return f"{peak / GIB:.1f} GiB" if peak >= GIB else f"{peak / MIB:.0f} MiB"
+
+
+def duration_text(seconds: float) -> str:
+    """'2 h 14 min', '3 min 05 s', '41 s': a search's wall time, to the minute once it runs hours."""
+    if not finite(seconds):
+        return NA
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
+
+
+def search_time_text(model: ModelResult) -> str:
+    return NONE if model.search is None else duration_text(model.search.wall_seconds)
+
+
+def gpu_hours_text(model: ModelResult) -> str:
+    """'0.52'; '-' for no search or a search that used no GPU; '<0.01' so a short GPU search is not read as none."""
+    if model.search is None:
+        return NONE
+    hours = model.search.gpu_hours
+    if not finite(hours):
+        return NA
+    if hours <= 0:
+        return NONE
+    return "<0.01" if hours < 0.005 else f"{hours:.2f}"
+
+
+def trials_text(model: ModelResult) -> str:
+    return NONE if model.search is None else str(model.search.trials)
+
+
+def p_value_text(p: float) -> str:
+    """'0.21', '0.034', '< 0.001': two significant digits, and no false precision near zero."""
+    if not finite(p):
+        return NA
+    if p < 0.001:
+        return "< 0.001"
+    return f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
+
+
+def p_text(p: float) -> str:
+    """'p = 0.21', 'p < 0.001'."""
+    value = p_value_text(p)
+    return f"p {value}" if value.startswith("<") else f"p = {value}"
+
+
+def points_parts(interval: Interval) -> tuple[str, str]:
+    """A difference of accuracies in percentage points, signed, and its interval: ('+1.3', '[-0.4, 3.0]')."""
+    if not finite(interval.value):
+        return NA, ""
+    bounds = ""
+    if finite(interval.low) and finite(interval.high):
+        bounds = f"[{fixed(100 * interval.low, 1)}, {fixed(100 * interval.high, 1)}]"
+    return fixed(100 * interval.value, 1, sign=True), bounds
+
+
+def points_interval(interval: Interval) -> str:
+    """'+1.3 points [-0.4, 3.0]': the paired difference as the terminal shows it."""
+    value, bounds = points_parts(interval)
+    return f"{value} points {bounds}".rstrip()
+
+
+def verdict(pair: PairedTest) -> str:
+    if not finite(pair.p_value):
+        return "not tested"
+    return f"significant (p < {SIGNIFICANCE:g})" if pair.significant else "not significant"
+
+
+def shown(value: Any) -> str:
+    """A setting or knob as text: floats to four significant digits, lists joined, dicts as k=v."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return NA if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={shown(item)}" for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(shown(item) for item in value)
+    return str(value)
+
+
+def display_name(model: ModelResult) -> str:
+    return f"{model.name} (reference)" if model.reference else model.name
+
+
+def ordered(comparison: Comparison) -> list[ModelResult]:
+    """The lightweight models in their order, the reference(s) last, whatever order the caller built."""
+    return [model for model in comparison.models if not model.reference] + [
+        model for model in comparison.models if model.reference
+    ]
+
+
+# ---------------------------------------------------------------- the Pareto front
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices (ascending) of the (latency, accuracy) points no other point beats: as fast or faster
+    and as accurate or more, strictly better in one. Two equal points do not beat each other, so both
+    stay; a point with a NaN coordinate is neither on the front nor beats any (it was not measured).
+    """
+    measured = [i for i, (latency, accuracy) in enumerate(points) if finite(latency) and finite(accuracy)]
+
+    def beats(j: int, i: int) -> bool:
+        (lat_j, acc_j), (lat_i, acc_i) = points[j], points[i]
+        return lat_j <= lat_i and acc_j >= acc_i and (lat_j < lat_i or acc_j > acc_i)
+
+    return [i for i in measured if not any(beats(j, i) for j in measured if j != i)]
+
+
+def latency_accuracy(model: ModelResult) -> tuple[float, float]:
+    """A model's point for the front: latency at batch 1 (ms) and test accuracy; NaN where not measured."""
+    accuracy = model.metrics.get("test_acc")
+    return (
+        model.costs.latency_ms.get(1, math.nan),
+        accuracy.value if accuracy is not None else math.nan,
+    )
+
+
+def front_names(models: Sequence[ModelResult]) -> set[str]:
+    return {models[i].name for i in pareto_front([latency_accuracy(model) for model in models])}
+
+
+def front_text(model: ModelResult, front: set[str]) -> str:
+    if not all(finite(x) for x in latency_accuracy(model)):
+        return NONE
+    return "yes" if model.name in front else "no"
+
+
+# ---------------------------------------------------------------- the terminal table
+
+SCORE_HEADERS = {
+    "test_acc": "accuracy",
+    "test_balanced_acc": "balanced acc",
+    "test_macro_f1": "macro-F1",
+    "test_roc_auc": "ROC-AUC",
+    "test_ece": "ECE (lower better)",
+}
+"""Short column names for the terminal, where the table has to fit ~160 columns."""
+COST_HEADERS = (
+    "model",
+    "params",
+    "device",
+    "train img/s",
+    "ms @1",
+    "ms @32",
+    "peak train mem",
+    "search time",
+    "GPU-h",
+    "trials",
+    "front",
+)
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as text columns: the first (model) column left-aligned, the numbers right-aligned,
+    every line the same width, a rule under the header row."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [row[0].ljust(widths[0])] + [text.rjust(width) for text, width in zip(row[1:], widths[1:], strict=True)]
+        return "  ".join(cells)
+
+    rule = "  ".join("-" * width for width in widths)
+    return [line(rows[0]), rule, *(line(row) for row in rows[1:])]
+
+
+def score_rows(comparison: Comparison) -> list[list[str]]:
+    keys = list(COMPARED_METRICS)
+    header = ["model", *(SCORE_HEADERS.get(key, COMPARED_METRICS[key]) for key in keys)]
+    return [
+        header,
+        *([display_name(model), *(metric_text(model, key) for key in keys)] for model in ordered(comparison)),
+    ]
+
+
+def cost_rows(comparison: Comparison) -> list[list[str]]:
+    models = ordered(comparison)
+    front = front_names(models)
+    rows = [list(COST_HEADERS)]
+    for model in models:
+        rows.append(
+            [
+                display_name(model),
+                parameters_text(model.costs.parameters),
+                model.costs.device,
+                plain_number(model.costs.train_images_per_s),
+                *(latency_text(model, batch) for batch in LATENCY_BATCHES),
+                memory_text(model.costs.peak_train_memory),
+                search_time_text(model),
+                gpu_hours_text(model),
+                trials_text(model),
+                front_text(model, front),
+            ]
+        )
+    return rows
+
+
+def pair_line(pair: PairedTest) -> str:
+    """'hybrid vs cnn: +1.3 points [-0.4, 3.0], McNemar p = 0.21 (4 vs 2 images only one gets right): not significant'.
+
+    The counts are a's then b's, in the pair's order: the images McNemar's test weighs.
+    """
+    return (
+        f"{pair.a} vs {pair.b}: {points_interval(pair.difference)}, McNemar {p_text(pair.p_value)} "
+        f"({pair.a_only} vs {pair.b_only} images only one gets right): {verdict(pair)}"
+    )
+
+
+def table_lines(comparison: Comparison) -> list[str]:
+    """The report for the terminal: a scores table, a costs table, the paired tests and the recommendation.
+
+    Two stacked tables rather than one wide one, so that it reads in ~160 columns; blank lines
+    separate the parts.
+    """
+    lines = [
+        f"{comparison.name}: test scores on {comparison.test_images} images, {len(comparison.classes)} classes "
+        f"(95 % bootstrap intervals, {comparison.resamples} resamples)",
+        *aligned(score_rows(comparison)),
+        "",
+        "Costs (ms @N: median inference latency per batch of N; front: on the accuracy/latency Pareto front)",
+        *aligned(cost_rows(comparison)),
+    ]
+    if comparison.pairs:
+        lines += [
+            "",
+            f"Paired tests (accuracy difference; McNemar's exact test, significant below p = {SIGNIFICANCE:g})",
+        ]
+        lines += [f"  {pair_line(pair)}" for pair in comparison.pairs]
+    lines += ["", f"Recommendation: {comparison.recommendation}"]
+    return lines
+
+
+# ---------------------------------------------------------------- the Markdown report
+
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    header, *body = rows
+    return [
+        "| " + " | ".join(cell(text) for text in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(cell(text) for text in row) + " |" for row in body),
+    ]
+
+
+def settings_lines(comparison: Comparison) -> list[str]:
+    """The shared facts first (they come with the comparison), then every setting the caller recorded."""
+    classes = comparison.classes
+    named = ", ".join(classes[:MAX_LABELLED_CLASSES]) + (", …" if len(classes) > MAX_LABELLED_CLASSES else "")
+    lines = [
+        f"- **classes**: {len(classes)} ({named})",
+        f"- **test images**: {comparison.test_images}",
+        f"- **bootstrap resamples**: {comparison.resamples}",
+    ]
+    lines += [f"- **{key}**: {shown(value)}" for key, value in comparison.settings.items()]
+    return lines
+
+
+def markdown_score_rows(comparison: Comparison) -> list[list[str]]:
+    keys = list(COMPARED_METRICS)
+    header = ["model"]
+    for key in keys:
+        name = COMPARED_METRICS[key]
+        unit = " (%)" if key in PERCENT_METRICS else ""
+        header.append(f"{name}{unit}" + (", lower is better" if key == "test_ece" else ""))
+    return [
+        header,
+        *([display_name(model), *(metric_markdown(model, key) for key in keys)] for model in ordered(comparison)),
+    ]
+
+
+def markdown_cost_rows(comparison: Comparison) -> list[list[str]]:
+    rows = cost_rows(comparison)
+    rows[0] = [
+        "model",
+        "parameters",
+        "device",
+        "train images/s",
+        *(f"latency batch {batch} (ms)" for batch in LATENCY_BATCHES),
+        "peak train memory",
+        "search wall time",
+        "GPU-hours",
+        "trials",
+        "Pareto front",
+    ]
+    return rows
+
+
+def markdown_pair_rows(comparison: Comparison) -> list[list[str]]:
+    rows = [
+        ["pair", "accuracy difference (points, 95 % CI)", "only a right", "only b right", "McNemar p", "significant"]
+    ]
+    for pair in comparison.pairs:
+        rows.append(
+            [
+                f"{pair.a} vs {pair.b}",
+                " ".join(points_parts(pair.difference)).rstrip(),
+                str(pair.a_only),
+                str(pair.b_only),
+                p_value_text(pair.p_value),
+                "not tested" if not finite(pair.p_value) else ("yes" if pair.significant else "no"),
+            ]
+        )
+    return rows
+
+
+def config_lines(comparison: Comparison) -> list[str]:
+    """Each model's winning knobs as one compact line, with where it came from (study, final run)."""
+    lines = []
+    for model in ordered(comparison):
+        origin = [f"study `{model.study}`"] if model.study else []
+        origin.append(f"final run `{model.final_run_id}`")
+        knobs = ", ".join(f"{key}={shown(value)}" for key, value in model.config.items())
+        if not knobs:
+            knobs = "defaults" if model.reference else "no knobs recorded"
+        elif model.reference:
+            knobs = f"defaults: {knobs}"
+        lines.append(f"- **{display_name(model)}** ({', '.join(origin)}): {knobs}")
+    return lines
+
+
+def how_to_read(comparison: Comparison) -> str:
+    return (
+        "Each score is given with its 95 % interval: a stratified percentile bootstrap over the "
+        f"{comparison.test_images} test images ({comparison.resamples} resamples, each keeping every class's count). "
+        "Two intervals that overlap do not show that the models are equal, nor do two apart prove a difference: "
+        "the models were scored on the same images, and the paired tests compare them image by image. "
+        "McNemar's exact test looks only at the images exactly one of the two gets right; a difference is "
+        f"called significant when its p is below {SIGNIFICANCE:g}. ECE (expected calibration error) is better "
+        "lower; latencies are medians on the device named, so compare them within one device. A model is on the "
+        "Pareto front when no other is both faster (batch 1) and more accurate."
+    )
+
+
+def markdown(comparison: Comparison) -> str:
+    """The comparison as a Markdown page; its plots are linked by file name, so it renders beside them."""
+    plot_titles = ("Test accuracy with 95 % intervals", "Accuracy against latency", "Confusion matrices")
+    parts = [
+        f"# Model comparison: {comparison.name}",
+        "\n".join(settings_lines(comparison)),
+        f"**Recommendation: {comparison.recommendation}**",
+        "## Test scores",
+        "\n".join(markdown_table(markdown_score_rows(comparison))),
+        "## Costs",
+        "\n".join(markdown_table(markdown_cost_rows(comparison))),
+    ]
+    if comparison.pairs:
+        parts += ["## Paired tests", "\n".join(markdown_table(markdown_pair_rows(comparison)))]
+    parts += [
+        "## Winning configurations",
+        "\n".join(config_lines(comparison)),
+        "## How to read this",
+        how_to_read(comparison),
+        "## Plots",
+        "\n\n".join(f"![{title}]({name})" for title, name in zip(plot_titles, PLOT_FILES, strict=True)),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- the plots
+
+
+def row_normalised(confusion: np.ndarray) -> np.ndarray:
+    """Each true class's row as shares of its images (recall on the diagonal); a class with no image stays 0."""
+    counts = np.asarray(confusion, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def percent_bars(intervals: Sequence[Interval | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Values in percent and (2, N) error-bar lengths; a missing bound draws no bar rather than failing."""
+    values = np.array([100 * i.value if i is not None else math.nan for i in intervals], dtype=np.float64)
+    lows = np.array([100 * i.low if i is not None else math.nan for i in intervals], dtype=np.float64)
+    highs = np.array([100 * i.high if i is not None else math.nan for i in intervals], dtype=np.float64)
+    below = np.nan_to_num(values - lows, nan=0.0).clip(min=0.0)
+    above = np.nan_to_num(highs - values, nan=0.0).clip(min=0.0)
+    return values, np.vstack([below, above])
+
+
+def saved(figure: Figure, path: Path, plt: Any) -> Path:
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def write_plots(comparison: Comparison, folder: Path) -> list[Path]:
+    """PLOT_FILES drawn into `folder` (created if needed), in that order; the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window: chosen before pyplot loads, so pyplot loads here
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    draw = (accuracy_figure, accuracy_latency_figure, confusion_figure)
+    return [saved(figure(comparison, plt), folder / name, plt) for figure, name in zip(draw, PLOT_FILES, strict=True)]
+
+
+def accuracy_figure(comparison: Comparison, plt: Any) -> Figure:
+    """Test accuracy per model with its interval, one row each (top to bottom as in the tables), chance dashed."""
+    models = ordered(comparison)
+    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.6 * len(models)))
+    values, bars = percent_bars([model.metrics.get("test_acc") for model in models])
+    for row, model in enumerate(models):
+        axes.errorbar(
+            values[row],
+            row,
+            xerr=bars[:, row : row + 1],
+            fmt="D" if model.reference else "o",
+            color=REFERENCE_COLOR if model.reference else MODEL_COLOR,
+            markersize=8,
+            capsize=5,
+            linewidth=2,
+        )
+        if finite(values[row]):
+            axes.annotate(
+                f"{values[row]:.1f} %", (values[row], row), xytext=(0, 8), textcoords="offset points", ha="center"
+            )
+    chance = 100 / len(comparison.classes) if comparison.classes else math.nan
+    if finite(chance):
+        axes.axvline(chance, color="black", linestyle="--", linewidth=1.2, label=f"chance ({chance:.1f} %)")
+        axes.legend(loc="best", frameon=False)
+    axes.set_yticks(range(len(models)), [display_name(model) for model in models])
+    axes.set_ylim(len(models) - 0.5, -0.5)  # the first model on top
+    axes.set_xlabel("test accuracy (%)")
+    axes.set_title(f"{comparison.name}: test accuracy, 95 % bootstrap intervals ({comparison.test_images} images)")
+    axes.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def accuracy_latency_figure(comparison: Comparison, plt: Any) -> Figure:
+    """Accuracy against batch-1 latency, each model named; the Pareto front joined, the models off it grey."""
+    models = [model for model in ordered(comparison) if all(finite(x) for x in latency_accuracy(model))]
+    unmeasured = [model.name for model in ordered(comparison) if all(model is not drawn for drawn in models)]
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    if not models:
+        axes.text(0.5, 0.5, "no model has both a latency and an accuracy", ha="center", va="center")
+        axes.set_axis_off()
+        return figure
+    points = [latency_accuracy(model) for model in models]
+    front = pareto_front(points)
+    latencies = np.array([latency for latency, _ in points])
+    values, bars = percent_bars([model.metrics.get("test_acc") for model in models])
+    for i, model in enumerate(models):
+        on_front = i in front
+        color = (REFERENCE_COLOR if model.reference else MODEL_COLOR) if on_front else OFF_FRONT_COLOR
+        axes.errorbar(
+            latencies[i],
+            values[i],
+            yerr=bars[:, i : i + 1],
+            fmt="D" if model.reference else "o",
+            color=color,
+            markersize=9 if on_front else 7,
+            capsize=4,
+            zorder=3,
+        )
+        axes.annotate(
+            display_name(model),
+            (latencies[i], values[i]),
+            xytext=(7, 7),
+            textcoords="offset points",
+            color=color,
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+            zorder=4,
+        )
+    by_latency = sorted(front, key=lambda i: (latencies[i], -values[i]))
+    axes.plot(
+        latencies[by_latency],
+        values[by_latency],
+        color="tab:green",
+        linestyle="-",
+        linewidth=1.5,
+        marker="o",
+        markersize=14,
+        markerfacecolor="none",
+        zorder=2,
+        label="Pareto front (none both faster and more accurate)",
+    )
+    if latencies.min() > 0 and latencies.max() / latencies.min() > LOG_SPREAD:
+        log_axis(axes)
+    devices = sorted({model.costs.device for model in models})
+    axes.set_xlabel(f"inference latency at batch 1 (ms, median, on {'/'.join(devices)})")
+    axes.set_ylabel("test accuracy (%)")
+    missing = f"\n(not shown, no latency or accuracy: {', '.join(unmeasured)})" if unmeasured else ""
+    axes.set_title(f"{comparison.name}: accuracy against latency{missing}")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", frameon=False)
+    axes.margins(x=0.15, y=0.1)  # room for the names beside the points
+    return figure
+
+
+def log_axis(axes: Axes) -> None:
+    """A log x axis labelled 1, 2, 5, 10, 20, 50 ms rather than matplotlib's 2×10⁰, 3×10⁰, which collide."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axes.set_xscale("log")
+    axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+
+
+def confusion_title(model: ModelResult) -> str:
+    """'cnn (acc 91.2 %)'; a reference's long timm name gets its marks on a second line, to fit its panel."""
+    accuracy = model.metrics.get("test_acc")
+    accuracy_text = f"acc {fixed(100 * accuracy.value, 1)} %" if accuracy is not None else f"acc {NA}"
+    if model.reference:
+        return f"{model.name}\n(reference, {accuracy_text})"
+    return f"{model.name} ({accuracy_text})"
+
+
+def confusion_figure(comparison: Comparison, plt: Any) -> Figure:
+    """One confusion matrix per model, side by side, each row as shares of its class, on one colour scale."""
+    models = ordered(comparison)
+    classes = comparison.classes
+    count = len(classes)
+    labelled = count <= MAX_LABELLED_CLASSES
+    side = 3.2 + 0.28 * count if labelled else 6.0
+    figure, panels = plt.subplots(
+        1, len(models), figsize=(side * len(models) + 1.5, side + 1.0), squeeze=False, layout="constrained"
+    )
+    image = None
+    for column, (axes, model) in enumerate(zip(panels[0], models, strict=True)):
+        shares = 100 * row_normalised(model.confusion)
+        image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=100.0)
+        axes.set_title(confusion_title(model), fontsize=10)
+        names = classes if labelled and shares.shape[0] == count else None
+        label_axes(axes, names, shares.shape[0], first=column == 0)
+        if shares.shape[0] <= MAX_ANNOTATED_CLASSES:
+            annotate_cells(axes, shares)
+    if image is not None:
+        figure.colorbar(image, ax=panels[0].tolist(), shrink=0.8, label="% of the true class's images")
+    return figure
+
+
+def label_axes(axes: Axes, classes: Sequence[str] | None, size: int, first: bool) -> None:
+    """Class names when there are few enough (else matplotlib's indices); the true classes only on the
+    first panel, as the panels share them and the names would run into the panel on the left."""
+    axes.set_xlabel("predicted")
+    if first:
+        axes.set_ylabel("true")
+    if classes is not None:
+        axes.set_xticks(range(size), list(classes), rotation=90)
+        axes.set_yticks(range(size), list(classes) if first else [])
+    elif not first:
+        axes.set_yticklabels([])
+
+
+def annotate_cells(axes: Axes, shares: np.ndarray) -> None:
+    """Each cell's percent, white on the dark cells so it stays legible."""
+    for (row, column), share in np.ndenumerate(shares):
+        axes.text(
+            column,
+            row,
+            f"{share:.0f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if share > 50 else "black",
+        )

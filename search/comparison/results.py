@@ -1,0 +1,119 @@
+"""What a comparison found, as plain data: the report, the plots and MLflow are written from these.
+
+Pure (numpy only), so the report can be built and tested without torch or MLflow. Predictions is the
+final run's record (search.final_model.predictions), re-exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from search.final_model.predictions import Predictions
+
+__all__ = ["Comparison", "Costs", "Interval", "ModelResult", "PairedTest", "Predictions", "SearchCost"]
+
+SIGNIFICANCE = 0.05
+"""A paired difference with McNemar's p below this is called significant."""
+COMPARED_METRICS = {
+    "test_acc": "accuracy",
+    "test_balanced_acc": "balanced accuracy",
+    "test_macro_f1": "macro F1",
+    "test_roc_auc": "ROC-AUC",
+    "test_ece": "ECE",
+}
+"""Test metrics given with a bootstrap interval, and how the report names them (ECE: lower is better)."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its 95 % bootstrap confidence interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def contains(self, x: float) -> bool:
+        return self.low <= x <= self.high
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What a model costs to train and to run, measured on one device."""
+
+    parameters: int
+    device: str
+    """'cuda' or 'cpu': where the times were measured (the study's device)."""
+    train_images_per_s: float
+    """Training throughput at the winner's batch size (augmentation, forward, backward, step)."""
+    latency_ms: dict[int, float]
+    """Inference batch size -> median milliseconds per batch (batch 1 and batch 32)."""
+    peak_train_memory: int | None = None
+    """Peak CUDA bytes while training (None on the CPU)."""
+
+
+@dataclass(frozen=True)
+class SearchCost:
+    """What the hyperparameter search cost (None for the reference, which is not searched)."""
+
+    wall_seconds: float
+    gpu_hours: float
+    """Each trial's time multiplied by its GPU share, summed."""
+    trials: int
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One compared model: its test scores with intervals, its costs and where it came from."""
+
+    name: str
+    """cnn, vit, hybrid, or the reference's timm name."""
+    metrics: dict[str, Interval]
+    """COMPARED_METRICS -> value with interval."""
+    costs: Costs
+    confusion: np.ndarray
+    """(C, C) counts: rows true classes, columns predictions."""
+    final_run_id: str
+    study: str | None = None
+    search: SearchCost | None = None
+    config: dict = field(default_factory=dict)
+    """The winning knobs (those that apply to the model); the reference's defaults."""
+    reference: bool = False
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Two models on the same test images: a - b in accuracy, and whether that is more than chance."""
+
+    a: str
+    b: str
+    difference: Interval
+    """Accuracy of a minus accuracy of b (fractions), with its paired bootstrap interval."""
+    p_value: float
+    """McNemar's exact test on the images exactly one of the two gets right."""
+    a_only: int
+    """Images a gets right and b wrong."""
+    b_only: int
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < SIGNIFICANCE
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Everything the report says."""
+
+    name: str
+    classes: list[str]
+    test_images: int
+    models: list[ModelResult]
+    """The lightweight models first, then the reference if any."""
+    pairs: list[PairedTest]
+    """Every pair of lightweight models, then the reference against each."""
+    recommendation: str
+    """One sentence: which model to pick and why."""
+    resamples: int
+    settings: dict = field(default_factory=dict)
+    """The shared study settings (data, seed, img_size, epochs, trials, ...), for the report's header."""

@@ -1,0 +1,312 @@
+"""The comparison report: the terminal table, the Markdown page, real PNG plots and the Pareto front.
+
+A Comparison built by hand stands for compare.py's result: three searched models and a
+reference on four classes, one with an undefined ROC-AUC, the reference with no search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from search.comparison.report import (
+    PLOT_FILES,
+    markdown,
+    pareto_front,
+    row_normalised,
+    table_lines,
+    write_plots,
+)
+from search.comparison.results import Comparison, Costs, Interval, ModelResult, PairedTest, SearchCost
+
+CLASSES = ["benign", "malignant", "normal", "other"]
+REFERENCE = "convnext_tiny.fb_in1k"
+RECOMMENDATION = "Pick cnn: within noise of hybrid, and twice as fast."
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def scores(acc: Interval, roc_auc: float = 0.973) -> dict[str, Interval]:
+    return {
+        "test_acc": acc,
+        "test_balanced_acc": Interval(acc.value - 0.01, acc.low - 0.01, acc.high - 0.01),
+        "test_macro_f1": Interval(acc.value - 0.02, acc.low - 0.02, acc.high - 0.02),
+        "test_roc_auc": Interval(roc_auc, roc_auc - 0.02, roc_auc + 0.01),
+        "test_ece": Interval(0.041, 0.02, 0.06),
+    }
+
+
+def confusion(correct: int) -> np.ndarray:
+    """4 x 4 counts, `correct` on the diagonal of each 10-image class."""
+    matrix = np.full((4, 4), 0)
+    for row in range(4):
+        matrix[row, row] = correct
+        matrix[row, (row + 1) % 4] = 10 - correct
+    return matrix
+
+
+def model(
+    name: str,
+    acc: Interval,
+    latency_1: float,
+    parameters: int,
+    *,
+    reference: bool = False,
+    roc_auc: float = 0.973,
+    peak: int | None = 2_040_000_000,
+    search: SearchCost | None = None,
+    device: str = "cuda",
+) -> ModelResult:
+    return ModelResult(
+        name=name,
+        metrics=scores(acc, roc_auc),
+        costs=Costs(
+            parameters=parameters,
+            device=device,
+            train_images_per_s=812.4,
+            latency_ms={1: latency_1, 32: 6 * latency_1},
+            peak_train_memory=peak,
+        ),
+        confusion=confusion(round(10 * acc.value)),
+        final_run_id=f"run-{name}",
+        study=None if reference else f"{name}-study",
+        search=search,
+        config={} if reference else {"lr": 0.00031, "batch_size": 64, "augment": "strong"},
+        reference=reference,
+    )
+
+
+@pytest.fixture
+def comparison() -> Comparison:
+    models = [
+        model("cnn", Interval(0.912, 0.88, 0.941), 2.1, 4_200_000, search=SearchCost(8040.0, 0.52, 40)),
+        model("vit", Interval(0.887, 0.85, 0.92), 5.3, 5_700_000, search=SearchCost(41.0, 0.01, 3)),
+        model("hybrid", Interval(0.925, 0.89, 0.955), 3.9, 20_200_000, roc_auc=math.nan, search=SearchCost(3600, 1, 9)),
+        model(REFERENCE, Interval(0.951, 0.92, 0.98), 38.0, 28_600_000, reference=True),
+    ]
+    pairs = [
+        PairedTest("cnn", "vit", Interval(0.025, 0.001, 0.05), 0.031, 9, 3),
+        PairedTest("hybrid", "cnn", Interval(0.013, -0.004, 0.030), 0.21, 4, 2),
+        PairedTest(REFERENCE, "cnn", Interval(0.039, 0.01, 0.07), 0.0004, 12, 1),
+    ]
+    settings = {"data": "data/skin", "seed": 7, "img_size": 224, "epochs": 30, "trials": 40}
+    return Comparison("skin", CLASSES, 240, models, pairs, RECOMMENDATION, 2000, settings)
+
+
+def first_table(lines: list[str]) -> list[str]:
+    """The scores table: from its header (after the title line) to the first blank line."""
+    end = lines.index("")
+    return lines[1:end]
+
+
+def costs_table(lines: list[str]) -> list[str]:
+    """The costs table: from its header (after its title line) to the next blank line."""
+    start = lines.index("") + 2
+    return lines[start : lines.index("", start)]
+
+
+def row_of(lines: list[str], name: str) -> str:
+    (line,) = [line for line in lines if line.startswith(name + " ")]
+    return line
+
+
+# ---------------------------------------------------------------- the terminal table
+
+
+def test_table_names_every_model_reference_last_and_the_recommendation(comparison: Comparison) -> None:
+    lines = table_lines(comparison)
+    table = first_table(lines)
+    assert [line.split()[0] for line in table[2:]] == ["cnn", "vit", "hybrid", REFERENCE]
+    assert f"{REFERENCE} (reference)" in table[-1]
+    assert lines[-1] == f"Recommendation: {RECOMMENDATION}"
+
+
+def test_table_puts_the_reference_last_whatever_the_order_given(comparison: Comparison) -> None:
+    shuffled = replace(comparison, models=[comparison.models[3], *comparison.models[:3]])
+    assert first_table(table_lines(shuffled))[-1].startswith(f"{REFERENCE} (reference)")
+
+
+def test_table_formats_intervals_and_nan(comparison: Comparison) -> None:
+    table = first_table(table_lines(comparison))
+    cnn = row_of(table, "cnn")
+    assert "91.2 % [88.0, 94.1]" in cnn
+    assert "0.973 [0.953, 0.983]" in cnn  # ROC-AUC: value and bounds to 3 digits
+    assert "0.041 [0.02, 0.06]" in cnn
+    assert "n/a" in row_of(table, "hybrid")  # its ROC-AUC is NaN
+    assert all("n/a" not in row_of(table, name) for name in ("cnn", "vit", REFERENCE))
+    assert "nan" not in "\n".join(table_lines(comparison)).lower()
+    unscored = replace(
+        comparison.models[0], metrics={**comparison.models[0].metrics, "test_acc": Interval(*[math.nan] * 3)}
+    )
+    lines = table_lines(replace(comparison, models=[unscored, *comparison.models[1:]]))
+    cells = [cell.strip() for cell in row_of(first_table(lines), "cnn").split("  ") if cell.strip()]
+    assert cells[1] == "n/a"
+
+
+def test_table_columns_are_aligned_and_fit(comparison: Comparison) -> None:
+    lines = table_lines(comparison)
+    scores_table = first_table(lines)
+    assert len(scores_table) == 2 + len(comparison.models)
+    assert len({len(line) for line in scores_table}) == 1
+    assert set(scores_table[1]) == {"-", " "}  # the rule under the header
+    # Right-aligned numbers: each row's accuracy interval ends in the same column as the header's name.
+    ends = {line.index("]") for line in scores_table[2:]}
+    assert len(ends) == 1
+    header, hybrid = scores_table[0], row_of(scores_table, "hybrid")
+    assert hybrid.index("n/a") + len("n/a") == header.index("ROC-AUC") + len("ROC-AUC")
+    costs = costs_table(lines)
+    assert len(costs) == 2 + len(comparison.models)
+    assert len({len(line) for line in costs}) == 1
+    assert max(len(line) for line in scores_table + costs) <= 160
+
+
+def test_table_costs(comparison: Comparison) -> None:
+    costs = costs_table(table_lines(comparison))
+    cnn, vit, hybrid = (row_of(costs, name).split("  ") for name in ("cnn", "vit", "hybrid"))
+    cnn_cells = [cell.strip() for cell in cnn if cell.strip()]
+    assert cnn_cells == ["cnn", "4.2 M", "cuda", "812", "2.10", "12.6", "1.9 GiB", "2 h 14 min", "0.52", "40", "yes"]
+    vit_cells = [cell.strip() for cell in vit if cell.strip()]
+    assert vit_cells[7:10] == ["41 s", "0.01", "3"]
+    assert vit_cells[-1] == "no"  # slower than cnn and hybrid, and less accurate than both
+    assert [cell.strip() for cell in hybrid if cell.strip()][1] == "20.2 M"
+    small = replace(comparison.models[0], costs=replace(comparison.models[0].costs, peak_train_memory=512 * 1024**2))
+    assert "512 MiB" in row_of(costs_table(table_lines(replace(comparison, models=[small]))), "cnn")
+    reference_cells = row_of(costs, REFERENCE).split()
+    assert reference_cells[-4:] == ["-", "-", "-", "yes"]  # no search; on the front as the most accurate
+
+
+def test_table_pair_lines(comparison: Comparison) -> None:
+    text = "\n".join(table_lines(comparison))
+    assert "hybrid vs cnn: +1.3 points [-0.4, 3.0], McNemar p = 0.21 (4 vs 2 images" in text
+    (hybrid_line,) = [line for line in text.splitlines() if "hybrid vs cnn" in line]
+    assert hybrid_line.endswith("not significant")
+    (cnn_line,) = [line for line in text.splitlines() if "cnn vs vit" in line]
+    assert "p = 0.031" in cnn_line and "not significant" not in cnn_line and "significant" in cnn_line
+    assert f"{REFERENCE} vs cnn: +3.9 points [1.0, 7.0], McNemar p < 0.001" in text
+
+
+def test_table_rounds_a_tiny_negative_difference_to_zero(comparison: Comparison) -> None:
+    tiny = PairedTest("vit", "cnn", Interval(-0.0004, -0.0003, 0.02), 1.0, 3, 3)
+    text = "\n".join(table_lines(replace(comparison, pairs=[tiny])))
+    assert "vit vs cnn: +0.0 points [0.0, 2.0], McNemar p = 1.00" in text  # never '-0.0'
+
+
+def test_table_on_cpu_costs(comparison: Comparison) -> None:
+    cpu = replace(
+        comparison,
+        models=[
+            replace(m, costs=replace(m.costs, device="cpu", peak_train_memory=None), search=None)
+            for m in comparison.models
+        ],
+    )
+    cnn = row_of(costs_table(table_lines(cpu)), "cnn").split()
+    assert cnn[3] == "cpu"
+    assert cnn[-5:-1] == ["-", "-", "-", "-"]  # peak memory, search time, GPU-hours, trials
+
+
+# ---------------------------------------------------------------- the Markdown page
+
+
+def test_markdown_has_recommendation_rows_pairs_and_plots(comparison: Comparison) -> None:
+    text = markdown(comparison)
+    assert text.startswith("# ") and "skin" in text.splitlines()[0]
+    assert f"**Recommendation: {RECOMMENDATION}**" in text
+    for name in ("cnn", "vit", "hybrid", f"{REFERENCE} (reference)"):
+        rows = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
+        assert len(rows) == 2, name  # one in the scores table, one in the costs table
+    assert "| 91.2 (88.0–94.1) |" in text
+    assert "| hybrid vs cnn | +1.3 [-0.4, 3.0] | 4 | 2 | 0.21 | no |" in text
+    assert f"| {REFERENCE} vs cnn | +3.9 [1.0, 7.0] | 12 | 1 | < 0.001 | yes |" in text
+    for name in PLOT_FILES:
+        assert f"]({name})" in text
+    assert "2000 resamples" in text and "0.05" in text
+
+
+def test_markdown_shows_settings_configs_and_front(comparison: Comparison) -> None:
+    text = markdown(comparison)
+    for key, value in comparison.settings.items():
+        assert f"**{key}**: {value}" in text
+    assert "**classes**: 4 (benign, malignant, normal, other)" in text
+    assert "**test images**: 240" in text
+    assert "lr=0.00031, batch_size=64, augment=strong" in text
+    (vit_costs,) = [line for line in text.splitlines() if line.startswith("| vit |") and "GiB" in line]
+    assert vit_costs.endswith("| no |")
+    (cnn_costs,) = [line for line in text.splitlines() if line.startswith("| cnn |") and "GiB" in line]
+    assert cnn_costs.endswith("| yes |")
+
+
+def test_markdown_escapes_pipes_in_cells(comparison: Comparison) -> None:
+    odd = replace(comparison, models=[replace(comparison.models[0], name="a|b"), *comparison.models[1:]])
+    text = markdown(odd)
+    assert "| a\\|b |" in text
+
+
+# ---------------------------------------------------------------- the plots
+
+
+def assert_pngs(paths: list[Path], folder: Path) -> None:
+    assert paths == [folder / name for name in PLOT_FILES]
+    for path in paths:
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC), path.name
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[2] in (3, 4), path.name
+        assert image.shape[0] > 150 and image.shape[1] > 300, (path.name, image.shape)
+        assert image.std() > 0.01, path.name  # something was drawn, not a blank canvas
+
+
+def test_write_plots(comparison: Comparison, tmp_path: Path) -> None:
+    folder = tmp_path / "plots"  # not there yet
+    assert_pngs(write_plots(comparison, folder), folder)
+
+
+def test_write_plots_two_models_no_reference_cpu(comparison: Comparison, tmp_path: Path) -> None:
+    cpu = [
+        replace(m, costs=replace(m.costs, device="cpu", peak_train_memory=None), search=None)
+        for m in comparison.models[:2]
+    ]
+    small = replace(comparison, models=cpu, pairs=comparison.pairs[:1])
+    assert_pngs(write_plots(small, tmp_path), tmp_path)
+
+
+def test_write_plots_many_classes_and_missing_latency(comparison: Comparison, tmp_path: Path) -> None:
+    classes = [f"class{i}" for i in range(25)]
+    rng = np.random.default_rng(0)
+    models = [replace(m, confusion=rng.integers(0, 9, (25, 25))) for m in comparison.models]
+    models[1] = replace(models[1], costs=replace(models[1].costs, latency_ms={}))
+    many = replace(comparison, classes=classes, models=models)
+    assert_pngs(write_plots(many, tmp_path), tmp_path)
+    assert "n/a" in row_of(costs_table(table_lines(many)), "vit")
+
+
+def test_row_normalised() -> None:
+    shares = row_normalised(np.array([[3, 1], [0, 0]]))
+    np.testing.assert_allclose(shares, [[0.75, 0.25], [0.0, 0.0]])  # a class with no image stays 0, not NaN
+
+
+# ---------------------------------------------------------------- the Pareto front
+
+
+def test_pareto_front_excludes_dominated() -> None:
+    # (latency, accuracy): 1 is slower and less accurate than 0; 2 is slower but more accurate.
+    assert pareto_front([(2.0, 0.90), (5.0, 0.85), (8.0, 0.95)]) == [0, 2]
+
+
+def test_pareto_front_strictness() -> None:
+    # Equal latency, lower accuracy: beaten. Equal accuracy, higher latency: beaten.
+    assert pareto_front([(2.0, 0.90), (2.0, 0.80), (3.0, 0.90)]) == [0]
+
+
+def test_pareto_front_keeps_ties() -> None:
+    assert pareto_front([(2.0, 0.90), (2.0, 0.90), (9.0, 0.50)]) == [0, 1]
+
+
+def test_pareto_front_single_empty_and_nan() -> None:
+    assert pareto_front([(4.0, 0.7)]) == [0]
+    assert pareto_front([]) == []
+    # A point not measured is neither on the front nor does it beat any.
+    assert pareto_front([(math.nan, 0.99), (3.0, 0.8), (1.0, math.nan)]) == [1]
