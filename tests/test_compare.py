@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -19,6 +23,7 @@ from helpers import ROOT, run_script
 from search.compare import build_compare_parser, forwarded_argv
 from search.final_model.predictions import Predictions, predictions_csv, read_predictions
 
+UNBUFFERED = {**os.environ, "PYTHONUNBUFFERED": "1"}
 NAME = "cmp"
 REFERENCE = "test_resnet"  # a tiny timm model: the reference path, not a large model's cost
 COMMAND = (
@@ -123,17 +128,32 @@ def test_an_unknown_reference_model_is_refused_before_anything_runs(tmp_path):
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
+    """The whole command, as a user might run it: stopped with Ctrl-C in its first study, then run again."""
     root = tmp_path_factory.mktemp("compare")
     shutil.copytree(ROOT / "spaces", root / "spaces")
+    command = [sys.executable, str(ROOT / "search" / "compare.py"), *COMMAND, "--name", NAME, "--reference", REFERENCE]
+    interrupted = subprocess.Popen(
+        command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=UNBUFFERED
+    )
+    assert interrupted.stdout is not None
+    before = []
+    for line in iter(interrupted.stdout.readline, ""):  # until the first study's first trial is training
+        before.append(line)
+        if line.startswith("t00 started"):
+            break
+    interrupted.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C: to compare.py alone
+    stopped = "".join(before) + interrupted.communicate(timeout=300)[0]
+    assert interrupted.returncode == 130, stopped[-3000:]
+
     started = time.perf_counter()
     result = run_script("compare.py", *COMMAND, "--name", NAME, "--reference", REFERENCE, cwd=root, timeout=1500)
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    print(f"\ncompare.py, three smoke studies + retrains + reference: {seconds:.0f} s")
+    print(f"\ncompare.py, three smoke studies + retrains + reference, after Ctrl-C: {seconds:.0f} s")
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{root}/mlflow/mlflow.db"
-    return argparse.Namespace(root=root, result=result, client=MlflowClient(uri), uri=uri)
+    return argparse.Namespace(root=root, stopped=stopped, result=result, client=MlflowClient(uri), uri=uri)
 
 
 def every_run(client) -> list:
@@ -186,6 +206,14 @@ def test_one_command_runs_three_studies_retrains_each_and_logs_one_comparison(co
     for run in [*finals, reference]:
         label = run.data.tags.get("study", f"x-{REFERENCE}").split("-")[-1]
         assert metrics[f"{label}/test_acc"] == pytest.approx(run.data.metrics["test_acc"]), label
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_comparison_and_the_same_command_continues_it(compared):
+    assert "interrupted; finished studies and retrains are kept: run the same command again" in compared.stopped
+    assert f"resuming study {NAME}-cnn" in compared.result.stdout  # the stopped study, continued
+    assert f"starting study {NAME}-vit" in compared.result.stdout
+    assert compared.result.stdout.count("Test split:") == 4  # three retrains and the reference, once each
 
 
 @pytest.mark.slow

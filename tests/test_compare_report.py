@@ -1,4 +1,5 @@
-"""The comparison report: the terminal table, the Markdown page, real PNG plots and the Pareto front.
+"""The comparison report: the terminal table, the Markdown page, real PNG plots, the Pareto front, the section
+against the reference, and the number formatters (wording.py) the report and the recommendation share.
 
 A Comparison built by hand stands for compare.py's result: three searched models and a
 reference on four classes, one with an undefined ROC-AUC, the reference with no search.
@@ -23,6 +24,7 @@ from search.comparison.report import (
     write_plots,
 )
 from search.comparison.results import Comparison, Costs, Interval, ModelResult, PairedTest, SearchCost
+from search.comparison.wording import NA, ci, fixed, ms, p_text, p_value, percent, points, ratio
 
 CLASSES = ["benign", "malignant", "normal", "other"]
 REFERENCE = "convnext_tiny.fb_in1k"
@@ -60,6 +62,7 @@ def model(
     peak: int | None = 2_040_000_000,
     search: SearchCost | None = None,
     device: str = "cuda",
+    train_images_per_s: float = 812.4,
 ) -> ModelResult:
     return ModelResult(
         name=name,
@@ -67,7 +70,7 @@ def model(
         costs=Costs(
             parameters=parameters,
             device=device,
-            train_images_per_s=812.4,
+            train_images_per_s=train_images_per_s,
             latency_ms={1: latency_1, 32: 6 * latency_1},
             peak_train_memory=peak,
         ),
@@ -86,12 +89,14 @@ def comparison() -> Comparison:
         model("cnn", Interval(0.912, 0.88, 0.941), 2.1, 4_200_000, search=SearchCost(8040.0, 0.52, 40)),
         model("vit", Interval(0.887, 0.85, 0.92), 5.3, 5_700_000, search=SearchCost(41.0, 0.01, 3)),
         model("hybrid", Interval(0.925, 0.89, 0.955), 3.9, 20_200_000, roc_auc=math.nan, search=SearchCost(3600, 1, 9)),
-        model(REFERENCE, Interval(0.951, 0.92, 0.98), 38.0, 28_600_000, reference=True),
+        model(REFERENCE, Interval(0.951, 0.92, 0.98), 38.0, 28_600_000, reference=True, train_images_per_s=240.0),
     ]
     pairs = [
         PairedTest("cnn", "vit", Interval(0.025, 0.001, 0.05), 0.031, 9, 3),
         PairedTest("hybrid", "cnn", Interval(0.013, -0.004, 0.030), 0.21, 4, 2),
         PairedTest(REFERENCE, "cnn", Interval(0.039, 0.01, 0.07), 0.0004, 12, 1),
+        PairedTest(REFERENCE, "vit", Interval(0.064, 0.03, 0.1), 0.00002, 17, 2),
+        PairedTest(REFERENCE, "hybrid", Interval(0.026, -0.008, 0.06), 0.16, 9, 4),
     ]
     settings = {"data": "data/skin", "seed": 7, "img_size": 224, "epochs": 30, "trials": 40}
     return Comparison("skin", CLASSES, 240, models, pairs, RECOMMENDATION, 2000, settings)
@@ -135,7 +140,7 @@ def test_table_formats_intervals_and_nan(comparison: Comparison) -> None:
     cnn = row_of(table, "cnn")
     assert "91.2 % [88.0, 94.1]" in cnn
     assert "0.973 [0.953, 0.983]" in cnn  # ROC-AUC: value and bounds to 3 digits
-    assert "0.041 [0.02, 0.06]" in cnn
+    assert "0.041 [0.020, 0.060]" in cnn  # ECE likewise: a bound rounded shorter could read as excluding it
     assert "n/a" in row_of(table, "hybrid")  # its ROC-AUC is NaN
     assert all("n/a" not in row_of(table, name) for name in ("cnn", "vit", REFERENCE))
     assert "nan" not in "\n".join(table_lines(comparison)).lower()
@@ -168,7 +173,8 @@ def test_table_costs(comparison: Comparison) -> None:
     costs = costs_table(table_lines(comparison))
     cnn, vit, hybrid = (row_of(costs, name).split("  ") for name in ("cnn", "vit", "hybrid"))
     cnn_cells = [cell.strip() for cell in cnn if cell.strip()]
-    assert cnn_cells == ["cnn", "4.2 M", "cuda", "812", "2.10", "12.6", "1.9 GiB", "2 h 14 min", "0.52", "40", "yes"]
+    expected = ["cnn", "4.2 M", "cuda", "812", "2.1", "12.6", "1.9 GiB", "2 h 14 min 00 s", "0.52", "40", "yes"]
+    assert cnn_cells == expected
     vit_cells = [cell.strip() for cell in vit if cell.strip()]
     assert vit_cells[7:10] == ["41 s", "0.01", "3"]
     assert vit_cells[-1] == "no"  # slower than cnn and hybrid, and less accurate than both
@@ -179,20 +185,47 @@ def test_table_costs(comparison: Comparison) -> None:
     assert reference_cells[-4:] == ["-", "-", "-", "yes"]  # no search; on the front as the most accurate
 
 
-def test_table_pair_lines(comparison: Comparison) -> None:
-    text = "\n".join(table_lines(comparison))
-    assert "hybrid vs cnn: +1.3 points [-0.4, 3.0], McNemar p = 0.21 (4 vs 2 images" in text
-    (hybrid_line,) = [line for line in text.splitlines() if "hybrid vs cnn" in line]
-    assert hybrid_line.endswith("not significant")
-    (cnn_line,) = [line for line in text.splitlines() if "cnn vs vit" in line]
-    assert "p = 0.031" in cnn_line and "not significant" not in cnn_line and "significant" in cnn_line
-    assert f"{REFERENCE} vs cnn: +3.9 points [1.0, 7.0], McNemar p < 0.001" in text
+def paired_section(lines: list[str]) -> list[str]:
+    """The paired tests' lines, indented under their title, up to the next blank line."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("Paired tests")) + 1
+    return lines[start : lines.index("", start)]
 
 
-def test_table_rounds_a_tiny_negative_difference_to_zero(comparison: Comparison) -> None:
+def reference_section(lines: list[str]) -> list[str]:
+    """The title 'Against the reference ...' and one entry per model, up to the next blank line: a model's
+    continuation lines (indented deeper, under its text) joined to its first with '; '."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("Against the reference"))
+    entries: list[str] = []
+    for line in lines[start : lines.index("", start)]:
+        if line.startswith("   ") and entries:
+            entries[-1] += "; " + line.strip()
+        else:
+            entries.append(line)
+    return entries
+
+
+def test_table_pair_lines_read_as_describe_pair_with_the_counts_winner_first(comparison: Comparison) -> None:
+    pairs = paired_section(table_lines(comparison))
+    assert pairs == [
+        "  cnn beats vit by 2.5 points, 95 % CI [0.1, 5.0], p = 0.031: significant "
+        "(9 vs 3 images only one of them gets right)",
+        "  hybrid beats cnn by 1.3 points, 95 % CI [-0.4, 3.0], p = 0.21: not a significant difference "
+        "(4 vs 2 images only one of them gets right)",
+    ]
+    stored_loser_first = PairedTest("cnn", "hybrid", Interval(-0.013, -0.030, 0.004), 0.21, 2, 4)
+    assert paired_section(table_lines(replace(comparison, pairs=[stored_loser_first]))) == [pairs[1]]
+
+
+def test_table_shows_a_tiny_difference_and_never_minus_zero(comparison: Comparison) -> None:
     tiny = PairedTest("vit", "cnn", Interval(-0.0004, -0.0003, 0.02), 1.0, 3, 3)
-    text = "\n".join(table_lines(replace(comparison, pairs=[tiny])))
-    assert "vit vs cnn: +0.0 points [0.0, 2.0], McNemar p = 1.00" in text  # never '-0.0'
+    zero_bound = PairedTest("hybrid", "vit", Interval(-0.01, -0.02, 0.0), 0.5, 1, 3)
+    lines = paired_section(table_lines(replace(comparison, pairs=[tiny, zero_bound])))
+    assert lines[0] == (
+        "  cnn beats vit by 0.04 points, 95 % CI [-2.0, 0.03], p = 1.0: not a significant difference "
+        "(3 vs 3 images only one of them gets right)"
+    )
+    assert "vit beats hybrid by 1.0 points, 95 % CI [0.0, 2.0], p = 0.5" in lines[1]  # the negated 0 is no '-0.0'
+    assert "-0.0" not in "\n".join(lines)
 
 
 def test_table_on_cpu_costs(comparison: Comparison) -> None:
@@ -217,10 +250,10 @@ def test_markdown_has_recommendation_rows_pairs_and_plots(comparison: Comparison
     assert f"**Recommendation: {RECOMMENDATION}**" in text
     for name in ("cnn", "vit", "hybrid", f"{REFERENCE} (reference)"):
         rows = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
-        assert len(rows) == 2, name  # one in the scores table, one in the costs table
+        assert len(rows) == (2 if name.endswith("(reference)") else 3), name  # scores, costs, against the reference
     assert "| 91.2 (88.0–94.1) |" in text
     assert "| hybrid vs cnn | +1.3 [-0.4, 3.0] | 4 | 2 | 0.21 | no |" in text
-    assert f"| {REFERENCE} vs cnn | +3.9 [1.0, 7.0] | 12 | 1 | < 0.001 | yes |" in text
+    assert f"| {REFERENCE} vs" not in text  # the reference's pairs have their own section
     for name in PLOT_FILES:
         assert f"]({name})" in text
     assert "2000 resamples" in text and "0.05" in text
@@ -243,6 +276,109 @@ def test_markdown_escapes_pipes_in_cells(comparison: Comparison) -> None:
     odd = replace(comparison, models=[replace(comparison.models[0], name="a|b"), *comparison.models[1:]])
     text = markdown(odd)
     assert "| a\\|b |" in text
+
+
+# ---------------------------------------------------------------- against the reference
+
+CLAIM = "(the seed claims 85-92 % accuracy, training 3-5x faster than large models)"
+
+
+def test_table_holds_each_lightweight_model_against_the_reference(comparison: Comparison) -> None:
+    lines = table_lines(comparison)
+    section = reference_section(lines)
+    assert section[0] == f"Against the reference {REFERENCE} {CLAIM}"
+    assert section[1:] == [
+        f"  cnn: -3.9 points vs {REFERENCE}, 95 % CI [-7.0, -1.0], p < 0.001 (significant); "
+        "trains 3.4x as fast (812 vs 240 images/s), within the seed's 3-5x; "
+        "test accuracy 91.2 % [88.0, 94.1], within the seed's 85-92 %, though its interval reaches above it",
+        f"  vit: -6.4 points vs {REFERENCE}, 95 % CI [-10.0, -3.0], p < 0.001 (significant); "
+        "trains 3.4x as fast (812 vs 240 images/s), within the seed's 3-5x; "
+        "test accuracy 88.7 % [85.0, 92.0], within the seed's 85-92 %, its whole interval too",
+        f"  hybrid: -2.6 points vs {REFERENCE}, 95 % CI [-6.0, 0.8], p = 0.16 (not significant); "
+        "trains 3.4x as fast (812 vs 240 images/s), within the seed's 3-5x; "
+        "test accuracy 92.5 % [89.0, 95.5], above the seed's 85-92 %, though its interval reaches into it",
+    ]
+    assert all(REFERENCE not in line for line in paired_section(lines))
+    assert lines.index(section[0]) < lines.index(f"Recommendation: {RECOMMENDATION}")
+
+
+def test_reference_section_speaks_from_the_lightweight_side_however_the_pair_is_stored(comparison: Comparison) -> None:
+    slow = replace(comparison.models[1], costs=replace(comparison.models[1].costs, train_images_per_s=60.0))
+    models = [comparison.models[0], slow, *comparison.models[2:]]
+    pairs = [
+        PairedTest(REFERENCE, "cnn", Interval(-0.012, -0.03, 0.005), 0.3, 2, 5),  # cnn the more accurate
+        PairedTest("vit", REFERENCE, Interval(-0.064, -0.1, -0.03), 0.00002, 2, 17),  # stored lightweight first
+    ]
+    cnn, vit, hybrid = reference_section(table_lines(replace(comparison, models=models, pairs=pairs)))[1:]
+    assert cnn.startswith(f"  cnn: +1.2 points vs {REFERENCE}, 95 % CI [-0.5, 3.0], p = 0.3 (not significant);")
+    assert vit.startswith(f"  vit: -6.4 points vs {REFERENCE}, 95 % CI [-10.0, -3.0], p < 0.001 (significant);")
+    assert "trains 0.25x as fast (60.0 vs 240 images/s), below the seed's 3-5x" in vit
+    assert hybrid.startswith(f"  hybrid: no paired test against {REFERENCE};")
+
+
+def test_markdown_reference_section(comparison: Comparison) -> None:
+    text = markdown(comparison)
+    assert f"## Against the reference {REFERENCE} {CLAIM}" in text
+    assert text.index("## Paired tests") < text.index("## Against the reference") < text.index("## Winning")
+    assert (
+        "| cnn | -3.9 [-7.0, -1.0] | < 0.001 | yes | 812 | 3.4x (within) | 91.2 (88.0–94.1) "
+        "| within the seed's 85-92 %, though its interval reaches above it |"
+    ) in text
+    assert "| hybrid | -2.6 [-6.0, 0.8] | 0.16 | no | 812 | 3.4x (within) |" in text
+    assert f"train images/s ({REFERENCE}: 240)" in text
+
+
+def test_without_a_reference_there_is_no_reference_section(comparison: Comparison) -> None:
+    alone = replace(comparison, models=comparison.models[:3], pairs=comparison.pairs[:2])
+    lines = table_lines(alone)
+    assert not any("reference" in line.lower() for line in lines)
+    assert len(paired_section(lines)) == 2
+    text = markdown(alone)
+    assert "Against the reference" not in text and "## Paired tests" in text
+
+
+def test_only_reference_pairs_leave_no_paired_tests_section(comparison: Comparison) -> None:
+    only_reference = replace(comparison, pairs=comparison.pairs[2:])
+    assert not any(line.startswith("Paired tests") for line in table_lines(only_reference))
+    assert "## Paired tests" not in markdown(only_reference)
+    assert len(reference_section(table_lines(only_reference))) == 4
+
+
+# ---------------------------------------------------------------- wording: the numbers both the report and stats write
+
+
+def test_wording_p_values() -> None:
+    assert [p_text(p) for p in (0.21, 0.0042, 0.5, 1.0, 0.0004)] == [
+        "p = 0.21",
+        "p = 0.0042",
+        "p = 0.5",
+        "p = 1.0",
+        "p < 0.001",
+    ]
+    assert p_value(0.031) == "0.031" and p_value(0.0004) == "< 0.001"
+    assert p_value(math.nan) == NA and p_text(math.nan) == f"p = {NA}"
+
+
+def test_wording_points_and_ci() -> None:
+    assert [points(x) for x in (0.013, -0.041, 0.0, -0.0, -0.0004)] == ["1.3", "-4.1", "0.0", "0.0", "-0.04"]
+    assert [points(x, sign=True) for x in (0.013, -0.041, 0.0, 0.0004)] == ["+1.3", "-4.1", "0.0", "+0.04"]
+    assert points(math.nan) == NA
+    assert ci(Interval(0.013, -0.004, 0.030), 0.95) == "95 % CI [-0.4, 3.0]"
+    assert ci(Interval(0.013, math.nan, 0.030), 0.95) == f"95 % CI {NA}"
+
+
+def test_wording_percent_ms_ratio_fixed() -> None:
+    assert percent(0.912) == "91.2 %" and percent(math.nan) == NA
+    assert [ms(x) for x in (3.14, 38.0, 0.42, 0.999, math.nan)] == ["3.1", "38.0", "0.42", "1.0", NA]
+    assert [ratio(x) for x in (812.4 / 240, 2.94, 1.04, 0.31, 0.0, math.nan)] == [
+        "3.4x",
+        "2.9x",
+        "1.04x",
+        "0.31x",
+        NA,
+        NA,
+    ]
+    assert fixed(-0.0004, 1) == "0.0" and fixed(1.26, 1, sign=True) == "+1.3" and fixed(0.0, 1, sign=True) == "0.0"
 
 
 # ---------------------------------------------------------------- the plots

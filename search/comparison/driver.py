@@ -9,6 +9,8 @@ run here, one after the other, so they have the device to themselves.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import hashlib
 import json
 import signal
@@ -57,6 +59,8 @@ REPORT_TEXT, REPORT_MARKDOWN, REPORT_DATA = "report.txt", "report.md", "comparis
 INPUTS_TAG = "inputs"
 """A digest of the final runs a comparison run was made from: the same inputs, the same report."""
 DEFAULT_EXPERIMENT = "comparisons"
+PR_SET_PDEATHSIG = 1
+"""prctl's option: the signal a process gets when its parent dies (linux/prctl.h)."""
 
 
 class StepFailed(Exception):
@@ -108,7 +112,7 @@ def run_study(entry: Entry, run_argv: list[str]) -> None:
     print(f"\n== {entry.label}: {'resuming' if resume else 'starting'} study {entry.study}", flush=True)
     # A session of its own: a terminal's Ctrl-C reaches this process only, which passes one SIGINT on
     # (run.py's graceful stop); two would hurry Ray's shutdown.
-    process = subprocess.Popen(command, start_new_session=True)
+    process = subprocess.Popen(command, start_new_session=True, preexec_fn=interrupted_with_parent)
     try:
         code = process.wait()
     except KeyboardInterrupt:
@@ -121,6 +125,14 @@ def run_study(entry: Entry, run_argv: list[str]) -> None:
         raise StepFailed(code or 1)
     if parent.info.status != "FINISHED":  # run.py stopped it (a lost cluster, a failed store): its message said why
         raise StepFailed(1)
+
+
+def interrupted_with_parent() -> None:
+    """In the study's process, before run.py starts (Linux): if this process dies, even by kill -9, the study
+    gets SIGINT and stops as after Ctrl-C, resumable, rather than running on unseen beside the rerun that
+    would resume it."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the study then runs to its end on its own
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
 
 
 def retrained(client, entry: Entry, args: argparse.Namespace) -> str:

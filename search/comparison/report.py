@@ -2,19 +2,25 @@
 
 Everything here renders a `Comparison` that is already computed (see results.py), so the
 report can be checked on one built by hand, without torch, the test images or MLflow.
-matplotlib is imported inside `write_plots` only: the table and the Markdown need numpy alone.
+Numbers are written by wording.py, the sentence on a pair by stats.describe_pair, so the
+table, the page and the recommendation say the same thing the same way. matplotlib is
+imported inside `write_plots` only: the table and the Markdown need numpy and scipy alone.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from search.comparison.results import COMPARED_METRICS, SIGNIFICANCE, Comparison, Interval, ModelResult, PairedTest
+from search.comparison.stats import CONFIDENCE, describe_pair, versus, winner_first
+from search.comparison.wording import NA, bounds, ci, finite, fixed, ms, p_text, p_value, percent, points, ratio
+from search.study.report import duration
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -26,8 +32,6 @@ PERCENT_METRICS = frozenset({"test_acc", "test_balanced_acc", "test_macro_f1"})
 """Metrics read as a share of images (shown in percent); the others (ROC-AUC, ECE) keep their 0-1 scale."""
 LATENCY_BATCHES = (1, 32)
 """Inference batch sizes the costs give a latency for, in the order the tables show them."""
-NA = "n/a"
-"""A number that could not be computed (NaN): ROC-AUC with a class missing from the test split, say."""
 NONE = "-"
 """A cost that does not apply: peak CUDA memory on the CPU, the search of the reference."""
 GIB = 1024**3
@@ -47,31 +51,12 @@ OFF_FRONT_COLOR = "0.6"
 # ---------------------------------------------------------------- numbers as text
 
 
-def finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
-
-
-def no_negative_zero(text: str) -> str:
-    """'-0.0' reads as a loss that is not there: rounding a tiny negative number should give '0.0'."""
-    stripped = text.lstrip("+-")
-    return stripped if stripped and set(stripped) <= set("0.") and text[:1] == "-" else text
-
-
-def fixed(x: float, digits: int, sign: bool = False) -> str:
-    if not finite(x):
-        return NA
-    text = no_negative_zero(f"{x:{'+' if sign else ''}.{digits}f}")
-    return "+" + text if sign and text[0] not in "+-" else text
-
-
 def percent_interval(interval: Interval) -> str:
     """'91.2 % [88.0, 94.1]': a share of images in percent, with its 95 % interval."""
     if not finite(interval.value):
         return NA
-    text = f"{fixed(100 * interval.value, 1)} %"
-    if finite(interval.low) and finite(interval.high):
-        text += f" [{fixed(100 * interval.low, 1)}, {fixed(100 * interval.high, 1)}]"
-    return text
+    spread = bounds(interval)
+    return percent(interval.value) if spread == NA else f"{percent(interval.value)} {spread}"
 
 
 def score_interval(interval: Interval) -> str:
@@ -128,8 +113,9 @@ def plain_number(x: float) -> str:
 
 
 def latency_text(model: ModelResult, batch: int) -> str:
+    """Milliseconds as the recommendation writes them, so the table and the sentence agree."""
     latency = model.costs.latency_ms.get(batch)
-    return NA if latency is None else plain_number(latency)
+    return NA if latency is None else ms(latency)
 
 
 def memory_text(peak: int | None) -> str:
@@ -140,17 +126,8 @@ def memory_text(peak: int | None) -> str:
 
 
 def duration_text(seconds: float) -> str:
-    """'2 h 14 min', '3 min 05 s', '41 s': a search's wall time, to the minute once it runs hours."""
-    if not finite(seconds):
-        return NA
-    total = round(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    if minutes:
-        return f"{minutes} min {secs:02d} s"
-    return f"{secs} s"
+    """'2 h 14 min 05 s', '3 min 05 s', '41 s' (as a study's closing line says it); n/a when not measured."""
+    return duration(seconds) if finite(seconds) else NA
 
 
 def search_time_text(model: ModelResult) -> str:
@@ -173,41 +150,24 @@ def trials_text(model: ModelResult) -> str:
     return NONE if model.search is None else str(model.search.trials)
 
 
-def p_value_text(p: float) -> str:
-    """'0.21', '0.034', '< 0.001': two significant digits, and no false precision near zero."""
-    if not finite(p):
-        return NA
-    if p < 0.001:
-        return "< 0.001"
-    return f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
-
-
-def p_text(p: float) -> str:
-    """'p = 0.21', 'p < 0.001'."""
-    value = p_value_text(p)
-    return f"p {value}" if value.startswith("<") else f"p = {value}"
-
-
-def points_parts(interval: Interval) -> tuple[str, str]:
-    """A difference of accuracies in percentage points, signed, and its interval: ('+1.3', '[-0.4, 3.0]')."""
+def signed_points(interval: Interval) -> str:
+    """'+1.3 [-0.4, 3.0]': a difference of accuracies in percentage points, signed, with its interval."""
     if not finite(interval.value):
-        return NA, ""
-    bounds = ""
-    if finite(interval.low) and finite(interval.high):
-        bounds = f"[{fixed(100 * interval.low, 1)}, {fixed(100 * interval.high, 1)}]"
-    return fixed(100 * interval.value, 1, sign=True), bounds
+        return NA
+    spread = bounds(interval)
+    return points(interval.value, sign=True) if spread == NA else f"{points(interval.value, sign=True)} {spread}"
 
 
-def points_interval(interval: Interval) -> str:
-    """'+1.3 points [-0.4, 3.0]': the paired difference as the terminal shows it."""
-    value, bounds = points_parts(interval)
-    return f"{value} points {bounds}".rstrip()
-
-
-def verdict(pair: PairedTest) -> str:
+def significance(pair: PairedTest) -> str:
+    """'significant', 'not significant', or 'not tested' where McNemar's p is missing (a hand-built pair)."""
     if not finite(pair.p_value):
         return "not tested"
-    return f"significant (p < {SIGNIFICANCE:g})" if pair.significant else "not significant"
+    return "significant" if pair.significant else "not significant"
+
+
+def yes_no(pair: PairedTest) -> str:
+    """significance() as a table cell."""
+    return {"significant": "yes", "not significant": "no"}.get(significance(pair), "not tested")
 
 
 def shown(value: Any) -> str:
@@ -340,18 +300,17 @@ def cost_rows(comparison: Comparison) -> list[list[str]]:
 
 
 def pair_line(pair: PairedTest) -> str:
-    """'hybrid vs cnn: +1.3 points [-0.4, 3.0], McNemar p = 0.21 (4 vs 2 images only one gets right): not significant'.
-
-    The counts are a's then b's, in the pair's order: the images McNemar's test weighs.
+    """stats.describe_pair's sentence, then the images McNemar weighs, winner first as in the sentence:
+    'hybrid beats cnn by 1.3 points, 95 % CI [-0.4, 3.0], p = 0.21: not a significant difference
+    (4 vs 2 images only one of them gets right)'.
     """
-    return (
-        f"{pair.a} vs {pair.b}: {points_interval(pair.difference)}, McNemar {p_text(pair.p_value)} "
-        f"({pair.a_only} vs {pair.b_only} images only one gets right): {verdict(pair)}"
-    )
+    won = winner_first(pair)
+    return f"{describe_pair(pair)} ({won.a_only} vs {won.b_only} images only one of them gets right)"
 
 
 def table_lines(comparison: Comparison) -> list[str]:
-    """The report for the terminal: a scores table, a costs table, the paired tests and the recommendation.
+    """The report for the terminal: a scores table, a costs table, the paired tests, the models against the
+    reference and the recommendation.
 
     Two stacked tables rather than one wide one, so that it reads in ~160 columns; blank lines
     separate the parts.
@@ -364,14 +323,151 @@ def table_lines(comparison: Comparison) -> list[str]:
         "Costs (ms @N: median inference latency per batch of N; front: on the accuracy/latency Pareto front)",
         *aligned(cost_rows(comparison)),
     ]
-    if comparison.pairs:
+    pairs = lightweight_pairs(comparison)
+    if pairs:
         lines += [
             "",
             f"Paired tests (accuracy difference; McNemar's exact test, significant below p = {SIGNIFICANCE:g})",
         ]
-        lines += [f"  {pair_line(pair)}" for pair in comparison.pairs]
+        lines += [f"  {pair_line(pair)}" for pair in pairs]
+    for reference in references(comparison):
+        lines += ["", reference_title(reference)]
+        for model in lightweight(comparison):
+            first, *rest = reference_lines(model, reference, comparison.pairs)
+            lines += [f"  {first}", *(f"  {' ' * len(model.name)}  {line}" for line in rest)]
     lines += ["", f"Recommendation: {comparison.recommendation}"]
     return lines
+
+
+# ---------------------------------------------------------------- against the reference
+
+SEED_ACCURACY = (0.85, 0.92)
+"""The seed document's claim: the lightweight models reach 85-92 % test accuracy."""
+SEED_SPEEDUP = (3.0, 5.0)
+"""...and train 3-5x faster than large models, which the reference stands for."""
+REACHES = {"below": "below it", "within": "into it", "above": "above it"}
+"""Where an interval's bound lies, as the clause that says its interval reaches there."""
+
+
+def references(comparison: Comparison) -> list[ModelResult]:
+    """The reference (compare.py trains at most one); a list so that a hand-built second one is shown, not lost."""
+    return [model for model in comparison.models if model.reference]
+
+
+def lightweight(comparison: Comparison) -> list[ModelResult]:
+    """The models the seed's claims are about: every one but the reference, in the comparison's order."""
+    return [model for model in comparison.models if not model.reference]
+
+
+def lightweight_pairs(comparison: Comparison) -> list[PairedTest]:
+    """The pairs of lightweight models: those with the reference get their own section, from the lightweight side."""
+    named = {model.name for model in references(comparison)}
+    return [pair for pair in comparison.pairs if pair.a not in named and pair.b not in named]
+
+
+def claim_range(low: float, high: float, scale: float = 1.0, unit: str = "") -> str:
+    """'85-92 %', '3-5x': a claimed range as the seed writes it."""
+    return f"{scale * low:g}-{scale * high:g}{unit}"
+
+
+def seed_accuracy_text() -> str:
+    """'85-92 %', written from SEED_ACCURACY so the text cannot drift from the range tested."""
+    return claim_range(*SEED_ACCURACY, scale=100, unit=" %")
+
+
+def seed_speedup_text() -> str:
+    """'3-5x', written from SEED_SPEEDUP."""
+    return claim_range(*SEED_SPEEDUP, unit="x")
+
+
+def reference_title(reference: ModelResult) -> str:
+    """The section's heading: which model the lightweight ones are held against, and what the seed claims."""
+    return (
+        f"Against the reference {reference.name} (the seed claims {seed_accuracy_text()} accuracy, "
+        f"training {seed_speedup_text()} faster than large models)"
+    )
+
+
+def side(x: float, low: float, high: float) -> str:
+    """'below', 'within' or 'above' the range [low, high]; 'n/a' for a number not measured."""
+    if not finite(x):
+        return NA
+    return "below" if x < low else "above" if x > high else "within"
+
+
+def accuracy_claim(accuracy: Interval | None) -> str:
+    """Where a test accuracy lies against the seed's 85-92 %: its point estimate, and whether its interval
+    says more ('within the seed's 85-92 %, though its interval reaches above it'): a point inside the range
+    with an interval reaching out of it does not confirm the claim as firmly as a whole interval inside."""
+    where = side(accuracy.value, *SEED_ACCURACY) if accuracy is not None else NA
+    if accuracy is None or where == NA:
+        return f"no test accuracy to hold against the seed's {seed_accuracy_text()}"
+    claim = f"{where} the seed's {seed_accuracy_text()}"
+    if not (finite(accuracy.low) and finite(accuracy.high)):
+        return claim
+    ends = dict.fromkeys(side(bound, *SEED_ACCURACY) for bound in (accuracy.low, accuracy.high))
+    reaches = [REACHES[end] for end in ends if end != where]
+    return (
+        f"{claim}, though its interval reaches {' and '.join(reaches)}"
+        if reaches
+        else f"{claim}, its whole interval too"
+    )
+
+
+def training_speedup(model: ModelResult, reference: ModelResult) -> float:
+    """Training images/s of the model over the reference's (NaN where either was not measured)."""
+    own, theirs = model.costs.train_images_per_s, reference.costs.train_images_per_s
+    return own / theirs if finite(own) and finite(theirs) and theirs > 0 else math.nan
+
+
+def speed_text(model: ModelResult, reference: ModelResult) -> str:
+    """'trains 3.4x as fast (812 vs 240 images/s), within the seed's 3-5x'."""
+    speedup = training_speedup(model, reference)
+    if not finite(speedup):
+        return "training throughput not measured"
+    images = f"{plain_number(model.costs.train_images_per_s)} vs {plain_number(reference.costs.train_images_per_s)}"
+    return (
+        f"trains {ratio(speedup)} as fast ({images} images/s), "
+        f"{side(speedup, *SEED_SPEEDUP)} the seed's {seed_speedup_text()}"
+    )
+
+
+def speedup_cell(model: ModelResult, reference: ModelResult) -> str:
+    """'3.4x (within)': the Markdown's throughput ratio, the images/s being in the column beside it."""
+    speedup = training_speedup(model, reference)
+    return NA if not finite(speedup) else f"{ratio(speedup)} ({side(speedup, *SEED_SPEEDUP)})"
+
+
+def against_reference(model: ModelResult, reference: ModelResult, pairs: list[PairedTest]) -> PairedTest | None:
+    """Their paired test as model minus reference (the reference's pairs are stored reference first)."""
+    try:
+        difference, pair = versus(pairs, model.name, reference.name)
+    except ValueError:
+        return None
+    return replace(pair, a=model.name, b=reference.name, difference=difference) if pair.a != model.name else pair
+
+
+def difference_text(model: ModelResult, reference: ModelResult, pairs: list[PairedTest]) -> str:
+    """'-2.1 points vs convnext_tiny, 95 % CI [-5.0, 0.8], p = 0.16 (not significant)', from the model's side."""
+    pair = against_reference(model, reference, pairs)
+    if pair is None:
+        return f"no paired test against {reference.name}"
+    return (
+        f"{points(pair.difference.value, sign=True)} points vs {reference.name}, "
+        f"{ci(pair.difference, CONFIDENCE)}, {p_text(pair.p_value)} ({significance(pair)})"
+    )
+
+
+def reference_lines(model: ModelResult, reference: ModelResult, pairs: list[PairedTest]) -> list[str]:
+    """One lightweight model against the reference and the seed's claims, as three short lines (a terminal's
+    width): the accuracy difference, the training speed, the accuracy against the seed's range."""
+    accuracy = model.metrics.get("test_acc")
+    shown_accuracy = NA if accuracy is None else percent_interval(accuracy)
+    return [
+        f"{model.name}: {difference_text(model, reference, pairs)}",
+        speed_text(model, reference),
+        f"test accuracy {shown_accuracy}, {accuracy_claim(accuracy)}",
+    ]
 
 
 # ---------------------------------------------------------------- the Markdown report
@@ -437,15 +533,46 @@ def markdown_pair_rows(comparison: Comparison) -> list[list[str]]:
     rows = [
         ["pair", "accuracy difference (points, 95 % CI)", "only a right", "only b right", "McNemar p", "significant"]
     ]
-    for pair in comparison.pairs:
+    for pair in lightweight_pairs(comparison):
         rows.append(
             [
                 f"{pair.a} vs {pair.b}",
-                " ".join(points_parts(pair.difference)).rstrip(),
+                signed_points(pair.difference),
                 str(pair.a_only),
                 str(pair.b_only),
-                p_value_text(pair.p_value),
-                "not tested" if not finite(pair.p_value) else ("yes" if pair.significant else "no"),
+                p_value(pair.p_value),
+                yes_no(pair),
+            ]
+        )
+    return rows
+
+
+def markdown_reference_rows(comparison: Comparison, reference: ModelResult) -> list[list[str]]:
+    """One row per lightweight model, as reference_line says it: from the model's side, against the seed."""
+    rows = [
+        [
+            "model",
+            f"accuracy vs {reference.name} (points, 95 % CI)",
+            "McNemar p",
+            "significant",
+            f"train images/s ({reference.name}: {plain_number(reference.costs.train_images_per_s)})",
+            f"training speed vs reference (seed: {seed_speedup_text()})",
+            "test accuracy (%)",
+            f"against the seed's {seed_accuracy_text()}",
+        ]
+    ]
+    for model in lightweight(comparison):
+        pair = against_reference(model, reference, comparison.pairs)
+        rows.append(
+            [
+                model.name,
+                NA if pair is None else signed_points(pair.difference),
+                NA if pair is None else p_value(pair.p_value),
+                "not tested" if pair is None else yes_no(pair),
+                plain_number(model.costs.train_images_per_s),
+                speedup_cell(model, reference),
+                metric_markdown(model, "test_acc"),
+                accuracy_claim(model.metrics.get("test_acc")),
             ]
         )
     return rows
@@ -491,8 +618,13 @@ def markdown(comparison: Comparison) -> str:
         "## Costs",
         "\n".join(markdown_table(markdown_cost_rows(comparison))),
     ]
-    if comparison.pairs:
+    if lightweight_pairs(comparison):
         parts += ["## Paired tests", "\n".join(markdown_table(markdown_pair_rows(comparison)))]
+    for reference in references(comparison):
+        parts += [
+            f"## {reference_title(reference)}",
+            "\n".join(markdown_table(markdown_reference_rows(comparison, reference))),
+        ]
     parts += [
         "## Winning configurations",
         "\n".join(config_lines(comparison)),
@@ -648,7 +780,7 @@ def log_axis(axes: Axes) -> None:
 def confusion_title(model: ModelResult) -> str:
     """'cnn (acc 91.2 %)'; a reference's long timm name gets its marks on a second line, to fit its panel."""
     accuracy = model.metrics.get("test_acc")
-    accuracy_text = f"acc {fixed(100 * accuracy.value, 1)} %" if accuracy is not None else f"acc {NA}"
+    accuracy_text = f"acc {percent(accuracy.value)}" if accuracy is not None else f"acc {NA}"
     if model.reference:
         return f"{model.name}\n(reference, {accuracy_text})"
     return f"{model.name} ({accuracy_text})"

@@ -17,6 +17,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from search.comparison.results import COMPARED_METRICS, Interval, ModelResult, PairedTest, Predictions
+from search.comparison.wording import ci, finite, ms, p_text, percent, points, ratio
 from search.final_model.report import expected_calibration_error, roc_auc
 
 RESAMPLES = 2000
@@ -197,19 +198,23 @@ def _check_same_images(name_a: str, a: Predictions, name_b: str, b: Predictions)
 # --- words ----------------------------------------------------------------------------------------------------
 
 
+def winner_first(pair: PairedTest) -> PairedTest:
+    """The pair seen from the more accurate model's side (as stored on a tie), so a sentence and its counts agree."""
+    if pair.difference.value >= 0 or not finite(pair.difference.value):
+        return pair
+    return PairedTest(pair.b, pair.a, _negated(pair.difference), pair.p_value, pair.b_only, pair.a_only)
+
+
 def describe_pair(pair: PairedTest) -> str:
     """One line, from the more accurate model's side: by how much, how sure, and whether it is more than chance."""
     verdict = "significant" if pair.significant else "not a significant difference"
-    if pair.difference.value == 0:
-        return f"{pair.a} and {pair.b} tie in accuracy, {_ci(pair.difference)}, {_p(pair.p_value)}: {verdict}"
-    if pair.difference.value > 0:
-        winner, loser, difference = pair.a, pair.b, pair.difference
-    else:
-        winner, loser, difference = pair.b, pair.a, _negated(pair.difference)
-    return (
-        f"{winner} beats {loser} by {_points(difference.value)} points, {_ci(difference)}, "
-        f"{_p(pair.p_value)}: {verdict}"
-    )
+    won = winner_first(pair)
+    sure = f"{ci(won.difference, CONFIDENCE)}, {p_text(pair.p_value)}: {verdict}"
+    if not finite(won.difference.value):
+        return f"{won.a} and {won.b}: accuracy difference not measured, {sure}"
+    if won.difference.value == 0:
+        return f"{won.a} and {won.b} tie in accuracy, {sure}"
+    return f"{won.a} beats {won.b} by {points(won.difference.value)} points, {sure}"
 
 
 def recommend(models: list[ModelResult], pairs: list[PairedTest]) -> str:
@@ -227,7 +232,7 @@ def recommend(models: list[ModelResult], pairs: list[PairedTest]) -> str:
         return f"Pick {lightweight[0].name}: {alone}."
     best = max(lightweight, key=lambda model: (_accuracy(model), -_latency(model), -model.costs.parameters))
     others = [model for model in lightweight if model is not best]
-    against_best = {model.name: _versus(pairs, model.name, best.name) for model in others}
+    against_best = {model.name: versus(pairs, model.name, best.name) for model in others}
     close = [model for model in others if not against_best[model.name][1].significant]
     chosen = min([best, *close], key=lambda model: (_latency(model), model.costs.parameters, -_accuracy(model)))
     if chosen is not best:
@@ -243,15 +248,15 @@ def _best_sentence(
     against_best: dict[str, tuple[Interval, PairedTest]],
 ) -> str:
     """The most accurate model is picked: because every other is significantly worse, or it is also the fastest."""
-    accuracy = f"test accuracy {_percent(_accuracy(best))}"
+    accuracy = f"test accuracy {percent(_accuracy(best))}"
     if not close:
         return f"Pick {best.name}: the most accurate ({accuracy}), and {_worse_clause(worse, against_best)}."
     fastest = all(_latency(best) < _latency(model) for model in close)
     speed = "the fastest at inference" if fastest else "at least as fast at inference"
     sentence = (
         f"Pick {best.name}: the most accurate ({accuracy}) and, of the models not significantly worse "
-        f"({_join([m.name for m in close])}), {speed} ({_ms(_latency(best))} ms per image vs "
-        f"{_join([_ms(_latency(m)) for m in close])} ms)"
+        f"({_join([m.name for m in close])}), {speed} ({ms(_latency(best))} ms per image vs "
+        f"{_join([ms(_latency(m)) for m in close])} ms)"
     )
     if worse:
         sentence += f"; {_worse_clause(worse, against_best)}"
@@ -261,7 +266,7 @@ def _best_sentence(
 def _worse_clause(worse: list[ModelResult], against_best: dict[str, tuple[Interval, PairedTest]]) -> str:
     """'vit (-4.1 points, p = 0.003) and hybrid (-2.5 points, p = 0.02) are significantly worse'."""
     named = [
-        f"{m.name} ({_points(against_best[m.name][0].value)} points, {_p(against_best[m.name][1].p_value)})"
+        f"{m.name} ({points(against_best[m.name][0].value)} points, {p_text(against_best[m.name][1].p_value)})"
         for m in worse
     ]
     return f"{_join(named)} {'is' if len(worse) == 1 else 'are'} significantly worse"
@@ -271,22 +276,25 @@ def _faster_sentence(chosen: ModelResult, best: ModelResult, difference: Interva
     """A less accurate model is picked: it is faster (or as fast and smaller), and not significantly less accurate."""
     if _latency(chosen) < _latency(best):
         edge = (
-            f"{_ratio(_latency(best) / _latency(chosen))} faster at inference than {best.name} "
-            f"({_ms(_latency(chosen))} vs {_ms(_latency(best))} ms per image)"
+            f"{ratio(_latency(best) / _latency(chosen))} faster at inference than {best.name} "
+            f"({ms(_latency(chosen))} vs {ms(_latency(best))} ms per image)"
         )
     else:
         edge = (
-            f"as fast at inference as {best.name} ({_ms(_latency(chosen))} ms per image) with fewer parameters "
+            f"as fast at inference as {best.name} ({ms(_latency(chosen))} ms per image) with fewer parameters "
             f"({chosen.costs.parameters:,} vs {best.costs.parameters:,})"
         )
     return (
         f"Pick {chosen.name}: {edge} and not significantly less accurate "
-        f"({_points(difference.value)} points, {_ci(difference)}, {_p(pair.p_value)})."
+        f"({points(difference.value)} points, {ci(difference, CONFIDENCE)}, {p_text(pair.p_value)})."
     )
 
 
-def _versus(pairs: list[PairedTest], name: str, other: str) -> tuple[Interval, PairedTest]:
-    """`name`'s accuracy minus `other`'s, whichever way round their pair was stored."""
+def versus(pairs: list[PairedTest], name: str, other: str) -> tuple[Interval, PairedTest]:
+    """`name`'s accuracy minus `other`'s, whichever way round their pair was stored.
+
+    Public because the report reads the reference's pairs (stored reference first) from the lightweight side.
+    """
     for pair in pairs:
         if (pair.a, pair.b) == (name, other):
             return pair.difference, pair
@@ -307,37 +315,3 @@ def _latency(model: ModelResult) -> float:
 def _join(items: list[str]) -> str:
     """a; a and b; a, b and c."""
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
-
-
-def _percent(fraction: float) -> str:
-    return f"{100 * fraction:.1f} %"
-
-
-def _points(fraction: float) -> str:
-    """Percentage points, one decimal; two significant digits rather than a misleading 0.0 for a tiny difference."""
-    points = 100 * fraction
-    if points != 0 and abs(points) < 0.05:
-        return f"{points:.2g}"
-    return f"{points:.1f}"
-
-
-def _ci(interval: Interval) -> str:
-    return f"{round(100 * CONFIDENCE)} % CI [{_points(interval.low)}, {_points(interval.high)}]"
-
-
-def _p(p_value: float) -> str:
-    """'p = 0.42', two significant digits; 'p < 0.001' below that."""
-    if p_value < 0.001:
-        return "p < 0.001"
-    text = f"{p_value:.2g}"
-    return f"p = {text if '.' in text else text + '.0'}"
-
-
-def _ms(milliseconds: float) -> str:
-    return f"{milliseconds:.1f}" if milliseconds >= 1 else f"{milliseconds:.2g}"
-
-
-def _ratio(ratio: float) -> str:
-    """'2.9x'; two decimals where one would say '1.0x' of a model that is faster."""
-    text = f"{ratio:.1f}"
-    return f"{ratio:.2f}x" if text == "1.0" else f"{text}x"
