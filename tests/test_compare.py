@@ -195,7 +195,13 @@ def test_one_command_runs_three_studies_retrains_each_and_logs_one_comparison(co
     artifacts = {item.path for item in client.list_artifacts(comparison.info.run_id)}
     assert {"report.md", "report.txt", "comparison.json", "accuracy.png", "accuracy_vs_latency.png"} <= artifacts
     assert "confusion_matrices.png" in artifacts
-    assert "Pick " in tags["mlflow.note.content"]
+    note = tags["mlflow.note.content"]
+    assert note.startswith(f"# Model comparison: {NAME}\n\n**Recommendation: Pick ")  # the answer first
+    assert "## Runs" in note and ".png" not in note  # links to the runs, not to plots it cannot show
+    for run in [*parents, *finals, reference]:
+        assert f"(#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})" in note
+    (dataset,) = comparison.inputs.dataset_inputs  # the studies' data, in the Dataset column
+    assert dataset.dataset.name == "synthetic:3"
 
     metrics = comparison.data.metrics
     for model in ("cnn", "vit", "hybrid", REFERENCE):

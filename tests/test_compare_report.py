@@ -446,3 +446,10 @@ def test_pareto_front_single_empty_and_nan() -> None:
     assert pareto_front([]) == []
     # A point not measured is neither on the front nor does it beat any.
     assert pareto_front([(math.nan, 0.99), (3.0, 0.8), (1.0, math.nan)]) == [1]
+
+
+def test_the_description_for_mlflow_has_no_plot_links(comparison: Comparison) -> None:
+    """In the run's description a relative link finds no file: the plots are the run's artifacts there."""
+    note = markdown(comparison, plots=False)
+    assert "## Plots" not in note and ".png" not in note
+    assert note.startswith(markdown(comparison).split("## Plots")[0].rstrip())

@@ -47,8 +47,8 @@ from search.final_model.retrain import execute_final, prepare_final
 from search.final_model.sources import load_study
 from search.final_model.winner import WinnerConfig
 from search.study.config import StudyConfig
-from search.tracking.schema import ELAPSED_METRIC, PARENT_TAG, ROLE_TAG, absolute_uri, run_page
-from search.tracking.store import get_or_create_experiment, log_params, mlflow_client, read_artifact
+from search.tracking.schema import ELAPSED_METRIC, PARENT_TAG, ROLE_TAG, STUDY_TAG, absolute_uri, run_page
+from search.tracking.store import all_runs, get_or_create_experiment, log_params, mlflow_client, quoted, read_artifact
 from search.tracking.study_run import find_study
 from trainables.config import Hyperparameters, knobs_of
 from trainables.engine import SpeedOptions
@@ -268,8 +268,6 @@ def inputs_digest(finals: dict[str, str], resamples: int) -> str:
 
 def saved_comparison(client, name: str, inputs: str) -> str | None:
     """A finished comparison run made from these very final runs: its report stands."""
-    from search.tracking.store import all_runs, quoted
-
     runs = all_runs(
         client,
         f"tags.{ROLE_TAG} = '{COMPARISON_ROLE}' and tags.{COMPARISON_TAG} = {quoted(name)} "
@@ -415,13 +413,16 @@ def log_comparison(
         ROLE_TAG: COMPARISON_ROLE,
         COMPARISON_TAG: plan.name,
         INPUTS_TAG: inputs,
-        "mlflow.note.content": markdown(comparison),
+        "mlflow.note.content": markdown(comparison, plots=False) + runs_section(client, plan, finals),
         **{f"study.{entry.label}": entry.study for entry in plan.entries},
         **{f"final_run.{label}": run_id for label, run_id in finals.items()},
     }
     run = client.create_run(experiment_id, run_name=plan.name, tags=tags)
     run_id = run.info.run_id
     try:
+        study_run = find_study(plan.tracking_uri, plan.entries[0].study)
+        if study_run is not None:  # the studies' data, in the runs table's Dataset column
+            client.log_inputs(run_id, datasets=study_run.inputs.dataset_inputs)
         log_params(client, run_id, comparison.settings | {"resamples": comparison.resamples})
         client.log_batch(run_id, metrics=comparison_metrics(comparison))
         for name in (REPORT_TEXT, REPORT_MARKDOWN, REPORT_DATA, *PLOT_FILES):
@@ -431,6 +432,21 @@ def log_comparison(
         raise
     client.set_terminated(run_id, "FINISHED")
     return run_id, experiment_id
+
+
+def runs_section(client, plan: Plan, finals: dict[str, str]) -> str:
+    """Links, for the run's description, to each study's run and each final run (UI-relative: any host)."""
+
+    def link(text: str, run_id: str) -> str:
+        return f"[{text}](#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id})"
+
+    studies = {entry.label: find_study(plan.tracking_uri, entry.study) for entry in plan.entries}
+    lines = ["", "## Runs", ""]
+    for label, final_run in finals.items():
+        study = studies.get(label)
+        found = f"{link(f'study {study.data.tags[STUDY_TAG]}', study.info.run_id)}, " if study is not None else ""
+        lines.append(f"- **{label}**: {found}{link('final run', final_run)}")
+    return "\n".join(lines) + "\n"
 
 
 def comparison_metrics(comparison: Comparison) -> list[Metric]:

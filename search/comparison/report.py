@@ -606,13 +606,16 @@ def how_to_read(comparison: Comparison) -> str:
     )
 
 
-def markdown(comparison: Comparison) -> str:
-    """The comparison as a Markdown page; its plots are linked by file name, so it renders beside them."""
+def markdown(comparison: Comparison, plots: bool = True) -> str:
+    """The comparison as a Markdown page; its plots are linked by file name, so it renders beside them.
+
+    plots=False leaves the links out: for the MLflow run's description, where a relative link finds no file
+    (the plots are the run's artifacts, previewed there)."""
     plot_titles = ("Test accuracy with 95 % intervals", "Accuracy against latency", "Confusion matrices")
     parts = [
         f"# Model comparison: {comparison.name}",
+        f"**Recommendation: {comparison.recommendation}**",  # the answer first: a collapsed description shows it
         "\n".join(settings_lines(comparison)),
-        f"**Recommendation: {comparison.recommendation}**",
         "## Test scores",
         "\n".join(markdown_table(markdown_score_rows(comparison))),
         "## Costs",
@@ -630,9 +633,12 @@ def markdown(comparison: Comparison) -> str:
         "\n".join(config_lines(comparison)),
         "## How to read this",
         how_to_read(comparison),
-        "## Plots",
-        "\n\n".join(f"![{title}]({name})" for title, name in zip(plot_titles, PLOT_FILES, strict=True)),
     ]
+    if plots:
+        parts += [
+            "## Plots",
+            "\n\n".join(f"![{title}]({name})" for title, name in zip(plot_titles, PLOT_FILES, strict=True)),
+        ]
     return "\n\n".join(parts) + "\n"
 
 
