@@ -65,6 +65,7 @@ def build_compare_parser() -> tuple[argparse.ArgumentParser, list[argparse.Actio
         "--resamples", type=int, default=2000, help="bootstrap resamples of the test images (at least 1000)"
     )
     what.add_argument("--out", default=None, help="report folder (default: comparisons/<name>)")
+    parser._action_groups.insert(2, parser._action_groups.pop())  # --help lists the comparison's own flags first
     return parser, forwarded
 
 

@@ -99,16 +99,8 @@ def run_comparison(args: argparse.Namespace, plan: Plan, run_argv: list[str]) ->
 def run_study(entry: Entry, run_argv: list[str]) -> None:
     """run.py in a process of its own (its own Ray); Ctrl-C here is handed on to it, once."""
     resume = ["--resume"] if entry.state == "unfinished" else []
-    command = [
-        sys.executable,
-        str(RUN_SCRIPT),
-        "--model",
-        entry.config.model,
-        "--name",
-        entry.study,
-        *resume,
-        *run_argv,
-    ]
+    command = [sys.executable, str(RUN_SCRIPT), "--model", entry.config.model, "--name", entry.study]
+    command += resume + run_argv
     print(f"\n== {entry.label}: {'resuming' if resume else 'starting'} study {entry.study}", flush=True)
     # A session of its own: a terminal's Ctrl-C reaches this process only, which passes one SIGINT on
     # (run.py's graceful stop); two would hurry Ray's shutdown.
