@@ -15,14 +15,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from search.comparison.report import (
-    PLOT_FILES,
-    markdown,
-    pareto_front,
-    row_normalised,
-    table_lines,
-    write_plots,
-)
+from search.comparison.plots import row_normalised, write_plots
+from search.comparison.report import PLOT_FILES, markdown, pareto_front, table_lines
 from search.comparison.results import Comparison, Costs, Interval, ModelResult, PairedTest, SearchCost
 from search.comparison.wording import NA, ci, fixed, ms, p_text, p_value, percent, points, ratio
 

@@ -38,7 +38,8 @@ from search.comparison.plan import (
     finished_reference,
     finished_retrain,
 )
-from search.comparison.report import PLOT_FILES, markdown, table_lines, write_plots
+from search.comparison.plots import write_plots
+from search.comparison.report import PLOT_FILES, markdown, table_lines
 from search.comparison.results import Comparison, Costs, ModelResult, PairedTest, SearchCost
 from search.comparison.stats import metric_intervals, paired_test, recommend, stratified_resamples
 from search.errors import UsageError
