@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_arguments(args)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our bars only
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our closing lines say where
         config = load_winner(args)  # before torch loads: a wrong name or file is answered sooner
         from search.final_model.retrain import execute_final, prepare_final  # torch, timm, MLflow
 

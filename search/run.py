@@ -29,6 +29,7 @@ QUIET_ENVIRONMENT = {
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's older reporter, silent at verbose=0 (the newer one prints a config box)
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # reading study.yaml back on --resume
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # a server's "View run" lines: the closing lines say where
 }
 """Added without --verbose: the study's own lines are all the terminal shows."""
 SPEED_FLAGS = {

@@ -48,7 +48,7 @@ from search.final_model.retrain import execute_final, prepare_final
 from search.final_model.sources import load_study
 from search.final_model.winner import WinnerConfig
 from search.study.config import StudyConfig
-from search.tracking.schema import ELAPSED_METRIC, PARENT_TAG, ROLE_TAG, STUDY_TAG, absolute_uri, run_page
+from search.tracking.schema import ELAPSED_METRIC, PARENT_TAG, ROLE_TAG, STUDY_TAG, mlflow_lines, run_page
 from search.tracking.store import all_runs, get_or_create_experiment, log_params, mlflow_client, quoted, read_artifact
 from search.tracking.study_run import find_study
 from trainables.config import Hyperparameters, knobs_of
@@ -250,8 +250,7 @@ def report(
     print()
     print("\n".join(lines))
     print(f"\nReport:     {out}/{REPORT_MARKDOWN} (plots: {', '.join(PLOT_FILES)})")
-    print(f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(plan.tracking_uri)} --host 127.0.0.1 --port 5000")
-    print(f"            then open {run_page(experiment_id, run_id)}")
+    print("\n".join(mlflow_lines(plan.tracking_uri, run_page(plan.tracking_uri, experiment_id, run_id))))
     return 0
 
 

@@ -39,7 +39,7 @@ from search.final_model.report import (
 )
 from search.final_model.winner import WinnerConfig
 from search.study.config import FULL, SMOKE
-from search.tracking.schema import FINAL_ROLE, ROLE_TAG, STUDY_TAG, absolute_uri, run_page
+from search.tracking.schema import FINAL_ROLE, ROLE_TAG, STUDY_TAG, mlflow_lines, run_page
 from search.tracking.store import get_or_create_experiment, log_data_input, log_params, mlflow_client
 from search.tracking.study_run import data_record
 from trainables.checkpoint import ModelFile
@@ -442,5 +442,4 @@ def print_closing(
             f"(mlflow.pytorch.load_model({uri!r}): float32 images (N, 3, H, W) in [0, 1] -> class probabilities)"
         )
     print(f"Results:    {final.out}/ (model.pt, config.yaml, classes.json, metrics.json, confusion_matrix.png, ...)")
-    print(f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(final.tracking_uri)} --host 127.0.0.1 --port 5000")
-    print(f"            then open {run_page(experiment_id, run_id)}")
+    print("\n".join(mlflow_lines(final.tracking_uri, run_page(final.tracking_uri, experiment_id, run_id))))

@@ -9,8 +9,8 @@ from search.study.report import StudySummary, chance_level, counts_line, duratio
 from search.tracking.schema import (
     BEST_CONFIG_FILE,
     BEST_MODEL_FILE,
-    absolute_uri,
     exception_line,
+    mlflow_lines,
     runs_page,
     trial_label,
     trial_outcome,
@@ -82,7 +82,6 @@ def print_closing(
         print(f"Config:     {best_dir}/{BEST_CONFIG_FILE}")
         print(f"Checkpoint: {best_dir}/{BEST_MODEL_FILE}")
         print(f"Retrain:    python search/final.py --study {config.name}")
-    print(f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(config.tracking_uri)} --host 127.0.0.1 --port 5000")
-    print(f"            then open {runs_page(experiment_id, config.name)}")
+    print("\n".join(mlflow_lines(config.tracking_uri, runs_page(config.tracking_uri, experiment_id, config.name))))
     if config.optuna_storage:
         print(f"Optuna:     optuna-dashboard {config.optuna_storage}   (pip install optuna-dashboard)")

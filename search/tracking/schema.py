@@ -145,18 +145,41 @@ SHARED_VIEW_TAG = "mlflow.sharedViewState."
 """An experiment tag (+ a key) holding a runs-page view (filter, sort, columns) that a URL opens: the UI's Share."""
 
 
-def runs_page(experiment_id: str, study: str) -> str:
-    """A study's saved view of its experiment's runs page (search.tracking.runs_view) on `mlflow ui`'s
-    default address, on the model-training view."""
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where `mlflow ui` serves a local store (its default address)."""
+
+
+def is_server(tracking_uri: str) -> bool:
+    """An MLflow tracking server, which serves the UI itself."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def ui_address(tracking_uri: str) -> str:
+    """Where the UI of this store is: the server's own address, else `mlflow ui`'s default."""
+    return tracking_uri.rstrip("/") if is_server(tracking_uri) else LOCAL_UI
+
+
+def runs_page(tracking_uri: str, experiment_id: str, study: str) -> str:
+    """A study's saved view of its experiment's runs page (search.tracking.runs_view), on the model-training view."""
     return (
-        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+        f"{ui_address(tracking_uri)}/#/experiments/{experiment_id}/runs"
         f"?viewStateShareKey={study}&workflowType=machine_learning"
     )
 
 
-def run_page(experiment_id: str, run_id: str) -> str:
-    """One run's page on `mlflow ui`'s default address, on the model-training view."""
-    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+def run_page(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """One run's page, on the model-training view."""
+    return f"{ui_address(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def mlflow_lines(tracking_uri: str, page: str) -> list[str]:
+    """How to look at `page`: a server shows it at once; a local store through `mlflow ui` first."""
+    if is_server(tracking_uri):
+        return [f"MLflow:     open {page}"]
+    return [
+        f"MLflow:     mlflow ui --backend-store-uri {absolute_uri(tracking_uri)} --host 127.0.0.1 --port 5000",
+        f"            then open {page}",
+    ]
 
 
 def absolute_uri(uri: str) -> str:

@@ -1,0 +1,114 @@
+"""A study, its --resume and final.py against an `mlflow server` (sqlite backend, proxied artifacts): HTTP only.
+
+The server runs in a folder of its own; the project folder must end up with no
+tracking data of its own (no mlruns/, no mlflow/), and everything the study and the
+retrain record must be found through the server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, run_script
+
+pytestmark = pytest.mark.slow
+
+NAME = "served"
+STUDY = ("--model", "vit", "--trials", "2", "--epochs", "2", "--smoke", "--data", "synthetic:3", "--no-pretrained")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and artifacts proxied into its own folder."""
+    folder = tmp_path_factory.mktemp("server")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder}/server.db", "--artifacts-destination", str(folder / "artifacts")],
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail("mlflow server did not start")
+            time.sleep(1)
+    yield url, folder
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def test_a_study_its_resume_and_its_retrain_work_through_the_server_alone(server, tmp_path):
+    url, server_folder = server
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copytree(ROOT / "spaces", project / "spaces")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    # Stopped with Ctrl-C once its first trial has reported an epoch, then resumed.
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "search" / "run.py"), *STUDY, "--name", NAME, "--tracking-uri", url],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    assert first.stdout is not None
+    seen = []
+    for line in iter(first.stdout.readline, ""):
+        seen.append(line)
+        if " epoch  1/2" in line:
+            break
+    first.send_signal(signal.SIGINT)
+    output = "".join(seen) + first.communicate(timeout=300)[0]
+    assert first.returncode == 130, output[-3000:]
+
+    resumed = run_script("run.py", *STUDY, "--name", NAME, "--tracking-uri", url, "--resume", cwd=project)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    retrained = run_script("final.py", "--study", NAME, "--tracking-uri", url, "--no-pretrained", cwd=project)
+    assert retrained.returncode == 0, retrained.stdout[-3000:] + retrained.stderr[-3000:]
+
+    # Where to look is the server itself, said once; MLflow's own "View run" lines are not printed.
+    for result in (resumed, retrained):
+        assert f"MLflow:     open {url}/#/experiments/" in result.stdout
+        assert "mlflow ui --backend-store-uri" not in result.stdout and "View run" not in result.stdout
+
+    # Nothing of the record is kept in the project folder.
+    assert not (project / "mlruns").exists() and not (project / "mlflow").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("vit")
+    runs = client.search_runs([experiment.experiment_id], f"tags.study = '{NAME}'")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and "role" not in r.data.tags]
+    (final,) = [r for r in runs if r.data.tags.get("role") == "final"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and final.info.status == "FINISHED"
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    assert {"study.yaml", "best"} <= {item.path for item in client.list_artifacts(parent.info.run_id)}
+    assert "test_predictions.csv" in {item.path for item in client.list_artifacts(final.info.run_id)}
+    (version,) = client.search_model_versions("name = 'vit-classifier'")
+    assert version.run_id == final.info.run_id
+
+    # The files went through the server into its own artifact folder.
+    stored = {path.name for path in Path(server_folder, "artifacts").rglob("*") if path.is_file()}
+    assert {"study.yaml", "best_config.yaml", "test_predictions.csv", "MLmodel"} <= stored
