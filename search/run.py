@@ -14,6 +14,7 @@ import sys
 
 from search.cli import DEFAULT_CACHE_DIR, DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, add_weights_argument
 from search.errors import UsageError
+from search.study.cluster import check_cluster, ray_address
 from search.study.config import FULL, SMOKE, STUDY_DEFAULTS, new_config
 from trainables.config import METRICS, MODEL_NAMES
 
@@ -122,6 +123,12 @@ def build_parser(
 
     resources = parser.add_argument_group("resources and early stopping")
     resources.add_argument(
+        "--address",
+        default=None,
+        metavar="auto|HOST:PORT",
+        help="run the trials on a running Ray cluster (default: $RAY_ADDRESS if set, else a private local Ray)",
+    )
+    resources.add_argument(
         "--gpus-per-trial",
         type=gpu_fraction,
         default="auto",
@@ -188,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             config, resume_run_id = resumed_config(args)
         else:
             config, resume_run_id = new_config(args), None
+        address = ray_address(args.address)
+        check_cluster(address)
         from search.study.preflight import check_study  # the data layer (numpy, PIL), once the arguments are good
 
         checked = check_study(config, resume_run_id)
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         open_stores(config, resume_run_id, create=False)  # a taken name, answered before the heavy imports
         from search.study.driver import run_study  # torch and Ray load once the study is known to be good
 
-        return run_study(config, checked, verbose=args.verbose)
+        return run_study(config, checked, verbose=args.verbose, address=address)
     except UsageError as error:
         print(f"search/run.py: error: {error}", file=sys.stderr)
         return 2

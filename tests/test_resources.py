@@ -114,14 +114,31 @@ def test_probe_without_cuda_raises_a_clear_error(monkeypatch):
 def test_auto_means_the_cpu_on_a_machine_without_a_gpu():
     import torch
 
-    from search.study.driver import GpuShare, given_gpu_share, start_gpu_probe
+    from search.study.driver import GpuShare, given_gpu_share, local_resources, start_gpu_probe
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     config, checked = auto_inputs()
     assert config.gpus_per_trial is None  # 'auto'
     assert start_gpu_probe(config, checked) is None
-    assert given_gpu_share(config) == GpuShare(0.0, os.cpu_count())
+    assert given_gpu_share(config, *local_resources()) == GpuShare(0.0, os.cpu_count())
+
+
+def test_on_a_cluster_the_share_and_the_slots_come_from_the_cluster_s_resources():
+    """A driver without a GPU on a cluster with GPUs: a given share packs the cluster's GPUs; 'auto', which
+    would measure this machine's GPU, is refused in one line."""
+    from dataclasses import replace
+
+    from search.errors import UsageError
+    from search.study.driver import GpuShare, given_gpu_share
+
+    config, _ = auto_inputs()
+    assert given_gpu_share(replace(config, gpus_per_trial=0.25), 2, 32) == GpuShare(0.25, 8)
+    assert given_gpu_share(replace(config, gpus_per_trial=0.0), 2, 32) == GpuShare(0.0, 32)
+    with pytest.raises(UsageError, match="give the share each trial takes"):
+        given_gpu_share(config, 2, 32)
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        given_gpu_share(replace(config, gpus_per_trial=0.5), 0, 32)
 
 
 def test_the_probe_process_hands_its_error_back():

@@ -22,11 +22,13 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from ray._private import ray_constants
+from ray.exceptions import AuthenticationError
 from ray.tune import ResultGrid
 
 from search.cli import interrupts_ignored, require_pretrained
 from search.errors import UsageError, one_line
 from search.final_model.winner import winner_record
+from search.study.cluster import missing_token
 from search.study.config import CONFIG_FILE, StudyConfig
 from search.study.console import print_closing, print_resume_hint
 from search.study.gpu_share import GpuProbe, GpuTooSmall, choose_gpu_fraction
@@ -75,16 +77,19 @@ class GpuShare:
     max_concurrent: int
 
 
-def run_study(config: StudyConfig, checked: CheckedStudy, verbose: bool = False) -> int:
-    """verbose: Ray's own output (its progress reports, the trial processes' output) besides the study's lines."""
+def run_study(config: StudyConfig, checked: CheckedStudy, verbose: bool = False, address: str | None = None) -> int:
+    """verbose: Ray's own output (its progress reports, the trial processes' output) besides the study's lines;
+    address: a running Ray cluster to join (None: a private local Ray)."""
     started = time.monotonic()  # the study's time includes caching the data and starting Ray
-    return execute_study(prepare_study(config, checked, verbose), started, verbose)
+    return execute_study(prepare_study(config, checked, verbose, address), started, verbose)
 
 
 # ---------------------------------------------------------------- prepare
 
 
-def prepare_study(config: StudyConfig, checked: CheckedStudy, verbose: bool = False) -> PreparedStudy:
+def prepare_study(
+    config: StudyConfig, checked: CheckedStudy, verbose: bool = False, address: str | None = None
+) -> PreparedStudy:
     """Check and cache everything the study needs, and start Ray.
 
     Returns with Ray running; on any error Ray is stopped again and nothing was written.
@@ -92,13 +97,16 @@ def prepare_study(config: StudyConfig, checked: CheckedStudy, verbose: bool = Fa
     gpu_probe = start_gpu_probe(
         config, checked
     )  # --gpus-per-trial auto: a process of its own, overlapping what follows
-    share = given_gpu_share(config) if gpu_probe is None else None  # checked at once
+    # Checked at once on this machine; on a cluster once joined, from the cluster's resources.
+    share = given_gpu_share(config, *local_resources()) if gpu_probe is None and address is None else None
     try:
         if config.pretrained:
             require_pretrained(BACKBONES[config.model], config.weights)
         open_stores(config, checked.resume_run_id)
         index, splits, skipped = cache_data(config, checked.index)
-        start_ray(verbose)
+        start_ray(verbose, address)
+        if share is None:
+            share = given_gpu_share(config, *cluster_resources()) if gpu_probe is None else None
         if share is None:
             share = measured_gpu_share(config, gpu_probe)
         resolved = replace(config, gpus_per_trial=share.gpus_per_trial, max_concurrent=share.max_concurrent)
@@ -127,13 +135,16 @@ def cache_data(config: StudyConfig, index: DatasetIndex) -> tuple[DatasetIndex, 
         raise UsageError(str(error)) from None
 
 
-def start_ray(verbose: bool = False) -> None:
-    """A private, single-machine Ray that listens on 127.0.0.1 only.
+def start_ray(verbose: bool = False, address: str | None = None) -> None:
+    """A private, single-machine Ray that listens on 127.0.0.1 only; or, given an address, the running cluster.
 
     The trial processes' own output reaches the terminal with `verbose` only: what a trial
     has to say comes through its results and, when it fails, its error file (Ray's logs
     under /tmp/ray keep the rest).
     """
+    if address is not None:
+        join_cluster(address, verbose)
+        return
     os.environ.setdefault(LOOPBACK_SWITCH, "0")
     if os.environ[LOOPBACK_SWITCH] == "0":
         ray_constants.ENABLE_RAY_CLUSTER = False  # read when Ray was imported: apply it now
@@ -145,6 +156,31 @@ def start_ray(verbose: bool = False) -> None:
         logging_level=logging.WARNING,
         log_to_driver=verbose,
     )
+
+
+def join_cluster(address: str, verbose: bool) -> None:
+    """ray.init on a running cluster (its nodes' own addresses, not loopback); its failures as one line."""
+    ray_constants.ENABLE_RAY_CLUSTER = True  # the loopback switch is for the private Ray only
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose)
+    except AuthenticationError:
+        raise UsageError(missing_token(address)) from None
+    except ConnectionError as error:
+        raise UsageError(
+            f"--address {address}: {one_line(error)}; check that the cluster runs (`ray status` on its head) and "
+            f"that this machine has the head's token (~/.ray/auth_token; a wrong one fails the same way)"
+        ) from None
+
+
+def local_resources() -> tuple[int, int]:
+    """(GPUs, CPU cores) of this machine: what a private Ray has."""
+    return torch.cuda.device_count(), os.cpu_count() or 1
+
+
+def cluster_resources() -> tuple[int, int]:
+    """(GPUs, CPUs) of the Ray cluster joined: what its trials can be placed on, whichever node has them."""
+    resources = ray.cluster_resources()
+    return int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
 
 
 def start_gpu_probe(config: StudyConfig, checked: CheckedStudy) -> GpuProbe | None:
@@ -162,10 +198,17 @@ def start_gpu_probe(config: StudyConfig, checked: CheckedStudy) -> GpuProbe | No
     )
 
 
-def given_gpu_share(config: StudyConfig) -> GpuShare:
-    """The share --gpus-per-trial gives (0 for 'auto' without a GPU), checked."""
-    gpus_per_trial = resolve_gpus(config.gpus_per_trial or 0.0)
-    return GpuShare(gpus_per_trial, config.max_concurrent or trial_slots(gpus_per_trial, config.cpus_per_trial))
+def given_gpu_share(config: StudyConfig, gpus: int, cpus: int) -> GpuShare:
+    """The share --gpus-per-trial gives (0 for 'auto' without a GPU), checked against `gpus` GPUs and `cpus` CPUs."""
+    if config.gpus_per_trial is None and gpus:  # auto, on a cluster whose GPUs this machine cannot probe
+        raise UsageError(
+            f"--gpus-per-trial auto measures a GPU of this machine, which has none, but the cluster has {gpus}: "
+            f"give the share each trial takes, e.g. --gpus-per-trial 0.25"
+        )
+    gpus_per_trial = resolve_gpus(config.gpus_per_trial or 0.0, gpus)
+    return GpuShare(
+        gpus_per_trial, config.max_concurrent or trial_slots(gpus_per_trial, config.cpus_per_trial, gpus, cpus)
+    )
 
 
 def measured_gpu_share(config: StudyConfig, gpu_probe) -> GpuShare:
@@ -185,20 +228,20 @@ def measured_gpu_share(config: StudyConfig, gpu_probe) -> GpuShare:
     return GpuShare(plan.fraction, config.max_concurrent or trials)
 
 
-def resolve_gpus(requested: float) -> float:
+def resolve_gpus(requested: float, gpus: int) -> float:
     """A given --gpus-per-trial, refused where no GPU would take it."""
-    if requested > 0 and not torch.cuda.device_count():
+    if requested > 0 and not gpus:
         raise UsageError(
             f"--gpus-per-trial {requested} but no CUDA GPU is visible: pass --gpus-per-trial 0 to train on the CPU"
         )
     return requested
 
 
-def trial_slots(gpus_per_trial: float, cpus_per_trial: int) -> int:
-    """How many trials fit at once: GPU slots on a GPU machine, CPU cores otherwise."""
+def trial_slots(gpus_per_trial: float, cpus_per_trial: int, gpus: int, cpus: int) -> int:
+    """How many trials fit at once: GPU slots where trials take a GPU share, CPU cores otherwise."""
     if gpus_per_trial > 0:
-        return max(1, int(torch.cuda.device_count() / gpus_per_trial + 1e-9))
-    return max(1, (os.cpu_count() or 1) // cpus_per_trial)
+        return max(1, int(gpus / gpus_per_trial + 1e-9))
+    return max(1, cpus // cpus_per_trial)
 
 
 # ---------------------------------------------------------------- execute
