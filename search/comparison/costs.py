@@ -22,14 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from search.comparison.results import Costs
+from search.comparison.results import LATENCY_BATCHES, Costs
 from trainables.config import Hyperparameters
 from trainables.data import CachedSplit
 from trainables.engine import Learner, SpeedOptions
 from trainables.models import ModelSpec, build_model, count_parameters
-
-LATENCY_BATCHES = (1, 32)
-"""Inference batch sizes timed: one image at a time (an interactive tool) and a batch (bulk scoring)."""
 
 
 def measure_costs(

@@ -225,12 +225,23 @@ def report(
     first = next(iter(predictions.values()))
     resamples = stratified_resamples(first.labels, args.resamples, plan.entries[0].config.seed)
     entries = {entry.label: entry for entry in plan.entries}
+    parents = {entry.label: find_study(plan.tracking_uri, entry.study) for entry in plan.entries}  # read once
     models = []
     for label, run_id in finals.items():
         entry = entries.get(label)
         winner = winners[label] if entry else reference_config(winners[plan.entries[0].label], label)
         models.append(
-            model_result(client, label, run_id, entry, winner, predictions[label], resamples, plan.entries[0].config)
+            model_result(
+                client,
+                label,
+                run_id,
+                entry,
+                parents.get(label),
+                winner,
+                predictions[label],
+                resamples,
+                plan.entries[0].config,
+            )
         )
     pairs = paired_tests(predictions, [m.name for m in models if not m.reference], resamples)
     comparison = Comparison(
@@ -246,7 +257,7 @@ def report(
     lines = table_lines(comparison)
     write_report(comparison, lines, out)
     with interrupts_ignored():  # one whole comparison run, or none
-        run_id, experiment_id = log_comparison(client, plan, comparison, finals, inputs, out, args)
+        run_id, experiment_id = log_comparison(client, plan, comparison, finals, parents, inputs, out, args)
     print()
     print("\n".join(lines))
     print(f"\nReport:     {out}/{REPORT_MARKDOWN} (plots: {', '.join(PLOT_FILES)})")
@@ -294,6 +305,7 @@ def model_result(
     label: str,
     run_id: str,
     entry: Entry | None,
+    parent,
     winner: WinnerConfig,
     predictions: Predictions,
     resamples: np.ndarray,
@@ -308,7 +320,7 @@ def model_result(
         confusion=confusion_matrix(predictions.labels, predictions.predicted, labels=range(len(predictions.classes))),
         final_run_id=run_id,
         study=entry.study if entry else None,
-        search=search_cost(client, entry) if entry else None,
+        search=search_cost(client, entry, parent) if entry else None,
         config=knobs_of(winner.model, winner.hyperparameters.to_dict()) if entry else {},
         reference=entry is None,
     )
@@ -324,10 +336,9 @@ def costs_of(winner: WinnerConfig, study: StudyConfig) -> Costs:
     return measure_costs(spec, winner.hyperparameters, torch.device("cuda" if cuda else "cpu"), speed)
 
 
-def search_cost(client, entry: Entry) -> SearchCost:
-    """The study's wall time (summed over its sessions) and GPU-hours: each trial's time times its GPU share."""
-    parent = find_study(entry.config.tracking_uri, entry.study)
-    assert parent is not None  # the plan found it
+def search_cost(client, entry: Entry, parent) -> SearchCost:
+    """The study's wall time (summed over its sessions) and GPU-hours: each trial's time times its GPU share;
+    `parent`: the study's run."""
     trials = client.search_runs(
         [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=50_000
     )
@@ -395,6 +406,7 @@ def log_comparison(
     plan: Plan,
     comparison: Comparison,
     finals: dict[str, str],
+    parents: dict,
     inputs: str,
     out: Path,
     args: argparse.Namespace,
@@ -405,14 +417,14 @@ def log_comparison(
         ROLE_TAG: COMPARISON_ROLE,
         COMPARISON_TAG: plan.name,
         INPUTS_TAG: inputs,
-        "mlflow.note.content": markdown(comparison, plots=False) + runs_section(client, plan, finals),
+        "mlflow.note.content": markdown(comparison, plots=False) + runs_section(client, finals, parents),
         **{f"study.{entry.label}": entry.study for entry in plan.entries},
         **{f"final_run.{label}": run_id for label, run_id in finals.items()},
     }
     run = client.create_run(experiment_id, run_name=plan.name, tags=tags)
     run_id = run.info.run_id
     try:
-        study_run = find_study(plan.tracking_uri, plan.entries[0].study)
+        study_run = parents[plan.entries[0].label]
         if study_run is not None:  # the studies' data, in the runs table's Dataset column
             client.log_inputs(run_id, datasets=study_run.inputs.dataset_inputs)
         log_params(client, run_id, comparison.settings | {"resamples": comparison.resamples})
@@ -426,16 +438,15 @@ def log_comparison(
     return run_id, experiment_id
 
 
-def runs_section(client, plan: Plan, finals: dict[str, str]) -> str:
+def runs_section(client, finals: dict[str, str], parents: dict) -> str:
     """Links, for the run's description, to each study's run and each final run (UI-relative: any host)."""
 
     def link(text: str, run_id: str) -> str:
         return f"[{text}](#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id})"
 
-    studies = {entry.label: find_study(plan.tracking_uri, entry.study) for entry in plan.entries}
     lines = ["", "## Runs", ""]
     for label, final_run in finals.items():
-        study = studies.get(label)
+        study = parents.get(label)
         found = f"{link(f'study {study.data.tags[STUDY_TAG]}', study.info.run_id)}, " if study is not None else ""
         lines.append(f"- **{label}**: {found}{link('final run', final_run)}")
     return "\n".join(lines) + "\n"

@@ -122,21 +122,25 @@ def plan_existing(args: argparse.Namespace) -> Plan:
 
 def finished_retrain(client, study: str, predictions_file: str) -> str | None:
     """The newest finished final run of `study` that recorded its per-image test predictions."""
-    runs = all_runs(
-        client,
-        f"tags.{ROLE_TAG} = 'final' and tags.{STUDY_TAG} = {quoted(study)} and attributes.status = 'FINISHED'",
+    return newest_with_file(
+        client, f"tags.{ROLE_TAG} = 'final' and tags.{STUDY_TAG} = {quoted(study)}", predictions_file
     )
-    return next((run.info.run_id for run in runs if has_file(client, run.info.run_id, predictions_file)), None)
 
 
 def finished_reference(client, comparison: str, backbone: str, predictions_file: str) -> str | None:
     """The newest finished run of this comparison's reference model."""
-    runs = all_runs(
+    return newest_with_file(
         client,
         f"tags.{ROLE_TAG} = '{REFERENCE_ROLE}' and tags.{COMPARISON_TAG} = {quoted(comparison)} "
-        f"and tags.{REFERENCE_MODEL_TAG} = {quoted(backbone)} and attributes.status = 'FINISHED'",
+        f"and tags.{REFERENCE_MODEL_TAG} = {quoted(backbone)}",
+        predictions_file,
     )
-    return next((run.info.run_id for run in runs if has_file(client, run.info.run_id, predictions_file)), None)
+
+
+def newest_with_file(client, filter_string: str, path: str) -> str | None:
+    """The newest finished run matching filter_string that holds the file `path`."""
+    runs = all_runs(client, f"{filter_string} and attributes.status = 'FINISHED'")
+    return next((run.info.run_id for run in runs if has_file(client, run.info.run_id, path)), None)
 
 
 def has_file(client, run_id: str, path: str) -> bool:

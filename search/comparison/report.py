@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from search.comparison.results import COMPARED_METRICS, SIGNIFICANCE, Comparison, Interval, ModelResult, PairedTest
+from search.comparison.results import (
+    COMPARED_METRICS,
+    LATENCY_BATCHES,
+    SIGNIFICANCE,
+    Comparison,
+    Interval,
+    ModelResult,
+    PairedTest,
+)
 from search.comparison.stats import CONFIDENCE, describe_pair, versus, winner_first
 from search.comparison.wording import NA, bounds, ci, finite, fixed, ms, p_text, p_value, percent, points, ratio
 from search.study.report import duration
@@ -23,8 +31,6 @@ PLOT_FILES = ("accuracy.png", "accuracy_vs_latency.png", "confusion_matrices.png
 """The plots write_plots draws, in reading order; the Markdown links them by these names."""
 PERCENT_METRICS = frozenset({"test_acc", "test_balanced_acc", "test_macro_f1"})
 """Metrics read as a share of images (shown in percent); the others (ROC-AUC, ECE) keep their 0-1 scale."""
-LATENCY_BATCHES = (1, 32)
-"""Inference batch sizes the costs give a latency for, in the order the tables show them."""
 NONE = "-"
 """A cost that does not apply: peak CUDA memory on the CPU, the search of the reference."""
 GIB = 1024**3

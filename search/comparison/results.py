@@ -24,6 +24,8 @@ COMPARED_METRICS = {
     "test_ece": "ECE",
 }
 """Test metrics given with a bootstrap interval, and how the report names them (ECE: lower is better)."""
+LATENCY_BATCHES = (1, 32)
+"""Inference batch sizes a model's latency is measured at, in the order the tables show them."""
 
 
 @dataclass(frozen=True)
