@@ -164,7 +164,12 @@ def build_parser(
     tracking = parser.add_argument_group("where results go")
     if one_study:
         tracking.add_argument("--name", default=None, help="study name (default: <model>-<timestamp>)")
-    tracking.add_argument("--storage-path", default="ray_results", help="Ray Tune trial folders and checkpoints")
+    tracking.add_argument(
+        "--storage-path",
+        default="ray_results",
+        help="Ray Tune trial folders and checkpoints: a folder (shared by every node on a cluster) or a URI such as "
+        "s3://bucket/prefix (an S3-compatible endpoint from AWS_ENDPOINT_URL)",
+    )
     tracking.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="decoded-image cache shared by trials")
     tracking.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
     tracking.add_argument("--experiment", default=None, help="MLflow experiment (default: the model name)")
@@ -173,7 +178,7 @@ def build_parser(
         default=None,
         metavar="URI",
         help="database of the Optuna study, for optuna-dashboard (default: optuna.db beside a SQLite "
-        "--tracking-uri, else under --storage-path)",
+        "--tracking-uri, else under a folder --storage-path; needed with a server and a URI --storage-path)",
     )
     if one_study:
         tracking.add_argument(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -11,12 +13,14 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from helpers import ROOT, run_script
 
 STUDY = ("--model", "vit", "--trials", "2", "--epochs", "1", "--smoke", "--data", "synthetic:3", "--no-pretrained")
+STUDY_ON_CPUS = (*STUDY, "--gpus-per-trial", "0")
 
 
 def without_token(home) -> dict:
@@ -46,35 +50,218 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_studies_run_on_a_running_cluster_and_leave_it_running(tmp_path):
-    """A head started as a user starts one (`ray start --head`, token authentication on), on loopback."""
-    token = uuid.uuid4().hex  # the cluster's token, given to it and to the drivers alike
-    env = {**without_token(tmp_path / "home"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    port = free_port()
-    log = tmp_path / "head.log"
-    ray_folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+RAY = str(Path(sys.executable).with_name("ray"))
+NODE = ("--block", "--num-cpus", "1", "--disable-usage-stats", "--node-ip-address", "127.0.0.1")
+"""One CPU per node: two trials at once land one on each node."""
+
+
+def start_node(arguments: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`ray start ... --block` in a session of its own (killing that session stops the node), once it runs."""
     with log.open("w") as output:
-        head = subprocess.Popen(
-            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(port),
-             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--node-ip-address",
-             "127.0.0.1", "--temp-dir", ray_folder],
-            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
+        node = subprocess.Popen(
+            [RAY, "start", *NODE, *arguments], stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    deadline = time.monotonic() + 120
+    while "block forever" not in log.read_text():  # printed once the node runs
+        assert node.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.5)
+    return node
+
+
+def stop_node(node: subprocess.Popen, signal_number: int = signal.SIGTERM) -> None:
+    if node.poll() is None:
+        os.killpg(node.pid, signal_number)  # --block: stopping it stops its node
+        try:
+            node.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a head whose worker node is gone can take half a minute
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=30)
+
+
+@dataclass
+class TwoNodes:
+    address: str
+    env: dict
+    """What a driver needs: the cluster's token, and no other token or address."""
+    worker: subprocess.Popen
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two Ray nodes on loopback, started as a user starts them (token authentication on), one CPU each.
+    The worker node declares a GPU that it does not have, for --gpus-per-trial auto to measure there."""
+    folder = tmp_path_factory.mktemp("cluster")
+    token = uuid.uuid4().hex  # the cluster's token, given to its nodes and to the drivers alike
+    env = {**without_token(folder / "home"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    address = f"127.0.0.1:{free_port()}"
+    ray_folders = [tempfile.mkdtemp(prefix="ray-", dir="/tmp") for _ in range(2)]  # socket paths < 108 bytes
+    head = start_node(
+        ["--head", "--port", address.split(":")[1], "--include-dashboard", "false", "--temp-dir", ray_folders[0]],
+        env, folder / "head.log",
+    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while "block forever" not in log.read_text():  # printed once the head runs
-            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.5)
-        shutil.copytree(ROOT / "spaces", tmp_path / "spaces")
-        for name in ("joined", "again"):  # the second study finds the cluster the first one used still up
-            result = run_script(
-                "run.py", *STUDY, "--name", name, "--address", f"127.0.0.1:{port}", cwd=tmp_path, env=env
-            )
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-            assert f"Study {name}: 2 trials: 2 completed" in result.stdout
+        worker = start_node(
+            ["--address", address, "--num-gpus", "1", "--temp-dir", ray_folders[1]], env, folder / "worker.log"
+        )
+        try:
+            yield TwoNodes(address, env, worker)
+        finally:
+            stop_node(worker)
     finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)  # --block: stopping it stops its cluster
-            head.wait(timeout=60)
+        stop_node(head)
+        for ray_folder in ray_folders:
+            shutil.rmtree(ray_folder, ignore_errors=True)
+
+
+def project(tmp_path: Path) -> Path:
+    shutil.copytree(ROOT / "spaces", tmp_path / "spaces")
+    return tmp_path
+
+
+def start_study(tmp_path: Path, cluster: TwoNodes, *arguments: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "search" / "run.py"), "--address", cluster.address, *arguments],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**cluster.env, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def read_until(process: subprocess.Popen, done, seen: list[str], timeout: float = 300) -> None:
+    """Read the study's lines into `seen` until done(seen) holds."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while not done(seen):
+        line = process.stdout.readline()
+        if (not line and process.poll() is not None) or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the study ended or stalled early:\n" + "".join(seen)[-3000:])
+        seen.append(line)
+
+
+def finished(process: subprocess.Popen, seen: list[str]) -> str:
+    output = "".join(seen) + process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def study_runs(tmp_path: Path, name: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.study = '{name}'")
+
+
+def trial_runs(tmp_path: Path, name: str) -> list:
+    return [run for run in study_runs(tmp_path, name) if "mlflow.parentRunId" in run.data.tags]
+
+
+@pytest.mark.slow
+def test_trials_land_on_both_nodes_and_never_read_the_driver_s_cache(cluster, tmp_path):
+    """The decoded images reach the trials through Ray's object store: the driver's cache is deleted before
+    the first trial starts, and every trial still trains, on one node or the other."""
+    study = start_study(
+        project(tmp_path), cluster, *STUDY_ON_CPUS, "--name", "spread", "--trials", "4", "--max-concurrent", "2"
+    )
+    seen: list[str] = []
+    read_until(study, lambda lines: any(line.startswith("Data: ") for line in lines), seen)
+    shutil.rmtree(tmp_path / ".cache" / "images")  # in the object store now; the trials must not need it
+    output = finished(study, seen)
+    assert "Study spread: 4 trials: 4 completed" in output
+    runs = trial_runs(tmp_path, "spread")
+    assert len(runs) == 4 and all(run.info.status == "FINISHED" for run in runs)
+    nodes = [run.data.tags["ray_nodes"] for run in runs]
+    assert all(len(node.split(",")) == 1 for node in nodes)  # nothing moved
+    assert len(set(nodes)) == 2, nodes  # both nodes trained trials
+
+
+@pytest.mark.slow
+def test_a_second_study_finds_the_cluster_still_up(cluster, tmp_path):
+    result = run_script(
+        "run.py", *STUDY_ON_CPUS, "--name", "again", "--address", cluster.address, cwd=project(tmp_path),
+        env=cluster.env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Study again: 2 trials: 2 completed" in result.stdout
+
+
+@pytest.mark.slow
+def test_gpus_per_trial_auto_measures_on_a_gpu_node_of_the_cluster(cluster, tmp_path):
+    """The driver's machine has no GPU; the cluster says the worker node has one. The probe runs there, as a
+    task holding that GPU, and reports back what it found: no CUDA (the GPU is declared, not real)."""
+    result = run_script(
+        "run.py", *STUDY, "--name", "probed", "--address", cluster.address, cwd=project(tmp_path), env=cluster.env
+    )
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("search/run.py: error: --gpus-per-trial auto could not measure the GPU (")
+    assert "no CUDA GPU" in line
+    assert trial_runs(tmp_path, "probed") == []
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_trial_moves_the_trial_on_from_its_checkpoint(cluster, tmp_path):
+    """Runs last: it kills the worker node. The trial that was training there fails once and, with
+    --max-failures 1, continues on the head node from its last checkpoint; the study finishes whole."""
+    study = start_study(
+        project(tmp_path), cluster, *STUDY_ON_CPUS, "--name", "moved", "--epochs", "5", "--grace-period", "5",
+        "--max-concurrent", "2", "--max-failures", "1",
+    )  # fmt: skip
+    seen: list[str] = []
+    read_until(study, lambda lines: sum(" epoch  1/5" in line for line in lines) == 2, seen)
+    stop_node(cluster.worker, signal.SIGKILL)  # both trials have a checkpoint: one on each node
+    output = finished(study, seen)
+    assert "Study moved: 2 trials: 2 completed" in output
+    runs = trial_runs(tmp_path, "moved")
+    assert all(run.info.status == "FINISHED" for run in runs)
+    (moved,) = [run for run in runs if "," in run.data.tags["ray_nodes"]]
+    assert len(set(moved.data.tags["ray_nodes"].split(","))) == 2
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db").get_metric_history(moved.info.run_id, "val_acc")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]  # each epoch once: continued, not restarted
+    restarted_at = trial_results(tmp_path, "moved", moved.data.tags["ray_trial_id"])
+    assert min(epoch for epoch, node in restarted_at if node == moved.data.tags["ray_nodes"].split(",")[1]) > 1
+
+
+def trial_results(tmp_path: Path, name: str, trial_id: str) -> list[tuple[int, str]]:
+    """(epoch, node) of each result a trial reported, from Ray's own result.json."""
+    (folder,) = (tmp_path / "ray_results" / name).glob(f"*{trial_id}*")
+    results = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+    return [(result["epoch"], result["node_id"]) for result in results]
+
+
+@pytest.mark.slow
+def test_a_driver_that_loses_its_cluster_says_so_and_resumes_once_it_is_back(tmp_path):
+    """The head dies mid-study: one line and the resume command, the record closed as interrupted; the same
+    command, once the head runs again, finishes the study."""
+    token = uuid.uuid4().hex
+    env = {**without_token(tmp_path / "home"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    port = str(free_port())
+    ray_folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    head_arguments = ["--head", "--port", port, "--include-dashboard", "false", "--temp-dir", ray_folder]
+    head = start_node(head_arguments, env, tmp_path / "head.log")
+    try:
+        cluster = TwoNodes(f"127.0.0.1:{port}", env, head)
+        study = start_study(project(tmp_path), cluster, *STUDY_ON_CPUS, "--name", "lost", "--epochs", "4")
+        seen: list[str] = []
+        read_until(study, lambda lines: any(" epoch  1/4" in line for line in lines), seen)
+        stop_node(head, signal.SIGKILL)
+        output = "".join(seen) + study.communicate(timeout=120)[0]
+        assert study.returncode == 1, output[-3000:]
+        assert f"search/run.py: error: lost the Ray cluster at {cluster.address}: " in output
+        (command,) = [line.strip() for line in output.splitlines() if line.startswith("  python search/run.py")]
+        assert f"--address {cluster.address}" in command
+        (parent,) = [run for run in study_runs(tmp_path, "lost") if "mlflow.parentRunId" not in run.data.tags]
+        assert parent.info.status == "KILLED"
+
+        head = start_node(head_arguments, env, tmp_path / "head-again.log")
+        resumed = subprocess.run(
+            [sys.executable, str(ROOT / "search" / "run.py"), *shlex.split(command)[2:]],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert "Study lost: 2 trials: 2 completed" in resumed.stdout
+    finally:
+        stop_node(head)
         shutil.rmtree(ray_folder, ignore_errors=True)

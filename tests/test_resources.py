@@ -125,8 +125,8 @@ def test_auto_means_the_cpu_on_a_machine_without_a_gpu():
 
 
 def test_on_a_cluster_the_share_and_the_slots_come_from_the_cluster_s_resources():
-    """A driver without a GPU on a cluster with GPUs: a given share packs the cluster's GPUs; 'auto', which
-    would measure this machine's GPU, is refused in one line."""
+    """A driver without a GPU on a cluster with GPUs: a given share packs the cluster's GPUs ('auto' is
+    measured on one of them: test_cluster.py)."""
     from dataclasses import replace
 
     from search.errors import UsageError
@@ -135,8 +135,6 @@ def test_on_a_cluster_the_share_and_the_slots_come_from_the_cluster_s_resources(
     config, _ = auto_inputs()
     assert given_gpu_share(replace(config, gpus_per_trial=0.25), 2, 32) == GpuShare(0.25, 8)
     assert given_gpu_share(replace(config, gpus_per_trial=0.0), 2, 32) == GpuShare(0.0, 32)
-    with pytest.raises(UsageError, match="give the share each trial takes"):
-        given_gpu_share(config, 2, 32)
     with pytest.raises(UsageError, match="no CUDA GPU"):
         given_gpu_share(replace(config, gpus_per_trial=0.5), 0, 32)
 
@@ -179,8 +177,9 @@ def auto_inputs():
 def test_a_measured_share_packs_the_card(capsys):
     from search.study.driver import GpuShare, measured_gpu_share
 
-    share = measured_gpu_share(auto_inputs()[0], GivenProbe((int(2.1 * GiB), int(7.6 * GiB), 8 * GiB)))
-    assert share == GpuShare(pytest.approx(0.3630), 2)  # no GPU here: counted as one
+    probe = GivenProbe((int(2.1 * GiB), int(7.6 * GiB), 8 * GiB))
+    assert measured_gpu_share(auto_inputs()[0], probe, gpus=1) == GpuShare(pytest.approx(0.3630), 2)
+    assert measured_gpu_share(auto_inputs()[0], probe, gpus=3).max_concurrent == 6  # e.g. a cluster's GPUs
     assert "--gpus-per-trial auto: one trial needs" in capsys.readouterr().out
 
 
@@ -199,5 +198,5 @@ def test_a_probe_that_fails_is_a_usage_error(error, message):
     from search.study.driver import measured_gpu_share
 
     with pytest.raises(UsageError, match=re.escape(message)) as raised:
-        measured_gpu_share(auto_inputs()[0], GivenProbe(error))
+        measured_gpu_share(auto_inputs()[0], GivenProbe(error), gpus=1)
     assert "\n" not in str(raised.value)

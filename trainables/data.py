@@ -17,7 +17,7 @@ import os
 import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -230,13 +230,29 @@ def decode_image(path: Path, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CachedSplit:
-    """A decoded split on disk: trials open it with `images()` (memory-mapped, read-only)."""
+    """A decoded split on disk: trials open it with `images()` (memory-mapped, read-only).
+
+    `loaded()` reads it into memory to travel with the split: on a Ray cluster, trials on
+    other machines get it from Ray's object store and never read this machine's disk.
+    """
 
     images_path: str
     labels: np.ndarray = field(repr=False)
+    loaded_images: np.ndarray | None = field(default=None, repr=False)
 
     def images(self) -> np.ndarray:
+        if self.loaded_images is not None:
+            return self.loaded_images
         return np.load(self.images_path, mmap_mode="r")
+
+    def loaded(self) -> CachedSplit:
+        """The split with its images in memory (Ray shares such an array zero-copy between a node's trials)."""
+        return replace(self, loaded_images=np.load(self.images_path))
+
+    @property
+    def nbytes(self) -> int:
+        """The decoded images' size: what `loaded()` holds in memory."""
+        return int(np.prod(self.images().shape))
 
     def __len__(self) -> int:
         return len(self.labels)

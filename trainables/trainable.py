@@ -10,6 +10,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 
+import ray
 import torch
 from ray import tune
 
@@ -39,6 +40,10 @@ class TrialSetup:
     speed: SpeedOptions = field(default_factory=SpeedOptions)
 
 
+NODE_ID = "node_id"
+"""The Ray node a result was trained on, in each result: on a cluster, which machine ran the trial."""
+
+
 class TrialOutOfMemory(RuntimeError):
     """The trial did not fit in its share of the GPU."""
 
@@ -57,12 +62,13 @@ def train_trial(config: dict, setup: TrialSetup) -> None:
         with restored.as_directory() as directory:
             learner.load_state_dict(load_trial_checkpoint(directory))
 
+    node = {NODE_ID: ray.get_runtime_context().get_node_id()}
     try:
         for result in fit(learner, setup.train, setup.val, setup.epochs):
             metrics = {**result.metrics, "epoch": result.epoch, "finished": result.finished}
             with tempfile.TemporaryDirectory() as directory:
                 save_trial_checkpoint(directory, learner, spec, hp, metrics)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+                tune.report({**metrics, **node}, checkpoint=tune.Checkpoint.from_directory(directory))
     except torch.cuda.OutOfMemoryError:
         raise TrialOutOfMemory(
             f"CUDA out of memory at batch_size {hp.batch_size} with {setup.gpu_fraction:g} of the GPU: "

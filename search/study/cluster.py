@@ -10,6 +10,9 @@ Standard library only.
 from __future__ import annotations
 
 import os
+import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from search.errors import UsageError
@@ -43,3 +46,40 @@ def check_cluster(address: str | None) -> None:
     """A cluster to join needs its token here, unless token authentication was turned off (RAY_AUTH_MODE)."""
     if address and os.environ.get(AUTH_MODE_ENV, "token") == "token" and not token_available():
         raise UsageError(missing_token(address))
+
+
+class ClusterWatch:
+    """Calls `on_lost` (in a thread of its own) once the cluster's head stops taking connections.
+
+    A driver whose head dies would otherwise wait in Ray for a minute and then be ended by
+    Ray's own C++ code, with no chance to close the study's record or say how to resume.
+    A head that refuses connections for LOST_AFTER_S seconds on end counts as gone.
+    """
+
+    POLL_S = 2.0
+    LOST_AFTER_S = 10.0
+
+    def __init__(self, gcs_address: str, on_lost: Callable[[], None]):
+        host, _, port = gcs_address.rpartition(":")
+        self._head, self._on_lost = (host, int(port)), on_lost
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="cluster-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        unanswered = 0.0
+        while not self._stopped.wait(self.POLL_S):
+            unanswered = 0.0 if self._answers() else unanswered + self.POLL_S
+            if unanswered >= self.LOST_AFTER_S:
+                self._on_lost()
+                return
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(self._head, timeout=self.POLL_S):
+                return True
+        except OSError:
+            return False

@@ -5,20 +5,22 @@ study.yaml on the study's MLflow parent run and in its Ray experiment folder; `-
 and final.py read that file back through `StudyConfig.from_yaml`, the one loader. The
 parent run's params show the same values for people and the UI; no code reads them.
 
-Standard library only (PyYAML when a file is written or read), so that bad arguments are answered at once.
+Standard library only (PyYAML when a file is written or read, pyarrow when a new study's name is looked up in
+a bucket), so that bad arguments are answered at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from search.cli import weights_files, weights_problems
 from search.errors import UsageError
+from search.study import storage
 from search.tracking.schema import absolute_uri, default_optuna_storage
 from trainables.config import METRIC_MODES, MODEL_NAMES, is_synthetic
 
@@ -30,7 +32,8 @@ MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 1024
 """1024 px is already 3 MB of cache per image and 4,096 ViT tokens; these models were made for 224."""
 MAX_NAME_LENGTH = 100
 STUDY_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
-"""A study's name is a folder under --storage-path and a value in MLflow filters: nothing that escapes either."""
+"""A study's name is a folder (or a URI's last part) under --storage-path and a value in MLflow filters: nothing
+that escapes either."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ class StudyConfig:
     reduction_factor: int = 3
     # ---- where results go
     storage_path: str
-    """Ray Tune's trial folders and checkpoints, an absolute path."""
+    """Ray Tune's trial folders and checkpoints: an absolute path, or a URI such as s3://bucket/prefix
+    (search.study.storage)."""
     cache_dir: str
     """The decoded-image cache, an absolute path."""
     tracking_uri: str
@@ -153,9 +157,9 @@ class StudyConfig:
         return min(self.grace_period, self.epochs)
 
     @property
-    def experiment_dir(self) -> Path:
-        """The study's Ray experiment folder."""
-        return Path(self.storage_path) / self.name
+    def experiment_location(self) -> str:
+        """The study's Ray experiment folder: its path, or its URI (s3://bucket/prefix/<name>)."""
+        return storage.join(self.storage_path, self.name)
 
     # ------------------------------------------------------------ the file
 
@@ -239,10 +243,19 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
     """The study's configuration from run.py's arguments, every default resolved; a UsageError lists every problem."""
     problems = weights_problems(args.weights)
     profile = SMOKE if args.smoke else FULL
-    storage = absolute(args.storage_path)
+    location = storage.resolved(args.storage_path)
+    optuna_storage = absolute_uri(args.optuna_storage) if args.optuna_storage else None  # --resume may run elsewhere
+    if optuna_storage is None:
+        optuna_storage = default_optuna_storage(args.tracking_uri, location)
+        if optuna_storage is None:
+            problems.append(
+                f"--storage-path {location}: Optuna's SQLite database cannot live there, and --tracking-uri is "
+                f"no SQLite store to put it beside: give --optuna-storage sqlite:///PATH/optuna.db (a file this "
+                f"machine keeps) or a database URL such as postgresql://HOST/DB"
+            )
     try:
         config = StudyConfig(
-            name=args.name or new_study_name(args.model, storage),
+            name=args.name or args.model,  # a new study's own name is drawn below
             model=args.model,
             trials=args.trials,
             data=resolved_source(args.data),
@@ -264,19 +277,18 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
             max_failures=args.max_failures,
             grace_period=args.grace_period,
             reduction_factor=args.reduction_factor,
-            storage_path=storage,
+            storage_path=location,
             cache_dir=absolute(args.cache_dir),
             tracking_uri=args.tracking_uri,
             experiment=args.experiment or args.model,
-            optuna_storage=absolute_uri(args.optuna_storage)  # --resume may run from another folder
-            if args.optuna_storage
-            else default_optuna_storage(args.tracking_uri, storage),
+            optuna_storage=optuna_storage,
         )
     except ConfigError as error:
         problems.insert(0, str(error))
     if problems:
         raise UsageError("; ".join(problems))
-    return config
+    # Drawn once the arguments are good: which names are taken is a question to the storage, perhaps a bucket.
+    return config if args.name else replace(config, name=new_study_name(args.model, location))
 
 
 def absolute(path: str | Path) -> str:
@@ -289,10 +301,10 @@ def resolved_source(data: str) -> str:
 
 
 def new_study_name(model: str, storage_path: str) -> str:
-    """<model>-<timestamp>, with a suffix if a study of that second exists already."""
+    """<model>-<timestamp>, with a suffix if a study of that second exists already under the storage."""
     stem = f"{model}-{datetime.now():%Y%m%d-%H%M%S}"
     name, number = stem, 1
-    while (Path(storage_path) / name).exists():
+    while storage.exists(storage_path, name):
         number += 1
         name = f"{stem}-{number}"
     return name

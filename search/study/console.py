@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+
 from ray import tune
 
 from search.study.config import StudyConfig
 from search.study.report import StudySummary, chance_level, counts_line, duration, label_of
+from search.study.storage import join
 from search.tracking.schema import (
     BEST_CONFIG_FILE,
     BEST_MODEL_FILE,
@@ -54,19 +57,27 @@ class EpochPrinter(tune.Callback):
         print(f"{self.label(trial)} failed: {exception_line(trial.error_file)}", flush=True)
 
 
-def print_resume_hint(config: StudyConfig, why: str = "interrupted") -> None:
+def print_resume_hint(config: StudyConfig, why: str = "interrupted", address: str | None = None) -> None:
+    """address: the Ray cluster the study ran on, to run on again (None: a private local Ray)."""
+    where = {
+        "--storage-path": config.storage_path,
+        "--cache-dir": config.cache_dir,
+        "--tracking-uri": config.tracking_uri,
+        **({"--address": address} if address else {}),
+    }
     print(
         f"\nStudy {config.name} {why}; finished trials are kept. Resume it with:\n"
-        f"  python search/run.py --model {config.model} --name {config.name} --resume"
-        f" --storage-path {config.storage_path} --cache-dir {config.cache_dir} --tracking-uri {config.tracking_uri}",
+        f"  python search/run.py --model {config.model} --name {config.name} --resume "
+        + " ".join(f"{flag} {shlex.quote(value)}" for flag, value in where.items()),  # a URI's '&' is quoted
         flush=True,
     )
 
 
 def print_closing(
-    config: StudyConfig, best: dict | None, best_dir: str, experiment_id: str, summary: StudySummary | None
+    config: StudyConfig, best: dict | None, best_location: str, experiment_id: str, summary: StudySummary | None
 ) -> None:
-    """How the study went, the winner (or that there is none), where its files are, how to look at it."""
+    """How the study went, the winner (or that there is none), where its files are (best_location: a folder, or a
+    URI such as s3://bucket/prefix/<study>/best), how to look at it."""
     print()
     if summary is not None:
         print(f"Study {config.name}: {counts_line(summary)} in {duration(summary.elapsed_s)}.")
@@ -79,8 +90,8 @@ def print_closing(
         print(f"Best trial {trial}: {best['metric']} = {best['best_value']:.4f}{against} at epoch {best['best_epoch']}")
         for key, value in knobs_of(config.model, best["hyperparameters"]).items():
             print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
-        print(f"Config:     {best_dir}/{BEST_CONFIG_FILE}")
-        print(f"Checkpoint: {best_dir}/{BEST_MODEL_FILE}")
+        print(f"Config:     {join(best_location, BEST_CONFIG_FILE)}")
+        print(f"Checkpoint: {join(best_location, BEST_MODEL_FILE)}")
         print(f"Retrain:    python search/final.py --study {config.name}")
     print("\n".join(mlflow_lines(config.tracking_uri, runs_page(config.tracking_uri, experiment_id, config.name))))
     if config.optuna_storage:

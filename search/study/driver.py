@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,19 +23,20 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from ray._private import ray_constants
-from ray.exceptions import AuthenticationError
+from ray.exceptions import AuthenticationError, GetTimeoutError, RayTaskError
 from ray.tune import ResultGrid
 
 from search.cli import interrupts_ignored, require_pretrained
 from search.errors import UsageError, one_line
 from search.final_model.winner import winner_record
-from search.study.cluster import missing_token
+from search.study.cluster import ClusterWatch, missing_token
 from search.study.config import CONFIG_FILE, StudyConfig
 from search.study.console import print_closing, print_resume_hint
-from search.study.gpu_share import GpuProbe, GpuTooSmall, choose_gpu_fraction
+from search.study.gpu_share import GpuProbe, GpuTooSmall, choose_gpu_fraction, measure_gpu
 from search.study.preflight import CheckedStudy
 from search.study.report import StudySummary
 from search.study.spaces import Space
+from search.study.storage import is_uri, join, staged, write_text
 from search.study.tuning import make_tuner, restore_tuner, speed_options, trial_setup, unfinished_trials
 from search.tracking.optuna_store import fail_orphans, load_study
 from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, BEST_MODEL_FILE, ELAPSED_METRIC
@@ -67,6 +69,8 @@ class PreparedStudy:
     val: CachedSplit
     skipped_images: list[str]
     resume_run_id: str | None = None
+    address: str | None = None
+    """The Ray cluster joined (None: a private local Ray)."""
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,8 @@ def prepare_study(
 
     Returns with Ray running; on any error Ray is stopped again and nothing was written.
     """
-    gpu_probe = start_gpu_probe(
-        config, checked
-    )  # --gpus-per-trial auto: a process of its own, overlapping what follows
+    # --gpus-per-trial auto on this machine's GPU: the probe, in a process of its own, overlaps what follows.
+    gpu_probe = start_gpu_probe(config, checked) if address is None else None
     # Checked at once on this machine; on a cluster once joined, from the cluster's resources.
     share = given_gpu_share(config, *local_resources()) if gpu_probe is None and address is None else None
     try:
@@ -104,21 +107,25 @@ def prepare_study(
             require_pretrained(BACKBONES[config.model], config.weights)
         open_stores(config, checked.resume_run_id)
         index, splits, skipped = cache_data(config, checked.index)
+        train, val = splits["train"], splits["val"]
         start_ray(verbose, address)
-        if share is None:
-            share = given_gpu_share(config, *cluster_resources()) if gpu_probe is None else None
-        if share is None:
-            share = measured_gpu_share(config, gpu_probe)
+        if address is not None:
+            share = cluster_gpu_share(config, checked)
+            train, val = shipped_to_cluster(train, val)
+            note_storage_on_cluster(config.storage_path)
+        elif share is None:
+            share = measured_gpu_share(config, gpu_probe, max(1, torch.cuda.device_count()))
         resolved = replace(config, gpus_per_trial=share.gpus_per_trial, max_concurrent=share.max_concurrent)
         return PreparedStudy(
             config=resolved,
             space=checked.space,
             index=index,
             spec=checked.spec,
-            train=splits["train"],
-            val=splits["val"],
+            train=train,
+            val=val,
             skipped_images=skipped,
             resume_run_id=checked.resume_run_id,
+            address=address,
         )
     except BaseException:
         if gpu_probe is not None:
@@ -183,36 +190,106 @@ def cluster_resources() -> tuple[int, int]:
     return int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
 
 
+def cluster_gpu_share(config: StudyConfig, checked: CheckedStudy) -> GpuShare:
+    """The share on the cluster joined: 'auto' measured by a task on one of its GPU nodes (this machine may have
+    no GPU), else as given; the trials at once from the whole cluster's GPUs or CPUs."""
+    gpus, cpus = cluster_resources()
+    if config.gpus_per_trial is not None or not gpus:
+        return given_gpu_share(config, gpus, cpus)
+    probe = ClusterGpuProbe(*probe_arguments(config, checked))
+    try:
+        return measured_gpu_share(config, probe, gpus)
+    finally:
+        probe.cancel()
+
+
+def shipped_to_cluster(train: CachedSplit, val: CachedSplit) -> tuple[CachedSplit, CachedSplit]:
+    """The decoded images in memory, to reach the cluster's nodes through Ray's object store.
+
+    The other machines cannot read this one's cache. Ray puts the trials' setup, images
+    included, in the object store once; each node that runs trials holds one copy, which
+    its trials share zero-copy.
+    """
+    train, val = train.loaded(), val.loaded()
+    print(
+        f"Data: {megabytes(train.nbytes + val.nbytes)} of decoded images go to the cluster through Ray's object "
+        f"store (one copy on each node that runs trials)",
+        flush=True,
+    )
+    return train, val
+
+
+def note_storage_on_cluster(storage_path: str) -> None:
+    """A folder as --storage-path on a cluster of several nodes works only where every node mounts it alike:
+    each trial writes its checkpoints on its own node, and the driver reads the best one back."""
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    if nodes > 1 and not is_uri(storage_path):
+        print(
+            f"note: --storage-path {storage_path} is a folder: each of the cluster's {nodes} nodes must see it at "
+            f"that path (a shared mount), or give a URI such as s3://bucket/prefix",
+            flush=True,
+        )
+
+
 def start_gpu_probe(config: StudyConfig, checked: CheckedStudy) -> GpuProbe | None:
     """--gpus-per-trial auto on a GPU machine: the memory probe of the heaviest configuration, started; else None."""
     if config.gpus_per_trial is not None or not torch.cuda.is_available():
         return None
+    *arguments, model_knobs = probe_arguments(config, checked)
+    return GpuProbe(*arguments, **model_knobs)
+
+
+def probe_arguments(config: StudyConfig, checked: CheckedStudy) -> tuple:
+    """What the GPU memory probe measures: the space's heaviest configuration, at the study's image size."""
     heaviest = checked.space.heaviest()
-    return GpuProbe(
+    return (
         config.model,
         len(checked.index.classes),
         heaviest.batch_size,
         config.img_size,
         speed_options(config),
-        **heaviest.model_knobs(),
+        heaviest.model_knobs(),
     )
+
+
+class ClusterGpuProbe:
+    """GpuProbe's measurement as a Ray task holding one GPU of the cluster, wherever that GPU is.
+
+    max_calls=1: the task's worker process exits after it, and its CUDA context with it.
+    """
+
+    WAIT_S = 600
+    """A probe waits for a free GPU and then takes tens of seconds; longer than this, something is wrong."""
+
+    def __init__(self, *arguments):
+        task = ray.remote(num_gpus=1, num_cpus=1, max_calls=1)(measure_gpu)
+        self._result = task.remote(*arguments)
+
+    def result(self) -> tuple[int, int, int]:
+        """(peak, free, total) bytes; re-raises the probe's own error (GpuTooSmall, NoCudaError...)."""
+        try:
+            return ray.get(self._result, timeout=self.WAIT_S)
+        except RayTaskError as error:  # the probe's own error, as GpuProbe hands it back
+            if isinstance(error.cause, (GpuTooSmall, RuntimeError)):
+                raise error.cause from None
+            raise RuntimeError(f"GPU memory probe: {type(error.cause).__name__}: {error.cause}") from None
+        except GetTimeoutError:
+            raise RuntimeError(f"no GPU of the cluster was free for {self.WAIT_S} s") from None
+
+    def cancel(self) -> None:
+        ray.cancel(self._result, force=True)
 
 
 def given_gpu_share(config: StudyConfig, gpus: int, cpus: int) -> GpuShare:
     """The share --gpus-per-trial gives (0 for 'auto' without a GPU), checked against `gpus` GPUs and `cpus` CPUs."""
-    if config.gpus_per_trial is None and gpus:  # auto, on a cluster whose GPUs this machine cannot probe
-        raise UsageError(
-            f"--gpus-per-trial auto measures a GPU of this machine, which has none, but the cluster has {gpus}: "
-            f"give the share each trial takes, e.g. --gpus-per-trial 0.25"
-        )
     gpus_per_trial = resolve_gpus(config.gpus_per_trial or 0.0, gpus)
     return GpuShare(
         gpus_per_trial, config.max_concurrent or trial_slots(gpus_per_trial, config.cpus_per_trial, gpus, cpus)
     )
 
 
-def measured_gpu_share(config: StudyConfig, gpu_probe) -> GpuShare:
-    """--gpus-per-trial auto: the share and the trials at once that the probe's numbers allow."""
+def measured_gpu_share(config: StudyConfig, gpu_probe, gpus: int) -> GpuShare:
+    """--gpus-per-trial auto: the share and the trials at once that the probe's numbers allow on `gpus` GPUs."""
     try:
         plan = choose_gpu_fraction(*gpu_probe.result())
     except GpuTooSmall as error:
@@ -223,9 +300,8 @@ def measured_gpu_share(config: StudyConfig, gpu_probe) -> GpuShare:
             f"give a share such as --gpus-per-trial 0.5, or 0 for the CPU"
         ) from None
     print(f"--gpus-per-trial auto: {plan.explanation}", flush=True)
-    # The probe measured GPU 0; Ray places fractional trials on every GPU, assumed alike.
-    trials = plan.trials * max(1, torch.cuda.device_count())
-    return GpuShare(plan.fraction, config.max_concurrent or trials)
+    # The probe measured one GPU; Ray places fractional trials on every GPU, assumed alike.
+    return GpuShare(plan.fraction, config.max_concurrent or plan.trials * gpus)
 
 
 def resolve_gpus(requested: float, gpus: int) -> float:
@@ -263,6 +339,7 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
     with interrupts_ignored():  # the study's run is opened whole, never left RUNNING half-described
         experiment_id, parent_id = open_or_reopen(client, study, dataset)
     status, timed = "FAILED", False
+    watch = watch_cluster(study, lambda: abandon_on_lost_cluster(client, experiment_id, parent_id, study, started))
     try:
         setup = trial_setup(config, study.spec, study.train, study.val)
         if study.resume_run_id:
@@ -274,20 +351,21 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
         results = tuner.fit()
         if unfinished_trials(config):  # Ctrl-C: Ray returns normally, having saved where each trial was
             status = "KILLED"
-            print_resume_hint(config)
+            print_resume_hint(config, address=study.address)
             return 130
-        best = export_best(config, study.index.classes, results)
-        if best is not None:
-            log_best(client, config, parent_id, best, config.experiment_dir / BEST_DIR)
+        with staged(config.storage_path, config.name, BEST_DIR) as folder:  # a URI's: uploaded beside the trials
+            best = export_best(config, study.index.classes, results, folder)
+            if best is not None:
+                log_best(client, config, parent_id, best, folder)
         status = "FINISHED" if best else "FAILED"
         log_elapsed(client, parent_id, started)  # before the report, which states it
         timed = True
         summary = explain_study(client, config, parent_id, study, best)
-        print_closing(config, best, str(config.experiment_dir / BEST_DIR), experiment_id, summary)
+        print_closing(config, best, join(config.experiment_location, BEST_DIR), experiment_id, summary)
         return 0 if best else 1
     except KeyboardInterrupt:
         status = "KILLED"
-        print_resume_hint(config)
+        print_resume_hint(config, address=study.address)
         return 130
     except Exception:
         if not disk_full(config.storage_path):
@@ -298,14 +376,44 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
             f"trials that failed for want of space stay failed",
             file=sys.stderr,
         )
-        print_resume_hint(config, "stopped on a full disk")
+        print_resume_hint(config, "stopped on a full disk", study.address)
         return 1
     finally:
+        if watch is not None:
+            watch.stop()
         with interrupts_ignored():  # a second Ctrl-C must not leave the record half-closed
             close_open_children(client, experiment_id, parent_id)
             if not timed:
                 log_elapsed(client, parent_id, started)
             client.set_terminated(parent_id, status)
+
+
+def watch_cluster(study: PreparedStudy, on_lost: Callable[[], None]) -> ClusterWatch | None:
+    """On a cluster, a watch on its head that calls on_lost once the head is gone; None on a private Ray."""
+    if study.address is None:
+        return None
+    return ClusterWatch(ray.get_runtime_context().gcs_address, on_lost)
+
+
+def abandon_on_lost_cluster(
+    client: MlflowClient, experiment_id: str, parent_id: str, study: PreparedStudy, started: float
+) -> None:
+    """The cluster's head is gone: say so and how to resume, close the study's record as interrupted, and exit.
+
+    Ray would end this process itself a minute later, with neither. Called from the watch's
+    thread while Tune waits in the main one, so it ends the process at once.
+    """
+    print(
+        f"search/run.py: error: lost the Ray cluster at {study.address}: its head has not answered for "
+        f"{ClusterWatch.LOST_AFTER_S:.0f} s; start it again, then resume the study",
+        file=sys.stderr,
+        flush=True,
+    )
+    print_resume_hint(study.config, "lost its Ray cluster", study.address)
+    close_open_children(client, experiment_id, parent_id)
+    log_elapsed(client, parent_id, started)
+    client.set_terminated(parent_id, "KILLED")
+    os._exit(1)
 
 
 def explain_study(
@@ -345,12 +453,13 @@ def open_or_reopen(client: MlflowClient, study: PreparedStudy, dataset: dict) ->
 
 def write_config_beside_trials(config: StudyConfig) -> None:
     """study.yaml in the Ray experiment folder too, for whoever browses the trials' files."""
-    config.experiment_dir.mkdir(parents=True, exist_ok=True)
-    (config.experiment_dir / CONFIG_FILE).write_text(config.to_yaml())
+    write_text(config.to_yaml(), config.storage_path, config.name, CONFIG_FILE)
 
 
-def export_best(config: StudyConfig, classes: list[str], results: ResultGrid) -> dict | None:
-    """The winner's best_config.yaml and best_model.pt, written to <experiment>/best/; its record, or None."""
+def export_best(config: StudyConfig, classes: list[str], results: ResultGrid, out: Path) -> dict | None:
+    """The winner's best_config.yaml and best_model.pt, written to the folder `out`; its record, or None.
+
+    The checkpoint is read through Ray's filesystem (as_directory downloads one kept in a bucket)."""
     try:
         best = results.get_best_result(config.metric, config.mode, scope="all", filter_nan_and_inf=True)
     except RuntimeError:
@@ -362,7 +471,6 @@ def export_best(config: StudyConfig, classes: list[str], results: ResultGrid) ->
         return None
     with checkpoint.as_directory() as directory:
         state = load_trial_checkpoint(directory)
-    out = config.experiment_dir / BEST_DIR
     out.mkdir(parents=True, exist_ok=True)
     record = winner_record(
         config, best.metrics["trial_id"], state["metrics"], state["hyperparameters"], classes, state["model_spec"]
@@ -373,7 +481,8 @@ def export_best(config: StudyConfig, classes: list[str], results: ResultGrid) ->
 
 
 def disk_full(path: str) -> bool:
-    return free_bytes(path) < FULL_DISK_BYTES
+    """Whether a folder --storage-path is out of space (a URI's storage says so in its own error)."""
+    return not is_uri(path) and free_bytes(path) < FULL_DISK_BYTES
 
 
 def free_bytes(path: str) -> int:

@@ -241,16 +241,23 @@ def _probe_and_send(
     # which exits through Python so that the probe's temporary images are removed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    import torch
-
     try:
-        peak = probe_peak_memory(model_name, num_classes, batch_size, img_size, speed, **model_knobs)
-        free, total = torch.cuda.mem_get_info()
-        send.send(("ok", (peak, int(free), int(total))))
+        send.send(("ok", measure_gpu(model_name, num_classes, batch_size, img_size, speed, model_knobs)))
     except (GpuTooSmall, NoCudaError, ValueError) as error:  # the expected ones, by their own type
         send.send(("error", error))
     except Exception as error:  # anything else as a plain error: its class may not unpickle in the parent
         send.send(("error", RuntimeError(f"GPU memory probe: {type(error).__name__}: {error}")))
+
+
+def measure_gpu(
+    model_name: str, num_classes: int, batch_size: int, img_size: int, speed, model_knobs: dict
+) -> tuple[int, int, int]:
+    """(peak, free, total) bytes: one trial's peak, then the GPU's free and total memory, in this process."""
+    import torch
+
+    peak = probe_peak_memory(model_name, num_classes, batch_size, img_size, speed, **model_knobs)
+    free, total = torch.cuda.mem_get_info()
+    return peak, int(free), int(total)
 
 
 def probe_in_subprocess(

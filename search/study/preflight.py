@@ -1,7 +1,8 @@
 """The checks a study's inputs pass before anything heavy loads or anything is written (no torch, no Ray, no MLflow).
 
-The store's address, a name not taken, the search space, the data source and the model
-it implies. Every problem is a one-line UsageError.
+The store's address, the storage of the trials (a URI answers, its bucket exists, this machine
+may write there), a name not taken, the search space, the data source and the model it implies.
+Every problem is a one-line UsageError.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from search.errors import UsageError
 from search.study.config import StudyConfig
 from search.study.spaces import Space, SpaceError, load_space
+from search.study.storage import check_storage, exists
 from search.tracking.schema import check_store_uri
 from trainables.data import DataError, DatasetIndex, index_source, subsample
 from trainables.spec import ModelSpec, validate_spec
@@ -34,9 +36,10 @@ def name_taken(name: str, where: str) -> str:
 
 
 def check_study(config: StudyConfig, resume_run_id: str | None = None) -> CheckedStudy:
-    """The inputs that need neither torch nor Ray: store address, name, space, data layout, model."""
+    """The inputs that need neither torch nor Ray: store address, trial storage, name, space, data layout, model."""
     check_store_uri(config.tracking_uri)
-    if resume_run_id is None and config.experiment_dir.exists():
+    check_storage(config.storage_path)
+    if resume_run_id is None and exists(config.storage_path, config.name):
         raise UsageError(name_taken(config.name, f"under --storage-path {config.storage_path}"))
     try:
         space = load_space(config.space, config.model)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from pathlib import Path
 
 from search.cli import weights_files, weights_problems
 from search.errors import UsageError
 from search.study.config import STUDY_NAME, StudyConfig, absolute, name_problem
+from search.study.storage import exists, resolved
 from search.tracking.optuna_store import study_exists
 from search.tracking.schema import absolute_uri, check_store_uri
 from search.tracking.store import mlflow_client
 from search.tracking.study_run import find_study, read_study_config
+
+TUNER_STATE = "tuner.pkl"
+"""What Ray's Tuner.restore reads first in the study's experiment folder."""
 
 
 def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
@@ -31,8 +34,8 @@ def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
     where = f"--tracking-uri {args.tracking_uri}"
     if parent is None:
         raise UsageError(f"no study named {args.name!r} in {where}: check --name, or start it without --resume")
-    storage = absolute(args.storage_path)
-    if not (Path(storage) / args.name / "tuner.pkl").is_file():
+    storage = resolved(args.storage_path)
+    if not exists(storage, args.name, TUNER_STATE):
         raise UsageError(
             f"study {args.name!r} has no trial state under --storage-path {args.storage_path}: pass the one it ran with"
         )

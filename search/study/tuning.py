@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -126,7 +125,7 @@ def restore_tuner(setup: TrialSetup, config: StudyConfig) -> tune.Tuner:
     is given anew.
     """
     return tune.Tuner.restore(
-        str(config.experiment_dir),
+        config.experiment_location,
         trainable=make_trainable(setup, config),
         resume_unfinished=True,
         resume_errored=False,
@@ -141,7 +140,7 @@ def unfinished_trials(config: StudyConfig) -> int:
     ResultGrid's counts would take an interrupted last wave for a finished study.
     """
     try:
-        trials = ExperimentAnalysis(str(config.experiment_dir)).trials
+        trials = ExperimentAnalysis(config.experiment_location).trials
     except ValueError:  # no snapshot at all: nothing is recorded as ended
         return config.trials
     return config.trials - sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in trials)
@@ -174,7 +173,7 @@ def make_tuner(
         ),
         run_config=tune.RunConfig(
             name=config.name,
-            storage_path=str(Path(config.storage_path).resolve()),
+            storage_path=config.storage_path,  # a folder's absolute path, or a URI (search.study.storage)
             # result.json per trial (what Tune reads back); MLflow is the record, not CSV or TensorBoard.
             callbacks=[JsonLoggerCallback(), EpochPrinter(setup.epochs, config.metric, config.trials), *callbacks],
             # The best checkpoint for the study, the latest for resuming: Ray keeps both.

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from search.cli import DEFAULT_TRACKING_URI
 from search.errors import UsageError
+from search.study.storage import is_uri
 from trainables.config import METRICS
 
 EPOCH_METRICS = ("train_loss", *METRICS, "lr")
@@ -24,6 +25,8 @@ STATUS_TAG = "trial_status"
 TRIAL_ID_TAG = "ray_trial_id"
 TRIAL_LABEL_TAG = "trial"
 """A trial's short name (t07): its child run's name until the trial ends, then with the outcome added."""
+NODES_TAG = "ray_nodes"
+"""The Ray nodes a trial trained on, in order, comma-separated: more than one where a failure moved it."""
 STUDY_TAG = "study"
 PARENT_TAG = "mlflow.parentRunId"
 # Tags that mark a final retrain's run: it carries the study's tag too, but is no study.
@@ -119,9 +122,15 @@ def store_exists(tracking_uri: str) -> bool:
     return True
 
 
-def default_optuna_storage(tracking_uri: str, storage_path: str) -> str:
-    """Beside a SQLite MLflow store (mlflow/optuna.db); under --storage-path for a server or another database."""
-    folder = sqlite_path(tracking_uri).parent if tracking_uri.startswith("sqlite:///") else Path(storage_path)
+def default_optuna_storage(tracking_uri: str, storage_path: str) -> str | None:
+    """Beside a SQLite MLflow store (mlflow/optuna.db); under a folder --storage-path for a server or another
+    database; None where the storage path is a URI (s3://...), which SQLite cannot write: the study must be told."""
+    if tracking_uri.startswith("sqlite:///"):
+        folder = sqlite_path(tracking_uri).parent
+    elif not is_uri(storage_path):
+        folder = Path(storage_path)
+    else:
+        return None
     return f"sqlite:///{(folder / OPTUNA_FILE).resolve()}"
 
 

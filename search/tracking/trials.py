@@ -14,6 +14,7 @@ from ray import tune
 
 from search.tracking.schema import (
     EPOCH_METRICS,
+    NODES_TAG,
     PARENT_TAG,
     STATUS_TAG,
     STUDY_TAG,
@@ -27,6 +28,7 @@ from search.tracking.schema import (
 )
 from search.tracking.store import log_data_input, log_params, mlflow_client, settle_lost_children
 from trainables.config import improves
+from trainables.trainable import NODE_ID
 
 
 class MlflowTrials(tune.Callback):
@@ -34,8 +36,8 @@ class MlflowTrials(tune.Callback):
 
     A child run is named by the trial's number (t00, t01, ...) and, once the trial
     ends, by its outcome too ("t03 pruned"), so the runs table tells them apart at a
-    glance; it carries the study's data as its dataset input and its best score so far
-    as the metric best_<metric>. Ray pickles its callbacks with the study and brings
+    glance; it carries the study's data as its dataset input, its best score so far
+    as the metric best_<metric>, and the Ray nodes that trained it. Ray pickles its callbacks with the study and brings
     them back on resume, so this one keeps only plain data and finds a resumed trial's
     existing child run by tag, rather than opening a duplicate.
     """
@@ -50,10 +52,12 @@ class MlflowTrials(tune.Callback):
         """Per trial, the last epoch already in MLflow: a trial resumed from an older
         checkpoint replays (identically) epochs that must not be logged twice."""
         self.best: dict[str, float] = {}
+        self.nodes: dict[str, list[str]] = {}
+        """Per trial, the Ray nodes it trained on, in order."""
         self._client: MlflowClient | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "run_ids": {}, "logged_epochs": {}, "best": {}}
+        return {**self.__dict__, "_client": None, "run_ids": {}, "logged_epochs": {}, "best": {}, "nodes": {}}
 
     @property
     def client(self):
@@ -85,6 +89,8 @@ class MlflowTrials(tune.Callback):
         self.logged_epochs[trial_id] = max((m.step for m in history), default=0)
         if self.best_key in run.data.metrics:
             self.best[trial_id] = run.data.metrics[self.best_key]
+        if run.data.tags.get(NODES_TAG):
+            self.nodes[trial_id] = run.data.tags[NODES_TAG].split(",")
         if run.info.status != "RUNNING":  # interrupted earlier, running again now
             label = run.data.tags.get(TRIAL_LABEL_TAG, run.info.run_name)
             self.client.update_run(run.info.run_id, status="RUNNING", name=label)
@@ -115,6 +121,7 @@ class MlflowTrials(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         stamp, step = int(time.time() * 1000), int(result["epoch"])
         run_id = self.child_run(trial)
+        self.note_node(trial.trial_id, run_id, result.get(NODE_ID))
         if step <= self.logged_epochs.get(trial.trial_id, 0):
             return
         metrics = [Metric(key, float(result[key]), stamp, step) for key in EPOCH_METRICS if key in result]
@@ -122,6 +129,14 @@ class MlflowTrials(tune.Callback):
         if best is not None:
             metrics.append(Metric(self.best_key, best, stamp, step))
         self.client.log_batch(run_id, metrics=metrics)
+
+    def note_node(self, trial_id: str, run_id: str, node: str | None) -> None:
+        """The node that trains the trial now, on its run where it is a new one."""
+        nodes = self.nodes.setdefault(trial_id, [])
+        if node is None or nodes[-1:] == [node]:
+            return
+        nodes.append(node)
+        self.client.set_tag(run_id, NODES_TAG, ",".join(nodes))
 
     def improved_best(self, trial_id: str, score: float | None) -> float | None:
         """The trial's new best score, or None where this one is no better (or no number)."""
