@@ -7,7 +7,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, run_script
+from helpers import ROOT, free_port, run_script
 
 STUDY = ("--model", "vit", "--trials", "2", "--epochs", "1", "--smoke", "--data", "synthetic:3", "--no-pretrained")
 STUDY_ON_CPUS = (*STUDY, "--gpus-per-trial", "0")
@@ -42,12 +41,6 @@ def test_joining_a_cluster_without_its_token_is_one_line_exit_2_and_nothing_writ
     assert "--address 10.0.0.7:6379: the Ray cluster asks for its auth token" in line
     assert "~/.ray/auth_token from the head node" in line
     assert not (tmp_path / "mlflow").exists() and not (tmp_path / "ray_results").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -62,7 +62,11 @@ def reload_and_evaluate(checkpoint: dict, config: dict, cache_dir: Path) -> floa
     return Learner(model, hp, torch.device("cpu"), config["metric"]).evaluate(val)["val_acc"]
 
 
-@pytest.mark.parametrize("model", ["vit", "cnn", "hybrid"])
+# vit's study runs by default; cnn's and hybrid's (about a minute each on two cores) go through the same code
+# with another model (test_models.py builds and runs each; test_compare_costs.py trains cnn a step).
+@pytest.mark.parametrize(
+    "model", ["vit", pytest.param("cnn", marks=pytest.mark.slow), pytest.param("hybrid", marks=pytest.mark.slow)]
+)
 def test_smoke_study_is_recorded_in_mlflow_and_its_best_checkpoint_reproduces(model, tmp_path):
     client, uri, stdout = run_smoke_study(model, tmp_path)
     experiment = client.get_experiment_by_name(model)

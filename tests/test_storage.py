@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, run_script
+from helpers import free_port, interrupted_study, run_script
 
 from search.errors import UsageError
 from search.study import storage
@@ -27,12 +27,6 @@ from search.study import storage
 BUCKET = "studies"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 STUDY = ("--model", "vit", "--trials", "2", "--epochs", "2", "--smoke", "--data", "synthetic:3", "--no-pretrained")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager
@@ -222,19 +216,8 @@ def test_a_study_in_a_bucket_stops_resumes_and_retrains(s3, tmp_path):
     args = [*STUDY, "--name", name, "--storage-path", where, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
 
     # Ctrl-C once the first trial has reported its first epoch: the resume command names the bucket.
-    first = subprocess.Popen(
-        [sys.executable, str(ROOT / "search" / "run.py"), *args],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    assert first.stdout is not None
-    seen = []
-    for line in iter(first.stdout.readline, ""):
-        seen.append(line)
-        if " epoch  1/2" in line:
-            break
-    first.send_signal(signal.SIGINT)
-    output = "".join(seen) + first.communicate(timeout=300)[0]
-    assert first.returncode == 130, output[-3000:]
+    code, output = interrupted_study(*args, marker=" epoch  1/2", cwd=tmp_path, env=env)
+    assert code == 130, output[-3000:]
     assert f"--name {name} --resume --storage-path {where}" in output
 
     taken = run_script("run.py", *args, cwd=tmp_path, env=env)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, run_script
+from helpers import ROOT, free_port, interrupted_study, run_script
 
 pytestmark = pytest.mark.slow
 
 NAME = "served"
 STUDY = ("--model", "vit", "--trials", "2", "--epochs", "2", "--smoke", "--data", "synthetic:3", "--no-pretrained")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -67,19 +60,10 @@ def test_a_study_its_resume_and_its_retrain_work_through_the_server_alone(server
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     # Stopped with Ctrl-C once its first trial has reported an epoch, then resumed.
-    first = subprocess.Popen(
-        [sys.executable, str(ROOT / "search" / "run.py"), *STUDY, "--name", NAME, "--tracking-uri", url],
-        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    assert first.stdout is not None
-    seen = []
-    for line in iter(first.stdout.readline, ""):
-        seen.append(line)
-        if " epoch  1/2" in line:
-            break
-    first.send_signal(signal.SIGINT)
-    output = "".join(seen) + first.communicate(timeout=300)[0]
-    assert first.returncode == 130, output[-3000:]
+    code, output = interrupted_study(
+        *STUDY, "--name", NAME, "--tracking-uri", url, marker=" epoch  1/2", cwd=project, env=env
+    )
+    assert code == 130, output[-3000:]
 
     resumed = run_script("run.py", *STUDY, "--name", NAME, "--tracking-uri", url, "--resume", cwd=project)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

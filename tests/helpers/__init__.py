@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -64,6 +66,30 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def interrupted_study(*args: str, marker: str, cwd: Path, env: dict) -> tuple[int, str]:
+    """search/run.py with `args`, sent Ctrl-C once a line of its output holds `marker`: (exit code, output)."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "search" / "run.py"), *args],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**env, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert process.stdout is not None
+    seen = []
+    for line in iter(process.stdout.readline, ""):
+        seen.append(line)
+        if marker in line:
+            break
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=300)[0]
+    return process.returncode, "".join(seen) + rest
 
 
 def study_config(**changes):
