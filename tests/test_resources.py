@@ -114,7 +114,7 @@ def test_probe_without_cuda_raises_a_clear_error(monkeypatch):
 def test_auto_means_the_cpu_on_a_machine_without_a_gpu():
     import torch
 
-    from search.study.driver import GpuShare, given_gpu_share, local_resources, start_gpu_probe
+    from search.study.resources import GpuShare, given_gpu_share, local_resources, start_gpu_probe
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -130,7 +130,7 @@ def test_on_a_cluster_the_share_and_the_slots_come_from_the_cluster_s_resources(
     from dataclasses import replace
 
     from search.errors import UsageError
-    from search.study.driver import GpuShare, given_gpu_share
+    from search.study.resources import GpuShare, given_gpu_share
 
     config, _ = auto_inputs()
     assert given_gpu_share(replace(config, gpus_per_trial=0.25), 2, 32) == GpuShare(0.25, 8)
@@ -175,7 +175,7 @@ def auto_inputs():
 
 
 def test_a_measured_share_packs_the_card(capsys):
-    from search.study.driver import GpuShare, measured_gpu_share
+    from search.study.resources import GpuShare, measured_gpu_share
 
     probe = GivenProbe((int(2.1 * GiB), int(7.6 * GiB), 8 * GiB))
     assert measured_gpu_share(auto_inputs()[0], probe, gpus=1) == GpuShare(pytest.approx(0.3630), 2)
@@ -195,7 +195,7 @@ def test_a_measured_share_packs_the_card(capsys):
 )
 def test_a_probe_that_fails_is_a_usage_error(error, message):
     from search.errors import UsageError
-    from search.study.driver import measured_gpu_share
+    from search.study.resources import measured_gpu_share
 
     with pytest.raises(UsageError, match=re.escape(message)) as raised:
         measured_gpu_share(auto_inputs()[0], GivenProbe(error), gpus=1)
