@@ -77,6 +77,19 @@ class TwoNodes:
     env: dict
     """What a driver needs: the cluster's token, and no other token or address."""
     worker: subprocess.Popen
+    worker_id: str
+    """The worker node's Ray node id."""
+
+
+def gpu_node_id(address: str, env: dict) -> str:
+    """The id of the cluster's node that declares a GPU, as a driver of the cluster sees it."""
+    script = (
+        f"import ray; ray.init(address={address!r}, logging_level=40); "
+        "print(*[n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('GPU')])"
+    )
+    found = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr[-2000:]
+    return found.stdout.split()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +110,7 @@ def cluster(tmp_path_factory):
             ["--address", address, "--num-gpus", "1", "--temp-dir", ray_folders[1]], env, folder / "worker.log"
         )
         try:
-            yield TwoNodes(address, env, worker)
+            yield TwoNodes(address, env, worker, gpu_node_id(address, env))
         finally:
             stop_node(worker)
     finally:
@@ -200,10 +213,12 @@ def test_a_worker_node_lost_mid_trial_moves_the_trial_on_from_its_checkpoint(clu
         project(tmp_path), cluster, *STUDY_ON_CPUS, "--name", "moved", "--epochs", "5", "--grace-period", "5",
         "--max-concurrent", "2", "--max-failures", "1",
     )  # fmt: skip
-    seen: list[str] = []
-    read_until(study, lambda lines: sum(" epoch  1/5" in line for line in lines) == 2, seen)
-    stop_node(cluster.worker, signal.SIGKILL)  # both trials have a checkpoint: one on each node
-    output = finished(study, seen)
+    deadline = time.monotonic() + 300
+    while not trained_on(tmp_path, "moved", cluster.worker_id):  # its trial has a checkpoint, and epochs to go
+        assert study.poll() is None and time.monotonic() < deadline, "the worker node trained no trial"
+        time.sleep(0.2)
+    stop_node(cluster.worker, signal.SIGKILL)
+    output = finished(study, [])
     assert "Study moved: 2 trials: 2 completed" in output
     runs = trial_runs(tmp_path, "moved")
     assert all(run.info.status == "FINISHED" for run in runs)
@@ -215,6 +230,15 @@ def test_a_worker_node_lost_mid_trial_moves_the_trial_on_from_its_checkpoint(clu
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]  # each epoch once: continued, not restarted
     restarted_at = trial_results(tmp_path, "moved", moved.data.tags["ray_trial_id"])
     assert min(epoch for epoch, node in restarted_at if node == moved.data.tags["ray_nodes"].split(",")[1]) > 1
+
+
+def trained_on(tmp_path: Path, name: str, node: str) -> bool:
+    """Whether a trial of the study has reported an epoch trained on `node`, by Ray's result.json files."""
+    for path in (tmp_path / "ray_results" / name).glob("*/result.json"):
+        whole_lines = path.read_text().split("\n")[:-1]  # the last one may be half written
+        if any(json.loads(line)["node_id"] == node for line in whole_lines):
+            return True
+    return False
 
 
 def trial_results(tmp_path: Path, name: str, trial_id: str) -> list[tuple[int, str]]:
