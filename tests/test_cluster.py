@@ -124,11 +124,11 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def start_study(tmp_path: Path, cluster: TwoNodes, *arguments: str) -> subprocess.Popen:
+def start_study(tmp_path: Path, address: str, env: dict, *arguments: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "search" / "run.py"), "--address", cluster.address, *arguments],
+        [sys.executable, str(ROOT / "search" / "run.py"), "--address", address, *arguments],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**cluster.env, "PYTHONUNBUFFERED": "1"},
+        env={**env, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
 
 
@@ -167,8 +167,9 @@ def test_trials_land_on_both_nodes_and_never_read_the_driver_s_cache(cluster, tm
     """The decoded images reach the trials through Ray's object store: the driver's cache is deleted before
     the first trial starts, and every trial still trains, on one node or the other."""
     study = start_study(
-        project(tmp_path), cluster, *STUDY_ON_CPUS, "--name", "spread", "--trials", "4", "--max-concurrent", "2"
-    )
+        project(tmp_path), cluster.address, cluster.env,
+        *STUDY_ON_CPUS, "--name", "spread", "--trials", "4", "--max-concurrent", "2",
+    )  # fmt: skip
     seen: list[str] = []
     read_until(study, lambda lines: any(line.startswith("Data: ") for line in lines), seen)
     shutil.rmtree(tmp_path / ".cache" / "images")  # in the object store now; the trials must not need it
@@ -210,8 +211,8 @@ def test_a_worker_node_lost_mid_trial_moves_the_trial_on_from_its_checkpoint(clu
     """Runs last: it kills the worker node. The trial that was training there fails once and, with
     --max-failures 1, continues on the head node from its last checkpoint; the study finishes whole."""
     study = start_study(
-        project(tmp_path), cluster, *STUDY_ON_CPUS, "--name", "moved", "--epochs", "5", "--grace-period", "5",
-        "--max-concurrent", "2", "--max-failures", "1",
+        project(tmp_path), cluster.address, cluster.env, *STUDY_ON_CPUS,
+        "--name", "moved", "--epochs", "5", "--grace-period", "5", "--max-concurrent", "2", "--max-failures", "1",
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while not trained_on(tmp_path, "moved", cluster.worker_id):  # its trial has a checkpoint, and epochs to go
@@ -259,16 +260,16 @@ def test_a_driver_that_loses_its_cluster_says_so_and_resumes_once_it_is_back(tmp
     head_arguments = ["--head", "--port", port, "--include-dashboard", "false", "--temp-dir", ray_folder]
     head = start_node(head_arguments, env, tmp_path / "head.log")
     try:
-        cluster = TwoNodes(f"127.0.0.1:{port}", env, head)
-        study = start_study(project(tmp_path), cluster, *STUDY_ON_CPUS, "--name", "lost", "--epochs", "4")
+        address = f"127.0.0.1:{port}"
+        study = start_study(project(tmp_path), address, env, *STUDY_ON_CPUS, "--name", "lost", "--epochs", "4")
         seen: list[str] = []
         read_until(study, lambda lines: any(" epoch  1/4" in line for line in lines), seen)
         stop_node(head, signal.SIGKILL)
         output = "".join(seen) + study.communicate(timeout=120)[0]
         assert study.returncode == 1, output[-3000:]
-        assert f"search/run.py: error: lost the Ray cluster at {cluster.address}: " in output
+        assert f"search/run.py: error: lost the Ray cluster at {address}: " in output
         (command,) = [line.strip() for line in output.splitlines() if line.startswith("  python search/run.py")]
-        assert f"--address {cluster.address}" in command
+        assert f"--address {address}" in command
         (parent,) = [run for run in study_runs(tmp_path, "lost") if "mlflow.parentRunId" not in run.data.tags]
         assert parent.info.status == "KILLED"
 
