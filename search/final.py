@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--config", metavar="FILE", help="a best_config.yaml, as a study writes it (ray_results/<study>/best/)"
     )
+    what.add_argument(
+        "--trial",
+        metavar="LABEL",
+        default=None,
+        help="with --study: retrain this trial (t07) instead of the best, e.g. a point of a multi-objective "
+        "study's Pareto front",
+    )
     what.add_argument("--model", default=None, choices=MODEL_NAMES, help="refuse a config that is not for this model")
 
     training = parser.add_argument_group("training")
@@ -93,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_arguments(args: argparse.Namespace) -> None:
     """Every problem found without loading anything heavy, reported at once."""
     problems = []
+    if args.trial is not None and args.study is None:
+        problems.append(f"--trial {args.trial} names a trial of a study: give --study NAME too")
     if args.epochs is not None and args.epochs < 1:
         problems.append(f"--epochs {args.epochs}: train at least 1 epoch")
     if args.register_name is not None and not args.register_name.strip():

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from search.cli import DEFAULT_CACHE_DIR, DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, add_weights_argument
 from search.errors import UsageError
 from search.study.cluster import check_cluster, ray_address
 from search.study.config import FULL, SMOKE, STUDY_DEFAULTS, new_config
-from trainables.config import METRICS, MODEL_NAMES
+from trainables.config import METRICS, MODEL_NAMES, OBJECTIVES
 
 RUNTIME_ENVIRONMENT = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # MLflow is the record
@@ -69,7 +70,14 @@ def build_parser(
             choices=MODEL_NAMES,
             help="cnn: tf_efficientnetv2_s; vit: vit_tiny_patch16_224; hybrid: both",
         )
-    what.add_argument("--trials", type=int, default=STUDY_DEFAULTS["trials"], help="number of trials")
+    what.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="number of trials"
+        + ("; with --resume on a finished study, its new total: the search goes on where it ended" * one_study)
+        + f" (default: {STUDY_DEFAULTS['trials']})",
+    )
     what.add_argument(
         "--data",
         default="data",
@@ -85,7 +93,45 @@ def build_parser(
         help="what the search optimises (val_loss is minimised)",
     )
     what.add_argument(
+        "--objective",
+        default=STUDY_DEFAULTS["objective"],
+        metavar="|".join(OBJECTIVES),
+        help="'accuracy': --metric alone; 'accuracy,COST': a multi-objective search for the Pareto front of "
+        "--metric against the parameters, the inference latency per image or the peak training memory "
+        "(CUDA only); no ASHA then: each trial stops itself (early_stop_patience) or at --epochs",
+    )
+    what.add_argument(
         "--seed", type=int, default=STUDY_DEFAULTS["seed"], help="seeds the split, the TPE sampler and every trial"
+    )
+    if one_study:
+        what.add_argument(
+            "--warm-start",
+            default=None,
+            metavar="STUDY",
+            help="first evaluate the best configurations of this earlier study (same --tracking-uri), then search on",
+        )
+        what.add_argument(
+            "--warm-start-top",
+            type=int,
+            default=STUDY_DEFAULTS["warm_start_top"],
+            metavar="K",
+            help="how many of the earlier study's best configurations go first",
+        )
+    what.add_argument(
+        "--confirm",
+        type=int,
+        default=None,
+        metavar="K",
+        help="once the search ends, retrain its K best configurations with more seeds and pick the winner by "
+        f"mean score; 0: the single best trial wins (default: {STUDY_DEFAULTS['confirm']})",
+    )
+    what.add_argument(
+        "--confirm-seeds",
+        type=int,
+        default=None,
+        metavar="S",
+        help=f"seeds each confirmed configuration is retrained with, besides its search trial's "
+        f"(default: {STUDY_DEFAULTS['confirm_seeds']})",
     )
 
     training = parser.add_argument_group("training")
@@ -208,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         from search.tracking.study_run import open_stores  # MLflow and Optuna, not yet torch or Ray
 
         open_stores(config, resume_run_id, create=False)  # a taken name, answered before the heavy imports
+        if config.warm_start and resume_run_id is None:
+            from search.study.warm_start import warm_start_configs  # Optuna: the earlier study's trials
+
+            checked = replace(checked, warm_start=tuple(warm_start_configs(config, checked.space)))
         from search.study.driver import run_study  # torch and Ray load once the study is known to be good
 
         return run_study(config, checked, verbose=args.verbose, address=address)

@@ -25,6 +25,36 @@ METRIC_MODES = {
 }
 METRICS = tuple(METRIC_MODES)
 
+
+@dataclass(frozen=True)
+class Cost:
+    """What a multi-objective study trades its metric against (--objective accuracy,<name>); always minimised."""
+
+    metric: str
+    """What each trial reports with every result, and its MLflow metric."""
+    unit: str
+    meaning: str
+    cuda_only: bool = False
+    """Measured on CUDA alone: the CPU has no honest per-trial equivalent."""
+
+
+COSTS = {
+    "params": Cost("params_m", "M", "parameters"),
+    "latency": Cost("latency_ms", "ms", "inference latency per image on the trial's device"),
+    "memory": Cost("peak_memory_mb", "MB", "peak training memory on CUDA", cuda_only=True),
+}
+COST_METRICS = tuple(cost.metric for cost in COSTS.values())
+ACCURACY = "accuracy"
+"""The objective of every study: the study's --metric (val_acc by default)."""
+OBJECTIVES = (ACCURACY, *(f"{ACCURACY},{name}" for name in COSTS))
+"""--objective's values: the metric alone, or the metric against one cost."""
+
+
+def objective_cost(objective: str) -> str | None:
+    """The cost an --objective trades accuracy against ('latency' for 'accuracy,latency'), None for 'accuracy'."""
+    return objective.partition(",")[2] or None
+
+
 MODEL_NAMES = ("cnn", "vit", "hybrid")
 SYNTHETIC = "synthetic"
 """The built-in data source ('synthetic', or 'synthetic:C' for C classes; trainables.data makes it)."""
@@ -113,6 +143,10 @@ class Hyperparameters:
         """The values that shape the model: the ModelSpec fields of the same names."""
         return {name: getattr(self, name) for name in SHAPES_MODEL}
 
+
+SEED = "seed"
+"""The one key of a trial's config that is no hyperparameter: its own seed, where it is not the study's
+(a confirmation retrains a configuration with other seeds)."""
 
 KNOBS: dict[str, Knob] = {f.name: f.metadata["knob"] for f in fields(Hyperparameters)}
 DEFAULTS = Hyperparameters()

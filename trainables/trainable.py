@@ -15,7 +15,8 @@ import torch
 from ray import tune
 
 from trainables.checkpoint import load_trial_checkpoint, save_trial_checkpoint
-from trainables.config import Hyperparameters
+from trainables.config import COSTS, SEED, Hyperparameters
+from trainables.costs import latency_cost, memory_cost, parameter_cost
 from trainables.data import CachedSplit
 from trainables.engine import Learner, SpeedOptions, fit, select_device
 from trainables.models import ModelSpec, build_model
@@ -38,6 +39,8 @@ class TrialSetup:
     gpu_fraction: float
     cpus: int
     speed: SpeedOptions = field(default_factory=SpeedOptions)
+    measure_latency: bool = False
+    """Time one image's inference once, after the first epoch: a study that trades accuracy against latency."""
 
 
 NODE_ID = "node_id"
@@ -50,12 +53,13 @@ class TrialOutOfMemory(RuntimeError):
 
 def train_trial(config: dict, setup: TrialSetup) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint
-    hp = Hyperparameters.from_dict(config)
+    seed = config.get(SEED, setup.seed)
+    hp = Hyperparameters.from_dict({name: value for name, value in config.items() if name != SEED})
     torch.set_num_threads(max(setup.cpus, 1))
-    torch.manual_seed(setup.seed)  # same initial head for every trial: configs compare fairly
+    torch.manual_seed(seed)  # the search's trials start alike (same initial head): configs compare fairly
     spec = setup.model.with_knobs(hp)
     device = select_device(setup.gpu_fraction, setup.speed)
-    learner = Learner(build_model(spec), hp, device, setup.metric, setup.seed, setup.speed)
+    learner = Learner(build_model(spec), hp, device, setup.metric, seed, setup.speed)
 
     restored = tune.get_checkpoint()
     if restored is not None:
@@ -63,9 +67,15 @@ def train_trial(config: dict, setup: TrialSetup) -> None:
             learner.load_state_dict(load_trial_checkpoint(directory))
 
     node = {NODE_ID: ray.get_runtime_context().get_node_id()}
+    costs = parameter_cost(learner.model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # Ray reuses this process from trial to trial
     try:
         for result in fit(learner, setup.train, setup.val, setup.epochs):
-            metrics = {**result.metrics, "epoch": result.epoch, "finished": result.finished}
+            costs.update(memory_cost(device))
+            if setup.measure_latency and COSTS["latency"].metric not in costs:  # once: the model's shape is fixed
+                costs.update(latency_cost(learner.model, spec.img_size, device, setup.speed))
+            metrics = {**result.metrics, **costs, "epoch": result.epoch, "finished": result.finished}
             with tempfile.TemporaryDirectory() as directory:
                 save_trial_checkpoint(directory, learner, spec, hp, metrics)
                 tune.report({**metrics, **node}, checkpoint=tune.Checkpoint.from_directory(directory))

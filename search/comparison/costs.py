@@ -24,6 +24,7 @@ from torch import nn
 
 from search.comparison.results import LATENCY_BATCHES, Costs
 from trainables.config import Hyperparameters
+from trainables.costs import inference_latency
 from trainables.data import CachedSplit
 from trainables.engine import Learner, SpeedOptions
 from trainables.models import ModelSpec, build_model, count_parameters
@@ -116,33 +117,6 @@ def training_throughput(
             del learner  # AdamW's state goes with it; the model stays for the latency
             release_memory(device)
     return count / statistics.median(seconds), peak
-
-
-def inference_latency(
-    model: nn.Module, batch: int, img_size: int, device: torch.device, speed: SpeedOptions, *, warmup: int, repeats: int
-) -> float:
-    """Median milliseconds for one forward pass of `batch` random [0, 1] images already on the device.
-
-    Run as deployment would: eval mode, no autograd, and on CUDA the same fp16 autocast and
-    channels_last layout that training used when `speed` asks for them.
-    """
-    cuda = device.type == "cuda"
-    memory_format = torch.channels_last if cuda and speed.channels_last else torch.contiguous_format
-    model = model.to(device).to(memory_format=memory_format).eval()
-    images = torch.rand(batch, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
-    seconds = []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=cuda and speed.amp):
-        if cuda:
-            torch.cuda.synchronize(device)
-        for call in range(warmup + repeats):
-            start = time.perf_counter()
-            model(images)
-            if cuda:
-                torch.cuda.synchronize(device)
-            if call >= warmup:
-                seconds.append(time.perf_counter() - start)
-    del images
-    return 1000 * statistics.median(seconds)
 
 
 def random_split(folder: Path, count: int, img_size: int, num_classes: int) -> CachedSplit:

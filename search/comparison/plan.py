@@ -26,8 +26,19 @@ COMPARISON_ROLE, REFERENCE_ROLE = "comparison", "reference"
 REFERENCE_MODEL_TAG = "reference_model"
 SPLIT_SETTINGS = ("data", "seed", "smoke")
 """Studies that agree on these hold out the same test images."""
-BUDGET_SETTINGS = ("trials", "epochs", "img_size", "metric", "pretrained", "grace_period", "reduction_factor")
-"""What else the comparison's own studies share: the same budget and recipe."""
+BUDGET_SETTINGS = (
+    "trials",
+    "epochs",
+    "img_size",
+    "metric",
+    "objective",
+    "pretrained",
+    "grace_period",
+    "reduction_factor",
+    "confirm",
+    "confirm_seeds",
+)
+"""What else the comparison's own studies share: the same budget, recipe and way of picking the winner."""
 
 
 @dataclass(frozen=True)

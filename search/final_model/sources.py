@@ -8,6 +8,7 @@ its metric history, then checked by the same `parse_config`.
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 from mlflow.exceptions import MlflowException
@@ -26,14 +27,21 @@ from search.tracking.schema import (
     STUDY_TAG,
     TRIAL_CONFIG,
     TRIAL_ID_TAG,
+    TRIAL_LABEL_TAG,
 )
 from search.tracking.store import all_runs, is_study_run, mlflow_client, read_artifact, study_runs
 from search.tracking.study_run import read_study_config
+from trainables.config import SEED
+
+TRIAL_LABEL = re.compile(r"t\d{2,6}")
+"""A search trial's name, as its study prints it and its run's `trial` tag holds it (t07)."""
 
 
 def winner_from_mlflow(args) -> WinnerConfig:
-    """The configuration named on the command line by --study or --run-id."""
+    """The configuration named on the command line by --study (with --trial, one of its trials) or --run-id."""
     try:
+        if args.study is not None and getattr(args, "trial", None):
+            return load_study_trial(args.tracking_uri, args.study, args.trial, args.model)
         if args.study is not None:
             return load_study(args.tracking_uri, args.study, args.model)
         return load_run(args.tracking_uri, args.run_id, args.model)
@@ -59,6 +67,29 @@ def load_study(tracking_uri: str, name: str, requested_model: str | None) -> Win
         if has_best_config(client, parent.info.run_id) and completed_trials(client, parent):
             return config_from_parent(client, parent, requested_model)
     raise UsageError(why_no_winner(client, parents[0], name))
+
+
+def load_study_trial(tracking_uri: str, name: str, label: str, requested_model: str | None) -> WinnerConfig:
+    """Trial `label` (t07) of the newest study named `name`: a point of a multi-objective study's Pareto front,
+    or any of its trials, retrained as --run-id retrains it."""
+    if not TRIAL_LABEL.fullmatch(label):
+        raise UsageError(f"--trial {label!r}: give a trial's name as the study printed it, e.g. t07")
+    client = mlflow_client(tracking_uri, create=False)
+    parents = study_runs(client, name)
+    if not parents:
+        raise UsageError(f"no study named {name!r} in {tracking_uri}: check --study")
+    parent = parents[0]
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and tags.{TRIAL_LABEL_TAG} = '{label}'",
+    )
+    trials = [run for run in children if ROLE_TAG not in run.data.tags]  # a search trial, not a retrain of one
+    if not trials:
+        raise UsageError(
+            f"study {name!r} has no trial {label}: its trials are named in its runs (and a multi-objective study's "
+            f"front in pareto_front.csv on its run)"
+        )
+    return load_run(tracking_uri, trials[0].info.run_id, requested_model)
 
 
 def has_best_config(client, run_id: str) -> bool:
@@ -139,6 +170,7 @@ def config_from_trial(client, trial, parent, requested_model: str | None) -> Win
             f"{source} lacks its {TRIAL_CONFIG} or its study's data.json: retrain the study's "
             f"winner with --study {config.name}, or pass --config"
         )
+    hyperparameters.pop(SEED, None)  # a confirmation's retrain: final.py trains with the study's seed
     raw = winner_record(
         config,
         trial.data.tags.get(TRIAL_ID_TAG),

@@ -22,9 +22,19 @@ from search.cli import weights_files, weights_problems
 from search.errors import UsageError
 from search.study import storage
 from search.tracking.schema import absolute_uri, default_optuna_storage
-from trainables.config import METRIC_MODES, MODEL_NAMES, is_synthetic
+from trainables.config import (
+    ACCURACY,
+    COSTS,
+    METRIC_MODES,
+    MODEL_NAMES,
+    OBJECTIVES,
+    Cost,
+    is_synthetic,
+    objective_cost,
+)
 
 CONFIG_FILE = "study.yaml"
+CONFIRM_DIR = "confirm"
 FORMAT = 1
 """study.yaml's format version, written into the file; a file of another version is refused."""
 SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
@@ -70,8 +80,22 @@ class StudyConfig:
     """The search-space YAML, an absolute path."""
     metric: str = "val_acc"
     """What the search optimises (val_loss is minimised)."""
+    objective: str = ACCURACY
+    """'accuracy': the metric alone; 'accuracy,<cost>' (a COSTS name): a multi-objective study whose Pareto front
+    trades the metric against that cost."""
     seed: int = 0
     """Seeds the split, the TPE sampler and every trial."""
+    trials_before: int = 0
+    """Trials of the study's earlier searches (0 for a new study): an extended study (--resume --trials N on a
+    finished one) searches trials_before..trials-1 in a Tune run of its own, continuing the same Optuna study."""
+    warm_start: str | None = None
+    """An earlier study whose best configurations this one evaluates first."""
+    warm_start_top: int = 3
+    """How many of the earlier study's best configurations go first."""
+    confirm: int = 0
+    """Once the search ends, retrain its `confirm` best configurations with more seeds (0: no confirmation)."""
+    confirm_seeds: int = 2
+    """The seeds each confirmed configuration is retrained with, besides its search trial's."""
     # ---- training
     epochs: int
     """Epoch budget per trial (ASHA's max_t)."""
@@ -123,8 +147,23 @@ class StudyConfig:
             problems.append(f"--model {self.model!r}: choose one of {', '.join(MODEL_NAMES)}")
         if self.trials < 1:
             problems.append(f"--trials {self.trials}: run at least 1 trial")
+        if not 0 <= self.trials_before < self.trials:
+            problems.append(f"--trials {self.trials}: more than the {self.trials_before} the study has run already")
+        if self.warm_start_top < 1:
+            problems.append(f"--warm-start-top {self.warm_start_top}: give at least 1")
+        if not 0 <= self.confirm <= self.trials:
+            problems.append(f"--confirm {self.confirm}: give 0 (no confirmation) to --trials {self.trials}")
+        if self.confirm_seeds < 1:
+            problems.append(f"--confirm-seeds {self.confirm_seeds}: give at least 1")
         if self.metric not in METRIC_MODES:
             problems.append(f"--metric {self.metric!r}: choose one of {', '.join(METRIC_MODES)}")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"--objective {self.objective!r}: choose one of {', '.join(map(repr, OBJECTIVES))}")
+        elif self.cost is not None and self.cost.cuda_only and self.gpus_per_trial == 0:
+            problems.append(
+                f"--objective {self.objective}: {self.cost.metric} is measured on CUDA only, and the trials train on "
+                f"the CPU (--gpus-per-trial 0, or no GPU): trade accuracy against params or latency instead"
+            )
         if self.epochs < 1:
             problems.append(f"--epochs {self.epochs}: train at least 1 epoch")
         if not MIN_IMG_SIZE <= self.img_size <= MAX_IMG_SIZE:
@@ -147,6 +186,12 @@ class StudyConfig:
         return METRIC_MODES[self.metric]
 
     @property
+    def cost(self) -> Cost | None:
+        """What a multi-objective study trades its metric against; None for the metric alone."""
+        name = objective_cost(self.objective)
+        return COSTS.get(name) if name else None
+
+    @property
     def per_class(self) -> dict[str, int] | None:
         """The smoke profile's per-class caps, or None."""
         return SMOKE.per_class if self.smoke else None
@@ -157,9 +202,32 @@ class StudyConfig:
         return min(self.grace_period, self.epochs)
 
     @property
-    def experiment_location(self) -> str:
-        """The study's Ray experiment folder: its path, or its URI (s3://bucket/prefix/<name>)."""
+    def study_location(self) -> str:
+        """The study's folder under the storage (its URI for a bucket): its searches' trials, and its winner."""
         return storage.join(self.storage_path, self.name)
+
+    @property
+    def experiment_location(self) -> str:
+        """The Ray experiment folder of the study's latest search: its path, or its URI (s3://bucket/prefix/<name>).
+
+        An extension's trials go to a folder of their own inside the first search's, `trials-31-50`: Ray Tune
+        cannot add samples to a finished experiment, so each extension is a Tune run of its own."""
+        return storage.join(self.study_location, *self.search_part)
+
+    @property
+    def search_part(self) -> tuple[str, ...]:
+        """The latest search's folder inside the study's: none for the first, `trials-31-50` for an extension."""
+        return (f"trials-{self.trials_before + 1}-{self.trials}",) if self.trials_before else ()
+
+    @property
+    def search_trials(self) -> int:
+        """The trials of the latest search: all of them, or an extension's new ones."""
+        return self.trials - self.trials_before
+
+    @property
+    def confirm_location(self) -> str:
+        """The Ray experiment folder of the confirmation runs of the latest search."""
+        return storage.join(self.experiment_location, CONFIRM_DIR)
 
     # ------------------------------------------------------------ the file
 
@@ -257,10 +325,11 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
         config = StudyConfig(
             name=args.name or args.model,  # a new study's own name is drawn below
             model=args.model,
-            trials=args.trials,
+            trials=given_or_default(args, "trials"),
             data=resolved_source(args.data),
             space=absolute(args.space or SPACES_DIR / f"{args.model}.yaml"),
             metric=args.metric,
+            objective=args.objective,
             seed=args.seed,
             epochs=profile.epochs if args.epochs is None else args.epochs,
             img_size=profile.img_size if args.img_size is None else args.img_size,
@@ -282,6 +351,10 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
             tracking_uri=args.tracking_uri,
             experiment=args.experiment or args.model,
             optuna_storage=optuna_storage,
+            warm_start=getattr(args, "warm_start", None),  # run.py's alone: compare.py runs a study per model
+            warm_start_top=given_or_default(args, "warm_start_top"),
+            confirm=given_or_default(args, "confirm"),
+            confirm_seeds=given_or_default(args, "confirm_seeds"),
         )
     except ConfigError as error:
         problems.insert(0, str(error))
@@ -289,6 +362,13 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
         raise UsageError("; ".join(problems))
     # Drawn once the arguments are good: which names are taken is a question to the storage, perhaps a bucket.
     return config if args.name else replace(config, name=new_study_name(args.model, location))
+
+
+def given_or_default(args: argparse.Namespace, name: str) -> Any:
+    """A setting's value from the command line, or the record's default where the flag was left out (None) or
+    does not exist (compare.py's)."""
+    value = getattr(args, name, None)
+    return STUDY_DEFAULTS[name] if value is None else value
 
 
 def absolute(path: str | Path) -> str:

@@ -7,15 +7,16 @@ import shlex
 from ray import tune
 
 from search.study.config import StudyConfig
+from search.study.pareto import FRONT_PLOT, FRONT_TABLE, front_lines
 from search.study.report import StudySummary, chance_level, counts_line, duration, label_of
 from search.study.storage import join
 from search.tracking.schema import (
     BEST_CONFIG_FILE,
     BEST_MODEL_FILE,
+    TrialNames,
     exception_line,
     mlflow_lines,
     runs_page,
-    trial_label,
     trial_outcome,
 )
 from trainables.config import METRIC_MODES, improves, knobs_of
@@ -24,8 +25,8 @@ from trainables.config import METRIC_MODES, improves, knobs_of
 class EpochPrinter(tune.Callback):
     """One line per trial event, instead of Ray's tables; trials by their MLflow names (t00, t01, ...)."""
 
-    def __init__(self, epochs: int, metric: str, trials: int):
-        self.epochs, self.metric, self.trials = epochs, metric, trials
+    def __init__(self, epochs: int, metric: str, names: TrialNames):
+        self.epochs, self.metric, self.names = epochs, metric, names
         self.best: dict[str, float] = {}
         """Each trial's best score so far, for the line that says how it ended."""
 
@@ -34,7 +35,7 @@ class EpochPrinter(tune.Callback):
         return METRIC_MODES[self.metric]
 
     def label(self, trial) -> str:
-        return trial_label(trial.experiment_tag, self.trials)
+        return self.names.of(trial.experiment_tag)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
@@ -93,6 +94,9 @@ def print_closing(
         print(f"Config:     {join(best_location, BEST_CONFIG_FILE)}")
         print(f"Checkpoint: {join(best_location, BEST_MODEL_FILE)}")
         print(f"Retrain:    python search/final.py --study {config.name}")
+    if summary is not None and summary.tradeoff is not None and summary.tradeoff.points:
+        print("\n".join(front_lines(summary.tradeoff, config.name)))
+        print(f"Front:      {FRONT_PLOT} and {FRONT_TABLE} on the study's MLflow run")
     print("\n".join(mlflow_lines(config.tracking_uri, runs_page(config.tracking_uri, experiment_id, config.name))))
     if config.optuna_storage:
         print(f"Optuna:     optuna-dashboard {config.optuna_storage}   (pip install optuna-dashboard)")

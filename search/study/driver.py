@@ -9,6 +9,7 @@ run, runs Ray Tune, and exports the winner. The GPU share comes from search.stud
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
@@ -21,37 +22,63 @@ import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from ray import tune
 from ray._private import ray_constants
 from ray.exceptions import AuthenticationError
-from ray.tune import ResultGrid
+from ray.tune import Checkpoint, ResultGrid
 
 from search.cli import interrupts_ignored, require_pretrained
 from search.errors import UsageError, one_line
 from search.final_model.winner import winner_record
 from search.study.cluster import ClusterWatch, missing_token
-from search.study.config import CONFIG_FILE, StudyConfig
+from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
+from search.study.confirm import (
+    Confirmed,
+    Retrain,
+    candidates,
+    confirm_run,
+    confirm_table,
+    confirmed_scores,
+    confirmed_winner,
+    log_confirmation,
+    plan_retrains,
+)
 from search.study.console import print_closing, print_resume_hint
 from search.study.preflight import CheckedStudy
 from search.study.report import StudySummary
 from search.study.resources import (
+    GpuShare,
     cluster_gpu_share,
     given_gpu_share,
     local_resources,
     measured_gpu_share,
     start_gpu_probe,
 )
+from search.study.resume import TUNER_STATE
 from search.study.spaces import Space
-from search.study.storage import is_uri, join, staged, write_text
-from search.study.tuning import make_tuner, restore_tuner, trial_setup, unfinished_trials
+from search.study.storage import exists, is_uri, join, staged, write_text
+from search.study.tuning import make_confirm_tuner, make_tuner, restore_tuner, trial_setup, unfinished_trials
 from search.tracking.optuna_store import fail_orphans, load_study
-from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, BEST_MODEL_FILE, ELAPSED_METRIC
-from search.tracking.store import close_open_children, mlflow_client
+from search.tracking.schema import (
+    BEST_CONFIG,
+    BEST_CONFIG_FILE,
+    BEST_DIR,
+    BEST_MODEL_FILE,
+    CONFIRM_ROLE,
+    ELAPSED_METRIC,
+    EXTENDED_TAG,
+    ROLE_TAG,
+    TrialNames,
+)
+from search.tracking.store import close_open_children, mlflow_client, read_artifact
 from search.tracking.study_report import log_study_report
 from search.tracking.study_run import data_record, log_best, open_parent_run, open_stores, reopen_parent_run
 from search.tracking.trials import MlflowTrials
 from trainables.checkpoint import ModelFile, load_trial_checkpoint
+from trainables.config import improves
 from trainables.data import CachedSplit, DataError, DatasetIndex, existing_ancestor, megabytes, prepare_splits
 from trainables.spec import BACKBONES, ModelSpec
+from trainables.trainable import TrialSetup
 
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """Ray's switch for a machine-local Ray (its default on Windows and macOS). Set to 0, Ray takes 127.0.0.1 as
@@ -74,6 +101,8 @@ class PreparedStudy:
     val: CachedSplit
     skipped_images: list[str]
     resume_run_id: str | None = None
+    warm_start: tuple[dict, ...] = ()
+    """Configurations the search tries first (--warm-start)."""
     address: str | None = None
     """The Ray cluster joined (None: a private local Ray)."""
 
@@ -99,6 +128,8 @@ def prepare_study(
     gpu_probe = start_gpu_probe(config, checked) if address is None else None
     # Checked at once on this machine; on a cluster once joined, from the cluster's resources.
     share = given_gpu_share(config, *local_resources()) if gpu_probe is None and address is None else None
+    if share is not None:
+        resolved_config(config, share)  # what the share rules out is refused before anything is written
     try:
         if config.pretrained:
             require_pretrained(BACKBONES[config.model], config.weights)
@@ -112,7 +143,7 @@ def prepare_study(
             note_storage_on_cluster(config.storage_path)
         elif share is None:
             share = measured_gpu_share(config, gpu_probe, max(1, torch.cuda.device_count()))
-        resolved = replace(config, gpus_per_trial=share.gpus_per_trial, max_concurrent=share.max_concurrent)
+        resolved = resolved_config(config, share)
         return PreparedStudy(
             config=resolved,
             space=checked.space,
@@ -122,6 +153,7 @@ def prepare_study(
             val=val,
             skipped_images=skipped,
             resume_run_id=checked.resume_run_id,
+            warm_start=checked.warm_start,
             address=address,
         )
     except BaseException:
@@ -129,6 +161,15 @@ def prepare_study(
             gpu_probe.cancel()
         ray.shutdown()
         raise
+
+
+def resolved_config(config: StudyConfig, share: GpuShare) -> StudyConfig:
+    """The configuration with its GPU share; what that share rules out (peak CUDA memory as an objective of trials
+    on the CPU) as one line."""
+    try:
+        return replace(config, gpus_per_trial=share.gpus_per_trial, max_concurrent=share.max_concurrent)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
 
 
 def cache_data(config: StudyConfig, index: DatasetIndex) -> tuple[DatasetIndex, dict[str, CachedSplit], list[str]]:
@@ -226,26 +267,22 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
     watch = watch_cluster(study, lambda: abandon_on_lost_cluster(client, experiment_id, parent_id, study, started))
     try:
         setup = trial_setup(config, study.spec, study.train, study.val)
-        if study.resume_run_id:
-            tuner = restore_tuner(setup, config)
-        else:
-            callbacks = [MlflowTrials(config.tracking_uri, experiment_id, parent_id, config, dataset)]
-            tuner = make_tuner(study.space, setup, config, callbacks, verbose=verbose)
-            write_config_beside_trials(config)
-        results = tuner.fit()
-        if unfinished_trials(config):  # Ctrl-C: Ray returns normally, having saved where each trial was
+        record = StudyRecord(client, experiment_id, parent_id, dataset)
+        searched = search_tuner(study, setup, record, verbose).fit()
+        # Ctrl-C: Ray returns normally, having saved where each trial was.
+        interrupted = unfinished_trials(config.experiment_location, config.search_trials)
+        confirmation = None if interrupted else confirm_best(study, setup, record, verbose)
+        if interrupted or (confirmation is not None and confirmation.winner is None):
             status = "KILLED"
             print_resume_hint(config, address=study.address)
             return 130
         with staged(config.storage_path, config.name, BEST_DIR) as folder:  # a URI's: uploaded beside the trials
-            best = export_best(config, study.index.classes, results, folder)
-            if best is not None:
-                log_best(client, config, parent_id, best, folder)
+            best = export_winner(client, config, parent_id, study.index.classes, searched, confirmation, folder)
         status = "FINISHED" if best else "FAILED"
         log_elapsed(client, parent_id, started)  # before the report, which states it
         timed = True
         summary = explain_study(client, config, parent_id, study, best)
-        print_closing(config, best, join(config.experiment_location, BEST_DIR), experiment_id, summary)
+        print_closing(config, best, join(config.study_location, BEST_DIR), experiment_id, summary)
         return 0 if best else 1
     except KeyboardInterrupt:
         status = "KILLED"
@@ -335,30 +372,155 @@ def open_or_reopen(client: MlflowClient, study: PreparedStudy, dataset: dict) ->
     return open_parent_run(client, study.config, study.index, dataset, study.skipped_images, study.space.searched)
 
 
+@dataclass(frozen=True)
+class StudyRecord:
+    """Where a study's runs go: MLflow, the study's experiment and run, and its data as their dataset input."""
+
+    client: MlflowClient
+    experiment_id: str
+    parent_id: str
+    dataset: dict
+
+    def trial_runs(self, config: StudyConfig, **kwargs) -> MlflowTrials:
+        """The Tune callback that mirrors a Tune run's trials as child runs (kwargs: MlflowTrials' own)."""
+        return MlflowTrials(config.tracking_uri, self.experiment_id, self.parent_id, config, self.dataset, **kwargs)
+
+
+def search_tuner(study: PreparedStudy, setup: TrialSetup, record: StudyRecord, verbose: bool) -> tune.Tuner:
+    """The Tuner of the study's search: an interrupted one restored, or a new one (a new study's, or an
+    extension's: a Tune run of its own beside the earlier trials, continuing their Optuna study)."""
+    config = study.config
+    if study.resume_run_id and exists(config.experiment_location, TUNER_STATE):
+        return restore_tuner(setup, config, config.experiment_location)
+    if config.trials_before:
+        record.client.log_text(record.parent_id, config.to_yaml(), CONFIG_FILE)  # the study's new total of trials
+        record.client.set_tag(record.parent_id, EXTENDED_TAG, f"{config.trials_before} -> {config.trials}")
+        print(f"Extending study {config.name} from {config.trials_before} to {config.trials} trials", flush=True)
+    if study.warm_start:
+        print(f"Warm start: {len(study.warm_start)} best configuration(s) of study {config.warm_start} first")
+    callbacks = [record.trial_runs(config, tune_run="/".join(config.search_part))]
+    write_config_beside_trials(config)
+    return make_tuner(study.space, setup, config, callbacks, verbose=verbose, first=study.warm_start)
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """The confirmation's Tune run and what it decided."""
+
+    retrains: list[Retrain]
+    results: ResultGrid
+    winner: Confirmed | None
+    """None: interrupted before every retrain ended (Ctrl-C)."""
+
+    def winner_configs(self) -> list[dict]:
+        """The configurations (seed in each) of the winner's retrains."""
+        assert self.winner is not None, "asked of a confirmation that ended"
+        return [retrain.config for retrain in self.retrains if retrain.label.startswith(f"{self.winner.label} ")]
+
+
+def confirm_best(study: PreparedStudy, setup: TrialSetup, record: StudyRecord, verbose: bool) -> Confirmation | None:
+    """With --confirm K: the search's K best configurations retrained with more seeds, the winner by mean score,
+    the spread on the study's run. None without --confirm, or where no trial completed its budget."""
+    config = study.config
+    client, experiment_id, parent_id = record.client, record.experiment_id, record.parent_id
+    chosen = candidates(client, experiment_id, parent_id, config) if config.confirm else []
+    if not chosen:
+        return None
+    retrains = plan_retrains(chosen, config)
+    if study.resume_run_id and exists(config.confirm_location, TUNER_STATE):
+        tuner = restore_tuner(setup, config, config.confirm_location)
+    else:
+        print(
+            f"\nConfirming the {len(chosen)} best configuration(s) with {config.confirm_seeds} more seed(s) each: "
+            f"{len(retrains)} retrains of {config.epochs} epochs",
+            flush=True,
+        )
+        callbacks = [
+            record.trial_runs(
+                config,
+                names=TrialNames(config.trials, given=tuple(retrain.label for retrain in retrains)),
+                tune_run=confirm_run(config),
+                tags={ROLE_TAG: CONFIRM_ROLE},
+            )
+        ]
+        tuner = make_confirm_tuner(setup, config, retrains, callbacks, verbose)
+    results = tuner.fit()
+    if unfinished_trials(config.confirm_location, len(retrains)):  # Ctrl-C, as for the search
+        return Confirmation(retrains, results, None)
+    confirmed = confirmed_scores(client, experiment_id, parent_id, config, chosen)
+    winner = confirmed_winner(confirmed, config.mode)
+    log_confirmation(client, parent_id, confirmed, winner, config)
+    print(confirm_table(confirmed, winner, config), flush=True)
+    return Confirmation(retrains, results, winner)
+
+
 def write_config_beside_trials(config: StudyConfig) -> None:
     """study.yaml in the Ray experiment folder too, for whoever browses the trials' files."""
     write_text(config.to_yaml(), config.storage_path, config.name, CONFIG_FILE)
 
 
-def export_best(config: StudyConfig, classes: list[str], results: ResultGrid, out: Path) -> dict | None:
-    """The winner's best_config.yaml and best_model.pt, written to the folder `out`; its record, or None.
+def export_winner(
+    client: MlflowClient,
+    config: StudyConfig,
+    parent_id: str,
+    classes: list[str],
+    searched: ResultGrid,
+    confirmation: Confirmation | None,
+    out: Path,
+) -> dict | None:
+    """The study's winner, exported to `out` and logged on its run; its record, or None where there is none.
+
+    With a confirmation: the confirmed configuration, from its best retrain's checkpoint. Without: the search's best
+    checkpoint, unless an extended study's earlier searches had a better one, which then stays the winner."""
+    if confirmation is not None:
+        kept = best_checkpoint(confirmation.results, config, confirmation.winner_configs())
+    else:
+        kept = best_checkpoint(searched, config)
+        earlier = earlier_winner(client, parent_id) if config.trials_before else None
+        if earlier is not None and (kept is None or not improves(config.mode, kept[1], earlier["best_value"])):
+            return earlier
+    if kept is None:
+        return None
+    best = export_checkpoint(config, classes, kept[0], kept[2], out)
+    log_best(client, config, parent_id, best, out)
+    return best
+
+
+def earlier_winner(client: MlflowClient, parent_id: str) -> dict | None:
+    """The winner an extended study had before (its best_config.yaml), or None."""
+    text = read_artifact(client, parent_id, BEST_CONFIG)
+    return yaml.safe_load(text) if text else None
+
+
+def best_checkpoint(
+    results: ResultGrid, config: StudyConfig, configs: list[dict] | None = None
+) -> tuple[Checkpoint, float, str] | None:
+    """The best checkpoint of the Tune run's trials (or of those trained with `configs` only), its score and
+    its trial's id."""
+    scored = [
+        (checkpoint, float(metrics[config.metric]), str(metrics["trial_id"]))
+        for result in (results[index] for index in range(len(results)))  # indexable, not iterable
+        if configs is None or result.config in configs
+        for checkpoint, metrics in result.best_checkpoints or []
+        if math.isfinite(metrics.get(config.metric, math.nan))
+    ]
+    best = None
+    for kept in scored:
+        if best is None or improves(config.mode, kept[1], best[1]):
+            best = kept
+    return best
+
+
+def export_checkpoint(
+    config: StudyConfig, classes: list[str], checkpoint: Checkpoint, trial_id: str, out: Path
+) -> dict:
+    """The winner's best_config.yaml and best_model.pt, written to the folder `out`; its record.
 
     The checkpoint is read through Ray's filesystem (as_directory downloads one kept in a bucket)."""
-    try:
-        best = results.get_best_result(config.metric, config.mode, scope="all", filter_nan_and_inf=True)
-    except RuntimeError:
-        return None
-    if not best.metrics:
-        return None
-    checkpoint = best.get_best_checkpoint(config.metric, config.mode)
-    if checkpoint is None:
-        return None
     with checkpoint.as_directory() as directory:
         state = load_trial_checkpoint(directory)
     out.mkdir(parents=True, exist_ok=True)
-    record = winner_record(
-        config, best.metrics["trial_id"], state["metrics"], state["hyperparameters"], classes, state["model_spec"]
-    )
+    record = winner_record(config, trial_id, state["metrics"], state["hyperparameters"], classes, state["model_spec"])
     (out / BEST_CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
     ModelFile.from_trial_checkpoint(state, classes).save(out / BEST_MODEL_FILE)
     return record

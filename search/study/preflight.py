@@ -29,6 +29,8 @@ class CheckedStudy:
     """The study's model; each trial adds its own knobs."""
     resume_run_id: str | None = None
     """The parent run of the interrupted study this one continues."""
+    warm_start: tuple[dict, ...] = ()
+    """Configurations to try first: an earlier study's best (--warm-start)."""
 
 
 def name_taken(name: str, where: str) -> str:

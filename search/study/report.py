@@ -20,6 +20,7 @@ import optuna
 from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
+from search.study.pareto import Tradeoff, front_markdown
 from trainables.config import METRIC_MODES
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ class TrialSummary:
     """(epoch, metric value) per epoch reported, epochs from 1, in order."""
     trial_id: str = ""
     """Ray's trial id: what the winner record names (its `trial_id`)."""
+    run_id: str = ""
+    """Its MLflow run."""
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -96,7 +99,13 @@ class StudySummary:
     trials: tuple[TrialSummary, ...]
     """Every trial that started, in order."""
     winner_id: str = ""
-    """Ray's trial id of the study's winner (the one final.py retrains); empty: the best by the curves."""
+    """Ray's trial id of the study's winner (the one final.py retrains); empty: the best by the curves. A confirmed
+    winner is named by its search trial."""
+    retrains: tuple[TrialSummary, ...] = ()
+    """A confirmation's retrains of the best configurations with other seeds (--confirm), apart from the trials."""
+    tradeoff: Tradeoff | None = None
+    """A multi-objective study's trials as metric against cost, with its Pareto front; None for one objective.
+    Such a study has no ASHA: its trials stop themselves (early_stop_patience) or at the budget."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("max", "min"):
@@ -117,6 +126,9 @@ class StudySummary:
 
     @property
     def rungs(self) -> list[int]:
+        """ASHA's rungs below the budget; none in a multi-objective study, which ran without ASHA."""
+        if self.tradeoff is not None:
+            return []
         return asha_rungs(self.grace_period, self.reduction_factor, self.max_t)
 
     @property
@@ -241,6 +253,8 @@ def describe(summary: StudySummary, winner: dict | None, knobs: dict[str, Any]) 
     ranked = summary.ranked()
     if ranked:
         lines += ["", f"## Top {min(TOP_TRIALS, len(ranked))} trials", "", *top_table(summary)]
+    if summary.tradeoff is not None and summary.tradeoff.points:
+        lines += ["", *front_markdown(summary.tradeoff, summary.name)]
     if winner is None:
         lines += ["", "Nothing to retrain: see the failed trial runs for their errors."]
     else:
@@ -260,7 +274,7 @@ def describe(summary: StudySummary, winner: dict | None, knobs: dict[str, Any]) 
 
 def label_of(summary: StudySummary, trial_id: str) -> str:
     """The MLflow label of the trial Ray calls `trial_id`; the id itself when no summary has it."""
-    return next((trial.label for trial in summary.trials if trial.trial_id == trial_id), trial_id)
+    return next((trial.label for trial in (*summary.trials, *summary.retrains) if trial.trial_id == trial_id), trial_id)
 
 
 def counts_line(summary: StudySummary) -> str:
@@ -272,6 +286,12 @@ def counts_line(summary: StudySummary) -> str:
 
 
 def asha_line(summary: StudySummary) -> str:
+    if summary.tradeoff is not None:
+        return (
+            f"No ASHA (a multi-objective study: ASHA ranks {summary.metric} alone and would stop the cheap trials "
+            f"of the front): each trial stopped itself after early_stop_patience epochs without improvement, "
+            f"or at the {summary.max_t}-epoch budget."
+        )
     rungs = summary.rungs
     where = f"compared trials at epoch{'s' if len(rungs) > 1 else ''} {', '.join(map(str, rungs))}" if rungs else ""
     return (

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from search.cli import weights_files, weights_problems
 from search.errors import UsageError
-from search.study.config import STUDY_NAME, StudyConfig, absolute, name_problem
+from search.study.config import STUDY_NAME, ConfigError, StudyConfig, absolute, name_problem
 from search.study.storage import exists, resolved
 from search.tracking.optuna_store import study_exists
 from search.tracking.schema import absolute_uri, check_store_uri
@@ -44,9 +44,9 @@ def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
         raise UsageError(
             f"study {args.name!r} searched --model {searched}: resume it with that model, not {args.model}"
         )
-    if parent.info.status == "FINISHED":
-        raise UsageError(f"study {args.name!r} already finished: start a new one with another --name")
     recorded = read_study_config(mlflow_client(args.tracking_uri, create=False), parent)
+    extending = args.trials is not None and args.trials != recorded.trials
+    check_extension(args, recorded, parent.info.status, extending)
     if recorded.optuna_storage is None:  # Ray would bring back callbacks and a searcher of that older shape
         raise UsageError(
             f"study {args.name!r} was run by an older version of this tool (its Optuna study has no database), "
@@ -64,6 +64,8 @@ def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
             f"put that file back, the study continues there"
         )
     given_weights = weights_files(args.weights)
+    if extending:
+        recorded = extended(recorded, args)
     config = replace(
         recorded,
         storage_path=storage,
@@ -72,3 +74,35 @@ def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
         weights=given_weights or recorded.weights,
     )
     return config, parent.info.run_id
+
+
+def check_extension(args: argparse.Namespace, recorded: StudyConfig, status: str, extending: bool) -> None:
+    """--resume continues an interrupted study; with more --trials, it extends a finished one."""
+    name, ran = args.name, recorded.trials
+    if extending and args.trials < ran:
+        raise UsageError(f"--trials {args.trials}: study {name!r} has {ran} already; give more to extend it")
+    if extending and status != "FINISHED":
+        raise UsageError(
+            f"study {name!r} did not finish its {ran} trials: resume it first without --trials, then extend it"
+        )
+    if not extending and status == "FINISHED":
+        raise UsageError(
+            f"study {name!r} already finished its {ran} trials: extend it with --resume --trials N (N > {ran}), "
+            f"or start a new one with another --name"
+        )
+
+
+def extended(recorded: StudyConfig, args: argparse.Namespace) -> StudyConfig:
+    """A finished study's configuration with more trials: the new ones continue the same Optuna study in a Tune run
+    of their own. --confirm and --confirm-seeds may change. A warm start is not repeated: its configurations are
+    among the earlier trials already."""
+    try:
+        return replace(
+            recorded,
+            trials=args.trials,
+            trials_before=recorded.trials,
+            confirm=recorded.confirm if args.confirm is None else args.confirm,
+            confirm_seeds=recorded.confirm_seeds if args.confirm_seeds is None else args.confirm_seeds,
+        )
+    except ConfigError as error:
+        raise UsageError(str(error)) from None

@@ -74,6 +74,16 @@ def join(location: str, *names: str) -> str:
     return urlunsplit(parts._replace(path="/".join([parts.path.rstrip("/"), *names])))
 
 
+def split(location: str) -> tuple[str, str]:
+    """The location's folder and last name: Ray Tune's storage_path and name for an experiment there."""
+    if not is_uri(location):
+        path = Path(location)
+        return str(path.parent), path.name
+    parts = urlsplit(location)
+    folder, _, name = parts.path.rstrip("/").rpartition("/")
+    return urlunsplit(parts._replace(path=folder)), name
+
+
 # ---------------------------------------------------------------- through pyarrow
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -11,15 +14,18 @@ from ray.tune import ExperimentAnalysis
 from ray.tune.experiment import Trial
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.study.config import StudyConfig
+from search.study.confirm import Retrain
 from search.study.console import EpochPrinter
 from search.study.spaces import Space
+from search.study.storage import split
 from search.tracking.optuna_store import open_optuna_storage
-from search.tracking.schema import TRIAL_ID_TAG, trial_outcome
-from trainables.config import improves
+from search.tracking.schema import TRIAL_ID_TAG, TrialNames, trial_outcome
+from trainables.config import COSTS, improves
 from trainables.data import CachedSplit
 from trainables.engine import SpeedOptions
 from trainables.spec import ModelSpec
@@ -44,6 +50,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._best_scores: dict[str, float] = {}
+        self._costs: dict[str, float] = {}
+        """A multi-objective study's: each trial's latest cost (latency, parameters or peak memory)."""
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
@@ -52,6 +60,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._remember(trial_id, result)
+        if self.multi_objective:
+            return  # Optuna takes no intermediate values in a multi-objective study (Trial.report refuses them)
         stored = self._stored(trial_id)
         if stored.state.is_finished() or result.get(TRAINING_ITERATION) in stored.intermediate_values:
             return
@@ -67,11 +77,12 @@ class PruneAwareOptunaSearch(OptunaSearch):
         self._remember(trial_id, result)
         # Ray hands a result that ends the trial (ASHA's stop, the epoch budget) to on_trial_complete alone:
         # report it, or Optuna's curve stops an epoch short and a pruned trial keeps its previous epoch's score.
-        score, step = (result or {}).get(self.metric), (result or {}).get(TRAINING_ITERATION)
-        if score is not None and score == score and step is not None and step not in stored.intermediate_values:
+        score, step = (result or {}).get(self.score_metric), (result or {}).get(TRAINING_ITERATION)
+        reportable = score is not None and score == score and step is not None
+        if reportable and not self.multi_objective and step not in stored.intermediate_values:
             self._ot_trials[trial_id].report(score, step)
         state = OPTUNA_STATES[trial_outcome(result, error)]
-        value = self._best_scores.get(trial_id) if state == TrialState.COMPLETE else None
+        value = self._told(trial_id) if state == TrialState.COMPLETE else None
         if state == TrialState.COMPLETE and value is None:
             state = TrialState.FAIL  # finished without a usable score
         self.study.tell(self._ot_trials[trial_id], value, state=state)
@@ -81,9 +92,35 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return self.study._storage.get_trial(self._ot_trials[trial_id]._trial_id)
 
     def _remember(self, trial_id: str, result: dict | None) -> None:
-        score = (result or {}).get(self.metric)
-        if score is not None and improves(self.mode, score, self._best_scores.get(trial_id)):
+        score = (result or {}).get(self.score_metric)
+        if score is not None and improves(self.score_mode, score, self._best_scores.get(trial_id)):
             self._best_scores[trial_id] = score
+        cost = (result or {}).get(self.metric[1]) if self.multi_objective else None
+        if cost is not None:
+            self._costs[trial_id] = cost
+
+    def _told(self, trial_id: str) -> float | list[float] | None:
+        """A completed trial's value for Optuna: its best score; in a multi-objective study [best score, cost]
+        (the cost is the model's, whatever the epoch). None: nothing usable to tell."""
+        score = self._best_scores.get(trial_id)
+        if not self.multi_objective:
+            return score
+        cost = self._costs.get(trial_id)
+        return None if score is None or cost is None else [score, cost]
+
+    @property
+    def multi_objective(self) -> bool:
+        """Made with a list of metrics: the study's metric, then the cost it is traded against."""
+        return isinstance(self.metric, list)
+
+    @property
+    def score_metric(self) -> str:
+        """The study's metric: the best of it over a trial's epochs is what Optuna is told."""
+        return self.metric[0] if isinstance(self.metric, list) else self.metric
+
+    @property
+    def score_mode(self) -> str:
+        return self.mode[0] if isinstance(self.mode, list) else self.mode
 
     @property
     def study(self) -> optuna.Study:
@@ -91,22 +128,55 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return self._ot_study
 
 
-def make_searcher(space: Space, config: StudyConfig) -> PruneAwareOptunaSearch:
-    """TPE over the space, seeded; the Optuna study in config.optuna_storage under the study's name."""
+class InOrder(Searcher):
+    """Hands out the given configurations in order, one trial each: a confirmation's retrains.
+
+    (Ray's BasicVariantGenerator takes given points only for the keys of a search space, and a retrain's
+    configuration is whole.)"""
+
+    def __init__(self, configs: list[dict]):
+        super().__init__()
+        self.configs, self.given = configs, 0
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self.given == len(self.configs):
+            return Searcher.FINISHED  # type: ignore[return-value]  # Ray's own searchers return it too
+        self.given += 1
+        return dict(self.configs[self.given - 1])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass  # nothing to learn: the configurations are fixed
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_bytes(pickle.dumps(self.__dict__))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.__dict__.update(pickle.loads(Path(checkpoint_path).read_bytes()))
+
+
+def make_searcher(space: Space, config: StudyConfig, first: Sequence[dict] = ()) -> PruneAwareOptunaSearch:
+    """TPE over the space, seeded; the Optuna study in config.optuna_storage under the study's name (an extension's
+    searcher loads it, and TPE goes on from every trial it holds); `first`: configurations tried before TPE's own
+    (a warm start's), queued in the Optuna study."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=config.seed)
+    # An extension's sampler gets a seed of its own: with the study's, its first random draws would repeat the
+    # earlier search's first configurations.
+    sampler = optuna.samplers.TPESampler(seed=config.seed + config.trials_before)
     storage = open_optuna_storage(config.optuna_storage) if config.optuna_storage else None
+    metrics, modes = objectives(config)
     searcher = PruneAwareOptunaSearch(
         space=space.sample,
-        metric=config.metric,
-        mode=config.mode,
+        # Two objectives: TPE in its multi-objective form (MOTPE), the same seeded sampler.
+        metric=metrics if config.cost else config.metric,
+        mode=modes if config.cost else config.mode,
         sampler=sampler,
         storage=storage,
         study_name=config.name if storage else None,
+        points_to_evaluate=list(first) or None,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        searcher.study.set_metric_names([config.metric])  # optuna-dashboard's axis: val_acc, not "Objective 0"
+        searcher.study.set_metric_names(metrics)  # optuna-dashboard's axes: val_acc, not "Objective 0"
     return searcher
 
 
@@ -117,73 +187,119 @@ def make_trainable(setup: TrialSetup, config: StudyConfig):
     )
 
 
-def restore_tuner(setup: TrialSetup, config: StudyConfig) -> tune.Tuner:
-    """Continue an interrupted study: finished trials kept, unfinished ones from their last checkpoint.
+def restore_tuner(setup: TrialSetup, config: StudyConfig, location: str) -> tune.Tuner:
+    """Continue an interrupted Tune run of the study (its search's, or its confirmation's, at `location`):
+    finished trials kept, unfinished ones from their last checkpoint.
 
     Ray restores the searcher (with its Optuna study), the scheduler and the callbacks
     as they were pickled; only the trainable, which holds this process's data paths,
     is given anew.
     """
     return tune.Tuner.restore(
-        config.experiment_location,
+        location,
         trainable=make_trainable(setup, config),
         resume_unfinished=True,
         resume_errored=False,
     )
 
 
-def unfinished_trials(config: StudyConfig) -> int:
-    """Trials of the study not yet ended, by Ray's last snapshot of the experiment.
+def unfinished_trials(location: str, planned: int) -> int:
+    """Trials of the Tune run at `location` (of `planned`) not yet ended, by Ray's last snapshot of its experiment.
 
     That snapshot is what --resume restores. On Ctrl-C Ray takes it before it stops the
     running trials, and then marks its in-memory copies of them TERMINATED, so the
     ResultGrid's counts would take an interrupted last wave for a finished study.
     """
     try:
-        trials = ExperimentAnalysis(config.experiment_location).trials
+        trials = ExperimentAnalysis(location).trials
     except ValueError:  # no snapshot at all: nothing is recorded as ended
-        return config.trials
-    return config.trials - sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in trials)
+        return planned
+    return planned - sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in trials)
 
 
 def make_tuner(
-    space: Space, setup: TrialSetup, config: StudyConfig, callbacks: list, trainable=None, verbose: bool = False
+    space: Space,
+    setup: TrialSetup,
+    config: StudyConfig,
+    callbacks: list,
+    trainable=None,
+    verbose: bool = False,
+    first: Sequence[dict] = (),
 ) -> tune.Tuner:
-    """The study's Tuner; `trainable` replaces make_trainable(setup, config) (benchmarks inject a fixed-cost one).
+    """The Tuner of the study's search (an extension's new trials only); `trainable` replaces
+    make_trainable(setup, config) (benchmarks inject a fixed-cost one).
 
-    verbose: Tune's own progress output besides the study's lines (run.py --verbose).
+    verbose: Tune's own progress output besides the study's lines (run.py --verbose); first: configurations
+    to try before the searcher's own (a warm start's).
     """
-    scheduler = ASHAScheduler(
-        time_attr="epoch",
-        max_t=setup.epochs,
-        grace_period=config.asha_grace_period,
-        reduction_factor=config.reduction_factor,
-    )
+    scheduler = make_scheduler(config, setup.epochs)
     return tune.Tuner(
         trainable if trainable is not None else make_trainable(setup, config),
         tune_config=tune.TuneConfig(
             metric=config.metric,
             mode=config.mode,
-            search_alg=make_searcher(space, config),
+            search_alg=make_searcher(space, config, first),
             scheduler=scheduler,
-            num_samples=config.trials,
+            num_samples=config.search_trials,
             max_concurrent_trials=config.max_concurrent,
             # Keep worker processes (with torch and timm imported) from trial to trial.
             reuse_actors=True,
         ),
-        run_config=tune.RunConfig(
-            name=config.name,
-            storage_path=config.storage_path,  # a folder's absolute path, or a URI (search.study.storage)
-            # result.json per trial (what Tune reads back); MLflow is the record, not CSV or TensorBoard.
-            callbacks=[JsonLoggerCallback(), EpochPrinter(setup.epochs, config.metric, config.trials), *callbacks],
-            # The best checkpoint for the study, the latest for resuming: Ray keeps both.
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=config.metric, checkpoint_score_order=config.mode
-            ),
-            # A crashed trial is retried from its last checkpoint this many times, then failed.
-            failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            verbose=1 if verbose else 0,  # EpochPrinter says what happens, one line per event
+        run_config=run_config(
+            config,
+            config.experiment_location,
+            setup.epochs,
+            TrialNames(config.trials, config.trials_before),
+            callbacks,
+            verbose,
         ),
+    )
+
+
+def make_confirm_tuner(
+    setup: TrialSetup, config: StudyConfig, retrains: Sequence[Retrain], callbacks: list, verbose: bool = False
+) -> tune.Tuner:
+    """The Tuner of the study's confirmation: each retrain's configuration (its seed in it) at the full epoch
+    budget, in order, none stopped early by the search's scheduler."""
+    return tune.Tuner(
+        make_trainable(setup, config),
+        tune_config=tune.TuneConfig(
+            metric=config.metric,
+            mode=config.mode,
+            search_alg=InOrder([retrain.config for retrain in retrains]),
+            num_samples=len(retrains),
+            max_concurrent_trials=config.max_concurrent,
+            reuse_actors=True,
+        ),
+        run_config=run_config(
+            config,
+            config.confirm_location,
+            setup.epochs,
+            TrialNames(config.trials, given=tuple(retrain.label for retrain in retrains)),
+            callbacks,
+            verbose,
+        ),
+    )
+
+
+def run_config(
+    config: StudyConfig, location: str, epochs: int, names: TrialNames, callbacks: list, verbose: bool
+) -> tune.RunConfig:
+    """Where a Tune run of the study keeps its trials (`location`: a folder's absolute path, or a URI), how it
+    checkpoints and retries them, and what it says: one line per event (EpochPrinter), Tune's own with verbose."""
+    storage_path, name = split(location)
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        # result.json per trial (what Tune reads back); MLflow is the record, not CSV or TensorBoard.
+        callbacks=[JsonLoggerCallback(), EpochPrinter(epochs, config.metric, names), *callbacks],
+        # The best checkpoint for the study, the latest for resuming: Ray keeps both.
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute=config.metric, checkpoint_score_order=config.mode
+        ),
+        # A crashed trial is retried from its last checkpoint this many times, then failed.
+        failure_config=tune.FailureConfig(max_failures=config.max_failures),
+        verbose=1 if verbose else 0,
     )
 
 
@@ -199,6 +315,28 @@ def trial_setup(config: StudyConfig, spec: ModelSpec, train: CachedSplit, val: C
         gpu_fraction=config.gpus_per_trial or 0.0,
         cpus=config.cpus_per_trial,
         speed=speed_options(config),
+        measure_latency=config.cost == COSTS["latency"],
+    )
+
+
+def objectives(config: StudyConfig) -> tuple[list[str], list[str]]:
+    """(metrics, modes) Optuna optimises: the study's metric, then the cost a multi-objective study trades it for."""
+    if config.cost is None:
+        return [config.metric], [config.mode]
+    return [config.metric, config.cost.metric], [config.mode, "min"]
+
+
+def make_scheduler(config: StudyConfig, epochs: int) -> TrialScheduler:
+    """ASHA for the metric alone. A multi-objective study gets no scheduler that stops trials (FIFO): ASHA ranks one
+    metric, and on accuracy alone it would stop the cheap, less accurate trials the Pareto front is made of. Each
+    of its trials stops itself instead, after early_stop_patience epochs without improvement, or at the budget."""
+    if config.cost is not None:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=epochs,
+        grace_period=config.asha_grace_period,
+        reduction_factor=config.reduction_factor,
     )
 
 

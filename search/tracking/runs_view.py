@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from search.study.config import StudyConfig
 from search.tracking.schema import EPOCH_METRICS, SHARED_VIEW_TAG, STUDY_TAG
+from trainables.config import COST_METRICS
 
 TRIALS_SECTION, IMPORTANCE_SECTION = "trials", "importance"
 LINE_CHART = {
@@ -48,7 +49,11 @@ def runs_view(config: StudyConfig, parent_id: str, knobs: list[str], importances
     dataset, the model, the best score and the searched `knobs` as columns; charts of every epoch metric
     (the searched one first), then of the knobs' importances when the study has them."""
     best = f"best_{config.metric}"
-    epoch_metrics = [config.metric, best, *(key for key in EPOCH_METRICS if key != config.metric)]
+    # Costs do not change from epoch to epoch: the one a multi-objective study trades against gets a chart
+    # and a column, the others none.
+    traded = [config.cost.metric] if config.cost else []
+    learning = [key for key in EPOCH_METRICS if key != config.metric and key not in COST_METRICS]
+    epoch_metrics = [config.metric, best, *learning, *traded]
     charts = [chart(LINE_CHART, TRIALS_SECTION, key, key) for key in epoch_metrics]
     charts += [chart(BAR_CHART, IMPORTANCE_SECTION, f"importance/{knob}", knob) for knob in importances]
     sections = [section(TRIALS_SECTION, "Trials, per epoch")]
@@ -62,6 +67,7 @@ def runs_view(config: StudyConfig, parent_id: str, knobs: list[str], importances
             column("attributes", "Dataset"),
             column("attributes", "Models"),
             column("metrics", best),
+            *(column("metrics", key) for key in traded),
             *(column("params", knob) for knob in knobs),
         ],
         "runsExpanded": {parent_id: True},

@@ -12,15 +12,18 @@ import socket
 import sqlite3
 import tempfile
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from search.cli import DEFAULT_TRACKING_URI
 from search.errors import UsageError
 from search.study.storage import is_uri
-from trainables.config import METRICS
+from trainables.config import COST_METRICS, METRICS
 
-EPOCH_METRICS = ("train_loss", *METRICS, "lr")
+EPOCH_METRICS = ("train_loss", *METRICS, "lr", *COST_METRICS)
+"""What a trial's run logs per epoch, where its result has it: the costs are measured when a study needs them
+(parameters always, peak memory on CUDA, latency in a study that trades accuracy against it)."""
 STATUS_TAG = "trial_status"
 TRIAL_ID_TAG = "ray_trial_id"
 TRIAL_LABEL_TAG = "trial"
@@ -29,8 +32,15 @@ NODES_TAG = "ray_nodes"
 """The Ray nodes a trial trained on, in order, comma-separated: more than one where a failure moved it."""
 STUDY_TAG = "study"
 PARENT_TAG = "mlflow.parentRunId"
-# Tags that mark a final retrain's run: it carries the study's tag too, but is no study.
-ROLE_TAG, FINAL_ROLE = "role", "final"
+# A final retrain carries the study tag too, but is no study: its role says so.
+ROLE_TAG, FINAL_ROLE, CONFIRM_ROLE = "role", "final", "confirm"
+"""A run's role where it is not a search trial: a final retrain, or a confirmation's retrain of a trial's
+configuration with another seed."""
+EXTENDED_TAG = "extended"
+"""On an extended study's run: its trials before and after the latest extension ("30 -> 50")."""
+TUNE_RUN_TAG = "tune_run"
+"""Which of its study's Tune runs a trial's run belongs to, where it is not the first search: an extension's
+folder (trials-31-50) or a confirmation's (confirm, trials-31-50/confirm)."""
 BEST_DIR = "best"
 """The winner's files (best_config.yaml, best_model.pt): a folder of the study's Ray folder and of its run."""
 BEST_CONFIG_FILE, BEST_MODEL_FILE = "best_config.yaml", "best_model.pt"
@@ -134,15 +144,41 @@ def default_optuna_storage(tracking_uri: str, storage_path: str) -> str | None:
     return f"sqlite:///{(folder / OPTUNA_FILE).resolve()}"
 
 
-def trial_label(experiment_tag: str, trials: int) -> str:
+def trial_label(experiment_tag: str, trials: int, first: int = 0) -> str:
     """A trial's short name, t00, t01, ...: Ray's trial counter from 0, which is Optuna's trial number too,
     unless a killed study had asked Optuna for trials after Ray's last snapshot (Ray draws those again
-    under the numbers it had saved; their old runs are marked lost).
+    under the numbers it had saved; their old runs are marked lost). An extension's Tune run counts from 1
+    again: its trials are numbered from `first`, the trials the study had before.
 
     Ray's experiment tag starts with the 1-based counter ("3_lr=0.001,..."); its trial id is random hex.
     """
-    number = int(experiment_tag.split("_", 1)[0]) - 1
+    return numbered(first + tune_counter(experiment_tag), trials)
+
+
+def numbered(number: int, trials: int) -> str:
+    """t07: a trial's number, as wide as the study's largest."""
     return f"t{number:0{max(2, len(str(trials - 1)))}d}"
+
+
+def tune_counter(experiment_tag: str) -> int:
+    """The trial's place in its Tune run, from 0."""
+    return int(experiment_tag.split("_", 1)[0]) - 1
+
+
+@dataclass(frozen=True)
+class TrialNames:
+    """How one Tune run's trials are named, on the terminal and as MLflow runs: t00, t01, ... from `first` (an
+    extension's), or the given names in Ray's order (a confirmation's retrains, "t07 seed 1")."""
+
+    trials: int
+    """The study's trials: the width of the numbers."""
+    first: int = 0
+    given: tuple[str, ...] = ()
+
+    def of(self, experiment_tag: str) -> str:
+        if self.given:
+            return self.given[tune_counter(experiment_tag)]
+        return trial_label(experiment_tag, self.trials, self.first)
 
 
 def outcome_name(label: str, outcome: str) -> str:

@@ -33,6 +33,7 @@ from search.tracking.schema import (
     TRAINING_KIND,
     TRIAL_ID_TAG,
     TRIAL_LABEL_TAG,
+    TUNE_RUN_TAG,
     check_store_uri,
     outcome_name,
     sqlite_path,
@@ -150,18 +151,21 @@ def log_params(client, run_id: str, params: dict) -> None:
     client.log_batch(run_id, params=[Param(str(k), str(v)) for k, v in sorted(params.items())])
 
 
-def settle_lost_children(client, experiment_id: str, parent_run_id: str, trial_ids: set[str]) -> None:
+def settle_lost_children(
+    client, experiment_id: str, parent_run_id: str, trial_ids: set[str], tune_run: str = ""
+) -> None:
     """Child runs of trials that Ray never saved, found when a resumed study ends.
 
     A study killed outright (kill -9, power loss) between a trial's start and Ray's next
     snapshot of the experiment leaves a child run for a trial that the resumed study
     does not know: Ray draws that trial afresh. Such a run with no epoch logged records
     nothing and is deleted (MLflow keeps it restorable until `mlflow gc`); one with
-    epochs is kept, KILLED, with trial_status 'lost'.
+    epochs is kept, KILLED, with trial_status 'lost'. Only the runs of the Tune run `tune_run` are looked at
+    (an extended study's earlier searches, and its confirmations, are Tune runs of their own).
     """
     children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
     for run in children:
-        if run.data.tags.get(TRIAL_ID_TAG) in trial_ids:
+        if run.data.tags.get(TRIAL_ID_TAG) in trial_ids or run.data.tags.get(TUNE_RUN_TAG, "") != tune_run:
             continue
         if not run.data.metrics:
             client.delete_run(run.info.run_id)

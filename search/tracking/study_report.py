@@ -14,11 +14,29 @@ from pathlib import Path
 import optuna
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from search.study.config import StudyConfig
+from search.study.pareto import (
+    FRONT_PLOT,
+    FRONT_TABLE,
+    Point,
+    Tradeoff,
+    metric_only,
+    write_front_plot,
+    write_front_table,
+)
 from search.study.report import StudySummary, TrialSummary, describe, importances, write_plots
 from search.tracking.runs_view import runs_view, save_runs_view
-from search.tracking.schema import ELAPSED_METRIC, PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG, TRIAL_LABEL_TAG
+from search.tracking.schema import (
+    CONFIRM_ROLE,
+    ELAPSED_METRIC,
+    PARENT_TAG,
+    ROLE_TAG,
+    STATUS_TAG,
+    TRIAL_ID_TAG,
+    TRIAL_LABEL_TAG,
+)
 from trainables.config import knobs_of
 
 NOTE_TAG = "mlflow.note.content"
@@ -43,14 +61,16 @@ def study_summary(
         [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50_000
     )
     sampled = {t.user_attrs.get(TRIAL_ID_TAG): t.params for t in study.get_trials(deepcopy=False)} if study else {}
-    trials = sorted(
+    runs = sorted(
         (
-            trial_summary(client, run, config.metric, sampled.get(run.data.tags.get(TRIAL_ID_TAG)))
+            (trial_summary(client, run, config.metric, sampled.get(run.data.tags.get(TRIAL_ID_TAG))), run)
             for run in children
             if run.data.tags.get(STATUS_TAG) != SUPERSEDED
         ),
-        key=lambda trial: trial.label,
+        key=lambda pair: pair[0].label,
     )
+    trials = [trial for trial, run in runs if run.data.tags.get(ROLE_TAG) != CONFIRM_ROLE]
+    retrains = tuple(trial for trial, run in runs if run.data.tags.get(ROLE_TAG) == CONFIRM_ROLE)
     return StudySummary(
         name=config.name,
         model=config.model,
@@ -63,8 +83,34 @@ def study_summary(
         planned_trials=config.trials,
         elapsed_s=parent.data.metrics.get(ELAPSED_METRIC, 0.0),
         trials=tuple(trials),
-        winner_id=winner["trial_id"] if winner else "",
+        winner_id=search_trial_of(winner["trial_id"], trials, retrains) if winner else "",
+        retrains=retrains,
+        tradeoff=tradeoff(config, study, trials),
     )
+
+
+def tradeoff(config: StudyConfig, study: optuna.Study | None, trials: list[TrialSummary]) -> Tradeoff | None:
+    """A multi-objective study's completed trials as the search saw them: the values the Optuna study was told
+    (best metric, cost), named by their MLflow runs. None for a single-objective study, or one without Optuna."""
+    if config.cost is None or study is None:
+        return None
+    runs = {trial.trial_id: trial for trial in trials}
+    points = []
+    for told in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        run = runs.get(told.user_attrs.get(TRIAL_ID_TAG, ""))
+        if run is not None and told.values is not None and len(told.values) == 2:
+            points.append(Point(run.label, told.values[0], told.values[1], run.run_id, dict(told.params)))
+    return Tradeoff(config.metric, config.mode, config.cost, tuple(sorted(points, key=lambda point: point.label)))
+
+
+def search_trial_of(trial_id: str, trials: list[TrialSummary], retrains: tuple[TrialSummary, ...]) -> str:
+    """The search trial whose configuration a confirmation's retrain trained ("t07 seed 1" -> t07's id); any
+    other trial's id as it is."""
+    retrain = next((trial for trial in retrains if trial.trial_id == trial_id), None)
+    if retrain is None:
+        return trial_id
+    origin = retrain.label.split(" ", 1)[0]
+    return next((trial.trial_id for trial in trials if trial.label == origin), trial_id)
 
 
 def trial_summary(client: MlflowClient, run, metric: str, params: dict | None) -> TrialSummary:
@@ -76,6 +122,7 @@ def trial_summary(client: MlflowClient, run, metric: str, params: dict | None) -
         params=params if params is not None else dict(run.data.params),
         curve=tuple(dict((m.step, m.value) for m in history).items()),
         trial_id=tags.get(TRIAL_ID_TAG, ""),
+        run_id=run.info.run_id,
     )
 
 
@@ -94,10 +141,15 @@ def log_study_report(
     summary = study_summary(client, config, parent_id, num_classes, study, winner)
     winning = knobs_of(config.model, winner["hyperparameters"]) if winner else {}
     client.set_tag(parent_id, NOTE_TAG, describe(summary, winner, winning))
+    # Optuna's plots and importances take one value per trial: a multi-objective study's are of its metric.
+    searched = metric_only(study) if study is not None else None
     with tempfile.TemporaryDirectory() as folder:
-        for plot in write_plots(study, summary, Path(folder)):
+        for plot in write_plots(searched, summary, Path(folder)):
             client.log_artifact(parent_id, str(plot), PLOTS_DIR)
-    scores = importances(study)
+        if summary.tradeoff is not None and summary.tradeoff.points:
+            for front_file in write_front(summary, Path(folder)):
+                client.log_artifact(parent_id, str(front_file))
+    scores = importances(searched)
     if scores:
         stamp = int(time.time() * 1000)  # a resumed study's newer numbers must win MLflow's "latest"
         client.log_batch(
@@ -106,3 +158,13 @@ def log_study_report(
     experiment_id = client.get_run(parent_id).info.experiment_id
     save_runs_view(client, experiment_id, config, runs_view(config, parent_id, knobs, tuple(scores)))
     return summary
+
+
+def write_front(summary: StudySummary, folder: Path) -> list[Path]:
+    """pareto_front.png and pareto_front.csv of a multi-objective study, in `folder`."""
+    assert summary.tradeoff is not None
+    title = f"{summary.name} ({summary.model}): {summary.metric} against {summary.tradeoff.cost.metric}"
+    return [
+        write_front_plot(summary.tradeoff, title, folder / FRONT_PLOT),
+        write_front_table(summary.tradeoff, summary.name, folder / FRONT_TABLE),
+    ]

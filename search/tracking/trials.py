@@ -21,9 +21,10 @@ from search.tracking.schema import (
     TRIAL_CONFIG,
     TRIAL_ID_TAG,
     TRIAL_LABEL_TAG,
+    TUNE_RUN_TAG,
+    TrialNames,
     exception_line,
     outcome_name,
-    trial_label,
     trial_outcome,
 )
 from search.tracking.store import log_data_input, log_params, mlflow_client, settle_lost_children
@@ -42,9 +43,25 @@ class MlflowTrials(tune.Callback):
     existing child run by tag, rather than opening a duplicate.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, config, dataset: dict):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        config,
+        dataset: dict,
+        *,
+        names: TrialNames | None = None,
+        tune_run: str = "",
+        tags: dict[str, str] | None = None,
+    ):
+        """names: how this Tune run's trials are called (default: t00... from the study's earlier trials on);
+        tune_run: which of the study's Tune runs this is ('' for the first search; an extension's or a
+        confirmation's folder), so that settling lost runs looks at this run's own; tags: on every child run."""
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
-        self.study, self.trials, self.metric, self.mode = config.name, config.trials, config.metric, config.mode
+        self.study, self.metric, self.mode = config.name, config.metric, config.mode
+        self.names = names or TrialNames(config.trials, config.trials_before)
+        self.tune_run, self.tags = tune_run, tags or {}
         self.dataset = dataset
         """The study's data: the fields of an MLflow Dataset."""
         self.run_ids: dict[str, str] = {}
@@ -70,7 +87,7 @@ class MlflowTrials(tune.Callback):
         return f"best_{self.metric}"
 
     def label(self, trial) -> str:
-        return trial_label(trial.experiment_tag, self.trials)
+        return self.names.of(trial.experiment_tag)
 
     def child_run(self, trial) -> str:
         if trial.trial_id not in self.run_ids:
@@ -108,6 +125,8 @@ class MlflowTrials(tune.Callback):
                 TRIAL_LABEL_TAG: label,
                 STUDY_TAG: self.study,
                 STATUS_TAG: "running",
+                **({TUNE_RUN_TAG: self.tune_run} if self.tune_run else {}),
+                **self.tags,
             },
         )
         log_params(self.client, run.info.run_id, trial.config)  # for people and the UI
@@ -153,7 +172,9 @@ class MlflowTrials(tune.Callback):
 
     def on_experiment_end(self, trials, **info):
         try:
-            settle_lost_children(self.client, self.experiment_id, self.parent_run_id, {t.trial_id for t in trials})
+            settle_lost_children(
+                self.client, self.experiment_id, self.parent_run_id, {t.trial_id for t in trials}, self.tune_run
+            )
         except Exception as error:  # tidying the record must not fail a study whose trials are done
             print(f"warning: could not settle the runs of trials lost before resuming: {error}", flush=True)
 
