@@ -51,7 +51,7 @@ class Retrain:
     label: str
     """Its run's name: "t07 seed 1"."""
     config: dict
-    """The candidate's configuration, the seed in it (trainables.trainable.SEED)."""
+    """The candidate's configuration, the seed in it (trainables.config.SEED)."""
 
 
 @dataclass(frozen=True)

@@ -235,16 +235,7 @@ def make_tuner(
     scheduler = make_scheduler(config, setup.epochs)
     return tune.Tuner(
         trainable if trainable is not None else make_trainable(setup, config),
-        tune_config=tune.TuneConfig(
-            metric=config.metric,
-            mode=config.mode,
-            search_alg=make_searcher(space, config, first),
-            scheduler=scheduler,
-            num_samples=config.search_trials,
-            max_concurrent_trials=config.max_concurrent,
-            # Keep worker processes (with torch and timm imported) from trial to trial.
-            reuse_actors=True,
-        ),
+        tune_config=tune_config(config, make_searcher(space, config, first), config.search_trials, scheduler),
         run_config=run_config(
             config,
             config.experiment_location,
@@ -263,14 +254,7 @@ def make_confirm_tuner(
     budget, in order, none stopped early by the search's scheduler."""
     return tune.Tuner(
         make_trainable(setup, config),
-        tune_config=tune.TuneConfig(
-            metric=config.metric,
-            mode=config.mode,
-            search_alg=InOrder([retrain.config for retrain in retrains]),
-            num_samples=len(retrains),
-            max_concurrent_trials=config.max_concurrent,
-            reuse_actors=True,
-        ),
+        tune_config=tune_config(config, InOrder([retrain.config for retrain in retrains]), len(retrains)),
         run_config=run_config(
             config,
             config.confirm_location,
@@ -279,6 +263,22 @@ def make_confirm_tuner(
             callbacks,
             verbose,
         ),
+    )
+
+
+def tune_config(
+    config: StudyConfig, searcher: Searcher, samples: int, scheduler: TrialScheduler | None = None
+) -> tune.TuneConfig:
+    """How a Tune run of the study proposes and schedules its trials (no scheduler: each runs its whole budget)."""
+    return tune.TuneConfig(
+        metric=config.metric,
+        mode=config.mode,
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=samples,
+        max_concurrent_trials=config.max_concurrent,
+        # Keep worker processes (with torch and timm imported) from trial to trial.
+        reuse_actors=True,
     )
 
 
