@@ -81,6 +81,16 @@ def retrain_label(label: str, seed: int) -> str:
     return f"{label} seed {seed}"
 
 
+def retrained_trial(label: str) -> str:
+    """The search trial a retrain's label names ("t07 seed 1" -> "t07")."""
+    return label.split(" seed ", 1)[0]
+
+
+def confirm_seeds(config: StudyConfig) -> range:
+    """The seeds each candidate is retrained with: those after the study's (seed+1 ... seed+S)."""
+    return range(config.seed + 1, config.seed + 1 + config.confirm_seeds)
+
+
 def candidates(client: MlflowClient, experiment_id: str, parent_id: str, config: StudyConfig) -> list[Candidate]:
     """The study's `config.confirm` best search trials that completed their budget, best first.
 
@@ -106,7 +116,7 @@ def candidates(client: MlflowClient, experiment_id: str, parent_id: str, config:
 
 def plan_retrains(chosen: list[Candidate], config: StudyConfig) -> list[Retrain]:
     """Each candidate with each of the seeds after the study's (seed+1 ... seed+S), candidate by candidate."""
-    seeds = range(config.seed + 1, config.seed + 1 + config.confirm_seeds)
+    seeds = confirm_seeds(config)
     return [
         Retrain(retrain_label(candidate.label, seed), {**candidate.config, SEED: seed})
         for candidate in chosen
@@ -125,7 +135,7 @@ def confirmed_scores(
     )
     best_key = f"best_{config.metric}"
     retrained = {run.data.tags.get(TRIAL_LABEL_TAG): run.data.metrics.get(best_key) for run in runs}
-    seeds = range(config.seed + 1, config.seed + 1 + config.confirm_seeds)
+    seeds = confirm_seeds(config)
     return [
         Confirmed(
             candidate.label,
@@ -154,7 +164,7 @@ def confirmed_winner(confirmed: list[Confirmed], mode: str) -> Confirmed:
 
 def confirm_table(confirmed: list[Confirmed], winner: Confirmed, config: StudyConfig) -> str:
     """The confirmation as Markdown: a row per candidate, its search score, each seed's, the mean and spread."""
-    seeds = [f"seed {seed}" for seed in range(config.seed + 1, config.seed + 1 + config.confirm_seeds)]
+    seeds = [f"seed {seed}" for seed in confirm_seeds(config)]
     header = ["trial", f"search ({config.metric})", *seeds, "mean", "sd", ""]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in confirmed:

@@ -29,6 +29,7 @@ from ray.tune import Checkpoint, ResultGrid
 
 from search.cli import interrupts_ignored, require_pretrained
 from search.errors import UsageError, one_line
+from search.final_model.sources import config_from_parent, has_best_config
 from search.final_model.winner import winner_record
 from search.study.cluster import ClusterWatch, missing_token
 from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
@@ -42,6 +43,7 @@ from search.study.confirm import (
     confirmed_winner,
     log_confirmation,
     plan_retrains,
+    retrained_trial,
 )
 from search.study.console import print_closing, print_resume_hint
 from search.study.preflight import CheckedStudy
@@ -60,7 +62,6 @@ from search.study.storage import exists, is_uri, join, staged, write_text
 from search.study.tuning import make_confirm_tuner, make_tuner, restore_tuner, trial_setup, unfinished_trials
 from search.tracking.optuna_store import fail_orphans, load_study
 from search.tracking.schema import (
-    BEST_CONFIG,
     BEST_CONFIG_FILE,
     BEST_DIR,
     BEST_MODEL_FILE,
@@ -70,7 +71,7 @@ from search.tracking.schema import (
     ROLE_TAG,
     TrialNames,
 )
-from search.tracking.store import close_open_children, mlflow_client, read_artifact
+from search.tracking.store import close_open_children, mlflow_client
 from search.tracking.study_report import log_study_report
 from search.tracking.study_run import data_record, log_best, open_parent_run, open_stores, reopen_parent_run
 from search.tracking.trials import MlflowTrials
@@ -263,11 +264,11 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
     dataset = data_record(study.index)
     with interrupts_ignored():  # the study's run is opened whole, never left RUNNING half-described
         experiment_id, parent_id = open_or_reopen(client, study, dataset)
+    record = StudyRecord(client, experiment_id, parent_id, dataset)
     status, timed = "FAILED", False
-    watch = watch_cluster(study, lambda: abandon_on_lost_cluster(client, experiment_id, parent_id, study, started))
+    watch = watch_cluster(study, lambda: abandon_on_lost_cluster(record, study, started))
     try:
         setup = trial_setup(config, study.spec, study.train, study.val)
-        record = StudyRecord(client, experiment_id, parent_id, dataset)
         searched = search_tuner(study, setup, record, verbose).fit()
         # Ctrl-C: Ray returns normally, having saved where each trial was.
         interrupted = unfinished_trials(config.experiment_location, config.search_trials)
@@ -316,9 +317,7 @@ def watch_cluster(study: PreparedStudy, on_lost: Callable[[], None]) -> ClusterW
     return ClusterWatch(ray.get_runtime_context().gcs_address, on_lost)
 
 
-def abandon_on_lost_cluster(
-    client: MlflowClient, experiment_id: str, parent_id: str, study: PreparedStudy, started: float
-) -> None:
+def abandon_on_lost_cluster(record: StudyRecord, study: PreparedStudy, started: float) -> None:
     """The cluster's head is gone: say so and how to resume, close the study's record as interrupted, and exit.
 
     Ray would end this process itself a minute later, with neither. Called from the watch's
@@ -331,9 +330,9 @@ def abandon_on_lost_cluster(
         flush=True,
     )
     print_resume_hint(study.config, "lost its Ray cluster", study.address)
-    close_open_children(client, experiment_id, parent_id)
-    log_elapsed(client, parent_id, started)
-    client.set_terminated(parent_id, "KILLED")
+    close_open_children(record.client, record.experiment_id, record.parent_id)
+    log_elapsed(record.client, record.parent_id, started)
+    record.client.set_terminated(record.parent_id, "KILLED")
     os._exit(1)
 
 
@@ -415,7 +414,7 @@ class Confirmation:
     def winner_configs(self) -> list[dict]:
         """The configurations (seed in each) of the winner's retrains."""
         assert self.winner is not None, "asked of a confirmation that ended"
-        return [retrain.config for retrain in self.retrains if retrain.label.startswith(f"{self.winner.label} ")]
+        return [retrain.config for retrain in self.retrains if retrained_trial(retrain.label) == self.winner.label]
 
 
 def confirm_best(study: PreparedStudy, setup: TrialSetup, record: StudyRecord, verbose: bool) -> Confirmation | None:
@@ -487,9 +486,10 @@ def export_winner(
 
 
 def earlier_winner(client: MlflowClient, parent_id: str) -> dict | None:
-    """The winner an extended study had before (its best_config.yaml), or None."""
-    text = read_artifact(client, parent_id, BEST_CONFIG)
-    return yaml.safe_load(text) if text else None
+    """The winner an extended study had before (its best_config.yaml, read as final.py reads it), or None."""
+    if not has_best_config(client, parent_id):
+        return None
+    return config_from_parent(client, client.get_run(parent_id), None).raw
 
 
 def best_checkpoint(

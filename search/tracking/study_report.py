@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from search.study.config import StudyConfig
+from search.study.confirm import retrained_trial
 from search.study.pareto import (
     FRONT_PLOT,
     FRONT_TABLE,
@@ -109,7 +110,7 @@ def search_trial_of(trial_id: str, trials: list[TrialSummary], retrains: tuple[T
     retrain = next((trial for trial in retrains if trial.trial_id == trial_id), None)
     if retrain is None:
         return trial_id
-    origin = retrain.label.split(" ", 1)[0]
+    origin = retrained_trial(retrain.label)
     return next((trial.trial_id for trial in trials if trial.label == origin), trial_id)
 
 
