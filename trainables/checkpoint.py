@@ -10,7 +10,7 @@ Neither holds a path of the machine that wrote it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +49,9 @@ class ModelFile:
     classes: list[str]
     """Class names in output order."""
     metrics: dict
+    temperature: float = 1.0
+    """Divides the logits before the softmax: fitted on the validation split by final.py (temperature
+    scaling), so that the probabilities mean what they say; 1.0 for an uncalibrated model."""
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -59,6 +62,7 @@ class ModelFile:
                 "hyperparameters": self.hyperparameters.to_dict(),
                 "classes": list(self.classes),
                 "metrics": self.metrics,
+                "temperature": self.temperature,
             },
             path,
         )
@@ -67,7 +71,8 @@ class ModelFile:
     @classmethod
     def load(cls, path: str | Path) -> ModelFile:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls.from_trial_checkpoint(state, state["classes"])  # the same keys, plus the classes
+        model = cls.from_trial_checkpoint(state, state["classes"])  # the same keys, plus the classes
+        return replace(model, temperature=float(state.get("temperature", 1.0)))  # older files: uncalibrated
 
     @classmethod
     def from_trial_checkpoint(cls, state: dict, classes: list[str]) -> ModelFile:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.metadata import version
+from pathlib import Path
 
 import mlflow.pytorch
 import numpy as np
@@ -14,13 +15,19 @@ import mlflow
 from trainables.data import CachedSplit
 
 MODEL_ARTIFACT = "model"
+MODEL_FILE_IN_MODEL = "extra_files/model.pt"
+"""Where a registered version keeps the final run's model.pt (trainables.checkpoint.ModelFile): what
+search/predict.py rebuilds the model from, to explain it (saliency needs the layers, not a graph)."""
 
 
-def log_model(model: nn.Module, examples: CachedSplit, tracking_uri: str, run_id: str, register_name: str) -> dict:
+def log_model(
+    model: nn.Module, examples: CachedSplit, tracking_uri: str, run_id: str, register_name: str, model_file: Path
+) -> dict:
     """Log the model as an MLflow model (probabilities out) and register it.
 
     MLflow saves it as a torch.export graph ('pt2'), not a pickle: loading it needs
-    torch only, neither this project's code nor timm, and runs no pickled code.
+    torch only, neither this project's code nor timm, and runs no pickled code. The
+    version also carries model_file, the weights with their spec, for this project's tools.
     """
     # Float32 (N, 3, H, W) in [0, 1] in, one row of C class probabilities out: the model normalises itself.
     scoring = nn.Sequential(model, nn.Softmax(dim=1)).eval()
@@ -48,6 +55,7 @@ def log_model(model: nn.Module, examples: CachedSplit, tracking_uri: str, run_id
         registered_model_name=register_name,
         serialization_format="pt2",  # the example's batch of 2 marks the batch dimension dynamic
         pip_requirements=pinned("torch", "numpy"),  # stated, not inferred: inference reloads the model
+        extra_files=[str(model_file)],  # stored as MODEL_FILE_IN_MODEL
     )
     return {"name": register_name, "version": int(info.registered_model_version), "model_uri": info.model_uri}
 

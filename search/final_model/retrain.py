@@ -375,7 +375,9 @@ def finish(
         client.log_artifact(run_id, str(final.out / name))
     registered = {}
     if final.register_name is not None:
-        registered = log_model(model, final.test, final.tracking_uri, run_id, final.register_name)
+        registered = log_model(
+            model, final.test, final.tracking_uri, run_id, final.register_name, final.out / "model.pt"
+        )
         client.set_tag(run_id, "registered_model", f"{registered['name']}/{registered['version']}")
     metrics_file = final.out / "metrics.json"
     metrics_file.write_text(
