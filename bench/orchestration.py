@@ -34,8 +34,8 @@ TRIALS, EPOCHS = 8, 3
 def score(config: dict, epoch: int) -> float:
     """A deterministic accuracy with an optimum, rising with epochs: TPE and ASHA have something to do."""
     lr = config.get("lr", 3e-4)
-    aug = config.get("aug_strength", 0.5)
-    quality = 0.95 - 0.15 * abs(np.log10(lr) - np.log10(3e-4)) - 0.2 * abs(aug - 0.4)
+    rotation = config.get("rotation_deg", 15.0)
+    quality = 0.95 - 0.15 * abs(np.log10(lr) - np.log10(3e-4)) - 0.2 * abs(rotation / 30 - 0.4)
     return float(np.clip(quality * (1 - 0.4 / epoch), 0.0, 1.0))
 
 

@@ -173,7 +173,7 @@ def input_rows(r: dict, device: str) -> list[Row]:
             x(r["ratio"]),
             ">= 2x on CPU" if cpu_goal else "",
             verdict(r["ratio"] >= 2) if cpu_goal else "",
-            "project: cache -> Learner.batches -> augment_batch(strength 1); "
+            "project: cache -> Learner.batches -> augment_batch(every augmentation on); "
             f"baseline: ImageFolder + PIL + v2 per sample; {what}",
         ),
         Row(

@@ -15,7 +15,7 @@ from trainables.models import ModelSpec, build_model, count_parameters
 from trainables.spec import REFERENCE
 
 C = 3
-HP = Hyperparameters(batch_size=4, aug_strength=0.5)
+HP = Hyperparameters(batch_size=4)  # the default augmentation: on, as in a trial
 CPU = torch.device("cpu")
 
 

@@ -13,7 +13,15 @@ from helpers import ROOT, run_script, study_config
 
 from search.study.config import ConfigError, StudyConfig
 from search.study.spaces import load_space
-from trainables.config import DEFAULTS, KNOBS, SHAPES_MODEL, Hyperparameters, value_problem
+from trainables.config import (
+    AUGMENTS,
+    DEFAULTS,
+    KNOBS,
+    SHAPES_MODEL,
+    Hyperparameters,
+    from_aug_strength,
+    value_problem,
+)
 from trainables.spec import ModelSpec
 
 
@@ -102,6 +110,30 @@ def test_old_fusion_names_still_load_from_configs_and_checkpoints():
     assert Hyperparameters.from_dict({"fusion": "seed"}).fusion == "single_token"
     assert Hyperparameters.from_dict({"fusion": "tokens"}).fusion == "two_tokens"
     assert ModelSpec.from_portable({"name": "hybrid", "num_classes": 3, "fusion": "tokens"}).fusion == "two_tokens"
+
+
+def test_the_retired_aug_strength_becomes_the_knobs_it_applied():
+    assert from_aug_strength(0.0) == dict.fromkeys(AUGMENTS, 0.0)  # off was off
+    assert from_aug_strength(0.5) == {
+        "hflip": 0.5,
+        "vflip": 0.5,  # any strength above 0 flipped upside-down too
+        "rotation_deg": 15.0,
+        "color_jitter": 0.2,
+        "noise_std": 0.025,
+    }
+    assert from_aug_strength(1.0)["rotation_deg"] == 30.0
+    with pytest.raises(ValueError, match=r"aug_strength=1.5 is outside \[0, 1\]"):
+        from_aug_strength(1.5)
+
+
+def test_an_old_config_with_aug_strength_still_loads():
+    """best_config.yaml, trial checkpoints and model files of earlier studies hold aug_strength."""
+    hp = Hyperparameters.from_dict({"lr": 1e-3, "aug_strength": 0.25, "fusion": "tokens"})
+    assert hp.augmentation() == from_aug_strength(0.25) and hp.lr == 1e-3 and hp.fusion == "two_tokens"
+    assert all(value_problem(name, value) is None for name, value in hp.augmentation().items())
+    assert "aug_strength" not in hp.to_dict()  # what is written back uses the new names
+    with pytest.raises(ValueError, match=r"aug_strength \(retired\) and hflip both given"):
+        Hyperparameters.from_dict({"aug_strength": 0.5, "hflip": 0.0})
 
 
 def test_help_and_argument_errors_load_nothing_heavy():

@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from search.study.spaces import SpaceError, load_space
-from trainables.config import Hyperparameters
+from trainables.config import AUGMENTS, Hyperparameters
 
 SPACES = Path(__file__).resolve().parents[1] / "spaces"
 
@@ -13,7 +13,7 @@ SPACES = Path(__file__).resolve().parents[1] / "spaces"
 def test_every_shipped_space_loads_and_samples_valid_hyperparameters(model):
     space = load_space(SPACES / f"{model}.yaml", model)
     names = {p.name for p in space.parameters}
-    assert {"lr", "weight_decay", "dropout", "batch_size", "label_smoothing", "aug_strength"} <= names
+    assert {"lr", "weight_decay", "dropout", "batch_size", "label_smoothing", *AUGMENTS} <= names
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     for _ in range(5):
         trial = study.ask()
@@ -130,6 +130,23 @@ def test_bad_space_files_are_refused_with_what_is_valid(tmp_path, case):
         load_space(write(tmp_path, text), "hybrid")
     assert message in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_the_shipped_spaces_search_augmentation_but_never_turn_images_upside_down():
+    for model in ("cnn", "vit", "hybrid"):
+        space = load_space(SPACES / f"{model}.yaml", model)
+        assert {"hflip", "rotation_deg", "color_jitter", "noise_std"} <= set(space.searched)
+        assert [p.values() for p in space.parameters if p.name == "vflip"] == [[0.0]]
+
+
+def test_a_space_that_still_lists_aug_strength_is_told_the_new_knobs(tmp_path):
+    text = "parameters: {lr: {type: float, low: 1e-4, high: 1e-3}, aug_strength: {type: float, low: 0, high: 1}}\n"
+    with pytest.raises(SpaceError) as raised:
+        load_space(write(tmp_path, text), "cnn")
+    message = str(raised.value)
+    assert "aug_strength is retired" in message and "\n" not in message
+    assert all(name in message for name in AUGMENTS)
+    assert "vflip: {type: fixed, value: 0}" in message
 
 
 def test_a_knob_of_another_model_is_refused(tmp_path):

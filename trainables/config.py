@@ -84,6 +84,8 @@ class Knob:
     """Part of the architecture (a ModelSpec field), not only of the training."""
     memory_grows: bool = False
     """Larger values need more GPU memory: the probe measures the largest the space allows."""
+    augments: bool = False
+    """One of augment_batch's keyword arguments (trainables.augment); 0 turns that augmentation off."""
 
 
 def knob(default: T, **limits: Any) -> T:
@@ -102,8 +104,22 @@ class Hyperparameters:
     """Images per step (the seed's 32 fits 8 GB at 224 px with AMP)."""
     label_smoothing: float = knob(0.0, low=0.0, high=0.99)
     """Cross-entropy label smoothing."""
-    aug_strength: float = knob(0.5, low=0.0, high=1.0)
-    """Scales rotation, colour jitter and noise together; 0 turns augmentation off."""
+    hflip: float = knob(0.5, low=0.0, high=1.0, augments=True)
+    """Probability of mirroring an image left-right. 0.5 as in the seed: most classes look the same mirrored.
+    Set 0 where the side carries the label: chest X-rays (laterality), text, digits."""
+    vflip: float = knob(0.0, low=0.0, high=1.0, augments=True)
+    """Probability of turning an image upside-down. 0, unlike the seed's 0.5: an upside-down photo, X-ray or digit
+    is an image no test set holds, so the flip is label noise; raise it where orientation is arbitrary
+    (histopathology patches, dermoscopy)."""
+    rotation_deg: float = knob(15.0, low=0.0, high=180.0, augments=True)
+    """Largest rotation either way, in degrees, drawn per image. 15 as the seed's augmentation at half strength:
+    a tilt a real acquisition shows, not a turn that changes what the image says."""
+    color_jitter: float = knob(0.2, low=0.0, high=1.0, augments=True)
+    """Brightness, contrast and saturation each scaled per image by a factor in [1 - j, 1 + j]. 0.2 as the seed's
+    augmentation at half strength."""
+    noise_std: float = knob(0.025, low=0.0, high=1.0, augments=True)
+    """Largest σ of the Gaussian noise added to the pixels (in [0, 1]); each image draws its σ in [0, noise_std].
+    0.025 as the seed's augmentation at half strength."""
     dropout: float = knob(0.2, low=0.0, high=0.99, shapes_model=True)
     """cnn: the head's dropout (the seed's 0.2); vit and hybrid: dropout on the pooled backbone features,
     so that their seed heads stay exactly as written."""
@@ -129,7 +145,9 @@ class Hyperparameters:
 
     @classmethod
     def from_dict(cls, config: dict) -> Hyperparameters:
-        """Typed values from a dict (Tune's config, a YAML file); unknown names are refused, old value names renamed."""
+        """Typed values from a dict (Tune's config, a YAML file); unknown names are refused, old value names
+        renamed, and an old record's aug_strength replaced by the knobs it stood for."""
+        config = without_aug_strength(config)
         unknown = sorted(set(config) - set(cls.names()))
         if unknown:
             raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(cls.names())}")
@@ -143,6 +161,10 @@ class Hyperparameters:
         """The values that shape the model: the ModelSpec fields of the same names."""
         return {name: getattr(self, name) for name in SHAPES_MODEL}
 
+    def augmentation(self) -> dict[str, float]:
+        """The augmentation knobs: augment_batch's keyword arguments of the same names."""
+        return {name: getattr(self, name) for name in AUGMENTS}
+
 
 SEED = "seed"
 """The one key of a trial's config that is no hyperparameter: its own seed, where it is not the study's
@@ -152,6 +174,48 @@ KNOBS: dict[str, Knob] = {f.name: f.metadata["knob"] for f in fields(Hyperparame
 DEFAULTS = Hyperparameters()
 SHAPES_MODEL = tuple(name for name, limits in KNOBS.items() if limits.shapes_model)
 MEMORY_GROWS = tuple(name for name, limits in KNOBS.items() if limits.memory_grows)
+AUGMENTS = tuple(name for name, limits in KNOBS.items() if limits.augments)
+
+AUG_STRENGTH = "aug_strength"
+"""The retired single augmentation knob: one strength s in [0, 1] that scaled rotation, colour jitter and noise
+together and, at any s above 0, flipped every image both ways with p = 0.5. Checkpoints, best_config.yaml and model
+files of earlier studies hold it; from_dict translates it (from_aug_strength), a search space is told to list
+the knobs that replaced it (retired_knob_problem)."""
+
+
+def from_aug_strength(strength: float) -> dict[str, float]:
+    """The augmentation knobs that apply what aug_strength = strength applied, so an old config trains as it did."""
+    if not 0 <= strength <= 1:
+        raise ValueError(f"{AUG_STRENGTH}={strength} is outside [0, 1]")
+    flip = 0.5 if strength > 0 else 0.0
+    return {
+        "hflip": flip,
+        "vflip": flip,
+        "rotation_deg": 30.0 * strength,
+        "color_jitter": 0.4 * strength,
+        "noise_std": 0.05 * strength,
+    }
+
+
+def without_aug_strength(config: dict) -> dict:
+    """config with an old record's aug_strength replaced by the knobs it stood for; config itself if it has none."""
+    if AUG_STRENGTH not in config:
+        return config
+    both = sorted(set(config) & set(AUGMENTS))
+    if both:
+        raise ValueError(f"{AUG_STRENGTH} (retired) and {', '.join(both)} both given: keep the new knobs alone")
+    kept = {name: value for name, value in config.items() if name != AUG_STRENGTH}
+    return {**kept, **from_aug_strength(typed(AUG_STRENGTH, config[AUG_STRENGTH], float))}
+
+
+def retired_knob_problem(name: str) -> str | None:
+    """Why a search space may no longer name `name`, or None where it is no retired knob."""
+    if name != AUG_STRENGTH:
+        return None
+    return (
+        f"{name} is retired: search or fix one knob per augmentation instead, {', '.join(AUGMENTS)} "
+        f"(e.g. vflip: {{type: fixed, value: 0}}; README, 'Search spaces')"
+    )
 
 
 def improves(mode: str, score: float | None, best: float | None) -> bool:

@@ -115,7 +115,7 @@ class Learner:
         total, seen = torch.zeros((), device=self.device), 0
         batches = self.batches(split, order, self.hp.batch_size, drop_single=True)
         for step, (images, labels) in enumerate(batches, start=1):
-            images = augment_batch(images, self.hp.aug_strength, generator)
+            images = augment_batch(images, generator, **self.hp.augmentation())
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 loss = self.loss_fn(self.network(images), labels)
             self.optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.config import SHAPES_MODEL
+from trainables.config import AUGMENTS, KNOBS, SHAPES_MODEL
 
 MiB = 2**20
 GiB = 2**30
@@ -151,7 +151,8 @@ def probe_peak_memory(
     if unknown:
         raise ValueError(f"unknown model knob(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     spec = ModelSpec(model_name, num_classes, img_size, pretrained=False, **model_knobs)
-    hp = Hyperparameters(batch_size=batch_size, aug_strength=0.5)
+    # Every augmentation on: each allocates its own temporaries, whatever its value, and a space may turn any on.
+    hp = Hyperparameters.from_dict({"batch_size": batch_size, **{name: KNOBS[name].high for name in AUGMENTS}})
     speed = speed or SpeedOptions()
     device = torch.device("cuda")
 

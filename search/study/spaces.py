@@ -21,7 +21,15 @@ from typing import Any
 
 import yaml
 
-from trainables.config import DEFAULTS, KNOBS, MEMORY_GROWS, Hyperparameters, finite, value_problem
+from trainables.config import (
+    DEFAULTS,
+    KNOBS,
+    MEMORY_GROWS,
+    Hyperparameters,
+    finite,
+    retired_knob_problem,
+    value_problem,
+)
 
 TYPES = {
     "float": {"low", "high", "log", "step"},
@@ -149,6 +157,10 @@ def parse_parameter(
     name: str, spec: Any, model: str, earlier: list[Parameter], problems: list[str]
 ) -> Parameter | None:
     known = Hyperparameters.names()
+    retired = retired_knob_problem(name)
+    if retired:
+        problems.append(retired)
+        return None
     if name not in known:
         problems.append(f"{name}: not a hyperparameter of the trainable; valid: {', '.join(known)}")
         return None
