@@ -16,7 +16,7 @@ from dataclasses import replace
 from search.cli import DEFAULT_CACHE_DIR, DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, add_weights_argument
 from search.errors import UsageError
 from search.study.cluster import check_cluster, ray_address
-from search.study.config import FULL, SMOKE, STUDY_DEFAULTS, new_config
+from search.study.config import FULL, LEAK_POLICIES, SMOKE, STUDY_DEFAULTS, new_config
 from trainables.config import METRICS, MODEL_NAMES, OBJECTIVES
 
 RUNTIME_ENVIRONMENT = {
@@ -82,7 +82,15 @@ def build_parser(
         "--data",
         default="data",
         help="a folder with one sub-folder per class (split 70/15/15), "
-        "a folder with train/ val/ test/, or 'synthetic' (built-in, 11 classes; 'synthetic:C' for C)",
+        "a folder with train/ val/ test/, a CSV manifest (columns path,label[,group][,split]: split by patient "
+        "group unless a split column says), or 'synthetic' (built-in, 11 classes; 'synthetic:C' for C)",
+    )
+    what.add_argument(
+        "--on-leak",
+        default=STUDY_DEFAULTS["on_leak"],
+        choices=LEAK_POLICIES,
+        help="exact or near-duplicate images across train, val and test, checked before training: 'warn' says so "
+        "and goes on, 'fail' refuses the data (exit code 2, nothing written)",
     )
     if one_study:
         what.add_argument("--space", default=None, help="search-space YAML (default: spaces/<model>.yaml)")

@@ -1,11 +1,13 @@
 """Datasets: index a source, split it, decode it once into a shared cache.
 
 A source is a folder with one sub-folder per class, a folder holding train/, val/
-and test/ (used as given), or the built-in synthetic set. The index lists samples by
-key (a file path relative to the source, or a synthetic id) and splits them. Each
+and test/ (used as given), a CSV manifest (trainables.manifest: split by patient), or
+the built-in synthetic set. The index lists samples by key (a file path relative to the
+source's root folder, or a synthetic id) and splits them. Each
 split is decoded once per image size into a uint8 array (N, H, W, 3) on disk that
 trials memory-map read-only: no trial ever decodes an image. A cache holds only the
-files of the splits that asked for it, so the search never opens a test image.
+files of the splits that asked for it, so no trial can open a test image (the study's
+leakage check decodes the test split in memory, to hash it: trainables.leakage).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from trainables.config import is_synthetic
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
+MANIFEST_SUFFIX = ".csv"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 SYNTHETIC_CLASSES = 11
 SYNTHETIC_PER_CLASS = 60
@@ -42,12 +45,14 @@ class Sample:
     key: str
     """A path relative to the source root, or a synthetic id such as 'c03-0017'."""
     label: int
+    group: str | None = None
+    """The patient (or study) the image belongs to: a manifest's group column; None elsewhere."""
 
 
 @dataclass
 class DatasetIndex:
     source: str
-    """'synthetic' or the absolute path of the source folder."""
+    """'synthetic', the absolute path of the source folder, or that of a CSV manifest."""
     classes: list[str]
     splits: dict[str, list[Sample]]
     ignored_files: int = 0
@@ -57,13 +62,36 @@ class DatasetIndex:
     def is_synthetic(self) -> bool:
         return is_synthetic(self.source)
 
+    @property
+    def is_manifest(self) -> bool:
+        return is_manifest(self.source)
+
+    @property
+    def root(self) -> Path:
+        """The folder that sample keys are relative to: a manifest's own folder, or the source folder."""
+        return Path(self.source).parent if self.is_manifest else Path(self.source)
+
+    @property
+    def has_groups(self) -> bool:
+        return any(s.group is not None for samples in self.splits.values() for s in samples)
+
+    def groups(self, split: str) -> list[str]:
+        """The split's patients (sorted), from a manifest's group column."""
+        return sorted({s.group for s in self.splits[split] if s.group is not None})
+
     def summary(self) -> dict:
-        return {
+        """Counts for people (the study's params and data.json): no patient ids, which may be sensitive."""
+        summary = {
             "source": self.source,
             "num_classes": len(self.classes),
             "classes": self.classes,
             **{f"{split}_images": len(samples) for split, samples in self.splits.items()},
         }
+        if self.has_groups:
+            summary.update({f"{split}_groups": len(self.groups(split)) for split in self.splits})
+        if self.is_manifest:
+            summary["manifest_digest"] = manifest_digest(self.source)
+        return summary
 
     def labels(self, split: str) -> np.ndarray:
         return np.array([s.label for s in self.splits[split]], dtype=np.int64)
@@ -78,14 +106,19 @@ def index_source(source: str | os.PathLike, seed: int) -> DatasetIndex:
     if is_synthetic(source):
         return synthetic_index(source, seed)
     root = Path(source).expanduser().resolve()
+    if is_manifest(str(root)):
+        from trainables.manifest import manifest_index  # deferred: the manifest module builds on this one's records
+
+        return manifest_index(root, seed)
     if root.is_file():
         raise DataError(
-            f"--data {root} is a file: pass the folder that holds the class sub-folders, or --data synthetic"
+            f"--data {root} is a file: pass the folder that holds the class sub-folders, a CSV manifest "
+            f"(*{MANIFEST_SUFFIX}: path,label[,group][,split]), or --data synthetic"
         )
     if not root.is_dir():
         raise DataError(
             f"data folder {root} does not exist: put images there (one sub-folder per class), "
-            f"or pass --data PATH, or try --data synthetic"
+            f"or pass --data PATH (a folder, or a CSV manifest), or try --data synthetic"
         )
     present = [split for split in SPLITS if (root / split).is_dir()]
     if len(present) == len(SPLITS):
@@ -159,6 +192,16 @@ def stratified_split(labels: np.ndarray, seed: int, classes: list[str]) -> dict[
     return {split: np.sort(np.concatenate(p)) for split, p in parts.items()}
 
 
+def is_manifest(source: str) -> bool:
+    """A CSV file names a manifest (path,label[,group][,split]), anything else a folder or the synthetic set."""
+    return not is_synthetic(source) and source.lower().endswith(MANIFEST_SUFFIX)
+
+
+def manifest_digest(path: str | os.PathLike) -> str:
+    """The manifest's fingerprint (sha256 of its bytes, short): its rows decide the split."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
 def subsample(index: DatasetIndex, per_class: dict[str, int], seed: int) -> DatasetIndex:
     """At most per_class[split] samples of each class per split (for --smoke)."""
     rng = np.random.default_rng(seed)
@@ -173,7 +216,7 @@ def subsample(index: DatasetIndex, per_class: dict[str, int], seed: int) -> Data
             members = [s for s in samples if s.label == label]
             kept += [members[i] for i in sorted(rng.permutation(len(members))[:limit])]
         splits[split] = kept
-    return DatasetIndex(index.source, index.classes, splits, index.ignored_files)
+    return replace(index, splits=splits)
 
 
 # ---------------------------------------------------------------- synthetic
@@ -270,8 +313,11 @@ def data_digest(index: DatasetIndex) -> str:
 
 
 def split_digest(index: DatasetIndex, split: str, *header: object) -> str:
-    digest = hashlib.sha256(json.dumps([index.source, *header, index.classes]).encode())
-    root = None if index.is_synthetic else Path(index.source)
+    # A manifest's own bytes count too: a changed group or split column is another dataset, even where a
+    # split's files stay the same.
+    source = [index.source, manifest_digest(index.source)] if index.is_manifest else [index.source]
+    digest = hashlib.sha256(json.dumps([*source, *header, index.classes]).encode())
+    root = None if index.is_synthetic else index.root
     for sample in index.splits[split]:
         stamp = ""
         if root is not None:
@@ -374,7 +420,7 @@ def decode_into(images: np.ndarray, index: DatasetIndex, samples: list[Sample], 
         for i, sample in enumerate(samples):
             images[i] = synthetic_image(sample.key, len(index.classes), size)
         return []
-    root = Path(index.source)
+    root = index.root
 
     def decode(i: int) -> tuple[str, str] | None:
         try:
@@ -390,7 +436,7 @@ def decode_into(images: np.ndarray, index: DatasetIndex, samples: list[Sample], 
 
 def drop_samples(index: DatasetIndex, keys: set[str]) -> DatasetIndex:
     splits = {split: [s for s in samples if s.key not in keys] for split, samples in index.splits.items()}
-    return DatasetIndex(index.source, index.classes, splits, index.ignored_files)
+    return replace(index, splits=splits)
 
 
 def prepare_splits(

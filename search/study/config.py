@@ -34,6 +34,8 @@ from trainables.config import (
 )
 
 CONFIG_FILE = "study.yaml"
+LEAK_POLICIES = ("warn", "fail")
+"""--on-leak: what duplicate images across splits do (search.study.leaks)."""
 CONFIRM_DIR = "confirm"
 FORMAT = 1
 """study.yaml's format version, written into the file; a file of another version is refused."""
@@ -85,6 +87,9 @@ class StudyConfig:
     trades the metric against that cost."""
     seed: int = 0
     """Seeds the split, the TPE sampler and every trial."""
+    on_leak: str = "warn"
+    """What duplicate images across train, val and test do before training: 'warn' (a warning, the study goes on)
+    or 'fail' (the study is refused, nothing written)."""
     trials_before: int = 0
     """Trials of the study's earlier searches (0 for a new study): an extended study (--resume --trials N on a
     finished one) searches trials_before..trials-1 in a Tune run of its own, continuing the same Optuna study."""
@@ -157,6 +162,8 @@ class StudyConfig:
             problems.append(f"--confirm-seeds {self.confirm_seeds}: give at least 1")
         if self.metric not in METRIC_MODES:
             problems.append(f"--metric {self.metric!r}: choose one of {', '.join(METRIC_MODES)}")
+        if self.on_leak not in LEAK_POLICIES:
+            problems.append(f"--on-leak {self.on_leak!r}: choose one of {', '.join(LEAK_POLICIES)}")
         if self.objective not in OBJECTIVES:
             problems.append(f"--objective {self.objective!r}: choose one of {', '.join(map(repr, OBJECTIVES))}")
         elif self.cost is not None and self.cost.cuda_only and self.gpus_per_trial == 0:
@@ -331,6 +338,7 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
             metric=args.metric,
             objective=args.objective,
             seed=args.seed,
+            on_leak=given_or_default(args, "on_leak"),
             epochs=profile.epochs if args.epochs is None else args.epochs,
             img_size=profile.img_size if args.img_size is None else args.img_size,
             smoke=args.smoke,

@@ -46,6 +46,7 @@ from search.study.confirm import (
     retrained_trial,
 )
 from search.study.console import print_closing, print_resume_hint
+from search.study.leaks import LeakReport, check_leaks
 from search.study.preflight import CheckedStudy
 from search.study.report import StudySummary
 from search.study.resources import (
@@ -101,6 +102,8 @@ class PreparedStudy:
     train: CachedSplit
     val: CachedSplit
     skipped_images: list[str]
+    leaks: LeakReport
+    """Duplicate images across train, val and test, found before training."""
     resume_run_id: str | None = None
     warm_start: tuple[dict, ...] = ()
     """Configurations the search tries first (--warm-start)."""
@@ -136,6 +139,8 @@ def prepare_study(
             require_pretrained(BACKBONES[config.model], config.weights)
         open_stores(config, checked.resume_run_id)
         index, splits, skipped = cache_data(config, checked.index)
+        # --on-leak fail stops here: no run opened, no Ray started
+        leaks = check_leaks(index, splits, config.img_size, config.cache_dir, config.on_leak)
         train, val = splits["train"], splits["val"]
         start_ray(verbose, address)
         if address is not None:
@@ -153,6 +158,7 @@ def prepare_study(
             train=train,
             val=val,
             skipped_images=skipped,
+            leaks=leaks,
             resume_run_id=checked.resume_run_id,
             warm_start=checked.warm_start,
             address=address,
@@ -174,7 +180,7 @@ def resolved_config(config: StudyConfig, share: GpuShare) -> StudyConfig:
 
 
 def cache_data(config: StudyConfig, index: DatasetIndex) -> tuple[DatasetIndex, dict[str, CachedSplit], list[str]]:
-    """Train and val decoded into the cache (test stays unread)."""
+    """Train and val decoded into the cache (test stays out of it: the leakage check hashes it on its own)."""
     try:
         return prepare_splits(index, ("train", "val"), config.img_size, config.cache_dir)
     except DataError as error:
@@ -368,7 +374,9 @@ def open_or_reopen(client: MlflowClient, study: PreparedStudy, dataset: dict) ->
     if study.skipped_images:
         named = ", ".join(study.skipped_images[:3])
         print(f"warning: skipped {len(study.skipped_images)} unreadable image(s), e.g. {named}", flush=True)
-    return open_parent_run(client, study.config, study.index, dataset, study.skipped_images, study.space.searched)
+    return open_parent_run(
+        client, study.config, study.index, dataset, study.skipped_images, study.space.searched, leaks=study.leaks
+    )
 
 
 @dataclass(frozen=True)

@@ -4,23 +4,34 @@ reopened on --resume, given the winner.
 The configuration goes on the run once, as study.yaml (StudyConfig.to_yaml); its
 values are also the run's params, for people and the UI's filters. `read_study_config`
 is how --resume and final.py get it back. The data goes on it (and on each trial's and
-the final retrain's run) as an MLflow dataset input, `data_record`.
+the final retrain's run) as an MLflow dataset input, `data_record`; which images (and patients) each split
+holds as split.json; the leakage check's counts as metrics and its pairs as leakage.csv.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
-from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from search.errors import UsageError, one_line
 from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
+from search.study.leaks import LeakReport
 from search.study.preflight import name_taken
 from search.tracking.optuna_store import existing_optuna_storage, holds, open_optuna_storage
 from search.tracking.runs_view import runs_view, save_runs_view
-from search.tracking.schema import BEST_CONFIG_FILE, BEST_DIR, DATA_SUMMARY, STUDY_TAG, store_exists
+from search.tracking.schema import (
+    BEST_CONFIG_FILE,
+    BEST_DIR,
+    DATA_SUMMARY,
+    LEAKS_FILE,
+    SPLIT_FILE,
+    STUDY_TAG,
+    store_exists,
+)
 from search.tracking.store import (
     get_or_create_experiment,
     log_data_input,
@@ -29,7 +40,8 @@ from search.tracking.store import (
     read_artifact,
     study_runs,
 )
-from trainables.data import SPLITS, DatasetIndex, data_digest
+from trainables.data import SPLITS, DatasetIndex, data_digest, manifest_digest
+from trainables.leakage import MIN_CORRELATION, NEAR_BITS
 
 
 def open_stores(config: StudyConfig, resume_run_id: str | None, *, create: bool = True) -> None:
@@ -62,9 +74,11 @@ def open_parent_run(
     dataset: dict,
     skipped: list[str],
     knobs: list[str],
+    *,
+    leaks: LeakReport | None = None,
 ) -> tuple[str, str]:
-    """A new study's parent run, with its configuration, data summary and input (`dataset`: data_record's),
-    space file, and the study's view of the runs page (`knobs`: the searched ones, as its columns):
+    """A new study's parent run, with its configuration, data summary, split and input (`dataset`: data_record's),
+    space file, leakage check, and the study's view of the runs page (`knobs`: the searched ones, as its columns):
     (experiment id, run id)."""
     experiment_id = get_or_create_experiment(client, config.experiment, config.tracking_uri)
     parent = client.create_run(
@@ -80,13 +94,42 @@ def open_parent_run(
     )
     client.log_text(parent_id, config.to_yaml(), CONFIG_FILE)
     client.log_dict(parent_id, index.summary(), DATA_SUMMARY)
+    client.log_dict(parent_id, split_record(index, config.seed), SPLIT_FILE)
     client.log_artifact(parent_id, config.space)
     log_data_input(client, parent_id, dataset)
     save_runs_view(client, experiment_id, config, runs_view(config, parent_id, knobs))
     if skipped:
         client.log_metric(parent_id, "skipped_images", len(skipped))
         client.log_text(parent_id, "\n".join(skipped), "skipped_images.txt")
+    if leaks is not None:
+        log_leaks(client, parent_id, leaks)
     return experiment_id, parent_id
+
+
+def split_record(index: DatasetIndex, seed: int) -> dict:
+    """split.json: which images, and which patients, each split holds. Patient ids may be sensitive: they go in this
+    file only, never in params (which show their counts)."""
+    record: dict = {"source": index.source, "seed": seed}
+    if index.is_manifest:
+        record["manifest_digest"] = manifest_digest(index.source)
+    for split in SPLITS:
+        record[split] = {"images": [sample.key for sample in index.splits.get(split, [])]}
+        if index.has_groups:
+            record[split]["groups"] = index.groups(split)
+    return record
+
+
+def log_leaks(client: MlflowClient, parent_id: str, leaks: LeakReport) -> None:
+    """The leakage check's counts per pair of splits as metrics (leak_exact_train_test, ...) and every pair found as
+    leakage.csv."""
+    stamp = int(time.time() * 1000)
+    client.log_batch(
+        parent_id,
+        metrics=[Metric(name, count, stamp, 0) for name, count in leaks.counts().items()],
+        params=[Param("leak_near_bits", str(NEAR_BITS)), Param("leak_min_correlation", str(MIN_CORRELATION))],
+    )
+    if leaks.duplicates:
+        client.log_text(parent_id, leaks.table(), LEAKS_FILE)
 
 
 def reopen_parent_run(client: MlflowClient, run_id: str) -> str:

@@ -112,3 +112,37 @@ def study_config(**changes):
         experiment="cnn",
     )
     return StudyConfig(**{**values, **changes})
+
+
+def structured_image(number: int, size: int = 48) -> np.ndarray:
+    """A distinct image with real structure (blurred blobs, full contrast), deterministic per number: unlike flat
+    colours or pixel noise, it is what a perceptual hash is made for."""
+    from PIL import Image, ImageFilter
+
+    noise = np.random.default_rng([7, number]).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    blurred = np.asarray(Image.fromarray(noise).filter(ImageFilter.GaussianBlur(size / 12)), dtype=np.float64)
+    stretched = (blurred - blurred.mean()) * (110 / max(blurred.std(), 1e-6)) + 128
+    return stretched.clip(0, 255).astype(np.uint8)
+
+
+def write_manifest(path: Path, header: str, rows: list[str]) -> Path:
+    """A CSV manifest: its header line, then one line per row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def write_patient_images(root: Path, patients: dict[str, tuple[str, int]], size: int = 48) -> list[str]:
+    """root/<patient>_<n>.png, count images per patient of its class, each distinct: the manifest rows
+    'path,label,group' that list them."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows, number = [], 0
+    for patient, (label, count) in patients.items():
+        for i in range(count):
+            name = f"{patient}_{i}.png"
+            Image.fromarray(structured_image(number, size)).save(root / name)
+            rows.append(f"{root.name}/{name},{label},{patient}")
+            number += 1
+    return rows
