@@ -2,7 +2,7 @@
 
 Pure arrays, no training: predictions are built to have known accuracies, known
 discordant counts or known ties, and the vectorised metrics are checked against
-scikit-learn (and the existing report.roc_auc / ECE) computed one resample at a time.
+scikit-learn (and the one roc_auc / ECE) computed one resample at a time.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from search.comparison.stats import (
     paired_test,
     recommend,
     resampled_roc_auc,
+    roc_auc,
     stratified_resamples,
 )
-from search.final_model.report import expected_calibration_error, roc_auc, softmax
+from search.final_model.calibration import expected_calibration_error, softmax
 
 
 def predictions(labels: np.ndarray, predicted: np.ndarray, classes: int, seed: int = 0) -> Predictions:

@@ -15,10 +15,11 @@ import warnings
 
 import numpy as np
 from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score
 
 from search.comparison.results import COMPARED_METRICS, Interval, ModelResult, PairedTest, Predictions
 from search.comparison.wording import ci, finite, ms, p_text, percent, points, ratio
-from search.final_model.report import expected_calibration_error, roc_auc
+from search.final_model.calibration import expected_calibration_error, resampled_ece
 
 RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -70,18 +71,22 @@ def _negated(interval: Interval) -> Interval:
 
 def metric_intervals(predictions: Predictions, resamples: np.ndarray) -> dict[str, Interval]:
     """Each of COMPARED_METRICS on all test images, with its bootstrap interval over `resamples`."""
-    labels, probabilities = predictions.labels, predictions.probabilities
+    return score_intervals(predictions.labels, predictions.probabilities, resamples)
+
+
+def score_intervals(labels: np.ndarray, probabilities: np.ndarray, resamples: np.ndarray) -> dict[str, Interval]:
+    """metric_intervals from the arrays alone: what final.py reports with its test scores, before any file exists."""
     _check_resamples(resamples, len(labels))
     classes = probabilities.shape[1]
     with_full = np.vstack([np.arange(len(labels))[None, :], resamples])
-    counted = _counted_metrics(_confusions(labels, predictions.predicted, classes, with_full))
+    counted = _counted_metrics(_confusions(labels, probabilities.argmax(axis=1), classes, with_full))
     intervals = {key: _interval(values[0], values[1:]) for key, values in counted.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a class missing from the test split: ROC-AUC is NaN, said so by the interval
         auc = roc_auc(labels, probabilities, list(range(classes)))
     intervals["test_roc_auc"] = _interval(auc, resampled_roc_auc(labels, probabilities, resamples))
-    ece = [expected_calibration_error(labels[row], probabilities[row]) for row in resamples]
-    intervals["test_ece"] = _interval(expected_calibration_error(labels, probabilities), np.array(ece))
+    ece = resampled_ece(labels, probabilities, resamples)
+    intervals["test_ece"] = _interval(expected_calibration_error(labels, probabilities), ece)
     return {key: intervals[key] for key in COMPARED_METRICS}
 
 
@@ -118,15 +123,28 @@ def _counted_metrics(confusions: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def roc_auc(labels: np.ndarray, probabilities: np.ndarray, everyone: list[int]) -> float:
+    """One-vs-rest macro ROC-AUC (scikit-learn); NaN when a class is missing from the test split (undefined).
+
+    Here, beside its vectorised twin, so that the final run's report and the comparison share both.
+    """
+    try:
+        if len(everyone) == 2:
+            return float(roc_auc_score(labels, probabilities[:, 1]))
+        return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro", labels=everyone))
+    except ValueError:
+        return float("nan")
+
+
 def resampled_roc_auc(labels: np.ndarray, probabilities: np.ndarray, resamples: np.ndarray) -> np.ndarray:
-    """(R,) ROC-AUC of each resample, as report.roc_auc computes it, vectorised over the resamples.
+    """(R,) ROC-AUC of each resample, as roc_auc computes it, vectorised over the resamples.
 
     Calling scikit-learn once per resample takes ~20 ms with 11 classes: 40 s for 2000
     resamples. A resample is the test split with each image weighted by how often it was
     drawn, so each class's AUC (the weighted share of positive-negative pairs ranked
     right, ties counting half) comes from one sort of the full split and cumulative
     sums over all resamples at once. One-vs-rest macro; two classes use column 1, as
-    report.roc_auc does. NaN in a resample where a class has no image (undefined).
+    roc_auc does. NaN in a resample where a class has no image (undefined).
     """
     images, classes = probabilities.shape
     weights = np.bincount(

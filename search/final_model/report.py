@@ -1,7 +1,10 @@
-"""The one held-out test: metrics from scikit-learn, a confusion-matrix plot, a short report.
+"""The one held-out test: calibrated metrics with bootstrap intervals, plots, a short report.
 
 Everything here works on plain arrays (labels, logits), so it can be checked
-without a model.
+without a model. The probabilities are the calibrated ones (calibration.py: a
+temperature fitted on the val split, when the model did not train on it); the
+intervals come from the comparison's bootstrap (search.comparison.stats), the very
+resamples compare.py would draw for this split with the same seed.
 """
 
 from __future__ import annotations
@@ -18,72 +21,66 @@ from sklearn.metrics import (
     classification_report,
     confusion_matrix,
     f1_score,
-    log_loss,
     precision_recall_fscore_support,
-    roc_auc_score,
 )
 
+from search.comparison.results import Interval
+from search.comparison.stats import CONFIDENCE, RESAMPLES, roc_auc, score_intervals, stratified_resamples
+from search.comparison.wording import finite, fixed
+from search.final_model.calibration import ECE_BINS, Calibration, LabelledLogits, calibrate, softmax
 from trainables.config import METRIC_MODES
 
-ECE_BINS = 15
 OVERFIT_GAP = 0.05
 """A test score this far below the search's best validation score earns a warning."""
+INTERVAL_SEED = 0
+"""Seeds the bootstrap resamples, so that the same predictions always get the same intervals."""
+INTERVAL_METHOD = "percentile bootstrap, resampled within each class"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HeldOutResult:
     metrics: dict[str, float]
-    """test_loss, test_acc, test_balanced_acc, test_macro_f1, test_roc_auc, test_ece."""
+    """test_loss (NLL), test_acc, test_balanced_acc, test_macro_f1, test_roc_auc, test_ece: of the calibrated
+    probabilities (the accuracies and F1 are those of the uncalibrated ones too: a temperature keeps the argmax)."""
+    intervals: dict[str, Interval]
+    """test_acc, test_balanced_acc, test_macro_f1, test_roc_auc, test_ece (COMPARED_METRICS) -> the value with its
+    CONFIDENCE (95 %) interval: INTERVAL_METHOD, RESAMPLES resamples, seed INTERVAL_SEED. NaN bounds: undefined."""
+    calibration: Calibration
+    """The temperature, the split it was fitted on (None: not calibrated), the test ECE and NLL before and after."""
     per_class: dict[str, dict[str, float]]
-    """class name -> precision, recall, f1, support."""
+    """class name -> precision, recall, f1, support, sensitivity, specificity. One-vs-rest: sensitivity is the
+    recall, TP / (TP + FN), under its clinical name; specificity is TN / (TN + FP)."""
     confusion: np.ndarray
     """(C, C) counts: rows are true classes, columns predictions."""
     report: str
-    """scikit-learn's classification report (text)."""
+    """scikit-learn's classification report, then the one-vs-rest sensitivity and specificity (text)."""
     predictions: np.ndarray
     labels: np.ndarray
     probabilities: np.ndarray
-    """(N, C) softmax of the logits."""
+    """(N, C) calibrated class probabilities: softmax(logits / temperature)."""
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+def evaluate_test(
+    logits: np.ndarray, labels: np.ndarray, classes: list[str], val: LabelledLogits | None = None
+) -> HeldOutResult:
+    """Every test metric of the final run, from the test split's logits.
 
-
-def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE with equal-width confidence bins (Guo et al., 2017); scikit-learn has no multiclass ECE.
-
-    Each prediction is binned by its confidence (top-class probability). The ECE is
-    the average, weighted by bin size, of |accuracy - mean confidence| over the bins:
-    0 for a perfectly calibrated model.
+    `val` is the val split's logits and labels, to fit the temperature on; None when the
+    model trained on val (then nothing is calibrated). The test logits are never fitted on.
     """
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    # Bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 joins bin 0.
-    which = np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1], right=True)
-    ece = 0.0
-    for b in np.unique(which):
-        members = which == b
-        ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(ece)
-
-
-def evaluate_test(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> HeldOutResult:
-    """Every test metric of the final run, from the logits of the test split."""
+    calibration = calibrate((logits, labels), fit_on=val)
+    probabilities = softmax(logits, calibration.temperature)
+    predictions = logits.argmax(axis=1)  # what no temperature changes: the accuracies are the uncalibrated ones
     everyone = list(range(len(classes)))
-    probabilities = softmax(logits)
-    predictions = probabilities.argmax(axis=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a class that is never predicted has no precision: reported as 0
         metrics = {
-            "test_loss": float(log_loss(labels, probabilities, labels=everyone)),
+            "test_loss": calibration.nll_after,
             "test_acc": float(accuracy_score(labels, predictions)),
             "test_balanced_acc": float(balanced_accuracy_score(labels, predictions)),
             "test_macro_f1": float(f1_score(labels, predictions, labels=everyone, average="macro", zero_division=0)),
             "test_roc_auc": roc_auc(labels, probabilities, everyone),
-            "test_ece": expected_calibration_error(labels, probabilities),
+            "test_ece": calibration.ece_after,
         }
         precision, recall, f1, support = precision_recall_fscore_support(
             labels, predictions, labels=everyone, zero_division=0
@@ -91,41 +88,119 @@ def evaluate_test(logits: np.ndarray, labels: np.ndarray, classes: list[str]) ->
         report = classification_report(
             labels, predictions, labels=everyone, target_names=classes, digits=4, zero_division=0
         )
-    per_class = {
-        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-        for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
-    }
     confusion = confusion_matrix(labels, predictions, labels=everyone)
-    return HeldOutResult(metrics, per_class, confusion, report, predictions, labels, probabilities)
+    per_class = {
+        name: {
+            "precision": float(p),
+            "recall": float(r),
+            "f1": float(f),
+            "support": int(s),
+            "sensitivity": float(r),
+            "specificity": float(sp),
+        }
+        for name, p, r, f, s, sp in zip(classes, precision, recall, f1, support, specificity(confusion), strict=True)
+    }
+    return HeldOutResult(
+        metrics=metrics,
+        intervals=score_intervals(labels, probabilities, stratified_resamples(labels, RESAMPLES, INTERVAL_SEED)),
+        calibration=calibration,
+        per_class=per_class,
+        confusion=confusion,
+        report=report + "\n" + one_vs_rest_table(classes, per_class),
+        predictions=predictions,
+        labels=labels,
+        probabilities=probabilities,
+    )
 
 
-def roc_auc(labels: np.ndarray, probabilities: np.ndarray, everyone: list[int]) -> float:
-    """One-vs-rest macro ROC-AUC; NaN when a class is missing from the test split (undefined)."""
-    try:
-        if len(everyone) == 2:
-            return float(roc_auc_score(labels, probabilities[:, 1]))
-        return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro", labels=everyone))
-    except ValueError:
-        return float("nan")
+def specificity(confusion: np.ndarray) -> np.ndarray:
+    """(C,) one-vs-rest TN / (TN + FP) per class: of the images of other classes, the share not called this one.
+
+    0 for a class that every image belongs to (no negatives: undefined, reported as 0 like
+    scikit-learn's zero_division=0).
+    """
+    confusion = confusion.astype(np.float64)
+    negatives = confusion.sum() - confusion.sum(axis=1)  # images of the other classes: TN + FP
+    false_positives = confusion.sum(axis=0) - np.diagonal(confusion)
+    true_negatives = negatives - false_positives
+    return np.divide(true_negatives, negatives, out=np.zeros_like(negatives), where=negatives > 0)
+
+
+def one_vs_rest_table(classes: list[str], per_class: dict[str, dict[str, float]]) -> str:
+    """The classification report's second table: each class against the rest."""
+    width = max(len("class"), *(len(name) for name in classes))
+    lines = ["one-vs-rest (sensitivity = recall)", "", f"{'class':>{width}}  sensitivity  specificity"]
+    lines += [
+        f"{name:>{width}}  {per_class[name]['sensitivity']:>11.4f}  {per_class[name]['specificity']:>11.4f}"
+        for name in classes
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def logged_metrics(result: HeldOutResult) -> dict[str, float]:
+    """The test metrics as the final run logs them: the scores, their interval bounds
+    (test_acc_ci_low, test_acc_ci_high, ...), the temperature and the uncalibrated ECE and NLL."""
+    calibration = result.calibration
+    bounds = {}
+    for key, interval in result.intervals.items():
+        bounds[f"{key}_ci_low"], bounds[f"{key}_ci_high"] = interval.low, interval.high
+    return {
+        **result.metrics,
+        **bounds,
+        "temperature": calibration.temperature,
+        "test_ece_uncalibrated": calibration.ece_before,
+        "test_loss_uncalibrated": calibration.nll_before,
+    }
+
+
+def held_out_record(result: HeldOutResult) -> dict:
+    """The result as metrics.json holds it (JSON types): scores, intervals, calibration, per class, confusion."""
+    calibration = result.calibration
+    return {
+        "test": result.metrics,
+        "intervals": {
+            "confidence": CONFIDENCE,
+            "method": INTERVAL_METHOD,
+            "resamples": RESAMPLES,
+            "seed": INTERVAL_SEED,
+            **{key: [interval.low, interval.high] for key, interval in result.intervals.items()},
+        },
+        "calibration": {
+            "temperature": calibration.temperature,
+            "split": calibration.split,
+            "ece_bins": ECE_BINS,
+            "ece_before": calibration.ece_before,
+            "ece_after": calibration.ece_after,
+            "nll_before": calibration.nll_before,
+            "nll_after": calibration.nll_after,
+        },
+        "per_class": result.per_class,
+        "confusion_matrix": result.confusion.tolist(),
+    }
 
 
 PER_CLASS_TABLE = "per_class_metrics.json"
 """The final run's per-class scores: one table artifact, not three metrics per class crowding the charts."""
-PER_CLASS_COLUMNS = ("precision", "recall", "f1", "support")
+PER_CLASS_COLUMNS = ("precision", "recall", "f1", "support", "sensitivity", "specificity")
 
 
 def per_class_table(result: HeldOutResult) -> dict[str, list]:
-    """Columns class, precision, recall, f1 and support, one row per class (MLflow's log_table)."""
+    """Column class, then PER_CLASS_COLUMNS, one row per class (MLflow's log_table)."""
     rows = result.per_class.values()
     return {"class": list(result.per_class), **{key: [row[key] for row in rows] for key in PER_CLASS_COLUMNS}}
 
 
-def plot_confusion(result: HeldOutResult, classes: list[str], path: Path, title: str) -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window: chosen before pyplot loads, so pyplot loads here
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_confusion(result: HeldOutResult, classes: list[str], path: Path, title: str) -> Path:
+    plt = _pyplot()
     side = min(4 + 0.55 * len(classes), 24)
     figure, axes = plt.subplots(figsize=(side, side * 0.9))
     ConfusionMatrixDisplay(result.confusion, display_labels=classes).plot(
@@ -138,25 +213,75 @@ def plot_confusion(result: HeldOutResult, classes: list[str], path: Path, title:
     return path
 
 
+def plot_reliability(calibration: Calibration, path: Path, title: str) -> Path:
+    """Accuracy against confidence per confidence bin, on the test split: before and (if calibrated) after."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5.5, 5))
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
+    curves = [("uncalibrated", calibration.reliability_before, calibration.ece_before)]
+    if calibration.calibrated:
+        curves.append(
+            (f"calibrated, T = {calibration.temperature:.2f}", calibration.reliability_after, calibration.ece_after)
+        )
+    for label, bins, ece in curves:
+        filled = bins.count > 0  # an empty bin has no accuracy to draw
+        axes.plot(bins.confidence[filled], bins.accuracy[filled], marker="o", label=f"{label} (ECE {ece:.3f})")
+    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)", ylabel="accuracy", title=title)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+SUMMARY_ROWS = (
+    ("accuracy", "test_acc"),
+    ("balanced accuracy", "test_balanced_acc"),
+    ("macro F1", "test_macro_f1"),
+    ("ROC-AUC (OvR macro)", "test_roc_auc"),
+    (f"ECE ({ECE_BINS} bins)", "test_ece"),
+    ("loss (NLL)", "test_loss"),
+)
+
+
 def summary_lines(result: HeldOutResult, metric: str, best_value: float | None, test_images: int) -> list[str]:
-    """The short report: test scores, and the search's best validation score beside its test twin."""
-    rows = [
-        ("accuracy", "test_acc"),
-        ("balanced accuracy", "test_balanced_acc"),
-        ("macro F1", "test_macro_f1"),
-        ("ROC-AUC (OvR macro)", "test_roc_auc"),
-        (f"ECE ({ECE_BINS} bins)", "test_ece"),
-        ("loss", "test_loss"),
+    """The short report: test scores with intervals, the weakest classes, the calibration, and the search's
+    best validation score beside its test twin."""
+    lines = [
+        f"Test split: {test_images} images the search never saw "
+        f"({round(100 * CONFIDENCE)} % CI: {INTERVAL_METHOD}, {RESAMPLES:,} resamples, seed {INTERVAL_SEED})"
     ]
-    lines = [f"Test split: {test_images} images the search never saw"]
-    lines += [f"  {label:<20}{result.metrics[key]:.4f}" for label, key in rows]
-    worst = min(result.per_class.items(), key=lambda item: item[1]["recall"])
-    lines.append(
-        f"  {'lowest recall':<20}{worst[1]['recall']:.4f} ({worst[0]}; all classes in classification_report.txt)"
-    )
+    lines += [f"  {label:<20}{score_text(result, key)}" for label, key in SUMMARY_ROWS]
+    for rate, where in (("sensitivity", ""), ("specificity", "; every class in classification_report.txt")):
+        name, scores = min(result.per_class.items(), key=lambda item: item[1][rate])
+        lines.append(f"  {'lowest ' + rate:<20}{scores[rate]:.4f} ({name}{where})")
+    lines.append(calibration_line(result.calibration))
     if best_value is not None:
         lines += comparison_lines(result, metric, best_value)
     return lines
+
+
+def score_text(result: HeldOutResult, key: str) -> str:
+    """'0.9123  (95 % CI 0.8800–0.9400)'; the value alone for a metric without an interval (the loss)."""
+    text = fixed(result.metrics[key], 4)
+    interval = result.intervals.get(key)
+    if interval is None:
+        return text
+    bounds = f"{fixed(interval.low, 4)}–{fixed(interval.high, 4)}" if finite(interval.low) else "n/a"
+    return f"{text}  ({round(100 * CONFIDENCE)} % CI {bounds})"
+
+
+def calibration_line(calibration: Calibration) -> str:
+    if not calibration.calibrated:
+        return (
+            "Calibration: none (temperature 1): the model trained on val, the one split a temperature could be "
+            "fitted on without touching the test; retrain with --keep-val to calibrate"
+        )
+    return (
+        f"Calibration: temperature {calibration.temperature:.3f} fitted on {calibration.split}; on the test split "
+        f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, "
+        f"NLL {calibration.nll_before:.4f} -> {calibration.nll_after:.4f} (predictions unchanged)"
+    )
 
 
 def comparison_lines(result: HeldOutResult, metric: str, best_value: float) -> list[str]:

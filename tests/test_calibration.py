@@ -1,0 +1,201 @@
+"""Temperature scaling, ECE, bootstrap intervals and one-vs-rest rates of the final run's test: pure arrays.
+
+Synthetic logits with a known temperature: labels drawn from softmax(z), the "model"
+outputs t·z, so the temperature that calibrates it is t.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from search.final_model import calibration
+from search.final_model.calibration import (
+    ECE_BINS,
+    TEMPERATURE_BOUNDS,
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    reliability,
+    resampled_ece,
+    softmax,
+)
+from search.final_model.report import (
+    INTERVAL_SEED,
+    PER_CLASS_COLUMNS,
+    evaluate_test,
+    held_out_record,
+    logged_metrics,
+    per_class_table,
+    plot_reliability,
+    summary_lines,
+)
+
+CLASSES = [f"class{c}" for c in range(5)]
+
+
+def scaled_logits(images: int, temperature: float, seed: int, classes: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Logits `temperature` times too sharp, and labels drawn from the calibrated probabilities."""
+    rng = np.random.default_rng(seed)
+    true_logits = rng.normal(scale=2.0, size=(images, classes))
+    probabilities = softmax(true_logits)
+    labels = (probabilities.cumsum(axis=1) > rng.random((images, 1))).argmax(axis=1)
+    return (temperature * true_logits).astype(np.float32), labels
+
+
+# ---------------------------------------------------------------- temperature scaling
+
+
+def test_the_fit_recovers_a_known_temperature():
+    logits, labels = scaled_logits(20_000, 3.0, seed=0)
+    assert fit_temperature(logits, labels) == pytest.approx(3.0, rel=0.05)
+    under, under_labels = scaled_logits(20_000, 0.5, seed=1)  # under-confident: T < 1 sharpens
+    assert fit_temperature(under, under_labels) == pytest.approx(0.5, rel=0.05)
+
+
+def test_the_fitted_temperature_minimises_the_nll_and_is_deterministic():
+    logits, labels = scaled_logits(3000, 2.0, seed=2)
+    fitted = fit_temperature(logits, labels)
+    assert fitted == fit_temperature(logits, labels)
+    for other in (0.9 * fitted, 1.1 * fitted, 1.0):
+        assert nll(logits, labels, fitted) < nll(logits, labels, other)
+
+
+def test_a_val_split_classified_right_with_room_to_spare_gets_a_sharpening_temperature_within_bounds():
+    labels = np.arange(40) % 4
+    logits = 10.0 * np.eye(4)[labels]  # the NLL keeps falling as T -> 0, until float64 sees no change
+    fitted = fit_temperature(logits, labels)
+    assert TEMPERATURE_BOUNDS[0] <= fitted < 1 and nll(logits, labels, fitted) < 1e-9
+
+
+def test_nll_is_computed_from_logits_without_underflow():
+    logits = np.array([[0.0, 800.0], [0.0, 0.0]])
+    labels = np.array([0, 0])  # a confident mistake: probability exp(-800) underflows to 0
+    assert nll(logits, labels) == pytest.approx((800 + np.log(2)) / 2)
+
+
+def test_scaling_lowers_the_ece_and_nll_of_over_confident_logits_and_keeps_the_predictions():
+    val = scaled_logits(1500, 3.0, seed=3)
+    test_logits, test_labels = scaled_logits(1500, 3.0, seed=4)
+    uncalibrated = evaluate_test(test_logits, test_labels, CLASSES)
+    result = evaluate_test(test_logits, test_labels, CLASSES, val=val)
+    found = result.calibration
+    assert found.split == "val" and found.calibrated and found.temperature == pytest.approx(3.0, rel=0.15)
+    assert found.ece_after < 0.5 * found.ece_before and found.nll_after < found.nll_before
+    assert result.metrics["test_ece"] == found.ece_after and result.metrics["test_loss"] == found.nll_after
+    np.testing.assert_array_equal(result.predictions, uncalibrated.predictions)
+    np.testing.assert_array_equal(result.probabilities.argmax(axis=1), test_logits.argmax(axis=1))
+    for key in ("test_acc", "test_balanced_acc", "test_macro_f1"):
+        assert result.metrics[key] == uncalibrated.metrics[key], key
+    np.testing.assert_allclose(result.probabilities, softmax(test_logits, found.temperature))
+
+
+def test_only_the_val_arrays_reach_the_fit_never_the_test(monkeypatch):
+    """Val and test made with different temperatures: the fitted one is val's, and the fit saw val's arrays only."""
+    val_logits, val_labels = scaled_logits(1500, 2.0, seed=5)
+    test_logits, test_labels = scaled_logits(1500, 4.0, seed=6)
+    fitted_on = []
+
+    def spy(logits, labels):
+        fitted_on.append((logits, labels))
+        return fit_temperature(logits, labels)
+
+    monkeypatch.setattr(calibration, "fit_temperature", spy)
+    result = evaluate_test(test_logits, test_labels, CLASSES, val=(val_logits, val_labels))
+    ((logits, labels),) = fitted_on
+    assert logits is val_logits and labels is val_labels
+    assert result.calibration.temperature == pytest.approx(2.0, rel=0.15)  # not 4: the test's own
+
+
+def test_without_a_val_split_nothing_is_fitted_and_before_equals_after(monkeypatch):
+    monkeypatch.setattr(calibration, "fit_temperature", lambda *_: pytest.fail("fitted without a val split"))
+    logits, labels = scaled_logits(500, 3.0, seed=7)
+    found = evaluate_test(logits, labels, CLASSES).calibration
+    assert (found.temperature, found.split, found.calibrated) == (1.0, None, False)
+    assert found.ece_before == found.ece_after and found.nll_before == found.nll_after
+
+
+# ---------------------------------------------------------------- ECE and the reliability diagram
+
+
+def test_ece_is_the_bin_weighted_gap_between_accuracy_and_confidence():
+    logits, labels = scaled_logits(2000, 2.5, seed=8)
+    probabilities = softmax(logits)
+    bins = reliability(labels, probabilities)
+    filled = bins.count > 0
+    assert bins.count.sum() == len(labels) and len(bins.count) == ECE_BINS
+    assert np.isnan(bins.accuracy[~filled]).all()
+    gap = (bins.count[filled] * np.abs(bins.accuracy[filled] - bins.confidence[filled])).sum() / len(labels)
+    assert expected_calibration_error(labels, probabilities) == pytest.approx(gap, abs=1e-12)
+
+
+def test_resampled_ece_equals_the_ece_of_each_resample():
+    logits, labels = scaled_logits(300, 2.0, seed=9)
+    probabilities = softmax(logits)
+    rows = np.random.default_rng(0).integers(0, len(labels), size=(20, len(labels)))
+    expected = [expected_calibration_error(labels[row], probabilities[row]) for row in rows]
+    np.testing.assert_allclose(resampled_ece(labels, probabilities, rows), expected, rtol=0, atol=1e-12)
+
+
+def test_the_reliability_diagram_is_a_png(tmp_path):
+    val = scaled_logits(500, 3.0, seed=10)
+    found = calibrate(scaled_logits(500, 3.0, seed=11), fit_on=val)
+    path = plot_reliability(found, tmp_path / "reliability.png", "test reliability")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- intervals
+
+
+def test_intervals_contain_the_test_score_and_narrow_with_more_images():
+    logits, labels = scaled_logits(300, 1.0, seed=12)
+    small = evaluate_test(logits, labels, CLASSES)
+    big = evaluate_test(np.tile(logits, (4, 1)), np.tile(labels, 4), CLASSES)  # the same scores, 4x the images
+    assert list(small.intervals) == ["test_acc", "test_balanced_acc", "test_macro_f1", "test_roc_auc", "test_ece"]
+    for key, interval in small.intervals.items():
+        assert interval.value == pytest.approx(small.metrics[key], abs=1e-12), key
+        assert interval.low < interval.value < interval.high, key
+        # the width shrinks like 1/sqrt(N): about half
+        assert big.intervals[key].high - big.intervals[key].low < 0.7 * (interval.high - interval.low), key
+
+
+def test_intervals_are_seeded_and_logged_with_their_bounds():
+    logits, labels = scaled_logits(200, 1.0, seed=13)
+    first, again = evaluate_test(logits, labels, CLASSES), evaluate_test(logits, labels, CLASSES)
+    assert first.intervals == again.intervals
+    logged = logged_metrics(first)
+    assert logged["test_acc_ci_low"] == first.intervals["test_acc"].low
+    assert logged["test_roc_auc_ci_high"] == first.intervals["test_roc_auc"].high
+    assert {"temperature", "test_ece_uncalibrated", "test_loss_uncalibrated", *first.metrics} <= set(logged)
+    record = held_out_record(first)
+    assert record["intervals"]["resamples"] == 2000 and record["intervals"]["seed"] == INTERVAL_SEED
+    assert record["intervals"]["test_acc"] == [first.intervals["test_acc"].low, first.intervals["test_acc"].high]
+    assert record["calibration"]["temperature"] == 1.0 and record["calibration"]["split"] is None
+
+
+# ---------------------------------------------------------------- sensitivity and specificity
+
+
+def test_sensitivity_and_specificity_against_a_hand_counted_confusion_matrix():
+    #            predicted a  b  c
+    confusion = [[5, 1, 0], [2, 3, 1], [0, 0, 4]]  # rows: true a (6), b (6), c (4); 16 images
+    labels = np.repeat([0, 0, 1, 1, 1, 2], [5, 1, 2, 3, 1, 4])
+    predicted = np.repeat([0, 1, 0, 1, 2, 2], [5, 1, 2, 3, 1, 4])
+    logits = 5.0 * np.eye(3)[predicted]
+    result = evaluate_test(logits, labels, ["a", "b", "c"])
+    assert result.confusion.tolist() == confusion
+    # a: TP 5, FN 1, FP 2 (b called a), TN 16 - 5 - 1 - 2 = 8.  b: TP 3, FN 3, FP 1, TN 9.  c: TP 4, FN 0, FP 1, TN 11.
+    expected = {"a": (5 / 6, 8 / 10), "b": (3 / 6, 9 / 10), "c": (4 / 4, 11 / 12)}
+    for name, (sensitivity, specificity) in expected.items():
+        scores = result.per_class[name]
+        assert scores["sensitivity"] == pytest.approx(sensitivity) == scores["recall"], name
+        assert scores["specificity"] == pytest.approx(specificity), name
+    table = per_class_table(result)
+    assert list(table) == ["class", *PER_CLASS_COLUMNS] and table["specificity"][1] == pytest.approx(0.9)
+    assert "specificity" in result.report and "one-vs-rest" in result.report
+
+    lines = "\n".join(summary_lines(result, "val_acc", None, 16))
+    assert "lowest sensitivity  0.5000 (b)" in lines and "lowest specificity  0.8000 (a;" in lines
+    assert f"accuracy            {12 / 16:.4f}  (95 % CI " in lines
+    assert "2,000 resamples" in lines and "Calibration: none" in lines and "--keep-val" in lines
