@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from search.cli import (
     DEFAULT_CACHE_DIR,
@@ -23,6 +24,7 @@ from search.cli import (
     weights_problems,
 )
 from search.errors import UsageError
+from search.final_model.export import EXPORT_FORMATS, missing_packages
 from search.final_model.winner import WinnerConfig, load_file
 from trainables.config import MODEL_NAMES
 
@@ -60,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--keep-val",
         action="store_true",
-        help="train on train only and early-stop on val (keeping the best epoch), instead of train+val",
+        help="train on train only and early-stop on val (keeping the best epoch), instead of train+val; "
+        "then calibrate: fit a temperature on val (never the test) so the probabilities mean what they say. "
+        "Without it the model trains on val and stays uncalibrated (temperature 1)",
     )
     training.add_argument(
         "--seed",
@@ -94,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="local folder for weights, config, classes and metrics (default: final/<study>-<timestamp>)",
     )
+    results.add_argument(
+        "--export",
+        default=None,
+        choices=EXPORT_FORMATS,
+        help="also write the model in this format into --out: onnx writes model.onnx (float32 images "
+        "(N, 3, H, W) in [0, 1] -> class probabilities, as the registered model), checked against PyTorch "
+        'on the test images; needs pip install "hpo-classifiers[export]"',
+    )
     return parser
 
 
@@ -107,6 +119,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.register_name is not None and not args.register_name.strip():
         problems.append("--register-name is empty: give a name, e.g. vit-classifier")
     problems += weights_problems(args.weights)
+    missing = missing_packages(args.export)  # now, not after an hour of training
+    if missing:
+        problems.append(missing)
     if problems:
         raise UsageError("; ".join(problems))
 
@@ -129,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_winner(args)  # before torch loads: a wrong name or file is answered sooner
         from search.final_model.retrain import execute_final, prepare_final  # torch, timm, MLflow
 
-        prepared = prepare_final(args, config)
+        # Set here, not read by prepare_final: compare.py prepares its reference run from a Namespace of its own.
+        prepared = replace(prepare_final(args, config), export=args.export)
     except UsageError as error:
         print(f"search/final.py: error: {error}", file=sys.stderr)
         return 2

@@ -130,6 +130,12 @@ def study_parent(client):
 # ---------------------------------------------------------------- the final run
 
 TEST_METRICS = ("test_acc", "test_balanced_acc", "test_macro_f1", "test_roc_auc", "test_ece", "test_loss")
+INTERVAL_BOUNDS = tuple(
+    f"{key}_ci_{end}"
+    for key in ("test_acc", "test_balanced_acc", "test_macro_f1", "test_roc_auc", "test_ece")
+    for end in ("low", "high")
+)
+CALIBRATION_METRICS = ("temperature", "test_ece_uncalibrated", "test_loss_uncalibrated")
 
 
 def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
@@ -151,7 +157,13 @@ def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
         assert np.isfinite(metrics[key]), key
     assert 0 <= metrics["test_ece"] <= 1 and 0.5 <= metrics["test_roc_auc"] <= 1
     assert metrics["test_acc"] > 1 / len(CLASSES)  # learns: above chance
-    assert set(metrics) == {"train_loss", "lr", "trained_epochs", *TEST_METRICS}  # nothing per class: see below
+    # nothing per class: see below
+    assert set(metrics) == {"train_loss", "lr", "trained_epochs", *TEST_METRICS, *INTERVAL_BOUNDS, *CALIBRATION_METRICS}
+    for key in ("test_acc", "test_roc_auc"):
+        assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"], key
+    # The default retrain trained on val: nothing is left to fit a temperature on, and the run says so.
+    assert params["calibration_split"] == "none" and metrics["temperature"] == 1.0
+    assert metrics["test_ece_uncalibrated"] == metrics["test_ece"]
 
     artifacts = {a.path for a in study.client.list_artifacts(run.info.run_id)}
     assert {
@@ -163,8 +175,14 @@ def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
         "splits.json",
         "per_class_metrics.json",
         "test_predictions.csv",
+        "reliability_diagram.png",
     } <= artifacts
     out = study.root / "out"
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["calibration"]["split"] is None and written["calibration"]["temperature"] == 1.0
+    assert written["intervals"]["resamples"] == 2000
+    assert written["intervals"]["test_acc"] == pytest.approx([metrics["test_acc_ci_low"], metrics["test_acc_ci_high"]])
+    assert (out / "reliability_diagram.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "classes.json").read_text()) == sorted(CLASSES)
     assert json.loads((out / "metrics.json").read_text())["test"]["test_acc"] == pytest.approx(metrics["test_acc"])
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
@@ -173,23 +191,27 @@ def test_final_run_logs_params_epochs_test_metrics_and_artifacts(study):
 
     weights = torch.load(out / "model.pt", weights_only=True)
     assert weights["classes"] == sorted(CLASSES) and weights["model_spec"]["name"] == MODEL
+    assert weights["temperature"] == metrics["temperature"]
 
     # The short report puts the search's best validation accuracy beside the test accuracy.
     stdout = study.first.stdout
     assert f"Search's best val_acc {best['best_value']:.4f}  vs  test_acc {metrics['test_acc']:.4f}" in stdout
     assert "registered as vit-classifier version" in stdout
+    assert f"accuracy            {metrics['test_acc']:.4f}  (95 % CI {metrics['test_acc_ci_low']:.4f}" in stdout
+    assert "Calibration: none" in stdout and "lowest sensitivity" in stdout and "lowest specificity" in stdout
 
 
 def test_per_class_scores_are_one_table_artifact_with_a_row_per_class(study):
     """Not three metrics per class, which would crowd the run's chart view (33 charts for 11 classes)."""
     run = first_final(study)
     table = json.loads(read_artifact(study.client, run.info.run_id, "per_class_metrics.json"))
-    assert table["columns"] == ["class", "precision", "recall", "f1", "support"]
+    assert table["columns"] == ["class", "precision", "recall", "f1", "support", "sensitivity", "specificity"]
     per_class = json.loads((study.root / "out" / "metrics.json").read_text())["per_class"]
     assert [row[0] for row in table["data"]] == sorted(CLASSES) == list(per_class)
     for name, *scores in table["data"]:
         assert scores == pytest.approx([per_class[name][key] for key in table["columns"][1:]]), name
-    assert sum(row[-1] for row in table["data"]) == int(run.data.params["test_images"])
+    support = table["columns"].index("support")
+    assert sum(row[support] for row in table["data"]) == int(run.data.params["test_images"])
     # Logged as a table, so that the UI shows it as one (artifact view, evaluation tables).
     assert {"path": "per_class_metrics.json", "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
     assert not [key for key in run.data.metrics if "/" in key]
@@ -270,6 +292,79 @@ def test_registered_model_loads_and_returns_one_row_of_class_scores_per_image(st
     assert signature.inputs.inputs[0].shape == (-1, 3, SMOKE.img_size, SMOKE.img_size)
 
 
+def test_the_registered_version_carries_the_model_card_and_tags(study):
+    from search.final_model.card import MODEL_CARD_FILE
+
+    run = first_final(study)
+    (version,) = [
+        v for v in study.client.search_model_versions("name = 'vit-classifier'") if v.run_id == run.info.run_id
+    ]
+    card = (study.root / "out" / MODEL_CARD_FILE).read_text()
+    assert read_artifact(study.client, run.info.run_id, MODEL_CARD_FILE) == card == version.description
+    assert re.findall(r"^## (.+)$", card, flags=re.MULTILINE) == [
+        "Intended use and limits",
+        "Input and output",
+        "Data",
+        "Where it came from",
+        "Training",
+        "Test results",
+        "Calibration",
+        "Per class",
+    ]
+    sizes = {split: len(study.split.splits[split]) for split in ("train", "val", "test")}
+    per_class = json.loads((study.root / "out" / "metrics.json").read_text())["per_class"]
+    for text in (
+        f"# vit-classifier version {version.version}\n",
+        f"Study `{NAME}`",
+        f"train {sizes['train']}, val {sizes['val']}, test {sizes['test']} images",
+        f"seed {SEED}",
+        f"mlflow models serve -m models:/vit-classifier/{version.version} --env-manager local",
+        "Not calibrated: temperature 1.",
+        "--smoke study",
+        *(f"| {name} | {scores['support']} | {scores['sensitivity']:.4f} |" for name, scores in per_class.items()),
+    ):
+        assert text in card, text
+
+    tags = {
+        "test_acc": f"{run.data.metrics['test_acc']:.4f}",
+        "classes": ",".join(sorted(CLASSES)),
+        "num_classes": str(len(CLASSES)),
+        "img_size": str(SMOKE.img_size),
+        "model": MODEL,
+        "temperature": "1.0000",
+        "study": NAME,
+    }
+    assert version.tags == tags
+    (output,) = run.outputs.model_outputs
+    assert tags.items() <= study.client.get_logged_model(output.model_id).tags.items()
+    assert MODEL_CARD_FILE in study.first.stdout  # listed among the results
+
+
+@pytest.mark.slow
+def test_export_onnx_writes_a_model_onnx_checked_against_pytorch_and_logs_it(study, tmp_path):
+    import onnxruntime
+
+    config = study.root / "ray_results" / NAME / "best" / "best_config.yaml"
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    result = run_script(
+        "final.py", "--config", str(config), "--no-pretrained", "--export", "onnx", "--out", str(out), cwd=study.root
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(f"\nfinal.py --export onnx on the smoke study: {time.perf_counter() - start:.1f} s")
+    tested = len(study.split.splits["test"])
+    assert re.search(
+        rf"Exported model.onnx: matches PyTorch on {tested} test images, .* \(tolerance 1e-04\)", result.stdout
+    )
+    assert f"ONNX:       {out / 'model.onnx'}" in result.stdout
+    run_id = json.loads((out / "metrics.json").read_text())["mlflow"]["run_id"]
+    assert "model.onnx" in {a.path for a in study.client.list_artifacts(run_id)}
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).random((3, 3, SMOKE.img_size, SMOKE.img_size), dtype=np.float32)
+    (probabilities,) = session.run(None, {"images": images})
+    assert probabilities.shape == (3, len(CLASSES)) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
 def test_test_split_is_disjoint_from_train_and_val_and_the_search_never_read_it(study):
     splits = json.loads((study.root / "out" / "splits.json").read_text())
     test, seen = set(splits["test"]), set(splits["train"]) | set(splits["val"])
@@ -348,14 +443,32 @@ def test_the_same_config_and_seed_give_the_same_test_metrics(study, one_thread):
     assert again.confusion.tolist() == first["confusion_matrix"]
 
 
-def test_keep_val_trains_on_train_and_keeps_the_best_val_epoch(study, one_thread):
-    prepared, _, trained_epochs, epochs = retrain_in_process(study, "--keep-val", "--epochs", "2")
+def test_keep_val_trains_on_train_and_keeps_the_best_val_epoch(study, one_thread, tmp_path, monkeypatch):
+    prepared, learner, trained_epochs, epochs = retrain_in_process(study, "--keep-val", "--epochs", "2")
     assert len(prepared.train) == len(study.split.splits["train"]) and len(prepared.val) == len(
         study.split.splits["val"]
     )
     assert prepared.settings["train_on"] == "train" and 1 <= len(epochs) <= 2
     scores = [r.metrics["val_acc"] for r in epochs]
     assert trained_epochs == 1 + scores.index(max(scores))  # the best val epoch's weights, not the last
+
+    # Then the temperature is fitted on val's logits, never the test's, and model.pt keeps it.
+    from dataclasses import replace
+
+    from search.final_model import calibration
+    from search.final_model.retrain import evaluate_once, write_results
+    from trainables.checkpoint import ModelFile
+
+    fitted_on, fit = [], calibration.fit_temperature
+    monkeypatch.setattr(calibration, "fit_temperature", lambda *arrays: fitted_on.append(arrays) or fit(*arrays))
+    result = evaluate_once(prepared, learner)
+    ((logits, labels),) = fitted_on
+    assert len(logits) == len(prepared.val) and labels is prepared.val.labels
+    assert result.calibration.split == prepared.settings["calibration_split"] == "val"
+    assert result.calibration.temperature == fit(logits, labels) and len(result.labels) == len(prepared.test)
+    final = replace(prepared, out=tmp_path / "out")
+    write_results(final, learner.model.to("cpu").eval(), result)
+    assert ModelFile.load(final.out / "model.pt").temperature == result.calibration.temperature
 
 
 def test_a_trial_run_gives_the_config_the_study_logged(study):
@@ -499,6 +612,7 @@ def test_help_answers_fast_and_names_every_flag(tmp_path):
         "--tracking-uri",
         "--register-name",
         "--out",
+        "--export",
     ):
         assert flag in result.stdout
     assert "sqlite:///mlflow/mlflow.db" in result.stdout
@@ -508,7 +622,8 @@ def test_help_answers_fast_and_names_every_flag(tmp_path):
 
 
 def test_metrics_come_from_scikit_learn_and_ece_bins_confidence():
-    from search.final_model.report import evaluate_test, expected_calibration_error
+    from search.final_model.calibration import expected_calibration_error
+    from search.final_model.report import evaluate_test
 
     labels = np.array([0, 0, 1, 1, 2, 2])
     logits = np.log(
@@ -516,10 +631,27 @@ def test_metrics_come_from_scikit_learn_and_ece_bins_confidence():
     )
     result = evaluate_test(logits, labels, ["a", "b", "c"])
     assert result.metrics["test_acc"] == pytest.approx(5 / 6)
-    assert result.per_class["b"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert result.per_class["b"] == {
+        "precision": 1.0,
+        "recall": 0.5,
+        "f1": pytest.approx(2 / 3),
+        "support": 2,
+        "sensitivity": 0.5,
+        "specificity": 1.0,
+    }
     assert result.confusion.tolist() == [[2, 0, 0], [1, 1, 0], [0, 0, 2]]
     # Confidences .8 .6 .7 .5 .8 .6, correct but for .5: bins (.533,.6] {.6,.6}, (.667,.733] {.7},
     # (.733,.8] {.8,.8}, (.467,.533] {.5 wrong}: ECE = (2*.4 + .3 + 2*.2 + .5) / 6.
     assert result.metrics["test_ece"] == pytest.approx((2 * 0.4 + 0.3 + 2 * 0.2 + 0.5) / 6)
     confident = np.eye(3)[labels]
     assert expected_calibration_error(labels, confident) == 0.0
+
+
+def test_the_registered_model_divides_the_logits_by_the_temperature_before_the_softmax():
+    import torch
+
+    from search.final_model.registry import CalibratedSoftmax
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.4, 3.0]])
+    assert torch.allclose(CalibratedSoftmax(2.0)(logits), torch.softmax(logits / 2, dim=1))
+    assert torch.equal(CalibratedSoftmax(1.0)(logits), torch.softmax(logits, dim=1))

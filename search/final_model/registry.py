@@ -1,4 +1,5 @@
-"""The final model in MLflow: logged as a torch.export graph that outputs class probabilities, and registered."""
+"""The final model in MLflow: logged as a torch.export graph that outputs class probabilities, registered, and
+described (its model card as the version's description, its key facts as tags)."""
 
 from __future__ import annotations
 
@@ -12,26 +13,61 @@ from mlflow.models import infer_signature
 from torch import nn
 
 import mlflow
-from trainables.data import CachedSplit
 
 MODEL_ARTIFACT = "model"
 MODEL_FILE_IN_MODEL = "extra_files/model.pt"
 """Where a registered version keeps the final run's model.pt (trainables.checkpoint.ModelFile): what
 search/predict.py rebuilds the model from, to explain it (saliency needs the layers, not a graph)."""
+EXAMPLE_GREY = 0.5
+"""The input example's one pixel value (see example_input)."""
+
+
+class CalibratedSoftmax(nn.Module):
+    """softmax(logits / temperature): the final run's temperature (search/final_model/calibration.py), so
+    that the registered model outputs calibrated probabilities; the export keeps it as a constant."""
+
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.temperature = float(temperature)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits / self.temperature, dim=1)
+
+
+def scoring_model(model: nn.Module, temperature: float) -> nn.Module:
+    """What every shipped form of the model computes (MLflow's graph, model.onnx): float32 images (N, 3, H, W)
+    in [0, 1] in, one row of C calibrated class probabilities out; the model normalises the images itself."""
+    return nn.Sequential(model, CalibratedSoftmax(temperature)).eval()
+
+
+def example_input(img_size: int) -> np.ndarray:
+    """Two mid-grey images, (2, 3, H, W) float32: MLflow's input example, and the trace of the pt2 export.
+
+    Two, because torch.export fixes a dimension of size 1: a batch of 2 leaves the batch dimension
+    dynamic (N = 1 and N = 5 are served alike). Grey, not test images: the example is stored in the
+    model for anyone who loads it, and a test image may be a patient's; grey also keeps its JSON (the
+    serving example, a valid /invocations request) short.
+    """
+    return np.full((2, 3, img_size, img_size), EXAMPLE_GREY, dtype=np.float32)
 
 
 def log_model(
-    model: nn.Module, examples: CachedSplit, tracking_uri: str, run_id: str, register_name: str, model_file: Path
+    model: nn.Module,
+    img_size: int,
+    tracking_uri: str,
+    run_id: str,
+    register_name: str,
+    model_file: Path,
+    temperature: float,
 ) -> dict:
-    """Log the model as an MLflow model (probabilities out) and register it.
+    """Log the model as an MLflow model (calibrated probabilities out) and register it.
 
     MLflow saves it as a torch.export graph ('pt2'), not a pickle: loading it needs
     torch only, neither this project's code nor timm, and runs no pickled code. The
     version also carries model_file, the weights with their spec, for this project's tools.
     """
-    # Float32 (N, 3, H, W) in [0, 1] in, one row of C class probabilities out: the model normalises itself.
-    scoring = nn.Sequential(model, nn.Softmax(dim=1)).eval()
-    example = np.ascontiguousarray(examples.images()[:2]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    scoring = scoring_model(model, temperature)
+    example = example_input(img_size)
     with torch.no_grad():
         output = scoring(torch.from_numpy(example)).numpy()
     mlflow.set_tracking_uri(tracking_uri)
@@ -50,14 +86,33 @@ def log_model(
         name=MODEL_ARTIFACT,
         model_id=logged.model_id,
         run_id=run_id,  # links the model to the run as its output (the run's Models column)
+        # Tensor specs (-1, 3, H, W) float32 in, (-1, C) out: the scoring server then takes {"inputs": [...]}.
         signature=infer_signature(example, output),
-        input_example=example,
+        input_example=example,  # saved as serving_input_example.json, a valid /invocations request
         registered_model_name=register_name,
-        serialization_format="pt2",  # the example's batch of 2 marks the batch dimension dynamic
+        serialization_format="pt2",
         pip_requirements=pinned("torch", "numpy"),  # stated, not inferred: inference reloads the model
         extra_files=[str(model_file)],  # stored as MODEL_FILE_IN_MODEL
     )
-    return {"name": register_name, "version": int(info.registered_model_version), "model_uri": info.model_uri}
+    return {
+        "name": register_name,
+        "version": int(info.registered_model_version),
+        "model_uri": info.model_uri,
+        "model_id": info.model_id,
+    }
+
+
+def describe_version(client, registered: dict, card: str, tags: dict[str, str]) -> None:
+    """The model card as the registered version's description; the tags on the version and on its logged model.
+
+    Not on the registered model: its versions differ in accuracy and temperature, and a tag there would
+    say only what the latest version was.
+    """
+    name, number = registered["name"], str(registered["version"])
+    client.update_model_version(name, number, description=card)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, number, key, value)
+    client.set_logged_model_tags(registered["model_id"], tags)
 
 
 def pinned(*packages: str) -> list[str]:

@@ -27,14 +27,20 @@ from tqdm import tqdm
 
 from search.cli import require_pretrained, weights_files
 from search.errors import UsageError
+from search.final_model.calibration import CALIBRATION_SPLIT, LabelledLogits
+from search.final_model.card import DESCRIPTION_LIMIT, MODEL_CARD_FILE, card_facts, card_markdown, card_tags
+from search.final_model.export import ONNX_FILE, ExportMismatch, export_onnx
 from search.final_model.predictions import PREDICTIONS_FILE, Predictions, predictions_csv
-from search.final_model.registry import log_model
+from search.final_model.registry import describe_version, log_model, scoring_model
 from search.final_model.report import (
     PER_CLASS_TABLE,
     HeldOutResult,
     evaluate_test,
+    held_out_record,
+    logged_metrics,
     per_class_table,
     plot_confusion,
+    plot_reliability,
     summary_lines,
 )
 from search.final_model.winner import WinnerConfig
@@ -63,6 +69,7 @@ RESULT_FILES = (
     "splits.json",
     "classification_report.txt",
     "confusion_matrix.png",
+    "reliability_diagram.png",
     PREDICTIONS_FILE,
 )
 
@@ -93,6 +100,8 @@ class PreparedFinal:
     skipped_images: list[str]
     tags: dict[str, str] = field(default_factory=dict)
     """Tags the run gets on top of the usual ones (compare.py marks its reference model with them)."""
+    export: str | None = None
+    """A format to write the model in as well (final.py --export): 'onnx', or None."""
 
 
 # ---------------------------------------------------------------- prepare
@@ -169,6 +178,8 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
         "train_images": len(cached[splits[0]]),
         "val_images": len(cached["val"]) if args.keep_val else 0,
         "test_images": len(cached["test"]),
+        # The temperature is fitted on val only if the model never trained on it; the test is never fitted on.
+        "calibration_split": CALIBRATION_SPLIT if args.keep_val else "none",
     }
     return PreparedFinal(
         config=config,
@@ -252,6 +263,9 @@ def execute_final(final: PreparedFinal) -> int:
         return 130
     except NonFiniteLoss as error:
         print(f"search/final.py: training diverged: {error}", file=sys.stderr)
+        return 1
+    except ExportMismatch as error:
+        print(f"search/final.py: --export {final.export}: {error}", file=sys.stderr)
         return 1
     finally:
         client.set_terminated(run_id, status)
@@ -344,48 +358,64 @@ def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], seconds: floa
 
 
 def evaluate_once(final: PreparedFinal, learner: Learner) -> HeldOutResult:
-    """The one look at the test split."""
+    """The one look at the test split; with a val split the model did not train on (--keep-val), the
+    temperature is fitted on val's logits, never on the test's."""
+    val = None if final.val is None else predict(final, learner, final.val, "val")
+    logits, labels = predict(final, learner, final.test, "test")
+    return evaluate_test(logits, labels, final.config.classes, val=val)
+
+
+def predict(final: PreparedFinal, learner: Learner, split: CachedSplit, name: str) -> LabelledLogits:
+    """The split's logits and labels, with a progress bar in a terminal."""
     batch_size = EVAL_BATCH_FACTOR * final.config.hyperparameters.batch_size
     bar = tqdm(
-        total=batch_count(len(final.test), batch_size),
-        desc="test",
+        total=batch_count(len(split), batch_size),
+        desc=name,
         unit="batch",
         leave=False,
         dynamic_ncols=True,
         disable=not bars_wanted(),
     )
     try:
-        logits, labels = learner.predict(final.test, on_batch=bar.update)
+        logits, labels = learner.predict(split, on_batch=bar.update)
     finally:
         bar.close()
-    return evaluate_test(logits.numpy(), labels, final.config.classes)
+    return logits.numpy(), labels
 
 
 def finish(
     final: PreparedFinal, client, run_id: str, learner: Learner, result: HeldOutResult, trained_epochs: int
 ) -> dict:
-    """Write the results folder, log it and the test metrics, log and register the model."""
+    """Write the results folder (and --export's file), log it and the test metrics, log and register the model,
+    and give it its model card."""
     model = learner.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     write_results(final, model, result)
+    if final.export == "onnx":  # before the results are logged and the model registered: a wrong file fails the run
+        scoring = scoring_model(model, result.calibration.temperature)
+        print(export_onnx(scoring, final.test.images(), final.out / ONNX_FILE).line(), flush=True)
     stamp = int(datetime.now().timestamp() * 1000)
-    scores = {**result.metrics, "trained_epochs": trained_epochs}
+    scores = {**logged_metrics(result), "trained_epochs": trained_epochs}
     client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in scores.items() if v == v])  # no NaN
     client.log_table(run_id, data=per_class_table(result), artifact_file=PER_CLASS_TABLE)
-    for name in RESULT_FILES:
+    for name in RESULT_FILES + ((ONNX_FILE,) if final.export == "onnx" else ()):
         client.log_artifact(run_id, str(final.out / name))
     registered = {}
     if final.register_name is not None:
         registered = log_model(
-            model, final.test, final.tracking_uri, run_id, final.register_name, final.out / "model.pt"
+            model,
+            final.spec.img_size,
+            final.tracking_uri,
+            run_id,
+            final.register_name,
+            final.out / "model.pt",
+            temperature=result.calibration.temperature,
         )
         client.set_tag(run_id, "registered_model", f"{registered['name']}/{registered['version']}")
     metrics_file = final.out / "metrics.json"
     metrics_file.write_text(
         json.dumps(
             {
-                "test": result.metrics,
-                "per_class": result.per_class,
-                "confusion_matrix": result.confusion.tolist(),
+                **held_out_record(result),
                 "trained_epochs": trained_epochs,
                 "settings": final.settings,
                 "mlflow": {"tracking_uri": final.tracking_uri, "run_id": run_id, **registered},
@@ -394,16 +424,35 @@ def finish(
         )
     )
     client.log_artifact(run_id, str(metrics_file))
+    publish_card(final, client, run_id, result, trained_epochs, registered)
     return registered
+
+
+def publish_card(
+    final: PreparedFinal, client, run_id: str, result: HeldOutResult, trained_epochs: int, registered: dict
+) -> None:
+    """model_card.md in the results folder and on the run; on a registered version, the card (cut to the
+    registry's limit) as its description, and its tags."""
+    facts = card_facts(final, result, trained_epochs, registered, run_id)
+    card_file = final.out / MODEL_CARD_FILE
+    card_file.write_text(card_markdown(facts))
+    client.log_artifact(run_id, str(card_file))
+    if registered:
+        describe_version(client, registered, card_markdown(facts, DESCRIPTION_LIMIT), card_tags(facts))
 
 
 def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult) -> None:
     """Weights, config, class names, split and the test's plots: everything to use or repeat the model."""
     config, out = final.config, final.out
     out.mkdir(parents=True, exist_ok=True)
-    ModelFile(model.state_dict(), final.spec, config.hyperparameters, config.classes, result.metrics).save(
-        out / "model.pt"
-    )
+    ModelFile(
+        model.state_dict(),
+        final.spec,
+        config.hyperparameters,
+        config.classes,
+        result.metrics,
+        temperature=result.calibration.temperature,
+    ).save(out / "model.pt")
     (out / "config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))
     (out / "classes.json").write_text(json.dumps(config.classes, indent=2))
     index = final.index
@@ -429,6 +478,11 @@ def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult)
         out / "confusion_matrix.png",
         f"{config.model}: test confusion matrix ({len(result.labels)} images)",
     )
+    plot_reliability(
+        result.calibration,
+        out / "reliability_diagram.png",
+        f"{config.model}: test reliability ({len(result.labels)} images)",
+    )
 
 
 def print_closing(
@@ -443,5 +497,13 @@ def print_closing(
             f"Model:      registered as {registered['name']} version {registered['version']} "
             f"(mlflow.pytorch.load_model({uri!r}): float32 images (N, 3, H, W) in [0, 1] -> class probabilities)"
         )
-    print(f"Results:    {final.out}/ (model.pt, config.yaml, classes.json, metrics.json, confusion_matrix.png, ...)")
+    if final.export == "onnx":
+        print(
+            f"ONNX:       {final.out / ONNX_FILE} (onnxruntime: float32 images (N, 3, H, W) in [0, 1] -> class "
+            f"probabilities, as the registered model)"
+        )
+    print(
+        f"Results:    {final.out}/ (model.pt, {MODEL_CARD_FILE}, config.yaml, classes.json, metrics.json, "
+        f"confusion_matrix.png, ...)"
+    )
     print("\n".join(mlflow_lines(final.tracking_uri, run_page(final.tracking_uri, experiment_id, run_id))))
