@@ -110,7 +110,7 @@ def draw_configs(space: Space, count: int, seed: int) -> list[dict]:
     return configs
 
 
-def train_curve(config: dict, train, val, num_classes: int, epochs: int):
+def train_curve(config: dict, train, val, num_classes: int, epochs: int, seed: int = TRAIN_SEED):
     """Yield one row per epoch: the engine's val_acc, val_loss and train_loss, and the epoch's seconds."""
     import torch
 
@@ -120,9 +120,9 @@ def train_curve(config: dict, train, val, num_classes: int, epochs: int):
 
     # Early stopping off: the table needs every epoch of every curve.
     hp = Hyperparameters.from_dict({**config, "early_stop_patience": epochs + 1})
-    torch.manual_seed(TRAIN_SEED)  # the same initial weights for every configuration, as in train_trial
+    torch.manual_seed(seed)  # the same initial weights for every configuration, as in train_trial
     spec = ModelSpec(MODEL, num_classes, IMG_SIZE, pretrained=False).with_knobs(hp)
-    learner = Learner(build_model(spec), hp, torch.device("cpu"), "val_acc", TRAIN_SEED)
+    learner = Learner(build_model(spec), hp, torch.device("cpu"), "val_acc", seed)
     started = time.perf_counter()
     try:
         for result in fit(learner, train, val, epochs):
@@ -147,6 +147,9 @@ def recorded_configs(path: Path, space: Space, drawn: list[dict]) -> set[int]:
         return set()
     with path.open(newline="") as file:
         rows = list(csv.DictReader(file))
+    missing = [parameter.name for parameter in searched(space) if rows and parameter.name not in rows[0]]
+    if missing:
+        raise SystemExit(f"{path} was recorded with another space (no {', '.join(missing)}): record into a new --out")
     for row in rows:
         number = int(row["config"])
         recorded = {parameter.name: typed_value(parameter, row[parameter.name]) for parameter in searched(space)}
@@ -203,6 +206,10 @@ class CurveTable:
     """The recorded curves, and the way from a proposed configuration to the nearest recorded one."""
 
     space: Space
+    parameters: list[Parameter]
+    """The searched parameters the table has a column for: the distance is taken over these. A table recorded
+    before the space gained a knob (the committed one predates the per-augmentation knobs: it has the retired
+    aug_strength instead) matches on the rest; `record` into a new file to match on every knob again."""
     configs: list[dict]
     """The searched values of each recorded configuration, by configuration id."""
     val_acc: np.ndarray
@@ -218,16 +225,15 @@ class CurveTable:
         epochs = max(int(row["epoch"]) for row in rows)
         if ids != list(range(len(ids))) or len(rows) != len(ids) * epochs:
             raise SystemExit(f"{path} does not hold whole curves: finish it with `search_efficiency.py record`")
+        parameters = [parameter for parameter in searched(space) if parameter.name in rows[0]]
         by_id: dict[int, dict] = {}
         curves = {column: np.zeros((len(ids), epochs)) for column in ("val_acc", "val_loss", "seconds")}
         for row in rows:
             number, epoch = int(row["config"]), int(row["epoch"])
-            by_id[number] = {
-                parameter.name: typed_value(parameter, row[parameter.name]) for parameter in searched(space)
-            }
+            by_id[number] = {parameter.name: typed_value(parameter, row[parameter.name]) for parameter in parameters}
             for column, curve in curves.items():
                 curve[number, epoch - 1] = float(row[column])
-        return cls(space, [by_id[number] for number in ids], **curves)
+        return cls(space, parameters, [by_id[number] for number in ids], **curves)
 
     @property
     def epochs(self) -> int:
@@ -246,7 +252,7 @@ class CurveTable:
         }
 
     def nearest(self, config: dict) -> int:
-        distances = [distance(self.space, config, recorded) for recorded in self.configs]
+        distances = [distance(self.parameters, config, recorded) for recorded in self.configs]
         return int(np.argmin(distances))
 
 
@@ -269,10 +275,10 @@ def unit_coordinate(parameter: Parameter, value: float) -> float:
     return (value - low) / (high - low)
 
 
-def distance(space: Space, proposed: dict, recorded: dict) -> float:
-    """Euclidean over the searched parameters, each scaled to [0, 1]; a categorical mismatch counts 1."""
+def distance(parameters: list[Parameter], proposed: dict, recorded: dict) -> float:
+    """Euclidean over the given searched parameters, each scaled to [0, 1]; a categorical mismatch counts 1."""
     total = 0.0
-    for parameter in searched(space):
+    for parameter in parameters:
         a, b = proposed[parameter.name], recorded[parameter.name]
         if parameter.type == "categorical":
             total += float(a != b)
