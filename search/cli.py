@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,3 +83,9 @@ def interrupts_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def bars_wanted() -> bool:
+    """Progress bars on a terminal only. Redirected to a file (nohup, a cluster job, a test's capture), a
+    bar is redrawn with carriage returns into one endless line; there, scripts print plain lines instead."""
+    return sys.stdout.isatty() and sys.stderr.isatty()  # the bars draw on stderr, the lines go to stdout

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from trainables.config import Hyperparameters
-from trainables.engine import Learner
 from trainables.spec import ModelSpec
+
+if TYPE_CHECKING:  # the engine loads scikit-learn: predict.py reads model files without it
+    from trainables.engine import Learner
 
 CHECKPOINT_FILE = "checkpoint.pt"
 """A trial checkpoint's file inside the folder Ray Tune keeps per checkpoint."""

@@ -13,11 +13,9 @@ from mlflow.models import infer_signature
 from torch import nn
 
 import mlflow
+from search.tracking.schema import FINAL_MODEL_FILE
 
 MODEL_ARTIFACT = "model"
-MODEL_FILE_IN_MODEL = "extra_files/model.pt"
-"""Where a registered version keeps the final run's model.pt (trainables.checkpoint.ModelFile): what
-search/predict.py rebuilds the model from, to explain it (saliency needs the layers, not a graph)."""
 EXAMPLE_GREY = 0.5
 """The input example's one pixel value (see example_input)."""
 
@@ -66,6 +64,8 @@ def log_model(
     torch only, neither this project's code nor timm, and runs no pickled code. The
     version also carries model_file, the weights with their spec, for this project's tools.
     """
+    if model_file.name != FINAL_MODEL_FILE:  # MLflow keeps the name: predict.py looks for MODEL_FILE_IN_MODEL
+        raise ValueError(f"the model file to register must be named {FINAL_MODEL_FILE}, not {model_file.name}")
     scoring = scoring_model(model, temperature)
     example = example_input(img_size)
     with torch.no_grad():

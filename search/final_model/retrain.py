@@ -25,7 +25,7 @@ from mlflow.entities import Metric
 from torch import nn
 from tqdm import tqdm
 
-from search.cli import require_pretrained, weights_files
+from search.cli import bars_wanted, require_pretrained, weights_files
 from search.errors import UsageError
 from search.final_model.calibration import CALIBRATION_SPLIT, LabelledLogits
 from search.final_model.card import DESCRIPTION_LIMIT, MODEL_CARD_FILE, card_facts, card_markdown, card_tags
@@ -45,7 +45,7 @@ from search.final_model.report import (
 )
 from search.final_model.winner import WinnerConfig
 from search.study.config import FULL, SMOKE
-from search.tracking.schema import FINAL_ROLE, ROLE_TAG, STUDY_TAG, mlflow_lines, run_page
+from search.tracking.schema import FINAL_MODEL_FILE, FINAL_ROLE, ROLE_TAG, STUDY_TAG, mlflow_lines, run_page
 from search.tracking.store import get_or_create_experiment, log_data_input, log_params, mlflow_client
 from search.tracking.study_run import data_record
 from trainables.checkpoint import ModelFile
@@ -345,12 +345,6 @@ def train(final: PreparedFinal, on_epoch: Callable[[EpochResult], None]) -> tupl
     return learner, learner.epoch
 
 
-def bars_wanted() -> bool:
-    """Progress bars on a terminal only. Redirected to a file (nohup, a cluster job, a test's capture), a
-    bar is redrawn with carriage returns into one endless line; there, train() prints a line per epoch."""
-    return sys.stdout.isatty() and sys.stderr.isatty()  # the bars draw on stderr, the lines go to stdout
-
-
 def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], seconds: float) -> str:
     """'epoch 3/10  train_loss 0.4312  val_acc 0.8123  (12.4 s)'."""
     scores = "  ".join(f"{key} {value:.4f}" for key, value in metrics.items())
@@ -407,7 +401,7 @@ def finish(
             final.tracking_uri,
             run_id,
             final.register_name,
-            final.out / "model.pt",
+            final.out / FINAL_MODEL_FILE,
             temperature=result.calibration.temperature,
         )
         client.set_tag(run_id, "registered_model", f"{registered['name']}/{registered['version']}")
@@ -452,7 +446,7 @@ def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult)
         config.classes,
         result.metrics,
         temperature=result.calibration.temperature,
-    ).save(out / "model.pt")
+    ).save(out / FINAL_MODEL_FILE)
     (out / "config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))
     (out / "classes.json").write_text(json.dumps(config.classes, indent=2))
     index = final.index

@@ -1,0 +1,115 @@
+"""Predict the classes of new images with a registered or local model; explain them on request.
+
+    python search/predict.py --model models:/cnn-classifier/3 --images DIR --out predictions.csv
+
+The model is rebuilt from its model file (final.py's model.pt, which a registered
+version carries), with the temperature final.py fitted: the CSV's probabilities are
+calibrated. --explain adds a Grad-CAM overlay per image. Only the standard library is
+imported until the arguments are valid, so --help and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from search.cli import DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser
+from search.errors import UsageError
+from search.inference.model_source import MODEL_FORMS, RegisteredModel, model_source
+
+DEVICES = ("auto", "cpu", "cuda")
+GRAD_CAM_PACKAGE = "grad-cam>=1.5.7"
+"""What --explain needs (pytorch-grad-cam; from 1.5.7 on headless OpenCV, which needs no libGL)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="search/predict.py",
+        description="Predict the class of every image in a folder with a registered (or local) model: one CSV row "
+        "per image with the calibrated probability of every class; --explain adds a Grad-CAM overlay per image.",
+        formatter_class=DefaultsFormatter,
+    )
+    what = parser.add_argument_group("model and images")
+    what.add_argument(
+        "--model",
+        required=True,
+        help=f"{MODEL_FORMS} (or final.py's results folder holding it, or a study's best_model.pt)",
+    )
+    what.add_argument(
+        "--images", required=True, metavar="DIR", help="a folder (searched recursively) or one image file"
+    )
+    what.add_argument(
+        "--tracking-uri", default=DEFAULT_TRACKING_URI, metavar="URI", help="MLflow store of a models:/ model"
+    )
+
+    results = parser.add_argument_group("results")
+    results.add_argument(
+        "--out",
+        default="predictions.csv",
+        metavar="FILE.csv",
+        help="the CSV to write; unreadable images are listed in <name>_skipped.txt beside it",
+    )
+    results.add_argument(
+        "--explain",
+        action="store_true",
+        help="also write a Grad-CAM overlay of the predicted class per image, to <name>_saliency/ beside --out",
+    )
+
+    running = parser.add_argument_group("running")
+    running.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per batch on the device")
+    running.add_argument("--device", default="auto", choices=DEVICES, help="auto: the GPU when there is one")
+    return parser
+
+
+def check_arguments(args: argparse.Namespace) -> RegisteredModel | Path:
+    """Every problem found without loading anything heavy, reported at once; the model's source when none."""
+    problems = []
+    source: RegisteredModel | Path | None = None
+    try:
+        source = model_source(args.model)
+    except ValueError as error:
+        problems.append(str(error))
+    if not os.path.exists(args.images):
+        problems.append(f"--images {args.images}: no such folder or file")
+    problems += out_problems(Path(args.out))
+    if args.batch_size < 1:
+        problems.append(f"--batch-size {args.batch_size}: give at least 1")
+    if args.explain and importlib.util.find_spec("pytorch_grad_cam") is None:
+        problems.append(f"--explain needs pytorch-grad-cam: pip install '{GRAD_CAM_PACKAGE}'")
+    if problems or source is None:
+        raise UsageError("; ".join(problems))
+    return source
+
+
+def out_problems(out: Path) -> list[str]:
+    if out.is_dir():
+        return [f"--out {out} is a folder: name a CSV file in it, e.g. {out / 'predictions.csv'}"]
+    if out.suffix.lower() != ".csv":
+        return [f"--out {out}: name a .csv file, e.g. {out.with_suffix('.csv')}"]
+    if not out.parent.is_dir():
+        return [f"--out {out}: its folder {out.parent} does not exist; create it or write elsewhere"]
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        source = check_arguments(args)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our progress only
+        from search.inference.pipeline import execute_prediction, prepare_prediction  # numpy and PIL; torch later
+
+        prepared = prepare_prediction(args, source)
+        return execute_prediction(prepared)
+    except UsageError as error:
+        print(f"search/predict.py: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstopped before predicting: nothing was written")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
