@@ -21,8 +21,8 @@ from search.errors import UsageError
 from search.inference.model_source import MODEL_FORMS, RegisteredModel, model_source
 
 DEVICES = ("auto", "cpu", "cuda")
-GRAD_CAM_PACKAGE = "grad-cam>=1.5.7"
-"""What --explain needs (pytorch-grad-cam; from 1.5.7 on headless OpenCV, which needs no libGL)."""
+EXPLAIN_INSTALL = 'pip install "hpo-classifiers[explain]"'
+"""What --explain needs: the extra that brings pytorch-grad-cam (from 1.5.7 on headless OpenCV, no libGL)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +78,7 @@ def check_arguments(args: argparse.Namespace) -> RegisteredModel | Path:
     if args.batch_size < 1:
         problems.append(f"--batch-size {args.batch_size}: give at least 1")
     if args.explain and importlib.util.find_spec("pytorch_grad_cam") is None:
-        problems.append(f"--explain needs pytorch-grad-cam: pip install '{GRAD_CAM_PACKAGE}'")
+        problems.append(f"--explain needs pytorch-grad-cam: {EXPLAIN_INSTALL}")
     if problems or source is None:
         raise UsageError("; ".join(problems))
     return source

@@ -235,6 +235,7 @@ def latency_study(tmp_path_factory) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_the_optuna_study_has_two_directions_and_its_front_is_not_dominated(latency_study):
     study = latency_study["optuna"]
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
@@ -252,6 +253,7 @@ def dominated(values: list[float], by: list[float]) -> bool:
     return by[0] >= values[0] and by[1] <= values[1] and (by[0] > values[0] or by[1] < values[1])
 
 
+@pytest.mark.slow
 def test_every_trial_run_records_its_costs(latency_study):
     client, children = latency_study["client"], latency_study["children"]
     assert len(children) == TRIALS
@@ -262,6 +264,7 @@ def test_every_trial_run_records_its_costs(latency_study):
         assert [m.step for m in client.get_metric_history(child.info.run_id, "latency_ms")] == [1]
 
 
+@pytest.mark.slow
 def test_the_front_is_on_the_studys_run_and_in_its_closing_lines(latency_study, tmp_path):
     client, parent = latency_study["client"], latency_study["parent"]
     artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
