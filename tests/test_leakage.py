@@ -55,7 +55,22 @@ def test_the_perceptual_hash_tolerates_recompression_and_brightness_but_not_anot
             assert leakage.correlation(a, b) >= leakage.MIN_CORRELATION
     hashes = original.perceptual
     apart = leakage.popcount(hashes[:, None] ^ hashes[None, :])[np.triu_indices(len(images), 1)]
-    assert apart.min() > 3 * leakage.NEAR_BITS and 24 < apart.mean() < 40  # about half the bits of unrelated images
+    assert apart.min() > leakage.NEAR_BITS and 24 < apart.mean() < 40  # about half the bits of unrelated images
+
+
+def test_a_low_contrast_image_re_saved_as_jpeg_is_found_though_its_hash_moves_several_bits():
+    # The synthetic images' stripes are faint: JPEG at quality 60 flips about 10 of their 64 hash bits at 32 px.
+    original = synthetic_image("c00-0000", 3, 64)
+    copy = jpeg_again(original, 60)
+    train = np.stack([synthetic_image(f"c00-{i:04d}", 3, 32) for i in range(1, 20)] + [decode_small(original)])
+    test = np.stack([decode_small(copy), synthetic_image("c01-0000", 3, 32)])
+    (found,) = cross_split_duplicates({"train": fingerprints(train), "test": fingerprints(test)})
+    assert (found.first, found.second, found.kind) == (19, 0, "near") and 4 < found.distance <= leakage.NEAR_BITS
+
+
+def decode_small(image: np.ndarray, size: int = 32) -> np.ndarray:
+    """As the cache decodes a file: resized to size x size."""
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
 
 
 def test_a_shared_hash_without_alike_thumbnails_is_no_duplicate():
