@@ -13,6 +13,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from helpers import run_script, write_image_folder
 
 from search.inference.model_source import RegisteredModel, model_source
 from search.predict import main
+from search.tracking.schema import MODEL_FILE_IN_MODEL
 from trainables.checkpoint import ModelFile
 from trainables.config import Hyperparameters
 from trainables.data import decode_image
@@ -334,9 +336,10 @@ def test_a_registered_version_predicts_as_its_model_file_does(model_files, image
     register = dict(model=model, img_size=SIZES["vit"], tracking_uri=uri, run_id=run_id, temperature=TEMPERATURE)
     assert log_model(**register, register_name="vit-classifier", model_file=model_files["vit"])["version"] == 1
     client.set_registered_model_alias("vit-classifier", "champion", "1")
-    renamed = tmp_path / "weights.pt"  # registered under another name: no extra_files/model.pt
-    renamed.write_bytes(model_files["vit"].read_bytes())
-    assert log_model(**register, register_name="vit-classifier", model_file=renamed)["version"] == 2
+    older = log_model(**register, register_name="vit-classifier", model_file=model_files["vit"])
+    assert older["version"] == 2  # made a version from before final.py stored model.pt: its file taken away
+    folder = client.get_logged_model(older["model_id"]).artifact_location
+    (Path(urlparse(folder).path) / MODEL_FILE_IN_MODEL).unlink()
 
     local = tmp_path / "local.csv"
     assert predict("--model", str(model_files["vit"]), "--images", str(images), "--out", str(local)) == 0
