@@ -24,6 +24,7 @@ from search.final_model.calibration import (
 from search.final_model.report import (
     INTERVAL_SEED,
     PER_CLASS_COLUMNS,
+    calibration_lines,
     evaluate_test,
     held_out_record,
     logged_metrics,
@@ -67,6 +68,20 @@ def test_a_val_split_classified_right_with_room_to_spare_gets_a_sharpening_tempe
     logits = 10.0 * np.eye(4)[labels]  # the NLL keeps falling as T -> 0, until float64 sees no change
     fitted = fit_temperature(logits, labels)
     assert TEMPERATURE_BOUNDS[0] <= fitted < 1 and nll(logits, labels, fitted) < 1e-9
+
+
+def test_a_temperature_fitted_on_few_images_or_at_a_bound_is_warned_about_and_a_steady_one_is_not():
+    test = scaled_logits(2000, 2.0, seed=5)
+    steady = calibrate(test, scaled_logits(2000, 2.0, seed=6))
+    few = calibrate(test, scaled_logits(40, 2.0, seed=7))
+    labels = np.arange(400) % 4
+    all_right = calibrate(test, (10.0 * np.eye(4)[labels], labels))  # nothing to calibrate against: T only sharpens
+    assert (steady.fitted_on, few.fitted_on, all_right.fitted_on) == (2000, 40, 400)
+    assert not steady.unsteady and few.unsteady and all_right.unsteady
+    assert not calibrate(test, None).unsteady  # nothing fitted, nothing to doubt
+    assert len(calibration_lines(steady)) == 1
+    assert "warning: the temperature was fitted on 40 val images: it may be far" in calibration_lines(few)[1]
+    assert "fitted on 400 val images, every one classified right" in calibration_lines(all_right)[1]
 
 
 def test_nll_is_computed_from_logits_without_underflow():

@@ -69,6 +69,8 @@ def facts(count: int = 3, **changes) -> CardFacts:
         ),
         interval_note="95 % intervals: percentile bootstrap, 2,000 resamples, seed 0",
         calibration_split="val",
+        calibration_images=400,
+        calibration_unsteady=False,
         ece_before=0.0912,
         ece_after=0.0311,
     )

@@ -21,6 +21,9 @@ CALIBRATION_SPLIT = "val"
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 """Where the fit looks for T. A model that classifies every val image right with room to spare
 has its NLL still falling as T -> 0: the bound keeps T positive and the logits finite."""
+FEW_CALIBRATION_IMAGES = 100
+"""Below this many val images a fitted temperature earns a warning: one scalar, but fitted on a handful of
+confident answers it can land far from the one a larger split would give."""
 
 LabelledLogits = tuple[np.ndarray, np.ndarray]
 """(N, C) logits and their (N,) true class indices, of one split."""
@@ -135,6 +138,11 @@ class Calibration:
     split: str | None
     """The split the temperature was fitted on (CALIBRATION_SPLIT), or None: the model trained on
     every image but the test's, so none was left to fit it on and the probabilities are the model's own."""
+    fitted_on: int
+    """Images the temperature was fitted on (0 when not calibrated)."""
+    fitted_all_right: bool
+    """Every one of them classified right: then the NLL only falls as T shrinks, and T says how far the
+    search went more than how sure the model should be."""
     ece_before: float
     """Test ECE (ECE_BINS bins) of softmax(logits)."""
     ece_after: float
@@ -150,6 +158,11 @@ class Calibration:
     def calibrated(self) -> bool:
         return self.split is not None
 
+    @property
+    def unsteady(self) -> bool:
+        """Fitted on too few images, or on images all classified right: a temperature to doubt."""
+        return self.calibrated and (self.fitted_on < FEW_CALIBRATION_IMAGES or self.fitted_all_right)
+
 
 def calibrate(test: LabelledLogits, fit_on: LabelledLogits | None) -> Calibration:
     """Fit T on `fit_on` (the val split's logits and labels; None: T = 1) and measure it on `test`.
@@ -162,6 +175,8 @@ def calibrate(test: LabelledLogits, fit_on: LabelledLogits | None) -> Calibratio
     return Calibration(
         temperature=temperature,
         split=None if fit_on is None else CALIBRATION_SPLIT,
+        fitted_on=0 if fit_on is None else len(fit_on[1]),
+        fitted_all_right=fit_on is not None and bool((fit_on[0].argmax(axis=1) == fit_on[1]).all()),
         ece_before=expected_calibration_error(labels, before),
         ece_after=expected_calibration_error(labels, after),
         nll_before=nll(logits, labels),

@@ -116,6 +116,10 @@ class CardFacts:
     # the calibration
     calibration_split: str | None
     """Where the temperature was fitted; None: not calibrated (T = 1)."""
+    calibration_images: int
+    """Images it was fitted on."""
+    calibration_unsteady: bool
+    """Fitted on few images or on images all classified right (Calibration.unsteady)."""
     ece_before: float
     ece_after: float
 
@@ -165,6 +169,8 @@ def card_facts(
         interval_note=f"{round(100 * CONFIDENCE)} % intervals: {INTERVAL_METHOD}, {RESAMPLES:,} resamples, "
         f"seed {INTERVAL_SEED}",
         calibration_split=calibration.split,
+        calibration_images=calibration.fitted_on,
+        calibration_unsteady=calibration.unsteady,
         ece_before=calibration.ece_before,
         ece_after=calibration.ece_after,
     )
@@ -373,6 +379,11 @@ def calibration_section(facts: CardFacts) -> str:
             f"{fixed(facts.ece_before, 4)} before, {fixed(facts.ece_after, 4)} after. Dividing the logits by T "
             "changes no prediction, only the confidences."
         )
+        if facts.calibration_unsteady:
+            text += (
+                f" Caution: T was fitted on {facts.calibration_images} images (few, or all classified right), so it "
+                "may be far from the one a larger validation split would give."
+            )
     return "## Calibration\n\n" + text
 
 

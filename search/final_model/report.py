@@ -168,6 +168,8 @@ def held_out_record(result: HeldOutResult) -> dict:
         "calibration": {
             "temperature": calibration.temperature,
             "split": calibration.split,
+            "fitted_on_images": calibration.fitted_on,
+            "fitted_all_right": calibration.fitted_all_right,
             "ece_bins": ECE_BINS,
             "ece_before": calibration.ece_before,
             "ece_after": calibration.ece_after,
@@ -255,7 +257,7 @@ def summary_lines(result: HeldOutResult, metric: str, best_value: float | None, 
     for rate, where in (("sensitivity", ""), ("specificity", "; every class in classification_report.txt")):
         name, scores = min(result.per_class.items(), key=lambda item: item[1][rate])
         lines.append(f"  {'lowest ' + rate:<20}{scores[rate]:.4f} ({name}{where})")
-    lines.append(calibration_line(result.calibration))
+    lines += calibration_lines(result.calibration)
     if best_value is not None:
         lines += comparison_lines(result, metric, best_value)
     return lines
@@ -271,17 +273,26 @@ def score_text(result: HeldOutResult, key: str) -> str:
     return f"{text}  ({round(100 * CONFIDENCE)} % CI {bounds})"
 
 
-def calibration_line(calibration: Calibration) -> str:
+def calibration_lines(calibration: Calibration) -> list[str]:
     if not calibration.calibrated:
-        return (
+        return [
             "Calibration: none (temperature 1): the model trained on val, the one split a temperature could be "
             "fitted on without touching the test; retrain with --keep-val to calibrate"
+        ]
+    lines = [
+        (
+            f"Calibration: temperature {calibration.temperature:.3f} fitted on {calibration.split}; on the test split "
+            f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, "
+            f"NLL {calibration.nll_before:.4f} -> {calibration.nll_after:.4f} (predictions unchanged)"
         )
-    return (
-        f"Calibration: temperature {calibration.temperature:.3f} fitted on {calibration.split}; on the test split "
-        f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, "
-        f"NLL {calibration.nll_before:.4f} -> {calibration.nll_after:.4f} (predictions unchanged)"
-    )
+    ]
+    if calibration.unsteady:
+        lines.append(
+            f"warning: the temperature was fitted on {calibration.fitted_on} val images"
+            f"{', every one classified right (the fit can only sharpen)' if calibration.fitted_all_right else ''}: "
+            f"it may be far from the one a larger val split would give"
+        )
+    return lines
 
 
 def comparison_lines(result: HeldOutResult, metric: str, best_value: float) -> list[str]:
