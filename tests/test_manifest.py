@@ -270,3 +270,16 @@ def copy_leaks(manifest: Path, seed: int) -> bool:
     index = subsample(index_source(manifest, seed), SMOKE.per_class or {}, seed)
     split_of = {s.key: split for split, samples in index.splits.items() for s in samples}
     return split_of.get("../scans/copy.png", "a") != split_of.get("../scans/benign-p00_0.png", "a")
+
+
+def test_each_index_records_how_it_split_its_source(tmp_path, grouped):
+    """The rule the model card names (DatasetIndex.split_by), from the indexer that applied it."""
+    with_split = write_manifest(tmp_path / "given.csv", "path,label,group,split", given_split_rows(tmp_path))
+    ungrouped = [row.rsplit(",", 1)[0] for row in write_patient_images(tmp_path / "x", patients({"a": 4, "b": 4}))]
+    for split in ("train", "val", "test"):
+        write_image_folder(tmp_path / "presplit" / split, {"a": 1, "b": 1})
+    assert index_source(grouped, seed=0).split_by == "patients"
+    assert index_source(with_split, seed=0).split_by == "manifest_column"
+    assert index_source(write_manifest(tmp_path / "m.csv", "path,label", ungrouped), seed=0).split_by == "stratified"
+    assert index_source(tmp_path / "presplit", seed=0).split_by == "folders"
+    assert index_source("synthetic", seed=0).split_by == "stratified"

@@ -168,12 +168,12 @@ def test_a_long_class_list_is_cut_and_says_how_many_more():
 # ---------------------------------------------------------------- how the split was made
 
 
-def index_of(source: Path | str, groups: bool = False) -> DatasetIndex:
+def index_of(source: Path | str, groups: bool = False, split_by: str = "stratified") -> DatasetIndex:
     splits = {
         split: [Sample(f"{split}{i}.png", i % 2, f"p-{split}-{i // 2}" if groups else None) for i in range(4)]
         for split in ("train", "val", "test")
     }
-    return DatasetIndex(str(source), ["a", "b"], splits)
+    return DatasetIndex(str(source), ["a", "b"], splits, split_by=split_by)
 
 
 def test_a_folder_is_split_stratified_with_the_seed(tmp_path):
@@ -186,9 +186,8 @@ def test_a_folder_is_split_stratified_with_the_seed(tmp_path):
 
 
 def test_a_presplit_folder_is_used_as_given(tmp_path):
-    for split in ("train", "val", "test"):
-        (tmp_path / split).mkdir()
-    assert split_method(index_of(tmp_path), 0, smoke=False) == "as given: the source's train/, val/ and test/ folders"
+    text = split_method(index_of(tmp_path, split_by="folders"), 0, smoke=False)
+    assert text == "as given: the source's train/, val/ and test/ folders"
 
 
 @pytest.mark.parametrize(
@@ -201,7 +200,8 @@ def test_a_presplit_folder_is_used_as_given(tmp_path):
 def test_a_manifest_with_patients_says_no_patient_is_in_two_splits(tmp_path, header, expected):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(header + "\n" + ",".join(["a.png", "a", "p1", "train"][: header.count(",") + 1]) + "\n")
-    text = split_method(index_of(manifest, groups=True), 3, smoke=False)
+    split_by = "manifest_column" if header.endswith("split") else "patients"
+    text = split_method(index_of(manifest, groups=True, split_by=split_by), 3, smoke=False)
     assert expected in text and "no patient has images in two splits (patients: train 2, val 2, test 2)" in text
 
 

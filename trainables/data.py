@@ -36,6 +36,12 @@ SYNTHETIC_PER_CLASS = 60
 SYNTHETIC_MAX_CLASSES = 1000
 
 
+SPLIT_RULES = ("stratified", "folders", "manifest_column", "patients")
+"""How an index split its source: stratified by class and seeded (class folders, synthetic, a manifest without
+groups), as the train/, val/ and test/ folders give it, as a manifest's split column gives it, or by patient
+(a manifest's group column, stratified and seeded)."""
+
+
 class DataError(ValueError):
     """A data source that cannot be used as it is; the message says how to fix it."""
 
@@ -57,6 +63,8 @@ class DatasetIndex:
     splits: dict[str, list[Sample]]
     ignored_files: int = 0
     """Files that are not images by their suffix (ignored, counted)."""
+    split_by: str = "stratified"
+    """How the splits were made: one of SPLIT_RULES, recorded by the indexer that made them."""
 
     @property
     def is_synthetic(self) -> bool:
@@ -168,7 +176,7 @@ def presplit_index(root: Path) -> DatasetIndex:
         raise DataError(
             f"train/, val/ and test/ under {root} hold different classes ({detail}): give them the same class folders"
         )
-    return DatasetIndex(str(root), class_sets["train"], splits, ignored)
+    return DatasetIndex(str(root), class_sets["train"], splits, ignored, split_by="folders")
 
 
 def stratified_split(labels: np.ndarray, seed: int, classes: list[str]) -> dict[str, np.ndarray]:

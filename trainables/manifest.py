@@ -55,15 +55,14 @@ def manifest_index(path: Path, seed: int) -> DatasetIndex:
     label_of = {name: label for label, name in enumerate(classes)}
     samples = [Sample(row.key, label_of[row.label], row.group) for row in rows]
     if "split" in columns:
-        splits = given_splits(path, rows, samples, classes)
-    else:
-        labels = np.array([s.label for s in samples])
-        if "group" in columns:
-            parts = grouped_split(labels, [row.group or "" for row in rows], seed, classes)
-        else:  # every image its own group: the folder sources' stratified split
-            parts = stratified_split(labels, seed, classes)
-        splits = {split: [samples[i] for i in parts[split]] for split in SPLITS}
-    return DatasetIndex(str(path), classes, splits)
+        return DatasetIndex(str(path), classes, given_splits(path, rows, samples, classes), split_by="manifest_column")
+    labels = np.array([s.label for s in samples])
+    if "group" in columns:
+        parts = grouped_split(labels, [row.group or "" for row in rows], seed, classes)
+    else:  # every image its own group: the folder sources' stratified split
+        parts = stratified_split(labels, seed, classes)
+    splits = {split: [samples[i] for i in parts[split]] for split in SPLITS}
+    return DatasetIndex(str(path), classes, splits, split_by="patients" if "group" in columns else "stratified")
 
 
 # ---------------------------------------------------------------- reading

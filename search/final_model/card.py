@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from search.comparison.stats import CONFIDENCE, RESAMPLES
@@ -190,24 +189,15 @@ def knobs_shown(model: str, values: dict[str, object]) -> dict[str, object]:
 
 
 def split_method(index: DatasetIndex, seed: int, smoke: bool) -> str:
-    """How the study's split was made, from the kind of source: the index keeps the result, not the recipe."""
+    """How the study's split was made: the rule the indexer recorded (DatasetIndex.split_by), in words."""
     stratified = "stratified by class, {:.0f}/{:.0f}/{:.0f} % of each class's images".format(
         *(100 * fraction for fraction in SPLIT_FRACTIONS)
     )
-    if index.is_manifest:
-        from trainables.manifest import read_rows  # the manifest's one reader: its header says how it split
-
-        columns = read_rows(Path(index.source))[1]
-        if "split" in columns:
-            how = "as the manifest's split column says"
-        elif "group" in columns:
-            how = f"stratified by class and grouped by patient (scikit-learn's StratifiedGroupKFold), seed {seed}"
-        else:
-            how = f"{stratified}, seed {seed}"
-    elif not index.is_synthetic and all((index.root / split).is_dir() for split in ("train", "val", "test")):
-        how = "as given: the source's train/, val/ and test/ folders"
-    else:
-        how = f"{stratified}, seed {seed}"
+    how = {
+        "folders": "as given: the source's train/, val/ and test/ folders",
+        "manifest_column": "as the manifest's split column says",
+        "patients": f"stratified by class and grouped by patient (scikit-learn's StratifiedGroupKFold), seed {seed}",
+    }.get(index.split_by, f"{stratified}, seed {seed}")
     if index.has_groups:
         patients = ", ".join(f"{split} {len(index.groups(split))}" for split in ("train", "val", "test"))
         how += f"; no patient has images in two splits (patients: {patients})"

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -146,12 +146,7 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
         )
 
     splits = ("train", "val", "test") if args.keep_val else ("trainval", "test")
-    index = DatasetIndex(
-        index.source,
-        index.classes,
-        {**index.splits, "trainval": index.splits["train"] + index.splits["val"]},
-        index.ignored_files,
-    )
+    index = replace(index, splits={**index.splits, "trainval": index.splits["train"] + index.splits["val"]})
     try:
         index, cached, skipped = prepare_splits(index, splits, config.img_size, Path(args.cache_dir).resolve())
     except DataError as error:
