@@ -1,6 +1,7 @@
 """CUDA only: peak memory of one trial's training step, per model and batch size, at 224 px.
 
-Uses search.study.gpu_share.probe_peak_memory -- the same probe as --gpus-per-trial auto --
+Uses search.study.gpu_share.probe_peak_memory -- the same probe as --gpus-per-trial auto, which
+plans with what the caching allocator reserved; the allocated peak is shown beside it --
 (AMP fp16 + GradScaler, channels_last, AdamW, two steps so that AdamW's state exists,
 plus one evaluation batch), then shows what `auto` would choose on this GPU and on the
 reference 8 GB card.
@@ -33,17 +34,17 @@ def run(device: torch.device, quick: bool = False) -> dict:
         for batch in BATCHES:
             key = f"{model}_b{batch}"
             try:
-                peak = probe_peak_memory(model, NUM_CLASSES, batch, IMG_SIZE)
+                reserved = probe_peak_memory(model, NUM_CLASSES, batch, IMG_SIZE)  # what `auto` plans with
             except GpuTooSmall as error:
                 out["plans"][key] = {"error": str(error)}
                 continue
-            reserved = torch.cuda.max_memory_reserved()
+            allocated = torch.cuda.max_memory_allocated()  # since the probe reset the peak statistics
             free, total = torch.cuda.mem_get_info()
             out["plans"][key] = {
-                "peak_bytes": peak,
+                "allocated_bytes": allocated,
                 "reserved_bytes": reserved,
-                "here": plan_or_error(peak, free, total),
-                "reference": plan_or_error(peak, *REFERENCE),
+                "here": plan_or_error(reserved, free, total),
+                "reference": plan_or_error(reserved, *REFERENCE),
             }
     return out
 

@@ -357,8 +357,8 @@ def cuda_rows(r: dict, device: str) -> list[Row]:
         rows.append(
             Row(
                 name,
-                f"{model} batch {batch}, 224 px: peak GiB (reserved)",
-                f"{value['peak_bytes'] / 2**30:.2f} ({value['reserved_bytes'] / 2**30:.2f})",
+                f"{model} batch {batch}, 224 px: peak GiB allocated / reserved (what `auto` plans with)",
+                f"{value['allocated_bytes'] / 2**30:.2f} / {value['reserved_bytes'] / 2**30:.2f}",
                 "",
                 "",
                 "",

@@ -23,6 +23,7 @@ from torch import nn
 from trainables.augment import augment_batch
 from trainables.config import METRIC_MODES, Hyperparameters
 from trainables.data import CachedSplit
+from trainables.gpu_memory import allocator_fraction
 
 EVAL_BATCH_FACTOR = 2
 """Evaluation batches are this many times the training batch: no gradients, so they fit."""
@@ -60,8 +61,10 @@ class SpeedOptions:
 def select_device(gpu_fraction: float = 1.0, speed: SpeedOptions = SpeedOptions()) -> torch.device:
     """CUDA when visible and granted (capped to our share of it), else the CPU."""
     if gpu_fraction > 0 and torch.cuda.is_available():
-        # Ray's fractional GPU is bookkeeping only: enforce the share ourselves.
-        torch.cuda.set_per_process_memory_fraction(min(gpu_fraction, 1.0))
+        # Ray's fractional GPU is bookkeeping only: enforce the share ourselves. The share budgets the whole
+        # process, and the CUDA context lives outside the allocator's cap: the allocator gets the share less it.
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(allocator_fraction(gpu_fraction, total))
         torch.backends.cudnn.benchmark = speed.cudnn_benchmark
         return torch.device("cuda")
     return torch.device("cpu")

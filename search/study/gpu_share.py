@@ -1,16 +1,22 @@
 """--gpus-per-trial auto: measure what one trial needs on the GPU, then share the GPU by it.
 
 Ray's fractional GPU is bookkeeping only, and each trial caps its own CUDA allocator to
-the same fraction (engine.select_device). So the fraction must cover the largest
-configuration the search can draw, and the number of trials at once must fit in the
-memory that is actually free:
+its share less the CUDA context (engine.select_device, trainables.gpu_memory). So the
+share must cover the largest configuration the search can draw, and the number of
+trials at once must fit in the memory that is actually free:
 
-    per trial = peak * (1 + margin) + CUDA context
-    fraction  = per trial / total memory     (what set_per_process_memory_fraction takes)
+    per trial = peak reserved * (1 + margin) + CUDA context
+    fraction  = per trial / total memory     (Ray's share; the allocator's cap is this less the context)
     trials    = how many per-trial budgets fit in the free memory (at least one)
+
+The peak is what PyTorch's caching allocator *reserved*, not what tensors allocated: the
+allocator holds freed blocks for reuse, and for a cnn trial at batch 32 (on an H200) it
+reserved about 23 % more than `max_memory_allocated`. Sized from the allocated peak, two
+such trials fitted an 8 GB card's 7.6 GiB free on paper and needed about 7.9 GiB.
 
 `probe_peak_memory` measures the peak by running the trial's own training step;
 `choose_gpu_fraction` is the arithmetic, free of CUDA so it can be tested anywhere.
+`HPO_GPU_MEMORY_GIB=8` rehearses a smaller card on a larger one: `auto` plans for 8 GiB.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import gc
 import math
 import multiprocessing
+import os
 import signal
 import sys
 import tempfile
@@ -27,15 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from trainables.config import AUGMENTS, KNOBS, SHAPES_MODEL
+from trainables.gpu_memory import CUDA_CONTEXT_BYTES, GiB
 
-MiB = 2**20
-GiB = 2**30
-CUDA_CONTEXT_BYTES = 500 * MiB
-"""What a process's CUDA context (driver, kernels, cuBLAS/cuDNN handles) takes outside
-PyTorch's allocator: about 300-500 MiB on recent drivers with lazy module loading."""
 DEFAULT_MARGIN = 0.15
-"""Headroom over the measured peak for the allocator's fragmentation and for kernels
-(cuDNN autotuning) that a probe of two steps may not have met."""
+"""Headroom over the measured peak reservation for what a probe of two steps may not have met: kernels and
+cuDNN workspaces of later batches, and the allocator's fragmentation over a long run."""
+CARD_ENV = "HPO_GPU_MEMORY_GIB"
+"""Set to a size in GiB, `auto` plans as if the GPU had that much memory (less what is in use on it now): a
+rehearsal of the 8 GB reference card on a larger GPU. The trials' caps then keep the study within it."""
 FRACTION_STEP = 1e-4
 """Ray rounds fractional resources to four decimals: round the fraction up to that."""
 
@@ -54,11 +60,11 @@ class GpuPlan:
 
     fraction: float
     """Share of the GPU's total memory per trial: Ray's gpus-per-trial, and the cap each
-    trial sets with torch.cuda.set_per_process_memory_fraction. In (0, 1]."""
+    trial sets (less the CUDA context) with torch.cuda.set_per_process_memory_fraction. In (0, 1]."""
     trials: int
     """Trials that fit side by side in the free memory (a max-concurrent); at least 1."""
     per_trial_bytes: int
-    """One trial's budget: measured peak plus margin plus the CUDA context."""
+    """One trial's budget: measured peak reservation plus margin plus the CUDA context."""
     explanation: str
     """One line, for the study's log: the numbers behind the choice."""
 
@@ -76,8 +82,8 @@ def choose_gpu_fraction(
 ) -> GpuPlan:
     """The GPU share per trial and how many trials run at once; GpuTooSmall if none fits.
 
-    peak_bytes: one trial's peak allocation (probe_peak_memory) at the largest batch size.
-    free_bytes, total_bytes: the GPU's memory now (torch.cuda.mem_get_info()).
+    peak_bytes: one trial's peak reservation by PyTorch's allocator (probe_peak_memory) at the largest batch size.
+    free_bytes, total_bytes: the GPU's memory now (torch.cuda.mem_get_info(); planned_free for a rehearsal).
     """
     problems = []
     if total_bytes <= 0:
@@ -94,7 +100,7 @@ def choose_gpu_fraction(
         raise ValueError("choose_gpu_fraction: " + "; ".join(problems))
 
     per_trial = math.ceil(peak_bytes * (1 + margin)) + overhead_bytes
-    budget = f"peak {gib(peak_bytes)} + {margin:.0%} margin + {gib(overhead_bytes)} CUDA context"
+    budget = f"peak {gib(peak_bytes)} reserved + {margin:.0%} margin + {gib(overhead_bytes)} CUDA context"
     if per_trial > free_bytes:
         where = "the GPU's" if per_trial > total_bytes else "the free"
         raise GpuTooSmall(
@@ -115,6 +121,28 @@ def choose_gpu_fraction(
     return GpuPlan(fraction, int(trials), int(per_trial), explanation)
 
 
+def rehearsed_card() -> int | None:
+    """The card HPO_GPU_MEMORY_GIB asks `auto` to plan for, in bytes; None where it is not set."""
+    value = os.environ.get(CARD_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        size = float(value)
+    except ValueError:
+        size = math.nan
+    if not size > 0:  # NaN fails too
+        raise ValueError(f"{CARD_ENV}={value!r}: give the rehearsed card's memory in GiB, e.g. {CARD_ENV}=8")
+    return int(size * GiB)
+
+
+def planned_free(free_bytes: int, total_bytes: int, card_bytes: int | None) -> int:
+    """The free memory `auto` plans with: the GPU's own; on a rehearsed card of card_bytes (rehearsed_card), that
+    card less what is in use on the GPU now, so that the trials placed together stay within it."""
+    if card_bytes is None:
+        return free_bytes
+    return max(0, min(free_bytes, card_bytes - (total_bytes - free_bytes)))
+
+
 def probe_peak_memory(
     model_name: str, num_classes: int, batch_size: int, img_size: int, speed=None, **model_knobs
 ) -> int:
@@ -124,8 +152,9 @@ def probe_peak_memory(
     GradScaler, channels_last, cuDNN autotuning; --no-amp roughly doubles the peak),
     AdamW and the batched augmentation, for two training steps -- the second with
     AdamW's state allocated, which is a trial's steady state -- and one evaluation batch
-    of twice the batch size, as `predict` uses. Returns max_memory_allocated over that,
-    less what this process held before. Pass the largest configuration the space can
+    of twice the batch size, as `predict` uses. Returns max_memory_reserved over that
+    (what the caching allocator held, freed blocks kept for reuse included: what the
+    process takes from the GPU), less what this process held before. Pass the largest configuration the space can
     draw (Space.heaviest: the largest batch size and ViT depth). Weights are random:
     memory does not depend on their values.
 
@@ -171,13 +200,13 @@ def probe_peak_memory(
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated(device)
+            before = torch.cuda.memory_reserved(device)
             torch.cuda.reset_peak_memory_stats(device)
             learner = Learner(build_model(spec), hp, device, speed=speed)
             learner.train_epoch(split)
             learner.predict(split)
             torch.cuda.synchronize()
-            return int(torch.cuda.max_memory_allocated(device) - before)
+            return int(torch.cuda.max_memory_reserved(device) - before)
         except torch.cuda.OutOfMemoryError:
             free, total = torch.cuda.mem_get_info()
             raise GpuTooSmall(

@@ -17,7 +17,16 @@ from ray.exceptions import GetTimeoutError, RayTaskError
 
 from search.errors import UsageError, one_line
 from search.study.config import StudyConfig
-from search.study.gpu_share import GpuProbe, GpuTooSmall, choose_gpu_fraction, measure_gpu
+from search.study.gpu_share import (
+    CARD_ENV,
+    GpuProbe,
+    GpuTooSmall,
+    choose_gpu_fraction,
+    gib,
+    measure_gpu,
+    planned_free,
+    rehearsed_card,
+)
 from search.study.preflight import CheckedStudy
 from search.study.tuning import speed_options
 
@@ -114,8 +123,12 @@ def given_gpu_share(config: StudyConfig, gpus: int, cpus: int) -> GpuShare:
 def measured_gpu_share(config: StudyConfig, gpu_probe, gpus: int) -> GpuShare:
     """--gpus-per-trial auto: the share and the trials at once that the probe's numbers allow on `gpus` GPUs."""
     try:
-        plan = choose_gpu_fraction(*gpu_probe.result())
-    except GpuTooSmall as error:
+        card = rehearsed_card()
+        peak, free, total = gpu_probe.result()
+        if card is not None:
+            print(f"--gpus-per-trial auto: planning for a {gib(card)} card ({CARD_ENV})", flush=True)
+        plan = choose_gpu_fraction(peak, planned_free(free, total, card), total)
+    except (GpuTooSmall, ValueError) as error:  # ValueError: a CARD_ENV that is no size
         raise UsageError(str(error)) from None
     except RuntimeError as error:  # e.g. a GPU too full to open a CUDA context
         raise UsageError(
