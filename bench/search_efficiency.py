@@ -395,8 +395,9 @@ def epochs_to_target(val_acc: list[float], target: float) -> float:
 def set_study_environment() -> None:
     """run.py's environment for Ray and Tune (auth mode, no auto loggers, quiet), set before Ray is imported."""
     from search.run import QUIET_ENVIRONMENT, RUNTIME_ENVIRONMENT
+    from search.study.cluster import auth_environment
 
-    for key, value in {**RUNTIME_ENVIRONMENT, **QUIET_ENVIRONMENT}.items():
+    for key, value in {**RUNTIME_ENVIRONMENT, **auth_environment(None), **QUIET_ENVIRONMENT}.items():
         os.environ.setdefault(key, value)
 
 

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 from search.cli import DEFAULT_CACHE_DIR, DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, add_weights_argument
 from search.errors import UsageError
-from search.study.cluster import check_cluster, ray_address
-from search.study.config import FULL, LEAK_POLICIES, SMOKE, STUDY_DEFAULTS, new_config
+from search.study.cluster import auth_environment, ray_address
+from search.study.config import FULL, LEAK_POLICIES, SMOKE, STUDY_DEFAULTS, StudyConfig, new_config
 from trainables.config import METRICS, MODEL_NAMES, OBJECTIVES
 
 RUNTIME_ENVIRONMENT = {
@@ -24,9 +24,9 @@ RUNTIME_ENVIRONMENT = {
     "RAY_DEDUP_LOGS": "0",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a machine-local Ray on 127.0.0.1 (search.study.driver.start_ray)
-    "RAY_AUTH_MODE": "token",  # Ray's default, said explicitly: Ray then starts without a warning about it
 }
-"""Set before Ray and MLflow are imported, which read them then."""
+"""Set before Ray and MLflow are imported, which read them then; with RAY_AUTH_MODE, which depends on the Ray
+(search.study.cluster.auth_environment)."""
 QUIET_ENVIRONMENT = {
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's older reporter, silent at verbose=0 (the newer one prints a config box)
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
@@ -244,7 +244,8 @@ def build_parser(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    environment = RUNTIME_ENVIRONMENT if args.verbose else {**RUNTIME_ENVIRONMENT, **QUIET_ENVIRONMENT}
+    address = ray_address(args.address)
+    environment = {**RUNTIME_ENVIRONMENT, **auth_environment(address), **({} if args.verbose else QUIET_ENVIRONMENT)}
     for key, value in environment.items():
         os.environ.setdefault(key, value)
     try:
@@ -254,27 +255,34 @@ def main(argv: list[str] | None = None) -> int:
             config, resume_run_id = resumed_config(args)
         else:
             config, resume_run_id = new_config(args), None
-        address = ray_address(args.address)
-        check_cluster(address)
-        from search.study.preflight import check_study  # the data layer (numpy, PIL), once the arguments are good
+        from search.tracking.claim import claim_study
 
-        checked = check_study(config, resume_run_id)
-        from search.tracking.study_run import open_stores  # MLflow and Optuna, not yet torch or Ray
-
-        open_stores(config, resume_run_id, create=False)  # a taken name, answered before the heavy imports
-        if config.warm_start and resume_run_id is None:
-            from search.study.warm_start import warm_start_configs  # Optuna: the earlier study's trials
-
-            checked = replace(checked, warm_start=tuple(warm_start_configs(config, checked.space)))
-        from search.study.driver import run_study  # torch and Ray load once the study is known to be good
-
-        return run_study(config, checked, verbose=args.verbose, address=address)
+        # Held until this process ends: a second run.py of this name is refused, even one started together.
+        with claim_study(config, resuming=resume_run_id is not None):
+            return claimed_study(config, resume_run_id, address, args.verbose)
     except UsageError as error:
         print(f"search/run.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the study started: nothing was written
         print("search/run.py: interrupted", file=sys.stderr)
         return 130
+
+
+def claimed_study(config: StudyConfig, resume_run_id: str | None, address: str | None, verbose: bool) -> int:
+    """The study whose name this process holds: checked, then run; its exit code."""
+    from search.study.preflight import check_study  # the data layer (numpy, PIL), once the arguments are good
+
+    checked = check_study(config, resume_run_id)
+    from search.tracking.study_run import open_stores  # MLflow and Optuna, not yet torch or Ray
+
+    open_stores(config, resume_run_id, create=False)  # a taken name, answered before the heavy imports
+    if config.warm_start and resume_run_id is None:
+        from search.study.warm_start import warm_start_configs  # Optuna: the earlier study's trials
+
+        checked = replace(checked, warm_start=tuple(warm_start_configs(config, checked.space)))
+    from search.study.driver import run_study  # torch and Ray load once the study is known to be good
+
+    return run_study(config, checked, verbose=verbose, address=address)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,23 @@ def test_a_stale_local_cluster_file_does_not_capture_the_study(ray_tmpdir):
     result = run_probe(ray_tmpdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "When connecting to an existing cluster" not in result.stderr
+
+
+def test_tune_s_own_log_lines_are_heard_with_verbose_only():
+    """Without --verbose a failed trial is the study's one line (not Tune's ERROR and traceback) and Ctrl-C its
+    resume command (not Tune's WARNINGs advising Tuner.restore); Tune's wait for resources is heard always."""
+    import logging
+
+    from search.study.driver import quiet_tune_logs
+
+    def heard(logger: str, level: int) -> bool:
+        return logging.getLogger(logger).isEnabledFor(level)
+
+    try:
+        quiet_tune_logs(verbose=False)
+        assert not heard("ray.tune.execution.tune_controller", logging.ERROR)  # "Trial task failed" + traceback
+        assert not heard("ray.tune.tune", logging.WARNING)  # "Resume experiment with: Tuner.restore(...)"
+        assert heard("ray.tune.execution.insufficient_resources_manager", logging.WARNING)
+    finally:
+        quiet_tune_logs(verbose=True)
+    assert heard("ray.tune.execution.tune_controller", logging.ERROR) and heard("ray.tune.tune", logging.WARNING)

@@ -1,8 +1,11 @@
-"""Joining a running Ray cluster (--address): its address and its token, checked before anything heavy loads.
+"""Joining a running Ray cluster (--address): its address, and the token authentication this driver joins it with.
 
-Ray 2.60 clusters authenticate by token: a driver that joins one needs the head's token
-(`~/.ray/auth_token` there), in its own ~/.ray/auth_token, in the file RAY_AUTH_TOKEN_PATH
-names, or in RAY_AUTH_TOKEN. Without it, Ray's own error is a paragraph; here it is one line.
+A Ray 2.60 cluster authenticates by token if its head was started so (RAY_AUTH_MODE=token, or
+a token in the head's ~/.ray/auth_token); `ray start --head` with Ray's defaults on a machine
+with no token runs with authentication off. A driver with a token (its own ~/.ray/auth_token,
+the file RAY_AUTH_TOKEN_PATH names, or RAY_AUTH_TOKEN) sends it, and joins either kind; one
+without joins a cluster whose authentication is off. A cluster that refuses the driver's token,
+or its lack of one, is answered by one line once Ray has asked it.
 
 Standard library only.
 """
@@ -14,8 +17,6 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-
-from search.errors import UsageError
 
 ADDRESS_ENV = "RAY_ADDRESS"
 TOKEN_ENV, TOKEN_PATH_ENV, AUTH_MODE_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"
@@ -34,18 +35,35 @@ def token_available() -> bool:
     return bool(os.environ.get(TOKEN_ENV, "").strip()) or token_file().is_file()
 
 
-def missing_token(address: str) -> str:
-    return (
-        f"--address {address}: the Ray cluster asks for its auth token and this machine has none: copy "
-        f"~/.ray/auth_token from the head node to {token_file()} (or set {TOKEN_ENV}; `ray get-auth-token` "
+def auth_environment(address: str | None) -> dict[str, str]:
+    """RAY_AUTH_MODE for this process, set before Ray is imported (Ray reads it then).
+
+    A private local Ray: token authentication on, Ray's default for a new local Ray, said explicitly
+    (Ray then starts without a warning about it; its token is made in ~/.ray/auth_token if missing).
+    A cluster: token where this machine has one, else off. Token mode without a token would make Ray
+    refuse at once, without asking a cluster that may not want one; Ray never turns it on by itself
+    for an explicit address.
+    """
+    if address is None or token_available():
+        return {AUTH_MODE_ENV: "token"}
+    return {AUTH_MODE_ENV: "disabled"}
+
+
+def token_refused(address: str) -> str:
+    """The one line for a cluster that refused this driver: no token here, another mode set, or another token."""
+    fix = (
+        f"copy ~/.ray/auth_token from the head node to {token_file()} (or set {TOKEN_ENV}; `ray get-auth-token` "
         f"on the head prints it)"
     )
-
-
-def check_cluster(address: str | None) -> None:
-    """A cluster to join needs its token here, unless token authentication was turned off (RAY_AUTH_MODE)."""
-    if address and os.environ.get(AUTH_MODE_ENV, "token") == "token" and not token_available():
-        raise UsageError(missing_token(address))
+    if not token_available():
+        return f"--address {address}: the Ray cluster asks for its auth token and this machine has none: {fix}"
+    mode = os.environ.get(AUTH_MODE_ENV, "token")
+    if mode != "token":
+        return (
+            f"--address {address}: the Ray cluster asks for its auth token and {AUTH_MODE_ENV}={mode} here sends "
+            f"none: unset {AUTH_MODE_ENV}"
+        )
+    return f"--address {address}: the Ray cluster refused this machine's auth token (another cluster's?): {fix}"
 
 
 class ClusterWatch:
