@@ -82,6 +82,52 @@ def test_a_shared_hash_without_alike_thumbnails_is_no_duplicate():
     assert not cross_split_duplicates({"train": first, "test": second})
 
 
+def test_a_mirrored_copy_is_found_under_the_flips_training_makes_and_only_those():
+    train, test = distinct(0, 30), distinct(100, 10)
+    test[1] = train[4][:, ::-1]  # left-right, as hflip makes it
+    test[2] = jpeg_again(train[7][::-1])  # upside down, then re-saved
+    test[3] = train[9][::-1, ::-1]  # both flips: turned by 180 degrees
+    test[4] = train[11]  # an exact copy: reported once, as exact, whatever the flips
+    prints = {"train": fingerprints(train), "test": fingerprints(test)}
+
+    def found(flips: tuple[str, ...]) -> set:
+        return {(d.first, d.second, d.kind, d.flip) for d in cross_split_duplicates(prints, flips=flips)}
+
+    assert found(()) == {(11, 4, "exact", "")}
+    assert found(("hflip",)) == {(11, 4, "exact", ""), (4, 1, "mirror", "hflip")}
+    assert found(tuple(leakage.FLIPS)) == {
+        (11, 4, "exact", ""),
+        (4, 1, "mirror", "hflip"),
+        (7, 2, "mirror", "vflip"),
+        (9, 3, "mirror", "hflip+vflip"),
+    }
+
+
+def test_a_symmetric_image_copied_is_one_exact_pair_and_distinct_mirrors_stay_apart():
+    image = distinct(0, 1)[0]
+    symmetric = np.concatenate([image[:, :24], image[:, :24][:, ::-1]], axis=1)  # its own mirror image
+    train, test = np.stack([symmetric, *distinct(1, 20)]), np.stack([symmetric, *distinct(40, 20)])
+    (pair,) = cross_split_duplicates({"train": fingerprints(train), "test": fingerprints(test)}, flips=("hflip",))
+    assert (pair.first, pair.second, pair.kind) == (0, 0, "exact")
+    images = distinct(0, 40)
+    mirrored = leakage.mirrored_hashes(fingerprints(images), "hflip")
+    apart = leakage.popcount(mirrored[:, None] ^ fingerprints(images).perceptual[None, :])
+    assert apart.min() > leakage.NEAR_BITS  # no structured image is close to another's mirror, nor to its own
+
+
+def test_the_flips_checked_are_those_the_space_can_draw(tmp_path):
+    from search.study.leaks import training_flips
+    from search.study.spaces import load_space
+
+    root = Path(__file__).resolve().parents[1]
+    assert training_flips(load_space(root / "spaces" / "cnn.yaml", "cnn")) == ("hflip",)
+    space = tmp_path / "space.yaml"
+    space.write_text("parameters:\n  hflip: {type: fixed, value: 0.0}\n  lr: {type: float, low: 0.001, high: 0.01}\n")
+    assert training_flips(load_space(space, "cnn")) == ()
+    space.write_text("parameters:\n  vflip: {type: float, low: 0.0, high: 0.5}\n")  # hflip left at its 0.5
+    assert training_flips(load_space(space, "cnn")) == ("hflip", "vflip", "hflip+vflip")
+
+
 def test_exact_copies_match_many_to_many_without_comparing_every_pair():
     a = np.array([5, 7, 7, 9], dtype=np.uint64)
     b = np.array([7, 1, 7, 5], dtype=np.uint64)
@@ -134,9 +180,29 @@ def test_the_check_warns_or_refuses_in_one_line(tmp_path, capsys):
     assert line.startswith("warning: 1 pair(s) of duplicate images across splits (train-test: 1 exact)")
     assert f"train:{original} = test:{copy}" in line and "\n" not in line
     assert report.counts()["leak_exact_train_test"] == 1 and sum(report.counts().values()) == 1
-    assert report.table().splitlines()[1] == f"exact,0,train,{original},test,{copy}"
+    assert report.table().splitlines()[1] == f"exact,0,train,{original},test,{copy},"
     with pytest.raises(UsageError, match=r"^1 pair\(s\) of duplicate images .* --on-leak warn to go on$"):
         checked(manifest, cache, "fail")
+
+
+def test_a_mirrored_copy_is_warned_about_counted_and_listed_as_a_mirror(tmp_path, capsys):
+    rows = write_patient_images(tmp_path / "scans", {f"p{i}": ("ab"[i % 2], 2) for i in range(12)}, size=32)
+    manifest = write_manifest(tmp_path / "m.csv", "path,label", [r.rsplit(",", 1)[0] for r in rows])
+    index = index_source(manifest, seed=0)
+    original, copy = index.splits["train"][0].key, index.splits["test"][0].key
+    Image.open(tmp_path / original).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / copy)
+    cache = str(tmp_path / "cache")
+    cached = {split: cache_split(index, split, 32, cache) for split in ("train", "val")}
+    report = check_leaks(index, cached, 32, cache, "warn", ("hflip",))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("warning: 1 pair(s) of duplicate images across splits (train-test: 1 mirror)"), line
+    assert f"train:{original} ~ test:{copy} (hflip)" in line
+    assert report.counts()["leak_mirror_train_test"] == 1 and sum(report.counts().values()) == 1
+    assert len(report.counts()) == 9 and report.counts()["leak_exact_train_test"] == 0  # the six, and three more
+    kind, bits, *pair = report.table().splitlines()[1].split(",")
+    assert kind == "mirror" and int(bits) <= leakage.NEAR_BITS and pair == ["train", original, "test", copy, "hflip"]
+    assert not check_leaks(index, cached, 32, cache, "warn").duplicates  # a space that never flips: no leak
+    assert "no exact or near-duplicate images across train, val and test\n" in capsys.readouterr().out
 
 
 def test_a_test_image_that_will_not_decode_is_left_out_of_the_check(tmp_path, capsys):

@@ -89,6 +89,34 @@ def test_a_bad_manifest_is_refused_in_one_line(tmp_path, header, rows, expected)
         assert "gone/0.png, gone/1.png, gone/2.png, ..." in message and str(tmp_path) in message
 
 
+def test_a_manifest_separated_by_semicolons_is_refused_naming_the_separator(tmp_path):
+    write_image_folder(tmp_path, {"img": 2})
+    manifest = tmp_path / "export.csv"
+    manifest.write_text("Path;Label;Group\nimg/000.png;a;p1\nimg/001.png;b;p2\n")
+    message = refusal(manifest)
+    assert "separates its columns with semicolons ('Path;Label;Group'), not with commas" in message, message
+    assert "save it as comma-separated CSV" in message and "unknown column" not in message
+    manifest.write_text("path\tlabel\nimg/000.png\ta\n")
+    assert "separates its columns with tabs" in refusal(manifest)
+
+
+def test_a_row_without_a_group_is_named_and_the_column_is_not_to_be_dropped(tmp_path):
+    rows = write_patient_images(tmp_path / "scans", patients({"a": 3, "b": 3}))
+    rows[1] = rows[1].rsplit(",", 1)[0] + ","  # line 3
+    rows[4] = rows[4].rsplit(",", 1)[0] + ",  "  # line 6: blank is empty
+    message = refusal(write_manifest(tmp_path / "m.csv", "path,label,group", rows))
+    assert message.startswith("2 row(s) of manifest") and "have no group (line 3, 6)" in message, message
+    assert "fill in each image's patient (or study) id" in message and "drop" not in message
+
+
+def test_labels_that_differ_only_in_case_are_refused_naming_both(tmp_path):
+    rows = write_patient_images(tmp_path / "scans", patients({"Benign": 3, "malignant": 3}))
+    rows[4] = rows[4].replace(",Benign,", ",benign,")  # line 6
+    message = refusal(write_manifest(tmp_path / "m.csv", "path,label,group", rows))
+    assert "labels that differ only in case: 'Benign' (line 2) and 'benign' (line 6)" in message, message
+    assert "write each class one way" in message
+
+
 def test_a_missing_manifest_is_refused_and_a_file_that_is_none_too(tmp_path):
     assert "manifest" in refusal(tmp_path / "nowhere.csv") and "does not exist" in refusal(tmp_path / "nowhere.csv")
     (tmp_path / "notes.txt").write_text("x")

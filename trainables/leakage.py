@@ -18,6 +18,10 @@ copy of a training image in the test split inflates the test score. Each decoded
 A near-duplicate is a pair whose perceptual hashes are within NEAR_BITS bits (compared
 in blocks of XOR and popcount across two splits at a time) and whose thumbnails
 correlate at MIN_CORRELATION or more (a brightness or contrast change keeps it at 1).
+A mirrored copy is a pair that is one of these once one image is flipped: training flips
+images (the hflip and vflip knobs), so a flipped copy of a test image is one the model
+trains on. Its hash is that of the stored thumbnail flipped, and the flipped thumbnail
+confirms it: nothing is decoded again and the stored fingerprints stay as they were.
 Duplicates within one split are not leakage and are not looked for. Hashing and comparing
 are numpy on arrays; `split_fingerprints` gets a split's images from the decoded cache
 (or, for test, decodes them) and keeps their fingerprints beside the cache.
@@ -56,8 +60,12 @@ DECODE_CHUNK = 256
 """Images of a split without a decoded cache (test) decoded at once, to be fingerprinted."""
 CHUNK_PIXELS = 1 << 22
 """Pixels fingerprinted at once (4 M: 48 MB as float32 RGB): the memory-mapped cache is read in slices."""
-BLOCK_PAIRS = 1 << 22
-"""Pairs of hashes compared at once (4 M: 32 MB of uint64)."""
+BLOCK_PAIRS = 1 << 18
+"""Pairs of hashes compared at once (256 K: 2 MB of uint64, which stays in the CPU's cache: 2.5 times the speed of
+4 M pairs at a time, measured on 14,000 x 3,000 hashes)."""
+FLIPS = {"hflip": (-1,), "vflip": (-2,), "hflip+vflip": (-2, -1)}
+"""The flips a mirrored copy is looked for under, named by the augmentation knobs that make them: the axes of a
+thumbnail each reverses (-1 its columns: left-right; -2 its rows: upside down). Both knobs at once make both."""
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 BYTE_BITS = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
 
@@ -90,13 +98,16 @@ class Duplicate:
     second_split: str
     second: int
     distance: int
-    """Bits in which the perceptual hashes differ (0 to NEAR_BITS)."""
+    """Bits in which the perceptual hashes differ (0 to NEAR_BITS; for a mirrored copy, the first image's flipped)."""
     exact: bool
     """Identical decoded pixels."""
+    flip: str = ""
+    """A mirrored copy: the flip (a key of FLIPS) that turns the first image into the second; '' for none."""
 
     @property
     def kind(self) -> str:
-        return "exact" if self.exact else "near"
+        """'exact', 'near' or 'mirror' (a flipped copy, exact or near)."""
+        return "exact" if self.exact else "mirror" if self.flip else "near"
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -222,10 +233,15 @@ def decoded_fingerprints(index: DatasetIndex, split: str, size: int) -> tuple[Fi
 
 
 def cross_split_duplicates(
-    prints: dict[str, Fingerprints], near_bits: int = NEAR_BITS, min_correlation: float = MIN_CORRELATION
+    prints: dict[str, Fingerprints],
+    near_bits: int = NEAR_BITS,
+    min_correlation: float = MIN_CORRELATION,
+    flips: tuple[str, ...] = (),
 ) -> list[Duplicate]:
-    """Every pair of images in two different splits that are exact or near duplicates, exact ones first within
-    each pair of splits."""
+    """Every pair of images in two different splits that are exact or near duplicates, or (for each of `flips`,
+    keys of FLIPS) mirrored copies: exact ones first within each pair of splits, then near, then mirrored. A pair
+    is reported once, under the first kind that finds it."""
+    mirrored = {split: {flip: mirrored_hashes(prints[split], flip) for flip in flips} for split in list(prints)[:-1]}
     found = []
     for first, second in combinations(prints, 2):
         a, b = prints[first], prints[second]
@@ -233,12 +249,31 @@ def cross_split_duplicates(
         found += [
             Duplicate(first, i, second, j, hamming(a.perceptual[i], b.perceptual[j]), True) for i, j in sorted(exact)
         ]
-        found += [
+        near = [
             Duplicate(first, i, second, j, distance, False)
             for i, j, distance in near_pairs(a.perceptual, b.perceptual, near_bits)
             if (i, j) not in exact and correlation(a.thumbnails[i], b.thumbnails[j]) >= min_correlation
         ]
+        found += near
+        seen = exact | {(d.first, d.second) for d in near}
+        for flip in flips:  # a flip is its own inverse: the first split's images flipped, against the second's
+            for i, j, distance in near_pairs(mirrored[first][flip], b.perceptual, near_bits):
+                if (i, j) in seen or correlation(flipped(a.thumbnails[i], flip), b.thumbnails[j]) < min_correlation:
+                    continue
+                seen.add((i, j))
+                found.append(Duplicate(first, i, second, j, distance, False, flip))
     return found
+
+
+def mirrored_hashes(prints: Fingerprints, flip: str) -> np.ndarray:
+    """The perceptual hashes of the images flipped, from their stored thumbnails (the thumbnail of a flipped image
+    is the flipped thumbnail, to the rounding of its grey levels)."""
+    return perceptual_hashes(flipped(prints.thumbnails, flip).astype(np.float32))
+
+
+def flipped(thumbnails: np.ndarray, flip: str) -> np.ndarray:
+    """Thumbnails (..., rows, columns) flipped as FLIPS[flip] says."""
+    return np.flip(thumbnails, axis=FLIPS[flip])
 
 
 def exact_pairs(a: np.ndarray, b: np.ndarray) -> Iterator[tuple[int, int]]:

@@ -32,6 +32,16 @@ FOLDS = 7
 """Patients are cut into 7 folds: one for test, one for val, five for train (about 71/14/14 % of the images)."""
 SHOWN = 3
 """Examples an error names."""
+FILL_IN = {
+    "path": "fill it in or remove the row",
+    "label": "fill it in or remove the row",
+    # Not "drop the column": on patient data, splitting by image puts one patient's scans in train and test.
+    "group": "fill in each image's patient (or study) id: one id for all the images of a patient, and an id of its "
+    "own for an image whose patient has no other",
+}
+"""What a row without a value in that column needs."""
+OTHER_SEPARATORS = {";": "semicolons", "\t": "tabs", "|": "bars"}
+"""Separators a header may use instead of commas: named in the refusal, never read."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ def read_rows(path: Path) -> tuple[list[Row], list[str]]:
             f"then one row per image"
         )
     columns = [cell.strip().lower() for cell in lines[0][1]]
+    check_separator(path, lines[0][1])
     check_columns(path, columns)
     if len(lines) == 1:
         raise DataError(f"manifest {path} has a header but no rows: add one row per image")
@@ -110,6 +121,23 @@ def read_rows(path: Path) -> tuple[list[Row], list[str]]:
             )
         )
     return rows, columns
+
+
+def check_separator(path: Path, header: list[str]) -> None:
+    """A header that is one cell naming our columns with another separator between them (a spreadsheet's CSV export
+    in locales where the comma is the decimal mark writes ';'): the file is refused, naming the separator. It is not
+    read with that separator instead: a row's paths may hold it, and the same file must mean the same on every
+    machine."""
+    if len(header) != 1:
+        return
+    for separator, called in OTHER_SEPARATORS.items():
+        names = [cell.strip().lower() for cell in header[0].split(separator)]
+        if len(names) > 1 and any(name in COLUMNS for name in names):
+            raise DataError(
+                f"manifest {path} separates its columns with {called} ({header[0].strip()!r}), not with commas: "
+                f"save it as comma-separated CSV (a spreadsheet's 'CSV UTF-8 (comma delimited)', or LibreOffice's "
+                f"field delimiter ','), then run again"
+            )
 
 
 def check_columns(path: Path, columns: list[str]) -> None:
@@ -143,13 +171,13 @@ def sample_key(root: Path, value: str) -> str:
 
 def check_rows(path: Path, rows: list[Row]) -> None:
     """Every row has a path, a label, a group and a known split where the columns exist, a path of its own, and
-    an existing file: the first problem found, with up to three examples."""
+    an existing file; no two labels differ only in case: the first problem found, with up to three examples."""
     where = f"of manifest {path}"
     for name, field in (("path", "key"), ("label", "label"), ("group", "group")):
         lines = [row.line for row in rows if getattr(row, field) == ""]  # a group of None: no group column
         if lines:
-            fix = "drop the group column to split by image" if name == "group" else "fill it in or remove the row"
-            raise DataError(f"{len(lines)} row(s) {where} have no {name} (line {shown(lines)}): {fix}")
+            raise DataError(f"{len(lines)} row(s) {where} have no {name} (line {shown(lines)}): {FILL_IN[name]}")
+    check_label_case(path, rows)
     bad_splits = [row for row in rows if row.split is not None and row.split not in SPLITS]
     if bad_splits:
         examples = ", ".join(f"line {row.line}: {row.split!r}" for row in bad_splits[:SHOWN])
@@ -172,6 +200,24 @@ def check_rows(path: Path, rows: list[Row]) -> None:
         raise DataError(
             f"{len(missing)} file(s) listed in manifest {path} do not exist (e.g. {shown(missing)}): paths are "
             f"relative to {path.parent} (or absolute); fix them or remove those rows"
+        )
+
+
+def check_label_case(path: Path, rows: list[Row]) -> None:
+    """Two labels that differ only in case ('Benign', 'benign') are one class written two ways, almost always: as two
+    classes the model would learn to tell them apart. Refused, naming both spellings and a row of each."""
+    first_row: dict[str, Row] = {}
+    for row in rows:
+        first_row.setdefault(row.label, row)
+    spellings: dict[str, list[Row]] = defaultdict(list)
+    for label, row in first_row.items():
+        spellings[label.casefold()].append(row)
+    clashes = [found for found in spellings.values() if len(found) > 1]
+    if clashes:
+        examples = "; ".join(" and ".join(f"{row.label!r} (line {row.line})" for row in found) for found in clashes)
+        raise DataError(
+            f"manifest {path} has labels that differ only in case: {examples}: write each class one way in the label "
+            f"column (labels are case-sensitive class names)"
         )
 
 

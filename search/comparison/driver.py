@@ -37,6 +37,7 @@ from search.comparison.plan import (
     Plan,
     finished_reference,
     finished_retrain,
+    refuse_different_test_splits,
 )
 from search.comparison.plots import write_plots
 from search.comparison.report import PLOT_FILES, markdown, table_lines
@@ -50,7 +51,7 @@ from search.final_model.winner import WinnerConfig
 from search.study.config import StudyConfig
 from search.tracking.schema import ELAPSED_METRIC, PARENT_TAG, ROLE_TAG, STUDY_TAG, mlflow_lines, run_page
 from search.tracking.store import all_runs, get_or_create_experiment, log_params, mlflow_client, quoted, read_artifact
-from search.tracking.study_run import find_study
+from search.tracking.study_run import find_study, read_split_record
 from trainables.config import Hyperparameters, knobs_of
 from trainables.engine import SpeedOptions
 from trainables.spec import REFERENCE, ModelSpec
@@ -83,6 +84,8 @@ def run_comparison(args: argparse.Namespace, plan: Plan, run_argv: list[str]) ->
             if entry.state != "finished":
                 run_study(entry, run_argv)
         client = mlflow_client(plan.tracking_uri, create=False)
+        # Studies run at different times: the data may have changed between them, and then their test splits differ
+        refuse_different_test_splits(client, [find_study(plan.tracking_uri, entry.study) for entry in plan.entries])
         finals = {entry.label: retrained(client, entry, args) for entry in plan.entries}
         winners = {entry.label: load_study(plan.tracking_uri, entry.study, None) for entry in plan.entries}
         if args.reference:
@@ -131,7 +134,7 @@ def interrupted_with_parent() -> None:
 def retrained(client, entry: Entry, args: argparse.Namespace) -> str:
     """The final run of the study's winner: one that exists, or one made now with final.py."""
     run_id = finished_retrain(client, entry.study, PREDICTIONS_FILE)
-    if run_id is not None:
+    if run_id is not None and tested_on_study_split(client, run_id, entry.study, args.tracking_uri):
         print(f"== {entry.label}: reusing retrain {run_id} of study {entry.study}", flush=True)
         return run_id
     print(f"\n== {entry.label}: retraining the winner of study {entry.study}", flush=True)
@@ -151,7 +154,7 @@ def reference_run(client, plan: Plan, winner: WinnerConfig, args: argparse.Names
     """The larger model, trained once with the recipe's defaults on the studies' split and budget."""
     name = args.reference
     run_id = finished_reference(client, plan.name, name, PREDICTIONS_FILE)
-    if run_id is not None:
+    if run_id is not None and tested_on_study_split(client, run_id, plan.entries[0].study, plan.tracking_uri):
         print(f"== reference {name}: reusing run {run_id}", flush=True)
         return run_id
     config = reference_config(winner, name)
@@ -170,7 +173,7 @@ def reference_run(client, plan: Plan, winner: WinnerConfig, args: argparse.Names
         register_name=None,
         out=str(Path(args.out) / f"reference-{name}"),
     )
-    prepared = prepare_final(final_args, config)
+    prepared = prepare_final(final_args, config, split_of=winner)  # the first study's test images, as the others'
     prepared = replace(prepared, tags={ROLE_TAG: REFERENCE_ROLE, COMPARISON_TAG: plan.name, REFERENCE_MODEL_TAG: name})
     code = execute_final(prepared)
     if code == 130:
@@ -179,6 +182,24 @@ def reference_run(client, plan: Plan, winner: WinnerConfig, args: argparse.Names
     if code != 0 or run_id is None:
         raise StepFailed(code or 1)
     return run_id
+
+
+def tested_on_study_split(client, run_id: str, study: str, tracking_uri: str) -> bool:
+    """Whether a finished final run tested on images of the study's recorded test split alone (one that would not
+    decode may be missing): a retrain made before the split was taken from the record may have cut the data again,
+    after it had changed, and tested on images the search trained on. Such a run is not reused (a note says so)."""
+    parent = find_study(tracking_uri, study)
+    record = read_split_record(client, parent) if parent is not None else None
+    if record is None:  # an older study: nothing to check against
+        return True
+    outside = set(read_final_predictions(client, study, run_id).keys) - set(record.images["test"])
+    if outside:
+        print(
+            f"note: final run {run_id} tested on {len(outside)} image(s) outside study {study}'s test split "
+            f"(the data changed before it ran): not reused, retraining on the study's split",
+            flush=True,
+        )
+    return not outside
 
 
 def reference_config(winner: WinnerConfig, backbone: str) -> WinnerConfig:

@@ -19,7 +19,8 @@ from search.study.config import StudyConfig, new_config
 from search.study.preflight import check_study
 from search.tracking.schema import ROLE_TAG, STUDY_TAG, store_exists
 from search.tracking.store import all_runs, mlflow_client, quoted
-from search.tracking.study_run import find_study, read_study_config
+from search.tracking.study_run import SplitRecord, find_study, read_split_record, read_study_config
+from trainables.manifest import shown
 
 COMPARISON_TAG = "comparison"
 COMPARISON_ROLE, REFERENCE_ROLE = "comparison", "reference"
@@ -99,7 +100,7 @@ def plan_existing(args: argparse.Namespace) -> Plan:
     if not store_exists(args.tracking_uri):
         raise UsageError(f"--tracking-uri {args.tracking_uri} holds no MLflow store: run the studies first")
     client = mlflow_client(args.tracking_uri, create=False)
-    configs = []
+    configs, parents = [], []
     for name in args.studies:
         parent = find_study(args.tracking_uri, name)
         if parent is None:
@@ -111,6 +112,7 @@ def plan_existing(args: argparse.Namespace) -> Plan:
                 f"python search/run.py --model {config.model} --name {name} --resume"
             )
         configs.append(config)
+        parents.append(parent)
     first = configs[0]
     for config in configs[1:]:
         differ = [
@@ -123,12 +125,41 @@ def plan_existing(args: argparse.Namespace) -> Plan:
                 f"studies {first.name} and {config.name} held out different test images ({', '.join(differ)}): "
                 f"compare studies run on the same --data, --seed and --smoke"
             )
+    refuse_different_test_splits(client, parents)
     models = [config.model for config in configs]
     entries = [
         Entry(config.model if models.count(config.model) == 1 else config.name, config, "finished")
         for config in configs
     ]
     return Plan(args.name, entries, args.tracking_uri)
+
+
+def refuse_different_test_splits(client, parents: list) -> None:
+    """Compared studies must have held out the very same test images, as their split.json recorded them: the same
+    data, seed and --smoke cut other test splits once the data changed between two studies (an edited manifest, a
+    file added). A study without the record (an older one) is judged by its settings alone."""
+    records = [record for parent in parents if (record := read_split_record(client, parent)) is not None]
+    for record in records[1:]:
+        difference = held_out_difference(records[0], record)
+        if difference:
+            raise UsageError(
+                f"studies {records[0].study} and {record.study} held out different test images ({difference}): "
+                f"the data changed between them; compare studies run on the same data, or run them again on it"
+            )
+
+
+def held_out_difference(first: SplitRecord, second: SplitRecord) -> str:
+    """How two studies' recorded test splits differ, in words; '' where they hold the same images in one order."""
+    a, b = first.images["test"], second.images["test"]
+    in_a, in_b = set(a), set(b)
+    only_first, only_second = [key for key in a if key not in in_b], [key for key in b if key not in in_a]
+    if only_first or only_second:
+        return "; ".join(
+            f"{len(keys)} of {one.study}'s are not in {other.study}'s, e.g. {shown(keys)}"
+            for keys, one, other in ((only_first, first, second), (only_second, second, first))
+            if keys
+        )
+    return "the same images in another order" if a != b else ""
 
 
 def finished_retrain(client, study: str, predictions_file: str) -> str | None:

@@ -11,6 +11,7 @@ import json
 import re
 
 import yaml
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -23,6 +24,7 @@ from search.tracking.schema import (
     FINAL_ROLE,
     PARENT_TAG,
     ROLE_TAG,
+    SPLIT_FILE,
     STATUS_TAG,
     STUDY_TAG,
     TRIAL_CONFIG,
@@ -30,7 +32,7 @@ from search.tracking.schema import (
     TRIAL_LABEL_TAG,
 )
 from search.tracking.store import all_runs, is_study_run, mlflow_client, read_artifact, study_runs
-from search.tracking.study_run import read_study_config
+from search.tracking.study_run import SplitRecord, find_study, read_split_record, read_study_config
 from trainables.config import SEED
 
 TRIAL_LABEL = re.compile(r"t\d{2,6}")
@@ -152,14 +154,17 @@ def load_run(tracking_uri: str, run_id: str, requested_model: str | None) -> Win
 
 
 def config_from_trial(client, trial, parent, requested_model: str | None) -> WinnerConfig:
-    """best_config.yaml's form for one trial: its study's settings, its hyperparameters, its best epoch."""
+    """best_config.yaml's form for one trial: its study's settings, its hyperparameters, its best epoch, its name.
+
+    The best epoch is the last at which the trial reached its best score: the checkpoint Ray keeps of it
+    (among equal scores, the newer), and the epoch a study's own winner record gives for the same trial."""
     config = read_study_config(client, parent)
     source = f"trial run {trial.info.run_id}"
     history = client.get_metric_history(trial.info.run_id, config.metric)
     if not history:
         raise UsageError(f"trial run {trial.info.run_id} reported no {config.metric}: nothing to retrain")
     sign = 1 if config.mode == "max" else -1
-    best = max(history, key=lambda m: (sign * m.value, -m.step))  # the best score, first reached
+    best = max(history, key=lambda m: (sign * m.value, m.step))  # the best score, last reached
     try:
         hyperparameters = yaml.safe_load(read_artifact(client, trial.info.run_id, TRIAL_CONFIG) or "null")
     except yaml.YAMLError:
@@ -177,5 +182,35 @@ def config_from_trial(client, trial, parent, requested_model: str | None) -> Win
         {config.metric: best.value, "epoch": best.step},
         hyperparameters,
         json.loads(data)["classes"],
+        trial=trial.data.tags.get(TRIAL_LABEL_TAG),
     )
     return parse_config(raw, source, requested_model, experiment_id=parent.info.experiment_id, run_id=trial.info.run_id)
+
+
+def study_split_record(tracking_uri: str, config: WinnerConfig) -> tuple[SplitRecord | None, str]:
+    """The split.json of the study `config` comes from (its parent run, found from the run the configuration was
+    read from, or for a config file by the study it names), and ''; or None, and why there is no record to follow."""
+    try:
+        parent = study_of(tracking_uri, config)
+        if parent is None:
+            where = f"--tracking-uri {tracking_uri} holds no study {config.study!r}" if config.study else "no study"
+            return None, f"{config.source} names {where}"
+        record = read_split_record(mlflow_client(tracking_uri, create=False), parent)
+    except (MlflowException, SQLAlchemyError) as error:
+        raise UsageError(f"cannot read MLflow at {tracking_uri}: {one_line(error)}") from None
+    name = parent.data.tags.get(STUDY_TAG)
+    if record is None:
+        return None, f"study {name!r} predates {SPLIT_FILE} (it was run by an older version of this tool)"
+    if record.seed != config.seed:  # a config file's study name, taken again by a study of other settings
+        return None, f"study {name!r} in --tracking-uri {tracking_uri} split with seed {record.seed}, not {config.seed}"
+    return record, ""
+
+
+def study_of(tracking_uri: str, config: WinnerConfig) -> Run | None:
+    """The parent run of the study a winner's configuration comes from; None for a config file whose study is not
+    in the store (or that names none)."""
+    if config.run_id is not None:  # --study, --run-id: the run it was read from, a study's or one of its trials
+        client = mlflow_client(tracking_uri, create=False)
+        run = client.get_run(config.run_id)
+        return run if is_study_run(run) else client.get_run(run.data.tags[PARENT_TAG])
+    return find_study(tracking_uri, config.study) if config.study else None

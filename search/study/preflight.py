@@ -1,8 +1,9 @@
 """The checks a study's inputs pass before anything heavy loads or anything is written (no torch, no Ray, no MLflow).
 
 The store's address, the storage of the trials (a URI answers, its bucket exists, this machine
-may write there), a name not taken, the search space, the data source and the model it implies.
-Every problem is a one-line UsageError.
+may write there), a name not taken, the search space, the data source and the model it implies;
+on --resume, that the data still splits as the study recorded (its split.json: the one MLflow read
+here, once --resume has loaded MLflow to read the study). Every problem is a one-line UsageError.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def check_study(config: StudyConfig, resume_run_id: str | None = None) -> Checke
         raise UsageError(str(error)) from None
     if config.per_class:
         index = subsample(index, config.per_class, config.seed)
+    if resume_run_id is not None:
+        from search.study.resume import check_resumed_split  # MLflow: --resume has loaded it to read the study
+
+        check_resumed_split(config, resume_run_id, index)
     spec = ModelSpec(
         config.model, len(index.classes), config.img_size, pretrained=config.pretrained, weights_files=config.weights
     )

@@ -1,4 +1,5 @@
-"""--resume: the interrupted study's own configuration, read back from its parent run's study.yaml."""
+"""--resume: the interrupted study's own configuration, read back from its parent run's study.yaml, and its split
+checked against its split.json."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from search.errors import UsageError
 from search.study.config import STUDY_NAME, ConfigError, StudyConfig, absolute, name_problem
 from search.study.storage import exists, resolved
 from search.tracking.optuna_store import study_exists
-from search.tracking.schema import absolute_uri, check_store_uri
+from search.tracking.schema import SPLIT_FILE, absolute_uri, check_store_uri
 from search.tracking.store import mlflow_client
-from search.tracking.study_run import find_study, read_study_config
+from search.tracking.study_run import SplitRecord, find_study, read_split_record, read_study_config
+from trainables.data import DatasetIndex
+from trainables.manifest import shown
 
 TUNER_STATE = "tuner.pkl"
 """What Ray's Tuner.restore reads first in the study's experiment folder."""
@@ -106,3 +109,48 @@ def extended(recorded: StudyConfig, args: argparse.Namespace) -> StudyConfig:
         )
     except ConfigError as error:
         raise UsageError(str(error)) from None
+
+
+def check_resumed_split(config: StudyConfig, run_id: str, index: DatasetIndex) -> None:
+    """The data, indexed again for --resume (`index`: split and subsampled as the study will use it), must split as
+    the study recorded it: new trials on another split would train and score on other images than the first, and
+    its test split would hold images its trials trained on. Refused in one line naming what changed."""
+    client = mlflow_client(config.tracking_uri, create=False)
+    record = read_split_record(client, client.get_run(run_id))
+    if record is None:
+        print(
+            f"note: study {config.name!r} predates {SPLIT_FILE}: its split could not be checked against its record; "
+            f"resuming on the data split again with its seed {config.seed}",
+            flush=True,
+        )
+        return
+    changes = split_changes(record, index)
+    change = record.manifest_change(index.source)
+    if changes:
+        what = "; ".join(([change] if change else []) + changes)
+        raise UsageError(
+            f"the data of study {config.name!r} no longer splits as it did ({what}): "
+            f"its new trials would search on another split than its first; put the data back as it was, or start a "
+            f"new study with another --name"
+        )
+    if change:
+        print(f"note: {change}, but it splits the same images: resuming", flush=True)
+
+
+def split_changes(record: SplitRecord, index: DatasetIndex) -> list[str]:
+    """How the index's split differs from the recorded one, in words ([] for none): the recorded images now gone,
+    those in another split, and images new to it (the ones the study could not decode aside)."""
+    recorded = record.split_of()
+    now = {sample.key: split for split, samples in index.splits.items() for sample in samples}
+    gone = [key for key in recorded if key not in now]
+    moved = [f"{key}: {recorded[key]} -> {now[key]}" for key in recorded if key in now and now[key] != recorded[key]]
+    new = [key for key in now if key not in recorded and key not in record.skipped]
+    return [
+        f"{len(keys)} {what} (e.g. {shown(keys)})"
+        for keys, what in (
+            (gone, "of its images are gone"),
+            (moved, "of its images are in another split"),
+            (new, "image(s) are new"),
+        )
+        if keys
+    ]
