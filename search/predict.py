@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import stat
 import sys
+import tempfile
 from pathlib import Path
 
 from search.cli import DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser
@@ -85,13 +87,42 @@ def check_arguments(args: argparse.Namespace) -> RegisteredModel | Path:
 
 
 def out_problems(out: Path) -> list[str]:
+    """Why the CSV cannot be written at `out`, found before an image is predicted: its kind, its folder."""
     if out.is_dir():
         return [f"--out {out} is a folder: name a CSV file in it, e.g. {out / 'predictions.csv'}"]
     if out.suffix.lower() != ".csv":
         return [f"--out {out}: name a .csv file, e.g. {out.with_suffix('.csv')}"]
     if not out.parent.is_dir():
         return [f"--out {out}: its folder {out.parent} does not exist; create it or write elsewhere"]
+    unwritable = folder_unwritable(out.parent)
+    if unwritable:
+        return [f"--out {out}: its folder {out.parent} cannot be written ({unwritable}); write the CSV elsewhere"]
+    if out.exists() and not out.is_file():  # a pipe or a device: the CSV would take its place
+        return [f"--out {out} exists and is not a file: name another CSV"]
+    if out.exists() and not replaceable(out):
+        return [f"--out {out} exists and belongs to another user in a sticky folder: name another CSV"]
     return []
+
+
+def folder_unwritable(folder: Path) -> str | None:
+    """Why no file can be created in folder, or None where one can. Tried with a real file: permission bits
+    say nothing of a read-only mount, and root passes them all."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".predict-probe-"):
+            pass  # created, then removed on closing
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None
+
+
+def replaceable(out: Path) -> bool:
+    """Whether the CSV may be renamed over `out`: in a folder with the sticky bit (/tmp), only by the owner of
+    `out` or of the folder (or root); elsewhere whoever may write the folder, which folder_unwritable checked."""
+    folder = out.parent.stat()
+    if not folder.st_mode & stat.S_ISVTX or not hasattr(os, "geteuid"):
+        return True
+    user = os.geteuid()
+    return user == 0 or user in (folder.st_uid, out.lstat().st_uid)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -136,6 +137,32 @@ def test_an_old_config_with_aug_strength_still_loads():
         Hyperparameters.from_dict({"aug_strength": 0.5, "hflip": 0.0})
 
 
+@pytest.mark.parametrize("value", [16.7, True, "sixteen", None, [16], float("inf")])
+def test_an_integer_knob_refuses_what_is_not_an_integer_instead_of_rounding_it(value):
+    """As the space loader does (value_problem): batch_size 16.7 trained with 16 until issue 23."""
+    with pytest.raises(ValueError, match=rf"batch_size={re.escape(repr(value))} is not (an integer|a finite number)"):
+        Hyperparameters.from_dict({"batch_size": value})
+
+
+def test_what_trials_and_old_records_hold_still_loads_typed():
+    """A Tune config (Optuna's ints and floats, numpy scalars), YAML's 16.0 and '1e-5', an int for a float."""
+    import numpy as np
+
+    hp = Hyperparameters.from_dict(
+        {"batch_size": 16.0, "vit_depth": np.int64(6), "lr": "1e-5", "dropout": 0, "weight_decay": np.float64(0.1)}
+    )
+    assert (hp.batch_size, hp.vit_depth, hp.lr, hp.dropout, hp.weight_decay) == (16, 6, 1e-5, 0.0, 0.1)
+    assert [type(v) for v in (hp.batch_size, hp.vit_depth, hp.lr, hp.dropout)] == [int, int, float, float]
+    with pytest.raises(ValueError, match="lr=False is not a number"):
+        Hyperparameters.from_dict({"lr": False})
+
+
+def test_every_value_of_the_wrong_type_is_named_at_once():
+    with pytest.raises(ValueError) as raised:
+        Hyperparameters.from_dict({"batch_size": 16.7, "lr": "fast", "vit_depth": 4})
+    assert str(raised.value) == "batch_size=16.7 is not an integer; lr='fast' is not a number"
+
+
 def test_help_and_argument_errors_load_nothing_heavy():
     """torch, Ray, MLflow and numpy load only once the arguments are good (the study's checks come next)."""
     probe = (
@@ -254,3 +281,76 @@ def test_resume_checks_its_arguments_first(tmp_path, flags, message):
     (line,) = result.stderr.strip().splitlines()
     assert message in line
     assert not (tmp_path / "m.db").exists()
+
+
+# ---------------------------------------------------------------- final.py --config: one problem per bad field
+
+WINNER = {
+    "model": "vit",
+    "hyperparameters": {"batch_size": 16, "dropout": 0.127, "vit_depth": 3},
+    "classes": ["benign", "malignant"],
+    "data": "synthetic:2",
+    "seed": 0,
+    "img_size": 32,
+    "model_spec": {"name": "vit", "num_classes": 2, "img_size": 32, "dropout": 0.127, "vit_depth": 3},
+}
+
+
+def winner_problems(**changes) -> list[str]:
+    """The problems parse_config lists for WINNER with some top-level values or hyperparameters (hp_NAME) changed."""
+    from search.errors import UsageError
+    from search.final_model.winner import parse_config
+
+    raw = {**WINNER, "hyperparameters": dict(WINNER["hyperparameters"])}
+    for key, value in changes.items():
+        if key.startswith("hp_"):
+            raw["hyperparameters"][key.removeprefix("hp_")] = value
+        else:
+            raw[key] = value
+    try:
+        parse_config(raw, "config x.yaml")
+    except UsageError as error:
+        text = str(error)
+        assert text.startswith("config x.yaml: ")
+        return text.removeprefix("config x.yaml: ").split("; ")
+    return []
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"hp_batch_size": "sixteen"}, "hyperparameters: batch_size='sixteen' is not an integer"),
+        ({"hp_batch_size": 16.7}, "hyperparameters: batch_size=16.7 is not an integer"),
+        ({"hp_vit_depth": True}, "hyperparameters: vit_depth=True is not an integer"),
+        ({"hp_dropout": "high"}, "hyperparameters: dropout='high' is not a number"),
+        ({"classes": "benign"}, "classes must be a list of at least 2 class names"),
+        ({"img_size": 32.5}, "img_size must be an integer, not 32.5"),
+        ({"model": "vvit"}, "model 'vvit' is not one of cnn, vit, hybrid"),
+    ],
+)
+def test_one_bad_field_of_a_winner_config_is_one_problem(changes, problem):
+    """Not one more per comparison with model_spec against a default filled in after the field was refused."""
+    assert winner_problems(**changes) == [problem]
+
+
+def test_a_winner_config_lists_every_independent_problem_and_reads_16_0_as_16():
+    assert winner_problems(hp_batch_size=16.7, hp_lr=-1.0, seed=True) == [
+        "hyperparameters: batch_size=16.7 is not an integer",
+        "lr: -1.0 is outside [1e-12, inf]",
+        "seed must be an integer, not True",
+    ]
+    assert winner_problems(hp_vit_depth=4) == ["model_spec.vit_depth=3 disagrees with hyperparameters.vit_depth=4"]
+    assert winner_problems(hp_batch_size=16.0) == []
+
+
+def test_final_py_refuses_a_fractional_batch_size_in_one_line_before_training(tmp_path, capsys):
+    from search.final import main
+
+    config = tmp_path / "best_config.yaml"
+    config.write_text(yaml.safe_dump({**WINNER, "hyperparameters": {**WINNER["hyperparameters"], "batch_size": 16.7}}))
+    out = tmp_path / "out"
+    code = main(["--config", str(config), "--out", str(out), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"search/final.py: error: config {config}: hyperparameters: batch_size=16.7 is not an integer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_config.yaml"]  # no run, no store, no results

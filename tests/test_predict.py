@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import replace
 from pathlib import Path
@@ -18,12 +19,12 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import torch
-from helpers import run_script, write_image_folder
+from helpers import mounted_tmpfs, run_script, write_image_folder
 
 from search.inference.model_source import RegisteredModel, model_source
 from search.predict import main
 from search.tracking.schema import MODEL_FILE_IN_MODEL
-from trainables.checkpoint import ModelFile
+from trainables.checkpoint import ModelFile, save_trial_checkpoint
 from trainables.config import Hyperparameters
 from trainables.data import decode_image
 from trainables.models import build_model
@@ -283,6 +284,97 @@ def test_a_folder_of_unreadable_images_is_one_line_exit_2(model_files, tmp_path,
     assert predict("--model", str(model_files["vit"]), "--images", str(broken), "--out", str(out)) == 2
     assert_one_line_error(capsys, "none of the 1 images could be read", "p_skipped.txt")
     assert not out.exists() and (tmp_path / "p_skipped.txt").exists()
+
+
+def trial_checkpoint(path: Path) -> None:
+    """A trial's checkpoint.pt, as save_trial_checkpoint writes it (training state, spec, no classes)."""
+    from trainables.engine import Learner
+
+    spec = ModelSpec("vit", len(CLASSES), SIZES["vit"], pretrained=False, vit_depth=1)
+    learner = Learner(build_model(spec), Hyperparameters(), torch.device("cpu"), "val_acc", 0)
+    save_trial_checkpoint(path.parent, learner, spec, Hyperparameters(), {"val_acc": 0.5})
+
+
+NOT_MODEL_FILES = {
+    "random bytes": (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "not a zip archive"),
+    "text file": (lambda p: p.write_text("epochs: 3\nlr: 0.001\n"), "a text file"),
+    "empty file": (lambda p: p.write_bytes(b""), "an empty file"),
+    "state dict": (
+        lambda p: torch.save(build_model(ModelSpec("vit", 3, 32, pretrained=False, vit_depth=1)).state_dict(), p),
+        "a plain state dict",
+    ),
+    "trial checkpoint": (trial_checkpoint, "a trial's checkpoint, not the study's best_model.pt"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_MODEL_FILES)
+def test_a_file_that_is_no_model_file_is_one_line_of_our_own_exit_2(case, images, tmp_path, capsys):
+    """Never torch's advice to load it with weights_only=False (which would run its pickled code)."""
+    write, cause = NOT_MODEL_FILES[case]
+    model = tmp_path / "checkpoint.pt"
+    write(model)
+    assert predict("--model", str(model), "--images", str(images), "--out", str(tmp_path / "p.csv")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "weights_only" not in err, err
+    assert err.startswith(
+        f"search/predict.py: error: --model {model} is not a model file written by search/final.py or a study ({cause}"
+    ), err
+    assert err.endswith("): give final.py's model.pt (or its results folder) or a study's best_model.pt"), err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_out_in_a_folder_that_cannot_be_written_is_one_line_exit_2_before_predicting(
+    model_files, images, tmp_path, capsys
+):
+    """A real read-only mount: permission bits would say yes to root."""
+    with mounted_tmpfs(tmp_path / "ro", read_only=True) as folder:
+        out = folder / "p.csv"
+        assert predict("--model", str(model_files["vit"]), "--images", str(images), "--out", str(out)) == 2
+        assert_one_line_error(capsys, f"--out {out}: its folder {folder} cannot be written (Read-only file system)")
+        assert not list(folder.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes a folder whatever its permission bits")
+def test_out_in_a_folder_without_write_permission_is_one_line_exit_2(model_files, images, tmp_path, capsys):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o555)
+    try:
+        out = folder / "p.csv"
+        assert predict("--model", str(model_files["vit"]), "--images", str(images), "--out", str(out)) == 2
+        assert_one_line_error(capsys, f"--out {out}: its folder {folder} cannot be written (Permission denied)")
+    finally:
+        folder.chmod(0o755)
+
+
+def test_an_out_that_exists_and_is_no_file_is_refused(model_files, images, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    os.mkfifo(out)
+    assert predict("--model", str(model_files["vit"]), "--images", str(images), "--out", str(out)) == 2
+    assert_one_line_error(capsys, f"--out {out} exists and is not a file")
+
+
+def test_an_out_of_another_user_in_a_sticky_folder_is_refused(model_files, images, tmp_path, monkeypatch, capsys):
+    """/tmp's rule: only the owner of a file (or of the folder) may rename over it. Seen as another user."""
+    sticky = tmp_path / "shared"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    out = sticky / "p.csv"
+    out.write_text("someone else's predictions\n")
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(out).st_uid + 4242)
+    assert predict("--model", str(model_files["vit"]), "--images", str(images), "--out", str(out)) == 2
+    assert_one_line_error(capsys, f"--out {out} exists and belongs to another user in a sticky folder")
+    assert out.read_text() == "someone else's predictions\n"
+
+
+def test_removing_a_partial_csv_never_raises_a_second_error(tmp_path):
+    """The cleanup after a failure: on a read-only mount, unlink of a file that is not there fails too."""
+    from search.inference.pipeline import discard
+
+    with mounted_tmpfs(tmp_path / "ro", read_only=True) as folder:
+        partial = folder / "p.csv.partial"
+        with pytest.raises(OSError, match="Read-only file system"):
+            partial.unlink(missing_ok=True)  # what the cleanup did, raising over the error that stopped the run
+        discard(partial)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

@@ -13,6 +13,8 @@ Standard library only: the search checks a study against it before torch loads.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -146,13 +148,29 @@ class Hyperparameters:
     @classmethod
     def from_dict(cls, config: dict) -> Hyperparameters:
         """Typed values from a dict (Tune's config, a YAML file); unknown names are refused, old value names
-        renamed, and an old record's aug_strength replaced by the knobs it stood for."""
+        renamed, and an old record's aug_strength replaced by the knobs it stood for. A ValueError lists every
+        value that is not of its knob's type (typed says what passes)."""
+        values, problems = cls.typed_values(config)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return cls(**values)
+
+    @classmethod
+    def typed_values(cls, config: dict) -> tuple[dict[str, Any], list[str]]:
+        """The values of config that are of their knob's type, typed; and a problem for each of the others.
+        Bounds are not checked here (value_problem does): a record keeps loading when a bound moves."""
         config = without_aug_strength(config)
-        unknown = sorted(set(config) - set(cls.names()))
+        unknown = sorted(map(str, set(config) - set(cls.names())))
         if unknown:
             raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(cls.names())}")
         types = {f.name: type(f.default) for f in fields(cls)}
-        return cls(**{name: typed(name, renamed(name, value), types[name]) for name, value in config.items()})
+        values, problems = {}, []
+        for name, value in config.items():
+            try:
+                values[name] = typed(name, renamed(name, value), types[name])
+            except ValueError as error:
+                problems.append(str(error))
+        return values, problems
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,13 +253,39 @@ def renamed(name: str, value: object) -> object:
 
 
 def typed(name: str, value: object, kind: type) -> Any:
-    """value as the field's type; a non-finite number is refused (int() of one would overflow)."""
-    if kind in (int, float) and isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{name}={value} is not a finite number")
-    converted = kind(value)
-    if kind is float and not math.isfinite(converted):
+    """value as the field's type, never rounded: an int knob takes an integer, or a float with an integer's
+    value (16.0, as YAML or JSON may write it: 16), and refuses 16.7 as the search-space loader does; a float
+    knob takes any finite number; neither takes a bool (True is no batch size) nor text other than a number's
+    ('1e-5', which YAML 1.1 leaves as text). A text knob takes its value as text."""
+    if kind is str:
+        return str(value)
+    number = plain_number(value)
+    if number is None:
+        raise ValueError(f"{name}={value!r} is not a{'n integer' if kind is int else ' number'}")
+    if not finite(number):
         raise ValueError(f"{name}={value!r} is not a finite number")
-    return converted
+    if kind is int:
+        if number != int(number):
+            raise ValueError(f"{name}={value!r} is not an integer")
+        return int(number)
+    return float(number)
+
+
+def plain_number(value: object) -> int | float | None:
+    """value as a Python int or float (numpy's scalars and a number's text too); None for anything else,
+    a bool among them."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    if isinstance(value, numbers.Integral):
+        return operator.index(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
 
 
 def value_problem(name: str, value: object) -> str | None:

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,27 +106,38 @@ def execute_prediction(prepared: PreparedPrediction) -> int:
     try:
         rows, failures = predict_all(prepared, partial)
     except KeyboardInterrupt:
-        partial.unlink(missing_ok=True)
+        discard(partial)
         print(f"\nstopped: {out} was not written")
         return 130
     except torch.cuda.OutOfMemoryError:
-        partial.unlink(missing_ok=True)
+        discard(partial)
         raise UsageError(f"the GPU ran out of memory at --batch-size {prepared.batch_size}: give fewer") from None
     except BaseException:
-        partial.unlink(missing_ok=True)  # a half-written CSV is no result
+        discard(partial)  # a half-written CSV is no result
         raise
     seconds = time.perf_counter() - start
     list_skipped(out, failures)
     if rows == 0:
-        partial.unlink()
+        discard(partial)
         raise UsageError(f"none of the {len(images.paths)} images could be read: {skipped_file(out)} says why")
-    partial.replace(out)
+    try:
+        partial.replace(out)
+    except OSError as error:  # predict.py checked the folder: something changed it while the images ran
+        discard(partial)
+        raise UsageError(f"cannot write {out} ({error.strerror}): its {rows} predictions were not kept") from None
     print(f"Wrote {out}: {rows} images in {seconds:.1f} s ({rows / seconds:.1f} images/s)")
     if prepared.saliency is not None:
         print(f"Saliency: {prepared.saliency}/ ({rows} overlays)")
     if failures:
         warn_skipped(out, failures, len(images.paths))
     return 0
+
+
+def discard(partial: Path) -> None:
+    """Remove a CSV that will not be whole, if it is there: never a second error on top of the one that
+    stopped the run (a partial never created in a folder that cannot be written, or a read-only mount)."""
+    with suppress(OSError):
+        partial.unlink(missing_ok=True)
 
 
 def predict_all(prepared: PreparedPrediction, partial: Path) -> tuple[int, list[tuple[str, str]]]:

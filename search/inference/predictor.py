@@ -8,6 +8,9 @@ the device's half-precision arithmetic.
 
 from __future__ import annotations
 
+import pickle
+import warnings
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,6 +22,14 @@ from search.errors import UsageError, one_line
 from trainables.checkpoint import ModelFile
 from trainables.models import build_model
 from trainables.spec import ModelSpec
+
+MODEL_FILE_KEYS = ("model", "model_spec", "hyperparameters", "classes", "metrics")
+"""What a model file holds (trainables.checkpoint.ModelFile.save), temperature aside: files before it had none."""
+TRIAL_CHECKPOINT_KEYS = {"model", "optimizer", "model_spec"}
+"""Keys that make a dict a trial checkpoint (trainables.checkpoint.save_trial_checkpoint)."""
+ZIP_MAGIC = b"PK\x03\x04"
+HEAD_BYTES = 512
+"""Bytes read to tell a text file from others."""
 
 
 @dataclass(frozen=True)
@@ -35,17 +46,74 @@ def load_model(path: Path, device: torch.device, shown_as: str) -> LoadedModel:
     """The model of a model file (final.py's model.pt or a study's best_model.pt), its weights loaded;
     `shown_as` names it in the error when the file is not one."""
     try:
-        model_file = ModelFile.load(path)
-    except Exception as error:  # torch.load's unpickling errors and missing keys alike
-        raise UsageError(
-            f"--model {shown_as} is not a model file written by search/final.py or a study ({one_line(error)})"
-        ) from None
+        with warnings.catch_warnings():  # torch's warnings on a file that is no model file (its pickle protocol)
+            warnings.simplefilter("ignore")
+            model_file = ModelFile.load(path)
+    except Exception:  # torch.load's unpickling errors and missing keys alike: say what the file is instead
+        raise UsageError(not_a_model_file(shown_as, what_file_is(path))) from None
     # The weights come from the file: timm must not download its pretrained ones first.
     spec = replace(model_file.spec, pretrained=False)
     network = build_model(spec)
-    network.load_state_dict(model_file.weights)
+    try:
+        network.load_state_dict(model_file.weights)
+    except RuntimeError:  # torch lists every missing and unexpected key: too long to be of use
+        raise UsageError(not_a_model_file(shown_as, "its weights do not fit its model_spec")) from None
     network.requires_grad_(False)  # never trained here; saliency asks for the gradients it needs
     return LoadedModel(network.to(device).eval(), spec, model_file.classes, model_file.temperature, device)
+
+
+def not_a_model_file(shown_as: str, cause: str) -> str:
+    """The one line for a --model that is no model file, with what it is where we can tell."""
+    reason = f" ({cause})" if cause else ""
+    return (
+        f"--model {shown_as} is not a model file written by search/final.py or a study{reason}: give final.py's "
+        f"model.pt (or its results folder) or a study's best_model.pt"
+    )
+
+
+def what_file_is(path: Path) -> str:
+    """What a file that ModelFile.load refused is, in a few words of our own (never torch's advice to load it
+    with weights_only=False, which would run the file's pickled code), or '' where that says nothing useful."""
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(HEAD_BYTES)
+    except OSError as error:
+        return f"it cannot be read: {error.strerror or one_line(error)}"
+    if not head:
+        return "an empty file"
+    if not head.startswith(ZIP_MAGIC):  # torch.save has written zip archives since torch 1.6
+        return "a text file" if is_text(head) else "not a zip archive, as torch.save writes"
+    if not zipfile.is_zipfile(path):
+        return "a torch file cut short, or another damaged zip archive"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return "a torch file holding Python objects, not only tensors and plain values"
+    except Exception:
+        return "a zip archive torch cannot read"
+    return what_state_is(state)
+
+
+def what_state_is(state: object) -> str:
+    """What a torch file's content is, where it is not a model file's dict."""
+    if not isinstance(state, dict):
+        return f"a torch file holding a {type(state).__name__}, not a model file's dict"
+    if state.keys() >= TRIAL_CHECKPOINT_KEYS:
+        return "a trial's checkpoint, not the study's best_model.pt"
+    if state and all(isinstance(value, torch.Tensor) for value in state.values()):
+        return "a plain state dict: weights without the spec and classes to rebuild the model"
+    missing = [key for key in MODEL_FILE_KEYS if key not in state]
+    if missing:
+        return f"a torch file without {', '.join(missing)}"
+    return "a model file whose spec, hyperparameters or classes do not read back"
+
+
+def is_text(head: bytes) -> bool:
+    """Whether a file's first bytes read as UTF-8 text (a character cut at their end is no matter)."""
+    text = head.decode("utf-8", errors="replace").rstrip("\ufffd")
+    return "\ufffd" not in text and all(char.isprintable() or char in "\t\r\n" for char in text)
 
 
 def as_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
