@@ -221,3 +221,20 @@ def test_the_card_lists_the_knobs_of_its_model_and_a_reference_those_every_model
     assert "vit_depth" not in knobs_shown("cnn", values)
     reference = knobs_shown("reference", values)
     assert {"lr", "batch_size", "dropout"} <= set(reference) and not {"vit_depth", "fusion"} & set(reference)
+
+
+def test_the_card_names_the_trial_as_its_study_did_and_an_older_records_id_as_rays():
+    """card_facts takes WinnerConfig.trial_name: t07, or for a best_config.yaml without the name, Ray's id, said so."""
+    from search.final_model.winner import WinnerConfig
+    from trainables.config import Hyperparameters
+
+    def named(**trial) -> str | None:
+        return WinnerConfig("cnn", Hyperparameters(), ["a", "b"], "synthetic", 0, 32, **trial).trial_name
+
+    assert named(trial="t07", trial_id="e5c2dbbe") == "t07"
+    assert named(trial_id="e5c2dbbe") == "e5c2dbbe (Ray's trial id)"
+    assert named() is None
+    assert "- Study `busi-cnn`, trial t07.\n" in card_markdown(facts(trial=named(trial="t07", trial_id="e5c2dbbe")))
+    older = card_markdown(facts(trial=named(trial_id="e5c2dbbe")))
+    assert "- Study `busi-cnn`, trial e5c2dbbe (Ray's trial id).\n" in older
+    assert "- Study `busi-cnn`.\n" in card_markdown(facts(trial=named()))

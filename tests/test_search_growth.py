@@ -177,6 +177,7 @@ def test_a_confirmation_puts_its_retrains_and_the_spread_on_the_study(stores):
     # final.py retrains the confirmed configuration: the search trial's hyperparameters, no seed among them
     best = yaml.safe_load(Path(stores["root"], "ray", "first", "best", "best_config.yaml").read_text())
     searched = next(run for run in runs if run.data.tags["trial"] == winner)
+    assert best["trial"] == winner and searched.info.run_name.endswith(", best")  # named by its search trial
     assert {k: v for k, v in best["hyperparameters"].items() if k in searched.data.params} == {
         k: yaml.safe_load(v) for k, v in searched.data.params.items()
     }

@@ -29,6 +29,7 @@ from search.study.report import (
     drawable,
     importances,
     outcome_counts,
+    tie_line,
     write_plots,
 )
 
@@ -162,11 +163,42 @@ def test_outcome_counts_in_order(built):
 def test_best_epoch_follows_the_mode():
     trial = TrialSummary("t00", "completed", {}, ((1, 0.9), (2, 0.4), (3, math.nan), (4, 0.4)))
     assert trial.best("max") == (1, 0.9)
-    assert trial.best("min") == (2, 0.4)
+    assert trial.best("min") == (4, 0.4)  # the last of equals: the checkpoint Ray keeps, the winner record's epoch
     assert trial.epochs == 4
     assert TrialSummary("t01", "failed", {}, ()).best("max") is None
     with pytest.raises(ValueError, match="increasing"):
         TrialSummary("t02", "completed", {}, ((2, 0.1), (1, 0.2)))
+
+
+def tied_study(scores: dict[str, float], winner_id: str = "", **changes) -> StudySummary:
+    """Trials of two epochs that end on the given best scores; Ray's ids are id_<label>."""
+    trials = tuple(
+        TrialSummary(label, "completed", {}, ((1, score - 0.1), (2, score)), trial_id=f"id_{label}")
+        for label, score in scores.items()
+    )
+    summary = StudySummary("tie", "cnn", "val_acc", "max", 2, 1, 3, CLASSES, len(trials), 60.0, trials)
+    return replace(summary, winner_id=winner_id, **changes)
+
+
+def test_a_shared_best_score_is_a_tie_the_earliest_trial_wins_and_the_note_says_so():
+    # In MLflow's order the trials come by label text: t100 (an extension's) before t99. The rule is by number.
+    summary = tied_study({"t100": 0.4205, "t99": 0.4205, "t07": 0.3, "t12": 0.4205})
+    assert [trial.label for trial in summary.ranked()] == ["t12", "t99", "t100", "t07"]
+    assert summary.best_trial is not None and summary.best_trial.label == "t12"
+    line = "Tie: t12, t99 and t100 all reached val_acc 0.4205; t12 won: a tie goes to the earliest trial."
+    assert tie_line(summary) == line
+    winner = {"trial": "t12", "trial_id": "id_t12", "metric": "val_acc", "best_value": 0.4205, "best_epoch": 2}
+    note = describe(replace(summary, winner_id="id_t12"), winner, {})
+    assert note.splitlines()[:3] == ["best val_acc 0.4205 (chance 0.0909), trial t12 at epoch 2", "", line]
+    two = tied_study({"t00": 0.5, "t01": 0.5})
+    assert tie_line(two) == "Tie: t00 and t01 both reached val_acc 0.5000; t00 won: a tie goes to the earliest trial."
+
+
+def test_no_tie_line_without_a_tie_or_where_a_confirmation_chose():
+    assert tie_line(tied_study({"t00": 0.5, "t01": 0.4999})) is None
+    retrain = TrialSummary("t00 seed 1", "completed", {}, ((1, 0.5),), trial_id="id_retrain")
+    assert tie_line(tied_study({"t00": 0.5, "t01": 0.5}, retrains=(retrain,))) is None
+    assert "Tie:" not in describe(tied_study({"t00": 0.5}), None, {})
 
 
 # ---------------------------------------------------------------- importances

@@ -89,6 +89,7 @@ class CardFacts:
     # where it came from
     study: str | None
     trial: str | None
+    """The trial as its study named it (t07); Ray's id, said to be one, for an older best_config.yaml."""
     config_source: str
     """'study NAME', 'trial run ID', 'config FILE'."""
     search_metric: str
@@ -151,7 +152,7 @@ def card_facts(
         synthetic=index.is_synthetic,
         smoke=config.smoke,
         study=config.study,
-        trial=config.trial_id,
+        trial=config.trial_name,
         config_source=config.source,
         search_metric=config.metric,
         search_best=config.best_value,

@@ -3,6 +3,10 @@ described (its model card as the version's description, its key facts as tags)."
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -18,6 +22,9 @@ from search.tracking.schema import FINAL_MODEL_FILE
 MODEL_ARTIFACT = "model"
 EXAMPLE_GREY = 0.5
 """The input example's one pixel value (see example_input)."""
+REGISTRY_LINES = ("Successfully registered model ", "Registered model ", "Created version ")
+"""How MLflow's lines about a registration start (mlflow.tracking._model_registry.fluent prints them to stderr):
+final.py says itself which version it registered."""
 
 
 class CalibratedSoftmax(nn.Module):
@@ -81,25 +88,66 @@ def log_model(
         experiment_id=run.info.experiment_id,
         params=run.data.params,  # as log_model does when it creates the model itself
     )
-    info = mlflow.pytorch.log_model(
-        scoring,
-        name=MODEL_ARTIFACT,
-        model_id=logged.model_id,
-        run_id=run_id,  # links the model to the run as its output (the run's Models column)
-        # Tensor specs (-1, 3, H, W) float32 in, (-1, C) out: the scoring server then takes {"inputs": [...]}.
-        signature=infer_signature(example, output),
-        input_example=example,  # saved as serving_input_example.json, a valid /invocations request
-        registered_model_name=register_name,
-        serialization_format="pt2",
-        pip_requirements=pinned("torch", "numpy"),  # stated, not inferred: inference reloads the model
-        extra_files=[str(model_file)],  # stored as MODEL_FILE_IN_MODEL
-    )
+    with lines_hidden(REGISTRY_LINES):  # final.py's own line names the version
+        info = mlflow.pytorch.log_model(
+            scoring,
+            name=MODEL_ARTIFACT,
+            model_id=logged.model_id,
+            run_id=run_id,  # links the model to the run as its output (the run's Models column)
+            # Tensor specs (-1, 3, H, W) float32 in, (-1, C) out: the scoring server then takes {"inputs": [...]}.
+            signature=infer_signature(example, output),
+            input_example=example,  # saved as serving_input_example.json, a valid /invocations request
+            registered_model_name=register_name,
+            serialization_format="pt2",
+            pip_requirements=pinned("torch", "numpy"),  # stated, not inferred: inference reloads the model
+            extra_files=[str(model_file)],  # stored as MODEL_FILE_IN_MODEL
+        )
     return {
         "name": register_name,
         "version": int(info.registered_model_version),
         "model_uri": info.model_uri,
         "model_id": info.model_id,
     }
+
+
+class LineFilter(io.TextIOBase):
+    """A text stream that passes whole lines on to `target`, less those that start with one of `prefixes`."""
+
+    def __init__(self, target, prefixes: tuple[str, ...]):
+        self.target, self.prefixes, self.pending = target, prefixes, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if not line.startswith(self.prefixes):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def close_pending(self) -> None:
+        """A last line without its newline, passed on (or dropped) all the same."""
+        if self.pending and not self.pending.startswith(self.prefixes):
+            self.target.write(self.pending)
+        self.pending = ""
+
+
+@contextlib.contextmanager
+def lines_hidden(prefixes: tuple[str, ...]) -> Iterator[None]:
+    """Within the block, lines written to sys.stderr that start with one of `prefixes` are dropped; every other
+    line (a warning, MLflow's own log) still reaches the terminal. MLflow writes to whatever sys.stderr is when
+    it prints, so the swap reaches its lines."""
+    filtered = LineFilter(sys.stderr, prefixes)
+    try:
+        with contextlib.redirect_stderr(filtered):
+            yield
+    finally:
+        filtered.close_pending()
+        filtered.flush()
 
 
 def describe_version(client, registered: dict, card: str, tags: dict[str, str]) -> None:

@@ -8,6 +8,7 @@ piece can be checked on a study built in memory.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -20,8 +21,8 @@ import optuna
 from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
+from search.study.chance import at_chance, chance_level
 from search.study.pareto import Tradeoff, front_markdown
-from trainables.config import METRIC_MODES
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -34,6 +35,9 @@ TOP_TRIALS = 5
 IMPORTANCE_SEED = 0
 """Seeds fANOVA's random forest: the same study gives the same importances every time."""
 DPI = 120
+TIE_RULE = "a tie goes to the earliest trial"
+"""How the study's winner is chosen among trials with the same best score: the lowest trial number (an extended
+study's earlier winner stays too). The driver's export (best_checkpoint) and ranked() follow it."""
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,13 @@ class TrialSummary:
             raise ValueError(f"trial {self.label}: curve epochs {epochs} are not increasing from 1")
 
     def best(self, mode: str) -> tuple[int, float] | None:
-        """(epoch, value) of the best epoch, the first of equals; None before any result. NaN epochs never win."""
+        """(epoch, value) of the best epoch, the last of equals: the checkpoint Ray keeps of a trial (among equal
+        scores, the newer), whose epoch the winner record gives; None before any result. NaN epochs never win."""
         points = [(epoch, value) for epoch, value in self.curve if not math.isnan(value)]
         if not points:
             return None
-        better = max if mode == "max" else min
-        return better(points, key=lambda point: point[1])
+        sign = 1.0 if mode == "max" else -1.0
+        return max(points, key=lambda point: (sign * point[1], point[0]))
 
     @property
     def epochs(self) -> int:
@@ -106,16 +111,24 @@ class StudySummary:
     tradeoff: Tradeoff | None = None
     """A multi-objective study's trials as metric against cost, with its Pareto front; None for one objective.
     Such a study has no ASHA: its trials stop themselves (early_stop_patience) or at the budget."""
+    train_images: int = 0
+    """Images of the train split a trial trains on each epoch (0: not known)."""
+    val_images: int = 0
+    """Images of the val split a trial is scored on (0: not known)."""
+    pretrained: bool = True
+    """The trials started from pretrained backbones (False: random weights, --no-pretrained)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("max", "min"):
             raise ValueError(f"mode {self.mode!r}: use 'max' or 'min'")
 
     def ranked(self) -> list[TrialSummary]:
-        """Trials with a result, best first (ties keep trial order): Ray's scope='all', every epoch of every trial."""
+        """Trials with a result, best first, equals earliest first (TIE_RULE): Ray's scope='all', every epoch of
+        every trial."""
         sign = -1.0 if self.mode == "max" else 1.0
         scored = [(trial, best) for trial in self.trials if (best := trial.best(self.mode)) is not None]
-        return [trial for trial, _ in sorted(scored, key=lambda item: sign * item[1][1])]
+        ranked = sorted(scored, key=lambda item: (sign * item[1][1], trial_order(item[0].label)))
+        return [trial for trial, _ in ranked]
 
     @property
     def best_trial(self) -> TrialSummary | None:
@@ -136,6 +149,35 @@ class StudySummary:
         return chance_level(self.metric, self.num_classes)
 
 
+def trial_order(label: str) -> tuple[int, ...]:
+    """Where a trial stands in its study, from its name: t07 -> (7,), a confirmation's "t07 seed 2" -> (7, 2).
+    By number, not by text: an extended study's names grow wider (t99, then t100)."""
+    return tuple(int(number) for number in re.findall(r"\d+", label))
+
+
+def tied_best(summary: StudySummary) -> list[TrialSummary]:
+    """The trials that share the winner's best score, the winner first (TIE_RULE); [] where no other trial has it,
+    or where a confirmation chose the winner (by its retrains' mean, not by this score)."""
+    winner = summary.best_trial
+    best = winner.best(summary.mode) if winner is not None else None
+    if best is None or summary.retrains:
+        return []
+    tied = [trial for trial in summary.ranked() if (trial.best(summary.mode) or (0, math.nan))[1] == best[1]]
+    return tied if len(tied) > 1 and tied[0] is winner else []
+
+
+def tie_line(summary: StudySummary) -> str | None:
+    """'Tie: t00 and t03 both reached val_acc 0.4205; t00 won: a tie goes to the earliest trial.', or None."""
+    tied = tied_best(summary)
+    if not tied:
+        return None
+    names = [trial.label for trial in tied]
+    listed = f"{', '.join(names[:-1])} and {names[-1]}"
+    each = "both" if len(names) == 2 else "all"
+    value = (tied[0].best(summary.mode) or (0, math.nan))[1]
+    return f"Tie: {listed} {each} reached {summary.metric} {value:.4f}; {names[0]} won: {TIE_RULE}."
+
+
 def asha_rungs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
     """The epochs at which Ray's ASHAScheduler compares a trial with the others, ascending.
 
@@ -152,23 +194,6 @@ def asha_rungs(grace_period: int, reduction_factor: int, max_t: int) -> list[int
         rungs.append(rung)
         rung *= reduction_factor
     return rungs
-
-
-def chance_level(metric: str, num_classes: int) -> float:
-    """What guessing scores on `num_classes` classes, the floor a trial must clear to have learnt anything.
-
-    - val_acc: a uniform guess is right 1/C of the time (so is always guessing one class, on balanced classes).
-    - val_balanced_acc: 1/C for any guess that ignores the image, even a constant one: the mean of the
-      per-class recalls, and a blind guess recalls each class as often as it names it (shares summing to 1).
-    - val_macro_f1: 1/C under uniform random guessing on balanced classes (each class's precision and recall
-      are 1/C); less on imbalanced classes, so 1/C is the bar to clear.
-    - val_loss: ln(C), the cross-entropy of predicting the uniform distribution, whatever the true class.
-    """
-    if metric not in METRIC_MODES:
-        raise ValueError(f"metric {metric!r}: choose one of {', '.join(METRIC_MODES)}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes {num_classes}: a classifier needs at least 2")
-    return math.log(num_classes) if metric == "val_loss" else 1.0 / num_classes
 
 
 def outcome_counts(trials: Iterable[TrialSummary]) -> dict[str, int]:
@@ -247,9 +272,15 @@ def describe(summary: StudySummary, winner: dict | None, knobs: dict[str, Any]) 
     else:
         headline = (
             f"best {winner['metric']} {winner['best_value']:.4f} (chance {chance:.4f}), "
-            f"trial {label_of(summary, winner['trial_id'])} at epoch {winner['best_epoch']}"
+            f"trial {winner_label(summary, winner)} at epoch {winner['best_epoch']}"
         )
-    lines = [headline, "", f"{counts_line(summary)}; elapsed {duration(summary.elapsed_s)}.", "", asha_line(summary)]
+    lines = [headline]
+    if winner is not None and (tie := tie_line(summary)):
+        lines += ["", tie]
+    stuck = at_chance(summary)
+    if stuck is not None:
+        lines += ["", stuck.line(summary)]
+    lines += ["", f"{counts_line(summary)}; elapsed {duration(summary.elapsed_s)}.", "", asha_line(summary)]
     ranked = summary.ranked()
     if ranked:
         lines += ["", f"## Top {min(TOP_TRIALS, len(ranked))} trials", "", *top_table(summary)]
@@ -270,6 +301,11 @@ def describe(summary: StudySummary, winner: dict | None, knobs: dict[str, Any]) 
             f"    python search/final.py --study {summary.name}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def winner_label(summary: StudySummary, winner: dict) -> str:
+    """The winner's name (t07) as its record gives it; for a record older than the name, its trial's by Ray's id."""
+    return winner.get("trial") or label_of(summary, winner["trial_id"])
 
 
 def label_of(summary: StudySummary, trial_id: str) -> str:

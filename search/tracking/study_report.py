@@ -7,6 +7,7 @@ the report covers the whole study, not one session of it.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from search.study.report import StudySummary, TrialSummary, describe, importance
 from search.tracking.runs_view import runs_view, save_runs_view
 from search.tracking.schema import (
     CONFIRM_ROLE,
+    DATA_SUMMARY,
     ELAPSED_METRIC,
     PARENT_TAG,
     ROLE_TAG,
@@ -38,6 +40,7 @@ from search.tracking.schema import (
     TRIAL_ID_TAG,
     TRIAL_LABEL_TAG,
 )
+from search.tracking.store import read_artifact
 from trainables.config import knobs_of
 
 NOTE_TAG = "mlflow.note.content"
@@ -58,6 +61,7 @@ def study_summary(
     """The study as its MLflow runs record it: settings, elapsed time, every trial's outcome and curve, and
     its knobs as Optuna sampled them (typed; MLflow keeps params as text); `winner`: export_best's record."""
     parent = client.get_run(parent_id)
+    data = json.loads(read_artifact(client, parent_id, DATA_SUMMARY) or "{}")  # images per split
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50_000
     )
@@ -87,6 +91,9 @@ def study_summary(
         winner_id=search_trial_of(winner["trial_id"], trials, retrains) if winner else "",
         retrains=retrains,
         tradeoff=tradeoff(config, study, trials),
+        train_images=int(data.get("train_images", 0)),
+        val_images=int(data.get("val_images", 0)),
+        pretrained=config.pretrained,
     )
 
 
@@ -157,7 +164,7 @@ def log_study_report(
             parent_id, metrics=[Metric(f"importance/{name}", value, stamp, 0) for name, value in scores.items()]
         )
     experiment_id = client.get_run(parent_id).info.experiment_id
-    save_runs_view(client, experiment_id, config, runs_view(config, parent_id, knobs, tuple(scores)))
+    save_runs_view(client, experiment_id, config, runs_view(config, knobs, tuple(scores)))
     return summary
 
 
