@@ -72,7 +72,44 @@ def test_trials_that_diverge_are_failed_and_the_study_goes_on(tmp_path):
         assert "lower the learning rate" in child.data.tags["failure"]
         assert "\n" not in child.data.tags["failure"]
     assert all(c.data.params["lr"] == "0.001" for c in healthy)
-    assert "failed: " in result.stdout
+    # One line per failed trial, Tune's ERROR and its traceback not at all: the exception and where the whole is.
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "ERROR" not in output, output[-3000:]
+    lines = [line for line in result.stdout.splitlines() if " failed: " in line]
+    assert sorted(line.split()[0] for line in lines) == sorted(c.data.tags["trial"] for c in failed)
+    for line in lines:
+        assert line.split(" failed: ")[1].startswith("NonFiniteLoss: training loss became ")
+        error_file = Path(line.removesuffix(")").rpartition(" (full log: ")[2])
+        assert error_file.is_absolute() and "NonFiniteLoss" in error_file.read_text(), line
+
+
+def test_a_failed_or_retried_trial_is_one_line_naming_its_exception_and_its_whole_log(tmp_path, capsys):
+    """What EpochPrinter prints for a trial that failed (or will be retried): the exception without its module
+    path, and where Ray keeps the traceback, a bucket's as a URI."""
+    from types import SimpleNamespace
+
+    from search.study.console import EpochPrinter
+    from search.tracking.schema import TrialNames
+
+    staged = tmp_path / "staged" / "error.txt"  # Ray writes it on the driver first, then copies it to the storage
+    staged.parent.mkdir()
+    staged.write_text("Failure # 1\nTraceback (most recent call last):\n  ...\ntrainables.engine.NonFiniteLoss: nan\n")
+
+    def trial(kind: str, folder: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            experiment_tag="1_lr=1e9", error_file=str(staged), path=folder, max_failures=1,
+            run_metadata=SimpleNamespace(error_filename="error.txt", num_failures=1),
+            storage=SimpleNamespace(storage_filesystem=SimpleNamespace(type_name=kind)),
+        )  # fmt: skip
+
+    printer = EpochPrinter(1, "val_acc", TrialNames(3))
+    printer.on_trial_error(0, [], trial("local", "/abs/ray_results/s/train_trial_1"))
+    printer.on_trial_recover(0, [], trial("s3", "bucket/studies/s/train_trial_1"))
+    assert capsys.readouterr().out.splitlines() == [
+        "t00 failed: NonFiniteLoss: nan (full log: /abs/ray_results/s/train_trial_1/error.txt)",
+        "t00 failed, retried from its last checkpoint (1 of 1): NonFiniteLoss: nan "
+        "(full log: s3://bucket/studies/s/train_trial_1/error.txt)",
+    ]
 
 
 def start_study(tmp_path: Path, name: str, trials: int = TRIALS, concurrent: int = 1) -> subprocess.Popen:
@@ -87,12 +124,15 @@ def start_study(tmp_path: Path, name: str, trials: int = TRIALS, concurrent: int
     )
 
 
-def wait_for_first_epoch(process: subprocess.Popen, timeout: float = 300) -> str:
+def wait_for_first_epoch(process: subprocess.Popen, timeout: float = 300, started: int = 1) -> str:
+    """The study's output up to its first epoch line, once `started` trials have started (on a busy machine the
+    second of two trials at once can start after the first one's first epoch)."""
     seen, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         seen.append(line)
-        if " epoch  1/" in line:
+        epochs = any(" epoch  1/" in earlier for earlier in seen)
+        if epochs and sum(" started: " in earlier for earlier in seen) >= started:
             return "".join(seen)
         if not line and process.poll() is not None:
             break
@@ -115,7 +155,8 @@ def assert_resumed_completely(tmp_path: Path, name: str, trials: int = TRIALS) -
         assert child.data.tags["trial_status"] in ("completed", "pruned", "failed")
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
         assert steps == sorted(set(steps)) and steps[0] == 1  # metrics continue, none repeated
-        assert child.info.run_name == f"{child.data.tags['trial']} {child.data.tags['trial_status']}"
+        won = ", best" if child.data.tags["trial"] == parents[0].data.tags["best_trial"] else ""  # the winner's
+        assert child.info.run_name == f"{child.data.tags['trial']} {child.data.tags['trial_status']}{won}"
     parent = parents[0]
     assert "best_val_acc" in parent.data.metrics
     # The resumed study explains itself from all its trials, and Optuna holds each trial once, told once.
@@ -138,9 +179,10 @@ def assert_optuna_matches(tmp_path: Path, name: str, children: list) -> None:
 
 
 def interrupt_after_first_epoch(tmp_path: Path, name: str, **study) -> str:
-    """Start a study and press Ctrl-C once it reports its first epoch; its output, having exited with 130."""
+    """Start a study and press Ctrl-C once it reports its first epoch with all its trials at once started; its
+    output, having exited with 130."""
     process = start_study(tmp_path, name, **study)
-    wait_for_first_epoch(process)
+    wait_for_first_epoch(process, started=study.get("concurrent", 1))
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 130, output[-3000:]
@@ -162,6 +204,7 @@ def test_ctrl_c_in_the_last_wave_interrupts_the_study_rather_than_finishing_it(t
     """Every trial running when Ctrl-C comes: Ray stops them all and returns as if done; the study is not."""
     output = interrupt_after_first_epoch(tmp_path, "last-wave", trials=2, concurrent=2)
     assert "Study last-wave interrupted" in output and "Best trial" not in output
+    assert "Tuner.restore" not in output and "WARNING" not in output, output  # Tune's advice is not this tool's
     _, parents, children = study_runs(tmp_path, "last-wave")
     assert [p.info.status for p in parents] == ["KILLED"]
     assert sorted(c.data.tags["trial_status"] for c in children) == ["interrupted", "interrupted"]

@@ -2,8 +2,8 @@
 
 One vit --smoke study for the module, run as a user runs it: search/run.py in its own
 process, from a folder laid out like the project (its spaces/), with the default store,
-Optuna database, Ray folder and cache, all relative to it. Four trials, so that ASHA
-prunes some and (usually three) complete: enough for the parameter importances and the
+Optuna database, Ray folder and cache, all relative to it. Five trials, one at a time, so
+that ASHA prunes one and four complete, every time: enough for the parameter importances and the
 plots that compare trials. A one-trial --verbose study shows Ray's own output; refused
 starts show that a study's name is checked in the MLflow store and the Optuna database.
 """
@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from search.study.config import SMOKE
 from search.study.spaces import load_space
 
-NAME, MODEL, TRIALS, CLASSES = "record", "vit", 4, 11
+NAME, MODEL, TRIALS, CLASSES = "record", "vit", 5, 11
 SMOKE_STUDY = ("--model", MODEL, "--smoke", "--data", "synthetic", "--no-pretrained", "--gpus-per-trial", "0")
 OUTCOMES = ("completed", "pruned", "failed")
 OPTUNA_STATES = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}
@@ -115,9 +115,12 @@ def trial_of(run) -> str:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Record:
     root = project_folder(tmp_path_factory, "record")
-    # Seed 1: its 4 trials draw configurations of which ASHA lets at least 2 complete (3 of 4 when measured),
-    # so the importances and plots have trials to compare; seed 0's left 1 since augmentation got its own knobs.
-    result, seconds = run_in(root, *SMOKE_STUDY, "--trials", str(TRIALS), "--name", NAME, "--seed", "1")
+    # One trial at a time, so that what ASHA stops does not depend on which trial's epoch comes first on a busy
+    # machine; seed 3's 5 trials then always leave 4 completed, of 4 different scores (t02 pruned), so the
+    # importances and plots have trials to compare. (Two at a time, seed 1's left t00 and t03 alone at one score
+    # whenever ASHA stopped t01: nothing to compare them by.)
+    args = ("--trials", str(TRIALS), "--name", NAME, "--seed", "3", "--max-concurrent", "1")
+    result, seconds = run_in(root, *SMOKE_STUDY, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return read_record(root, NAME, result.stdout + result.stderr, seconds)
 
@@ -151,7 +154,8 @@ def test_a_trial_run_is_named_by_its_number_and_once_ended_by_its_outcome(study)
     for run in study.children:
         outcome = run.data.tags["trial_status"]
         assert outcome in OUTCOMES and run.info.status == ("FAILED" if outcome == "failed" else "FINISHED")
-        assert run.info.run_name == f"{trial_of(run)} {outcome}"
+        won = ", best" if run.info.run_id == study.winner_run.info.run_id else ""  # the winner, as the table shows it
+        assert run.info.run_name == f"{trial_of(run)} {outcome}{won}"
     # The runs table shows the start of a name first: there, every trial's name differs.
     assert len({run.info.run_name[:3] for run in study.children}) == TRIALS
 
@@ -208,13 +212,34 @@ def test_the_experiment_opens_on_the_training_view_with_the_studys_shared_view(s
     assert f"then open http://127.0.0.1:5000/{url}" in study.console
 
 
+def test_the_view_shows_the_best_score_first_the_winner_by_its_name_and_the_final_runs_score(study):
+    """What the runs table shows in a 1600 px window beside MLflow's Assistant panel: the run's name, then the best
+    score (no Dataset column of 300 px before it), then a final retrain's test score."""
+    view = json.loads(study.experiment.tags[f"mlflow.sharedViewState.{NAME}"])
+    first = ["metrics.`best_val_acc`", "metrics.`test_acc`", "attributes.`Models`"]
+    assert view["selectedColumns"][:3] == view["columnOrder"][:3] == first
+    assert not [name for name in view["selectedColumns"] if "Dataset" in name]
+    assert view["columnWidths"] == {"metrics.`best_val_acc`": 136}
+    # A shared view drops what it cannot keep (MLflow 3.17): rows neither pinned nor expanded by it.
+    assert not {"runsExpanded", "runsPinned"} & set(view)
+    names = [run.info.run_name for run in study.children]
+    winner = study.winner_run
+    assert [name for name in names if name.endswith(", best")] == [
+        f"{trial_of(winner)} {winner.data.tags['trial_status']}, best"
+    ]
+    # The winner's name, not Ray's id, wherever a person reads it.
+    label = trial_of(study.winner_run)
+    assert study.winner["trial"] == label and study.parent.data.tags["best_trial"] == label
+    assert study.parent.data.tags["best_trial_id"] == study.winner["trial_id"]
+
+
 def test_the_winner_is_a_logged_model_of_the_studys_run(study):
     parent_id = study.parent.info.run_id
     assert {a.path for a in study.client.list_artifacts(parent_id, "best")} == {"best/best_config.yaml"}
     (model,) = study.client.search_logged_models([study.experiment.experiment_id])
     assert model.name == f"{NAME}-best" and model.source_run_id == parent_id and model.status == "READY"
     assert [output.model_id for output in study.parent.outputs.model_outputs] == [model.model_id]
-    assert model.tags["trial"] == study.winner["trial_id"]
+    assert model.tags["trial"] == trial_of(study.winner_run)
     assert {a.path for a in study.client.list_logged_model_artifacts(model.model_id)} == {
         "best_model.pt",
         "best_config.yaml",
@@ -319,6 +344,20 @@ def test_the_closing_lines_name_the_winner_its_knobs_and_where_to_look(study):
     assert f"Optuna:     optuna-dashboard {study.optuna_url}" in study.console
 
 
+def test_a_shared_best_score_goes_to_the_earliest_trial_and_the_closing_lines_and_note_say_so(study):
+    """The earliest of the trials at the best score won, and a tie, where there is one, is said."""
+    best = study.winner["best_value"]
+    tied = [trial_of(run) for run in study.children if run.data.metrics.get("best_val_acc") == best]
+    assert trial_of(study.winner_run) == tied[0]  # the children are in label order
+    note = study.parent.data.tags["mlflow.note.content"]
+    if len(tied) == 1:
+        assert "Tie:" not in study.console + note
+        return
+    names = f"{', '.join(tied[:-1])} and {tied[-1]} {'both' if len(tied) == 2 else 'all'}"
+    line = f"Tie: {names} reached val_acc {best:.4f}; {tied[0]} won: a tie goes to the earliest trial."
+    assert line in study.console.splitlines() and line in note.splitlines()
+
+
 def test_the_study_writes_beside_the_project_and_never_to_mlruns(study):
     assert {path.name for path in study.root.iterdir()} >= {"mlflow", "ray_results", ".cache", "spaces"}
     assert (study.root / "ray_results" / NAME / "best" / "best_model.pt").is_file()
@@ -412,3 +451,81 @@ def test_a_running_trials_run_is_named_by_its_number_then_by_how_it_ended(tmp_pa
     assert crashed_run.data.tags["failure"] == "RuntimeError: out of memory"
     history = client.get_metric_history(callback.run_ids[done.trial_id], "best_val_acc")
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (3, 0.7)]
+
+
+def test_a_tie_goes_to_the_earliest_trial_in_the_export_the_runs_names_and_the_closing_lines(tmp_path, capsys):
+    """Three trials end on one score, Ray listing the latest first: the export, the report's ranking, the
+    winner's run name and the closing lines all name the earliest, and say it was a tie."""
+    from search.study.console import print_closing
+    from search.study.driver import best_checkpoint, trial_labels
+    from search.study.report import StudySummary, TrialSummary
+    from search.tracking.store import get_or_create_experiment, mlflow_client
+    from search.tracking.study_run import name_the_winner
+    from search.tracking.trials import MlflowTrials
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow_client(uri)
+    experiment_id = get_or_create_experiment(client, MODEL, uri)
+    parent_id = client.create_run(experiment_id, run_name="s", tags={"study": "s"}).info.run_id
+    dataset = {"name": "synthetic", "digest": "0", "source_type": "code", "source": "{}", "profile": "{}"}
+    config = study_config(name="s", trials=3)
+    callback = MlflowTrials(uri, experiment_id, parent_id, config, dataset)
+    trials = [
+        SimpleNamespace(trial_id=f"ray{9 - n}", experiment_tag=f"{n}_lr=0.001", config={"n": n}) for n in (1, 2, 3)
+    ]
+    for trial in trials:
+        callback.on_trial_start(0, [], trial)
+        trial.last_result = {"epoch": 2, "val_acc": 0.4205, "finished": True}
+        callback.on_trial_complete(0, [], trial)
+
+    labels = trial_labels(client, parent_id)
+    assert labels == {"ray8": "t00", "ray7": "t01", "ray6": "t02"}
+    results = [
+        SimpleNamespace(
+            config=trial.config,
+            best_checkpoints=[(f"checkpoint of {trial.trial_id}", {"val_acc": 0.4205, "trial_id": trial.trial_id})],
+        )
+        for trial in reversed(trials)
+    ]
+    assert best_checkpoint(results, config, labels=labels) == ("checkpoint of ray8", 0.4205, "ray8")
+    assert best_checkpoint(results[:2], config, labels=labels)[2] == "ray7"  # t02 and t01: t01
+
+    def names() -> list[str]:
+        runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+        return sorted(run.info.run_name for run in runs)
+
+    name_the_winner(client, parent_id, {"trial": "t00", "trial_id": "ray8"})
+    assert names() == ["t00 completed, best", "t01 completed", "t02 completed"]
+    name_the_winner(client, parent_id, {"trial": "t01", "trial_id": "ray7"})  # an extension's new winner
+    assert names() == ["t00 completed", "t01 completed, best", "t02 completed"]
+
+    summary = StudySummary(
+        "s",
+        "cnn",
+        "val_acc",
+        "max",
+        2,
+        1,
+        3,
+        11,
+        3,
+        30.0,
+        tuple(TrialSummary(labels[t.trial_id], "completed", {}, ((1, 0.3), (2, 0.4205)), t.trial_id) for t in trials),
+        winner_id="ray8",
+    )
+    assert [trial.label for trial in summary.ranked()] == ["t00", "t01", "t02"]
+    best = {
+        "trial": "t00",
+        "trial_id": "ray8",
+        "metric": "val_acc",
+        "best_value": 0.4205,
+        "best_epoch": 2,
+        "hyperparameters": {"lr": 0.001},
+    }
+    print_closing(config, best, str(tmp_path / "best"), experiment_id, summary)
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("Best trial t00: val_acc = 0.4205 (chance 0.0909) at epoch 2")
+    assert (
+        lines[start + 1]
+        == "Tie: t00, t01 and t02 all reached val_acc 0.4205; t00 won: a tie goes to the earliest trial."
+    )

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from search.cli import bars_wanted, require_pretrained, weights_files
-from search.errors import UsageError
+from search.errors import UsageError, one_line
 from search.final_model.calibration import CALIBRATION_SPLIT, LabelledLogits
 from search.final_model.card import DESCRIPTION_LIMIT, MODEL_CARD_FILE, card_facts, card_markdown, card_tags
 from search.final_model.export import ONNX_FILE, ExportMismatch, export_onnx
@@ -43,13 +43,15 @@ from search.final_model.report import (
     plot_reliability,
     summary_lines,
 )
+from search.final_model.sources import study_split_record
+from search.final_model.study_split import retrain_index
 from search.final_model.winner import WinnerConfig
-from search.study.config import FULL, SMOKE
+from search.study.config import FULL
 from search.tracking.schema import FINAL_MODEL_FILE, FINAL_ROLE, ROLE_TAG, STUDY_TAG, mlflow_lines, run_page
 from search.tracking.store import get_or_create_experiment, log_data_input, log_params, mlflow_client
 from search.tracking.study_run import data_record
 from trainables.checkpoint import ModelFile
-from trainables.data import CachedSplit, DataError, DatasetIndex, index_source, prepare_splits, subsample
+from trainables.data import CachedSplit, DataError, DatasetIndex, index_source, prepare_splits
 from trainables.engine import (
     EVAL_BATCH_FACTOR,
     EpochResult,
@@ -63,6 +65,10 @@ from trainables.engine import (
 from trainables.models import build_model
 from trainables.spec import REFERENCE, ModelSpec, backbones_of, validate_spec
 
+EXPORT_FAILED = 1
+"""final.py's exit status when the retrain was registered but --export's file failed (and was left out)."""
+EXPORT_FAILED_TAG = "export_failed"
+"""The final run's tag saying why --export's file is missing."""
 RESULT_FILES = (
     "config.yaml",
     "classes.json",
@@ -79,7 +85,8 @@ class PreparedFinal:
     config: WinnerConfig
     spec: ModelSpec
     index: DatasetIndex
-    """The study's split (same source, seed and smoke subsample), plus 'trainval'."""
+    """The study's split (its split.json's images, or, for a study without one, cut again with its seed), plus
+    'trainval'."""
     train: CachedSplit
     """train+val, or train alone with --keep-val."""
     val: CachedSplit | None
@@ -107,18 +114,23 @@ class PreparedFinal:
 # ---------------------------------------------------------------- prepare
 
 
-def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFinal:
+def prepare_final(
+    args: argparse.Namespace, config: WinnerConfig, split_of: WinnerConfig | None = None
+) -> PreparedFinal:
+    """Everything that can fail on bad input, checked before anything is written. The split is the study's own:
+    that of the study `config` comes from, or of `split_of`'s (compare.py's reference model, tested on the studies'
+    test images), as its split.json recorded it (study_split)."""
     hp = config.hyperparameters
     data = args.data or config.data
     try:
-        # The study's seed, whatever --seed says: a different split would leak search images into the test.
-        index = index_source(data, config.seed)
+        # The study's seed, whatever --seed says: for a study without a split record, the split is cut again.
+        current = index_source(data, config.seed)
     except DataError as error:
         raise UsageError(str(error)) from None
-    if config.smoke:
-        index = subsample(index, SMOKE.per_class or {}, config.seed)  # the very subsample the study drew
-    if index.classes != config.classes:
-        raise UsageError(class_mismatch(index.source, index.classes, config))
+    if current.classes != config.classes:
+        raise UsageError(class_mismatch(current.source, current.classes, config))
+    record, unchecked = study_split_record(args.tracking_uri, split_of or config)
+    index = retrain_index(current, config, record, unchecked)
 
     weights = weights_files(args.weights)
     spec = ModelSpec(
@@ -158,12 +170,14 @@ def prepare_final(args: argparse.Namespace, config: WinnerConfig) -> PreparedFin
         "model": config.model,
         "source": config.source,
         "study": config.study,
+        "trial": config.trial,
         "trial_id": config.trial_id,
         "train_on": "train" if args.keep_val else "train+val",
         "epochs": epochs,
         "img_size": config.img_size,
         "seed": seed,
         "split_seed": config.seed,
+        "split_from": "study_record" if record is not None else "seed",  # the study's split.json, or cut again
         "data": index.source,
         "smoke": config.smoke,
         "pretrained": spec.pretrained,
@@ -250,8 +264,8 @@ def execute_final(final: PreparedFinal) -> int:
                 f"Early stopping on {config.metric}: testing the weights of epoch {trained_epochs} of {learner.epoch}"
             )
         result = evaluate_once(final, learner)
-        registered = finish(final, client, run_id, learner, result, trained_epochs)
-        status = "FINISHED"
+        registered, export_failure = finish(final, client, run_id, learner, result, trained_epochs)
+        status = "FINISHED"  # with or without --export's file: the retrain and its registered model are whole
     except KeyboardInterrupt:
         status = "KILLED"
         print(f"\nstopped: final retrain of {final.label} interrupted")
@@ -259,13 +273,10 @@ def execute_final(final: PreparedFinal) -> int:
     except NonFiniteLoss as error:
         print(f"search/final.py: training diverged: {error}", file=sys.stderr)
         return 1
-    except ExportMismatch as error:
-        print(f"search/final.py: --export {final.export}: {error}", file=sys.stderr)
-        return 1
     finally:
         client.set_terminated(run_id, status)
-    print_closing(final, result, registered, experiment_id, run_id)
-    return 0
+    print_closing(final, result, registered, experiment_id, run_id, export_failure)
+    return EXPORT_FAILED if export_failure else 0
 
 
 def open_final_run(client, final: PreparedFinal) -> tuple[str, str]:
@@ -279,7 +290,8 @@ def open_final_run(client, final: PreparedFinal) -> tuple[str, str]:
         ROLE_TAG: FINAL_ROLE,
         "model": config.model,
         "source_run_id": config.run_id or "",
-        "best_trial": config.trial_id or "",
+        "best_trial": config.trial or "",  # t07, as the study named it; Ray's id beside it
+        "best_trial_id": config.trial_id or "",
         "mlflow.note.content": describe(final),
     }
     if config.study:
@@ -290,10 +302,11 @@ def open_final_run(client, final: PreparedFinal) -> tuple[str, str]:
 
 
 def describe(final: PreparedFinal) -> str:
-    """The run's description in the MLflow UI."""
+    """The run's description in the MLflow UI, and final.py's first line: the trial by its name (t07)."""
     config = final.config
+    trial = f" (trial {config.trial_name})" if config.trial_name else ""
     return (
-        f"Final retrain of {config.source} (trial {config.trial_id or '-'}): {config.backbone or config.model} on "
+        f"Final retrain of {config.source}{trial}: {config.backbone or config.model} on "
         f"{final.settings['train_on']} ({len(final.train)} images) for {final.epochs} epoch(s), "
         f"tested once on {len(final.test)} held-out images."
     )
@@ -374,19 +387,16 @@ def predict(final: PreparedFinal, learner: Learner, split: CachedSplit, name: st
 
 def finish(
     final: PreparedFinal, client, run_id: str, learner: Learner, result: HeldOutResult, trained_epochs: int
-) -> dict:
-    """Write the results folder (and --export's file), log it and the test metrics, log and register the model,
-    and give it its model card."""
+) -> tuple[dict, str | None]:
+    """Write the results folder, log it and the test metrics, log and register the model, give it its model
+    card; then --export's file. (The registered version, or {}; why the export failed, or None.)"""
     model = learner.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     write_results(final, model, result)
-    if final.export == "onnx":  # before the results are logged and the model registered: a wrong file fails the run
-        scoring = scoring_model(model, result.calibration.temperature)
-        print(export_onnx(scoring, final.test.images(), final.out / ONNX_FILE).line(), flush=True)
     stamp = int(datetime.now().timestamp() * 1000)
     scores = {**logged_metrics(result), "trained_epochs": trained_epochs}
     client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in scores.items() if v == v])  # no NaN
     client.log_table(run_id, data=per_class_table(result), artifact_file=PER_CLASS_TABLE)
-    for name in RESULT_FILES + ((ONNX_FILE,) if final.export == "onnx" else ()):
+    for name in RESULT_FILES:
         client.log_artifact(run_id, str(final.out / name))
     registered = {}
     if final.register_name is not None:
@@ -414,7 +424,37 @@ def finish(
     )
     client.log_artifact(run_id, str(metrics_file))
     publish_card(final, client, run_id, result, trained_epochs, registered)
-    return registered
+    # Last: the registered model stands on its own, and an export that fails must not take the retrain with it.
+    return registered, export_model(final, client, run_id, model, result.calibration.temperature)
+
+
+def export_model(final: PreparedFinal, client, run_id: str, model: nn.Module, temperature: float) -> str | None:
+    """--export's file written, checked against PyTorch and logged; None when done or not asked for. Where the
+    check or the exporter fails: no file left, a warning line, the run tagged, and why returned."""
+    if final.export != "onnx":
+        return None
+    path = final.out / ONNX_FILE
+    try:
+        check = export_onnx(scoring_model(model, temperature), final.test.images(), path)
+    except ExportMismatch as error:
+        failure = str(error)
+    except Exception as error:  # the exporter's or ONNX Runtime's own failure (an operator it cannot convert)
+        failure = f"the exporter failed ({type(error).__name__}: {one_line(error)})"
+    except BaseException:  # Ctrl-C: no half-written file either
+        path.unlink(missing_ok=True)
+        raise
+    else:
+        client.log_artifact(run_id, str(path))
+        print(check.line(), flush=True)
+        return None
+    path.unlink(missing_ok=True)
+    client.set_tag(run_id, EXPORT_FAILED_TAG, failure)  # one line: short of MLflow's 8000 characters
+    print(
+        f"warning: --export {final.export} failed, {ONNX_FILE} left out: {failure}; the registered model, "
+        f"{FINAL_MODEL_FILE} and the results are complete",
+        flush=True,
+    )
+    return failure
 
 
 def publish_card(
@@ -475,7 +515,12 @@ def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult)
 
 
 def print_closing(
-    final: PreparedFinal, result: HeldOutResult, registered: dict, experiment_id: str, run_id: str
+    final: PreparedFinal,
+    result: HeldOutResult,
+    registered: dict,
+    experiment_id: str,
+    run_id: str,
+    export_failure: str | None = None,
 ) -> None:
     print()
     for line in summary_lines(result, final.config.metric, final.config.best_value, len(final.test)):
@@ -486,7 +531,12 @@ def print_closing(
             f"Model:      registered as {registered['name']} version {registered['version']} "
             f"(mlflow.pytorch.load_model({uri!r}): float32 images (N, 3, H, W) in [0, 1] -> class probabilities)"
         )
-    if final.export == "onnx":
+    if final.export == "onnx" and export_failure:
+        print(
+            f"ONNX:       not written: the export failed (the warning above says why; exit status {EXPORT_FAILED}); "
+            f"everything else is complete"
+        )
+    elif final.export == "onnx":
         print(
             f"ONNX:       {final.out / ONNX_FILE} (onnxruntime: float32 images (N, 3, H, W) in [0, 1] -> class "
             f"probabilities, as the registered model)"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 
 from ray import tune
 
+from search.study.chance import at_chance
 from search.study.config import StudyConfig
 from search.study.pareto import FRONT_PLOT, FRONT_TABLE, front_lines
-from search.study.report import StudySummary, chance_level, counts_line, duration, label_of
+from search.study.report import StudySummary, chance_level, counts_line, duration, tie_line, winner_label
 from search.study.storage import join
 from search.tracking.schema import (
     BEST_CONFIG_FILE,
@@ -20,6 +22,9 @@ from search.tracking.schema import (
     trial_outcome,
 )
 from trainables.config import METRIC_MODES, improves, knobs_of
+
+QUALIFIED_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)+([A-Z]\w*)(?=:|$)")
+"""A traceback's last line that names its exception with the module path: `package.module.Name: message`."""
 
 
 class EpochPrinter(tune.Callback):
@@ -55,7 +60,35 @@ class EpochPrinter(tune.Callback):
         print(f"{self.label(trial)} {outcome}{ending}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"{self.label(trial)} failed: {exception_line(trial.error_file)}", flush=True)
+        print(f"{self.label(trial)} failed: {failure(trial)}", flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        retry = f"{trial.run_metadata.num_failures} of {trial.max_failures}"
+        print(f"{self.label(trial)} failed, retried from its last checkpoint ({retry}): {failure(trial)}", flush=True)
+
+
+def failure(trial) -> str:
+    """Why a trial failed, in a line: its exception's last line, and where the whole traceback is kept."""
+    kept = error_log(trial)
+    return short_exception(exception_line(trial.error_file)) + (f" (full log: {kept})" if kept else "")
+
+
+def short_exception(line: str) -> str:
+    """An exception's line without its module path: 'NonFiniteLoss: ...', not 'trainables.engine.NonFiniteLoss: ...'."""
+    return QUALIFIED_EXCEPTION.sub(r"\1", line, count=1)
+
+
+def error_log(trial) -> str | None:
+    """Where a failed trial's error.txt (its whole traceback) is kept: in its folder under --storage-path (Ray
+    writes it on the driver and copies it there with the experiment's state), a bucket's as a URI. None: no file."""
+    name = trial.run_metadata.error_filename
+    try:
+        folder, kind = trial.path, trial.storage.storage_filesystem.type_name  # pyarrow's: 'local', 's3', ...
+    except (AttributeError, RuntimeError):  # a trial without a folder yet
+        return trial.error_file
+    if not name or not folder:
+        return trial.error_file
+    return f"{folder}/{name}" if kind == "local" else f"{kind}://{folder}/{name}"
 
 
 def print_resume_hint(config: StudyConfig, why: str = "interrupted", address: str | None = None) -> None:
@@ -87,13 +120,17 @@ def print_closing(
     else:
         chance = chance_level(config.metric, summary.num_classes) if summary else None
         against = f" (chance {chance:.4f})" if chance is not None else ""
-        trial = label_of(summary, best["trial_id"]) if summary else best["trial_id"]
+        trial = winner_label(summary, best) if summary else best.get("trial") or best["trial_id"]
         print(f"Best trial {trial}: {best['metric']} = {best['best_value']:.4f}{against} at epoch {best['best_epoch']}")
+        if summary is not None and (tie := tie_line(summary)):
+            print(tie)
         for key, value in knobs_of(config.model, best["hyperparameters"]).items():
             print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
         print(f"Config:     {join(best_location, BEST_CONFIG_FILE)}")
         print(f"Checkpoint: {join(best_location, BEST_MODEL_FILE)}")
         print(f"Retrain:    python search/final.py --study {config.name}")
+    if summary is not None and (stuck := at_chance(summary)) is not None:
+        print(f"note: {stuck.line(summary)}")
     if summary is not None and summary.tradeoff is not None and summary.tradeoff.points:
         print("\n".join(front_lines(summary.tradeoff, config.name)))
         print(f"Front:      {FRONT_PLOT} and {FRONT_TABLE} on the study's MLflow run")

@@ -8,13 +8,15 @@ run, runs Ray Tune, and exports the winner. The GPU share comes from search.stud
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from search.cli import interrupts_ignored, require_pretrained
 from search.errors import UsageError, one_line
 from search.final_model.sources import config_from_parent, has_best_config
 from search.final_model.winner import winner_record
-from search.study.cluster import ClusterWatch, missing_token
+from search.study.cluster import ClusterWatch, token_refused
 from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
 from search.study.confirm import (
     Confirmed,
@@ -46,9 +48,9 @@ from search.study.confirm import (
     retrained_trial,
 )
 from search.study.console import print_closing, print_resume_hint
-from search.study.leaks import LeakReport, check_leaks
+from search.study.leaks import LeakReport, check_leaks, training_flips
 from search.study.preflight import CheckedStudy
-from search.study.report import StudySummary
+from search.study.report import StudySummary, trial_order
 from search.study.resources import (
     GpuShare,
     cluster_gpu_share,
@@ -69,12 +71,23 @@ from search.tracking.schema import (
     CONFIRM_ROLE,
     ELAPSED_METRIC,
     EXTENDED_TAG,
+    PARENT_TAG,
     ROLE_TAG,
+    TRIAL_ID_TAG,
+    TRIAL_LABEL_TAG,
     TrialNames,
 )
 from search.tracking.store import close_open_children, mlflow_client
 from search.tracking.study_report import log_study_report
-from search.tracking.study_run import data_record, log_best, open_parent_run, open_stores, reopen_parent_run
+from search.tracking.study_run import (
+    claim_optuna_study,
+    data_record,
+    drop_optuna_study,
+    log_best,
+    open_parent_run,
+    open_stores,
+    reopen_parent_run,
+)
 from search.tracking.trials import MlflowTrials
 from trainables.checkpoint import ModelFile, load_trial_checkpoint
 from trainables.config import improves
@@ -86,6 +99,9 @@ LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """Ray's switch for a machine-local Ray (its default on Windows and macOS). Set to 0, Ray takes 127.0.0.1 as
 the node's address, so its gRPC servers and agents listen on loopback instead of on every interface.
 Ray's worker processes read it from the environment; this process's Ray, imported already, is told directly."""
+TUNE_LOGGER = "ray.tune"
+TUNE_LOGGERS_KEPT = ("ray.tune.execution.insufficient_resources_manager",)
+"""Tune's loggers heard without --verbose: trials that wait for resources (start_ray's quiet_tune_logs)."""
 FULL_DISK_BYTES = 16 * 2**20
 """Less free space than this under --storage-path explains a failure: a trial's checkpoint is larger."""
 
@@ -140,7 +156,8 @@ def prepare_study(
         open_stores(config, checked.resume_run_id)
         index, splits, skipped = cache_data(config, checked.index)
         # --on-leak fail stops here: no run opened, no Ray started
-        leaks = check_leaks(index, splits, config.img_size, config.cache_dir, config.on_leak)
+        flips = training_flips(checked.space)  # mirrored copies the augmentation would train on
+        leaks = check_leaks(index, splits, config.img_size, config.cache_dir, config.on_leak, flips)
         train, val = splits["train"], splits["val"]
         start_ray(verbose, address)
         if address is not None:
@@ -192,36 +209,85 @@ def start_ray(verbose: bool = False, address: str | None = None) -> None:
 
     The trial processes' own output reaches the terminal with `verbose` only: what a trial
     has to say comes through its results and, when it fails, its error file (Ray's logs
-    under /tmp/ray keep the rest).
+    under /tmp/ray keep the rest). Tune's own log lines likewise (quiet_tune_logs).
     """
     if address is not None:
         join_cluster(address, verbose)
-        return
-    os.environ.setdefault(LOOPBACK_SWITCH, "0")
-    if os.environ[LOOPBACK_SWITCH] == "0":
-        ray_constants.ENABLE_RAY_CLUSTER = False  # read when Ray was imported: apply it now
-    # address="local": a Ray of its own, never one that another `ray start` left running on this machine.
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=verbose,
-    )
+    else:
+        os.environ.setdefault(LOOPBACK_SWITCH, "0")
+        if os.environ[LOOPBACK_SWITCH] == "0":
+            ray_constants.ENABLE_RAY_CLUSTER = False  # read when Ray was imported: apply it now
+        # address="local": a Ray of its own, never one that another `ray start` left running on this machine.
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=verbose,
+        )
+    quiet_tune_logs(verbose)
+
+
+def quiet_tune_logs(verbose: bool) -> None:
+    """Without `verbose`, Tune's own log lines stay off the terminal: the study's are one per trial event.
+
+    Tune logs a failed trial as an ERROR with its whole traceback (EpochPrinter's line names the
+    exception and the trial's error file instead), and Ctrl-C as WARNINGs that advise
+    `Tuner.restore(...)` (the study prints its own --resume command). Tune's warning that trials wait
+    for resources the cluster lacks stays: without it a study would wait in silence.
+    """
+    logging.getLogger(TUNE_LOGGER).setLevel(logging.NOTSET if verbose else logging.CRITICAL)
+    for name in TUNE_LOGGERS_KEPT:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 def join_cluster(address: str, verbose: bool) -> None:
-    """ray.init on a running cluster (its nodes' own addresses, not loopback); its failures as one line."""
+    """ray.init on a running cluster (its nodes' own addresses, not loopback); its failures as one line.
+
+    Ray's C++ client writes straight to the process's stderr: a refused token is a warning a second
+    for 20 s before Ray gives up. Without `verbose` those lines go to a file that is dropped.
+    """
     ray_constants.ENABLE_RAY_CLUSTER = True  # the loopback switch is for the private Ray only
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose)
-    except AuthenticationError:
-        raise UsageError(missing_token(address)) from None
+        with contextlib.nullcontext() if verbose else stderr_dropped():
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose)
+    except AuthenticationError:  # RAY_AUTH_MODE=token and no token here: Ray refuses before it asks
+        raise UsageError(token_refused(address)) from None
     except ConnectionError as error:
+        if authentication_failed(error):  # the cluster asks for a token this machine did not send, or another
+            raise UsageError(token_refused(address)) from None
         raise UsageError(
             f"--address {address}: {one_line(error)}; check that the cluster runs (`ray status` on its head) and "
-            f"that this machine has the head's token (~/.ray/auth_token; a wrong one fails the same way)"
+            f"that this machine reaches it"
         ) from None
+
+
+def authentication_failed(error: BaseException) -> bool:
+    """Whether Ray's failure to connect was the cluster refusing this driver's token (Ray wraps the GCS client's
+    AuthenticationError, as text, in a RuntimeError under its ConnectionError)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, AuthenticationError) or "InvalidAuthToken" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+@contextlib.contextmanager
+def stderr_dropped() -> Iterator[None]:
+    """File descriptor 2 into a temporary file for the block (C++ code writes there, past sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def shipped_to_cluster(train: CachedSplit, val: CachedSplit) -> tuple[CachedSplit, CachedSplit]:
@@ -374,9 +440,15 @@ def open_or_reopen(client: MlflowClient, study: PreparedStudy, dataset: dict) ->
     if study.skipped_images:
         named = ", ".join(study.skipped_images[:3])
         print(f"warning: skipped {len(study.skipped_images)} unreadable image(s), e.g. {named}", flush=True)
-    return open_parent_run(
-        client, study.config, study.index, dataset, study.skipped_images, study.space.searched, leaks=study.leaks
-    )
+    claimed = claim_optuna_study(study.config)  # the name's claim in a database that machines share
+    try:
+        return open_parent_run(
+            client, study.config, study.index, dataset, study.skipped_images, study.space.searched, leaks=study.leaks
+        )
+    except BaseException:
+        if claimed:
+            drop_optuna_study(study.config)
+        raise
 
 
 @dataclass(frozen=True)
@@ -477,20 +549,35 @@ def export_winner(
 ) -> dict | None:
     """The study's winner, exported to `out` and logged on its run; its record, or None where there is none.
 
-    With a confirmation: the confirmed configuration, from its best retrain's checkpoint. Without: the search's best
-    checkpoint, unless an extended study's earlier searches had a better one, which then stays the winner."""
+    With a confirmation: the confirmed configuration, from its best retrain's checkpoint, named by its search trial.
+    Without: the search's best checkpoint, unless an extended study's earlier searches had one as good, which then
+    stays the winner (TIE_RULE: the earlier trial)."""
+    labels = trial_labels(client, parent_id)
     if confirmation is not None:
-        kept = best_checkpoint(confirmation.results, config, confirmation.winner_configs())
+        kept = best_checkpoint(confirmation.results, config, confirmation.winner_configs(), labels)
     else:
-        kept = best_checkpoint(searched, config)
+        kept = best_checkpoint(searched, config, labels=labels)
         earlier = earlier_winner(client, parent_id) if config.trials_before else None
         if earlier is not None and (kept is None or not improves(config.mode, kept[1], earlier["best_value"])):
             return earlier
     if kept is None:
         return None
-    best = export_checkpoint(config, classes, kept[0], kept[2], out)
+    confirmed = confirmation.winner if confirmation is not None else None
+    label = confirmed.label if confirmed is not None else labels.get(kept[2])
+    best = export_checkpoint(config, classes, kept[0], kept[2], out, label)
     log_best(client, config, parent_id, best, out)
     return best
+
+
+def trial_labels(client: MlflowClient, parent_id: str) -> dict[str, str]:
+    """The names (t07, a confirmation's "t07 seed 1") of the study's trials by Ray's trial id, from their runs."""
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50_000)
+    return {
+        run.data.tags[TRIAL_ID_TAG]: run.data.tags[TRIAL_LABEL_TAG]
+        for run in runs
+        if TRIAL_ID_TAG in run.data.tags and TRIAL_LABEL_TAG in run.data.tags
+    }
 
 
 def earlier_winner(client: MlflowClient, parent_id: str) -> dict | None:
@@ -501,10 +588,14 @@ def earlier_winner(client: MlflowClient, parent_id: str) -> dict | None:
 
 
 def best_checkpoint(
-    results: ResultGrid, config: StudyConfig, configs: list[dict] | None = None
+    results: ResultGrid, config: StudyConfig, configs: list[dict] | None = None, labels: dict[str, str] | None = None
 ) -> tuple[Checkpoint, float, str] | None:
     """The best checkpoint of the Tune run's trials (or of those trained with `configs` only), its score and
-    its trial's id."""
+    its trial's id. Among equal scores the earliest trial's, by its name in `labels` (Ray's trial id -> t07):
+    TIE_RULE, as the study's report ranks them; a trial without a name comes last.
+
+    Ray keeps one checkpoint per trial at its best score (the newer among equals), and its latest."""
+    names = labels or {}
     scored = [
         (checkpoint, float(metrics[config.metric]), str(metrics["trial_id"]))
         for result in (results[index] for index in range(len(results)))  # indexable, not iterable
@@ -512,23 +603,30 @@ def best_checkpoint(
         for checkpoint, metrics in result.best_checkpoints or []
         if math.isfinite(metrics.get(config.metric, math.nan))
     ]
-    best = None
-    for kept in scored:
-        if best is None or improves(config.mode, kept[1], best[1]):
-            best = kept
-    return best
+    if not scored:
+        return None
+    sign = -1.0 if config.mode == "max" else 1.0
+
+    def rank(kept: tuple[Checkpoint, float, str]) -> tuple[float, tuple[float, ...]]:
+        name = names.get(kept[2])
+        return sign * kept[1], (trial_order(name) if name is not None else (math.inf,))
+
+    return min(scored, key=rank)
 
 
 def export_checkpoint(
-    config: StudyConfig, classes: list[str], checkpoint: Checkpoint, trial_id: str, out: Path
+    config: StudyConfig, classes: list[str], checkpoint: Checkpoint, trial_id: str, out: Path, label: str | None
 ) -> dict:
-    """The winner's best_config.yaml and best_model.pt, written to the folder `out`; its record.
+    """The winner's best_config.yaml and best_model.pt, written to the folder `out`; its record (`label`: the
+    trial's name, t07).
 
     The checkpoint is read through Ray's filesystem (as_directory downloads one kept in a bucket)."""
     with checkpoint.as_directory() as directory:
         state = load_trial_checkpoint(directory)
     out.mkdir(parents=True, exist_ok=True)
-    record = winner_record(config, trial_id, state["metrics"], state["hyperparameters"], classes, state["model_spec"])
+    record = winner_record(
+        config, trial_id, state["metrics"], state["hyperparameters"], classes, state["model_spec"], trial=label
+    )
     (out / BEST_CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
     ModelFile.from_trial_checkpoint(state, classes).save(out / BEST_MODEL_FILE)
     return record

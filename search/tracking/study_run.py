@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -21,6 +23,7 @@ from search.errors import UsageError, one_line
 from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
 from search.study.leaks import LeakReport
 from search.study.preflight import name_taken
+from search.tracking.claim import being_run
 from search.tracking.optuna_store import existing_optuna_storage, holds, open_optuna_storage
 from search.tracking.runs_view import runs_view, save_runs_view
 from search.tracking.schema import (
@@ -28,8 +31,14 @@ from search.tracking.schema import (
     BEST_DIR,
     DATA_SUMMARY,
     LEAKS_FILE,
+    PARENT_TAG,
+    ROLE_TAG,
     SPLIT_FILE,
+    STATUS_TAG,
     STUDY_TAG,
+    TRIAL_ID_TAG,
+    TRIAL_LABEL_TAG,
+    outcome_name,
     store_exists,
 )
 from search.tracking.store import (
@@ -40,8 +49,11 @@ from search.tracking.store import (
     read_artifact,
     study_runs,
 )
-from trainables.data import SPLITS, DatasetIndex, data_digest, manifest_digest
+from trainables.data import SPLITS, DatasetIndex, data_digest, is_manifest, manifest_digest
 from trainables.leakage import MIN_CORRELATION, NEAR_BITS
+
+SKIPPED_FILE = "skipped_images.txt"
+"""The study's images that would not decode (left out of split.json's train and val), one key a line."""
 
 
 def open_stores(config: StudyConfig, resume_run_id: str | None, *, create: bool = True) -> None:
@@ -65,6 +77,30 @@ def open_stores(config: StudyConfig, resume_run_id: str | None, *, create: bool 
         raise UsageError(name_taken(config.name, f"in --tracking-uri {config.tracking_uri}"))
     if holds(optuna_storage, config.name):
         raise UsageError(name_taken(config.name, f"in --optuna-storage {url}"))
+
+
+def claim_optuna_study(config: StudyConfig) -> bool:
+    """A new study's Optuna study, created now, just before its MLflow run opens: the database's unique study name
+    claims the study's name where no lock file can (an Optuna database shared across machines, search.tracking.claim).
+    Ray's OptunaSearch then loads it (create_study with load_if_exists). Whether it was created (False: no
+    --optuna-storage); a one-line UsageError where another process created it first."""
+    if config.optuna_storage is None:
+        return False
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB"
+    direction = {"min": optuna.study.StudyDirection.MINIMIZE, "max": optuna.study.StudyDirection.MAXIMIZE}
+    objectives = [config.mode, *(["min"] if config.cost is not None else [])]  # as Ray's OptunaSearch has them
+    try:
+        storage = open_optuna_storage(config.optuna_storage)
+        storage.create_new_study([direction[mode] for mode in objectives], config.name)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise UsageError(being_run(config.name, "")) from None
+    return True
+
+
+def drop_optuna_study(config: StudyConfig) -> None:
+    """Undo claim_optuna_study where the study's MLflow run did not open: nothing half-written stays."""
+    assert config.optuna_storage is not None, "claimed in a database"
+    optuna.delete_study(study_name=config.name, storage=open_optuna_storage(config.optuna_storage))
 
 
 def open_parent_run(
@@ -97,10 +133,10 @@ def open_parent_run(
     client.log_dict(parent_id, split_record(index, config.seed), SPLIT_FILE)
     client.log_artifact(parent_id, config.space)
     log_data_input(client, parent_id, dataset)
-    save_runs_view(client, experiment_id, config, runs_view(config, parent_id, knobs))
+    save_runs_view(client, experiment_id, config, runs_view(config, knobs))
     if skipped:
         client.log_metric(parent_id, "skipped_images", len(skipped))
-        client.log_text(parent_id, "\n".join(skipped), "skipped_images.txt")
+        client.log_text(parent_id, "\n".join(skipped), SKIPPED_FILE)
     if leaks is not None:
         log_leaks(client, parent_id, leaks)
     return experiment_id, parent_id
@@ -117,6 +153,61 @@ def split_record(index: DatasetIndex, seed: int) -> dict:
         if index.has_groups:
             record[split]["groups"] = index.groups(split)
     return record
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    """A study's split.json read back (`read_split_record`): which images each split held, as the study used them."""
+
+    study: str
+    """The study's name, for messages."""
+    source: str
+    """The data source the study indexed ('synthetic', a folder, a manifest)."""
+    seed: int
+    manifest_digest: str | None
+    """The manifest's digest when the study ran (None for other sources)."""
+    images: dict[str, list[str]]
+    """train, val and test: each split's image keys, in the study's order (after --smoke's subsample, without the
+    train and val images that would not decode)."""
+    skipped: frozenset[str] = frozenset()
+    """The images the study left out because they would not decode."""
+
+    def split_of(self) -> dict[str, str]:
+        """Each recorded image's split."""
+        return {key: split for split in SPLITS for key in self.images[split]}
+
+    def manifest_change(self, source: str) -> str | None:
+        """'manifest M changed since study S ran (digest a -> b)' where the manifest's digest differs from the
+        record's; None where it does not, or the source is no manifest."""
+        if self.manifest_digest is None or not is_manifest(source) or not Path(source).is_file():
+            return None
+        now = manifest_digest(source)
+        if now == self.manifest_digest:
+            return None
+        return f"manifest {source} changed since study {self.study!r} ran (digest {self.manifest_digest} -> {now})"
+
+
+def read_split_record(client: MlflowClient, run) -> SplitRecord | None:
+    """The split.json of a study's parent run (with the images it could not decode); None for a study that
+    predates the record. The one reader of what `split_record` writes."""
+    name = run.data.tags.get(STUDY_TAG, run.info.run_id)
+    text = read_artifact(client, run.info.run_id, SPLIT_FILE)
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+        images = {split: [str(key) for key in record[split]["images"]] for split in SPLITS}
+        digest = record.get("manifest_digest")
+        seed = int(record["seed"])
+        source = str(record["source"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UsageError(
+            f"the {SPLIT_FILE} of study {name!r} is not the record a study writes (edited by hand?): put back the one "
+            f"the study logged, or start a new study"
+        ) from None
+    skipped = read_artifact(client, run.info.run_id, SKIPPED_FILE) or ""
+    digest = None if digest is None else str(digest)
+    return SplitRecord(name, source, seed, digest, images, frozenset(filter(None, skipped.splitlines())))
 
 
 def log_leaks(client: MlflowClient, parent_id: str, leaks: LeakReport) -> None:
@@ -174,11 +265,18 @@ def data_record(index: DatasetIndex) -> dict:
     }
 
 
+WINNER_SUFFIX = ", best"
+"""Added to the winning trial's run name ("t07 completed, best"): the runs table shows names first."""
+
+
 def log_best(client: MlflowClient, config: StudyConfig, parent_id: str, best: dict, folder: Path) -> None:
-    """The winner on the study's run: its config (what final.py reads), trial and score, and its checkpoint as
-    an MLflow logged model of the run (the runs table's Models column), the score linked to it."""
+    """The winner on the study's run: its config (what final.py reads), trial (t07, and Ray's id) and score, and
+    its checkpoint as an MLflow logged model of the run (the runs table's Models column), the score linked to it;
+    its trial's run named as the winner."""
     client.log_artifact(parent_id, str(folder / BEST_CONFIG_FILE), BEST_DIR)
-    client.set_tag(parent_id, "best_trial", best["trial_id"])
+    client.set_tag(parent_id, "best_trial", best.get("trial") or best["trial_id"])  # t07; Ray's id beside it
+    client.set_tag(parent_id, "best_trial_id", best["trial_id"])
+    name_the_winner(client, parent_id, best)
     try:
         model_id = log_winner_model(client, config, parent_id, best, folder)
     except Exception as error:  # e.g. a tracking server older than MLflow 3's logged models: the rest stands
@@ -189,6 +287,23 @@ def log_best(client: MlflowClient, config: StudyConfig, parent_id: str, best: di
     )
 
 
+def name_the_winner(client: MlflowClient, parent_id: str, best: dict) -> None:
+    """The winning search trial's run named "t07 completed, best" (a confirmed winner's search trial, not its
+    retrain); a run that had the name from an earlier winner (an extended study's) gets its plain name back."""
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50_000)
+    for run in runs:
+        tags = run.data.tags
+        if ROLE_TAG in tags or TRIAL_LABEL_TAG not in tags or STATUS_TAG not in tags:
+            continue  # a confirmation's retrain, or a run that never started
+        won = tags[STATUS_TAG] != "lost" and (
+            tags[TRIAL_LABEL_TAG] == best["trial"] if best.get("trial") else tags.get(TRIAL_ID_TAG) == best["trial_id"]
+        )
+        name = outcome_name(tags[TRIAL_LABEL_TAG], tags[STATUS_TAG]) + (WINNER_SUFFIX if won else "")
+        if won or run.info.run_name.endswith(WINNER_SUFFIX):
+            client.update_run(run.info.run_id, name=name)
+
+
 def log_winner_model(client: MlflowClient, config: StudyConfig, parent_id: str, best: dict, folder: Path) -> str:
     """best_model.pt and best_config.yaml as a logged model named <study>-best, an output of the study's run."""
     experiment_id = client.get_run(parent_id).info.experiment_id
@@ -197,7 +312,7 @@ def log_winner_model(client: MlflowClient, config: StudyConfig, parent_id: str, 
         name=f"{config.name}-best",
         source_run_id=parent_id,
         params={key: str(value) for key, value in best["hyperparameters"].items()},
-        tags={STUDY_TAG: config.name, "model": config.model, "trial": best["trial_id"]},
+        tags={STUDY_TAG: config.name, "model": config.model, "trial": best.get("trial") or best["trial_id"]},
         model_type=config.model,
     )
     client.log_model_artifacts(model.model_id, str(folder))
