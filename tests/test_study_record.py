@@ -376,7 +376,7 @@ def test_verbose_shows_rays_own_output(lone_study):
 @pytest.mark.slow
 def test_a_lone_trial_has_nothing_to_compare_it_with(lone_study):
     (run,) = lone_study.children
-    assert run.info.run_name == "t00 completed"
+    assert run.info.run_name == "t00 completed, best"  # the only trial is the winner
     assert not [key for key in lone_study.parent.data.metrics if key.startswith("importance/")]
     listed = {a.path for a in lone_study.client.list_artifacts(lone_study.parent.info.run_id, "plots")}
     assert listed == {"plots/learning_curves.png", "plots/optimization_history.png"}
