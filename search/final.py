@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="seeds weight init, batch order and augmentation (default: the study's seed); "
-        "the split always uses the study's seed, so the test images stay unseen",
+        "the split is always the study's own (its split.json), so the test images stay unseen",
     )
     training.add_argument(
         "--no-pretrained",
