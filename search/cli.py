@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NoReturn
 
 from search.errors import UsageError
@@ -83,6 +85,17 @@ def interrupts_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def folder_unwritable(folder: Path) -> str | None:
+    """Why no new file can be made in `folder` (the OS's words), or None where one can. Tried with a real file:
+    permission bits say nothing of a read-only mount, and root passes them all."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass  # made, then removed on closing
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None
 
 
 def bars_wanted() -> bool:

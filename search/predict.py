@@ -15,10 +15,9 @@ import importlib.util
 import os
 import stat
 import sys
-import tempfile
 from pathlib import Path
 
-from search.cli import DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser
+from search.cli import DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, folder_unwritable
 from search.errors import UsageError
 from search.inference.model_source import MODEL_FORMS, RegisteredModel, model_source
 
@@ -102,17 +101,6 @@ def out_problems(out: Path) -> list[str]:
     if out.exists() and not replaceable(out):
         return [f"--out {out} exists and belongs to another user in a sticky folder: name another CSV"]
     return []
-
-
-def folder_unwritable(folder: Path) -> str | None:
-    """Why no file can be created in folder, or None where one can. Tried with a real file: permission bits
-    say nothing of a read-only mount, and root passes them all."""
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".predict-probe-"):
-            pass  # created, then removed on closing
-    except OSError as error:
-        return error.strerror or type(error).__name__
-    return None
 
 
 def replaceable(out: Path) -> bool:

@@ -199,6 +199,14 @@ class StudyConfig:
         return COSTS.get(name) if name else None
 
     @property
+    def objectives(self) -> tuple[list[str], list[str]]:
+        """(metrics, modes) the Optuna study optimises: the study's metric, then the cost a multi-objective study
+        trades it for (minimised)."""
+        if self.cost is None:
+            return [self.metric], [self.mode]
+        return [self.metric, self.cost.metric], [self.mode, "min"]
+
+    @property
     def per_class(self) -> dict[str, int] | None:
         """The smoke profile's per-class caps, or None."""
         return SMOKE.per_class if self.smoke else None

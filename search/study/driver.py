@@ -417,9 +417,7 @@ def explain_study(
         optuna_study = load_study(config.optuna_storage, config.name) if config.optuna_storage else None
         if optuna_study is not None:
             fail_orphans(optuna_study)
-        return log_study_report(
-            client, config, parent_id, len(study.index.classes), study.space.searched, best, optuna_study
-        )
+        return log_study_report(client, config, parent_id, study.index, study.space.searched, best, optuna_study)
     except Exception as error:
         print(f"warning: the study's report (note, plots, importances) failed: {one_line(error)}", flush=True)
         return None

@@ -163,7 +163,7 @@ def make_searcher(space: Space, config: StudyConfig, first: Sequence[dict] = ())
     # earlier search's first configurations.
     sampler = optuna.samplers.TPESampler(seed=config.seed + config.trials_before)
     storage = open_optuna_storage(config.optuna_storage) if config.optuna_storage else None
-    metrics, modes = objectives(config)
+    metrics, modes = config.objectives
     searcher = PruneAwareOptunaSearch(
         space=space.sample,
         # Two objectives: TPE in its multi-objective form (MOTPE), the same seeded sampler.
@@ -317,13 +317,6 @@ def trial_setup(config: StudyConfig, spec: ModelSpec, train: CachedSplit, val: C
         speed=speed_options(config),
         measure_latency=config.cost == COSTS["latency"],
     )
-
-
-def objectives(config: StudyConfig) -> tuple[list[str], list[str]]:
-    """(metrics, modes) Optuna optimises: the study's metric, then the cost a multi-objective study trades it for."""
-    if config.cost is None:
-        return [config.metric], [config.mode]
-    return [config.metric, config.cost.metric], [config.mode, "min"]
 
 
 def make_scheduler(config: StudyConfig, epochs: int) -> TrialScheduler:

@@ -10,13 +10,12 @@ import errno
 import os
 import socket
 import sqlite3
-import tempfile
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from search.cli import DEFAULT_TRACKING_URI
+from search.cli import DEFAULT_TRACKING_URI, folder_unwritable
 from search.errors import UsageError
 from search.study.storage import is_uri
 from trainables.config import COST_METRICS, METRICS
@@ -99,14 +98,12 @@ def check_sqlite_store(tracking_uri: str) -> None:
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
-    try:  # SQLite writes a journal beside the database: the folder itself must take new files
-        if not folder.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        os.rmdir(tempfile.mkdtemp(prefix=".store-check-", dir=folder))
-    except OSError as error:
+    # SQLite writes a journal beside the database: the folder itself must take new files
+    unwritable = folder_unwritable(folder) if folder.is_dir() else os.strerror(errno.ENOTDIR)
+    if unwritable:
         raise UsageError(
-            f"{where}: cannot create files in {folder} ({error.strerror}): pass a --tracking-uri on a writable disk"
-        ) from None
+            f"{where}: cannot create files in {folder} ({unwritable}): pass a --tracking-uri on a writable disk"
+        )
     if not path.exists():
         return
     try:

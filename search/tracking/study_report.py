@@ -7,7 +7,6 @@ the report covers the whole study, not one session of it.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ from search.study.report import StudySummary, TrialSummary, describe, importance
 from search.tracking.runs_view import runs_view, save_runs_view
 from search.tracking.schema import (
     CONFIRM_ROLE,
-    DATA_SUMMARY,
     ELAPSED_METRIC,
     PARENT_TAG,
     ROLE_TAG,
@@ -40,8 +38,8 @@ from search.tracking.schema import (
     TRIAL_ID_TAG,
     TRIAL_LABEL_TAG,
 )
-from search.tracking.store import read_artifact
 from trainables.config import knobs_of
+from trainables.data import DatasetIndex
 
 NOTE_TAG = "mlflow.note.content"
 """The run's description, shown (as Markdown) at the top of its page in the MLflow UI."""
@@ -54,14 +52,14 @@ def study_summary(
     client: MlflowClient,
     config: StudyConfig,
     parent_id: str,
-    num_classes: int,
+    index: DatasetIndex,
     study: optuna.Study | None,
     winner: dict | None,
 ) -> StudySummary:
     """The study as its MLflow runs record it: settings, elapsed time, every trial's outcome and curve, and
-    its knobs as Optuna sampled them (typed; MLflow keeps params as text); `winner`: export_best's record."""
+    its knobs as Optuna sampled them (typed; MLflow keeps params as text); `winner`: export_best's record;
+    `index`: the study's data, as its trials used it (its classes, its images per split)."""
     parent = client.get_run(parent_id)
-    data = json.loads(read_artifact(client, parent_id, DATA_SUMMARY) or "{}")  # images per split
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50_000
     )
@@ -84,15 +82,15 @@ def study_summary(
         max_t=config.epochs,
         grace_period=config.asha_grace_period,
         reduction_factor=config.reduction_factor,
-        num_classes=num_classes,
+        num_classes=len(index.classes),
         planned_trials=config.trials,
         elapsed_s=parent.data.metrics.get(ELAPSED_METRIC, 0.0),
         trials=tuple(trials),
         winner_id=search_trial_of(winner["trial_id"], trials, retrains) if winner else "",
         retrains=retrains,
         tradeoff=tradeoff(config, study, trials),
-        train_images=int(data.get("train_images", 0)),
-        val_images=int(data.get("val_images", 0)),
+        train_images=len(index.splits["train"]),
+        val_images=len(index.splits["val"]),
         pretrained=config.pretrained,
     )
 
@@ -138,7 +136,7 @@ def log_study_report(
     client: MlflowClient,
     config: StudyConfig,
     parent_id: str,
-    num_classes: int,
+    index: DatasetIndex,
     knobs: list[str],
     winner: dict | None,
     study: optuna.Study | None,
@@ -146,7 +144,7 @@ def log_study_report(
     """Note, plots and importance/<knob> metrics on the study's run, and their charts in the study's view of
     the runs page (`knobs`: the searched ones; `study`: the Optuna study, None where it has no database);
     the summary they came from."""
-    summary = study_summary(client, config, parent_id, num_classes, study, winner)
+    summary = study_summary(client, config, parent_id, index, study, winner)
     winning = knobs_of(config.model, winner["hyperparameters"]) if winner else {}
     client.set_tag(parent_id, NOTE_TAG, describe(summary, winner, winning))
     # Optuna's plots and importances take one value per trial: a multi-objective study's are of its metric.

@@ -88,10 +88,10 @@ def claim_optuna_study(config: StudyConfig) -> bool:
         return False
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB"
     direction = {"min": optuna.study.StudyDirection.MINIMIZE, "max": optuna.study.StudyDirection.MAXIMIZE}
-    objectives = [config.mode, *(["min"] if config.cost is not None else [])]  # as Ray's OptunaSearch has them
+    _, modes = config.objectives  # as the study's searcher creates it (tuning.make_searcher)
     try:
         storage = open_optuna_storage(config.optuna_storage)
-        storage.create_new_study([direction[mode] for mode in objectives], config.name)
+        storage.create_new_study([direction[mode] for mode in modes], config.name)
     except optuna.exceptions.DuplicatedStudyError:
         raise UsageError(being_run(config.name, "")) from None
     return True
