@@ -9,7 +9,7 @@ upside-down digit is another digit or none), the same configuration four ways th
 - retired aug_strength 0.5: what the single knob applied at 0.5 (both flips at p = 0.5, rotation 15°,
   jitter 0.2, noise 0.025), via trainables.config.from_aug_strength;
 - defaults: the new knobs' defaults (hflip 0.5, vflip 0, the rest as at strength 0.5);
-- defaults, hflip 0: what the README's modality table says for digits and text.
+- defaults, hflip 0: what the modality table of docs/search-spaces.md says for digits and text.
 
 The configuration's other hyperparameters are those of the best configuration in
 bench/search_efficiency_curves.csv (its best final-epoch val_acc), so the baseline is a good one. Printed: per

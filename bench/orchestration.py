@@ -91,9 +91,11 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
     import ray
     from ray import tune
 
-    from search.study.config import StudyConfig
+    from search.records.study_config import StudyConfig
+    from search.records.trial_status import TrialStatus
     from search.study.spaces import load_space
     from search.study.tuning import make_tuner, trial_setup
+    from search.tracking.schema import STATUS_TAG
     from search.tracking.store import close_open_children, mlflow_client
     from search.tracking.study_run import data_record, open_parent_run
     from search.tracking.trials import MlflowTrials
@@ -182,7 +184,7 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
         "overhead_per_trial_s": ((wall - startup) * max_concurrent - own) / trials,
         "overhead_per_epoch_s": ((wall - startup) * max_concurrent - own) / len(lines),
         "mlflow_children": len(children),
-        "pruned": sum(1 for run in children if run.data.tags.get("trial_status") == "pruned"),
+        "pruned": sum(1 for run in children if run.data.tags.get(STATUS_TAG) == TrialStatus.PRUNED),
     }
 
 

@@ -347,7 +347,7 @@ def run_study(table: CurveTable, pair: str, seed: int, args: argparse.Namespace,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from search.study.config import STUDY_DEFAULTS
+    from search.records.study_config import STUDY_DEFAULTS
     from search.study.tuning import PruneAwareOptunaSearch
 
     sampler_name, asha = PAIRS[pair]
@@ -510,7 +510,7 @@ def paired_text(with_asha: list[float], without: list[float]) -> str:
 
 
 def describe(table: CurveTable, args: argparse.Namespace, wall: float, seconds: dict[str, float]) -> list[str]:
-    from search.study.config import STUDY_DEFAULTS
+    from search.records.study_config import STUDY_DEFAULTS
 
     per_study = ", ".join(f"{pair} {total / args.seeds:.1f} s" for pair, total in seconds.items())
     return [

@@ -20,8 +20,8 @@ import torch
 from common import synchronize
 from trainable_efficiency import bare_loop
 
-from trainables.config import Hyperparameters
-from trainables.engine import Learner, SpeedOptions, select_device
+from trainables.config import Hyperparameters, SpeedOptions
+from trainables.engine import Learner, select_device
 from trainables.models import ModelSpec, build_model
 
 MODELS = ("cnn", "vit", "hybrid")

@@ -38,6 +38,14 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The dests of the options `argv` sets itself: a flag left out is not given, even where its default differs
+    from what a study recorded. `parser` is spent on it (its defaults are suppressed): pass a fresh one."""
+    for action in parser._actions:  # argparse lists its actions nowhere public
+        action.default = argparse.SUPPRESS  # an option left out then leaves no attribute
+    return set(vars(parser.parse_args(argv)))
+
+
 def add_weights_argument(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--weights",

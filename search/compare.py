@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from search.errors import UsageError
+from search.records.study_config import STUDY_NAME, name_problem
 from search.run import QUIET_ENVIRONMENT, RUNTIME_ENVIRONMENT, build_parser
-from search.study.config import STUDY_NAME, name_problem
 from trainables.config import MODEL_NAMES
 
 DEFAULT_NAME = "compare"

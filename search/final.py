@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import replace
 
 from search.cli import (
     DEFAULT_CACHE_DIR,
@@ -21,11 +20,13 @@ from search.cli import (
     DefaultsFormatter,
     OneLineParser,
     add_weights_argument,
+    weights_files,
     weights_problems,
 )
 from search.errors import UsageError
 from search.final_model.export import EXPORT_FORMATS, missing_packages
-from search.final_model.winner import WinnerConfig, load_file
+from search.records.retrain import RetrainRequest
+from search.records.winner import Winner, WinnerRefused, load_file
 from trainables.config import MODEL_NAMES
 
 
@@ -126,13 +127,37 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("; ".join(problems))
 
 
-def load_winner(args: argparse.Namespace) -> WinnerConfig:
+def load_winner(args: argparse.Namespace) -> Winner:
     """--config FILE is read without MLflow; --study and --run-id need it."""
     if args.config is not None:
-        return load_file(args.config, args.model)
+        try:
+            return load_file(args.config, args.model)
+        except WinnerRefused as error:
+            raise UsageError(str(error)) from None
     from search.final_model.sources import winner_from_mlflow
 
-    return winner_from_mlflow(args)
+    return winner_from_mlflow(
+        args.tracking_uri, study=args.study, trial=args.trial, run_id=args.run_id, model=args.model
+    )
+
+
+def retrain_request(args: argparse.Namespace) -> RetrainRequest:
+    """The flags that say how to retrain, as the record prepare_final takes (compare.py fills one of its own)."""
+    return RetrainRequest(
+        tracking_uri=args.tracking_uri,
+        cache_dir=args.cache_dir,
+        data=args.data,
+        weights=weights_files(args.weights),
+        no_pretrained=args.no_pretrained,
+        keep_val=args.keep_val,
+        epochs=args.epochs,
+        seed=args.seed,
+        config_file=args.config,
+        experiment=args.experiment,
+        register_name=args.register_name,
+        out=args.out,
+        export=args.export,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_winner(args)  # before torch loads: a wrong name or file is answered sooner
         from search.final_model.retrain import execute_final, prepare_final  # torch, timm, MLflow
 
-        # Set here, not read by prepare_final: compare.py prepares its reference run from a Namespace of its own.
-        prepared = replace(prepare_final(args, config), export=args.export)
+        prepared = prepare_final(retrain_request(args), config)
     except UsageError as error:
         print(f"search/final.py: error: {error}", file=sys.stderr)
         return 2

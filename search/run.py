@@ -11,13 +11,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 
-from search.cli import DEFAULT_CACHE_DIR, DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, add_weights_argument
+from search.cli import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_TRACKING_URI,
+    DefaultsFormatter,
+    OneLineParser,
+    add_weights_argument,
+    given_options,
+)
 from search.errors import UsageError
+from search.records.study_config import FULL, LEAK_POLICIES, SMOKE, STUDY_DEFAULTS, StudyConfig
 from search.study.cluster import auth_environment, ray_address
-from search.study.config import FULL, LEAK_POLICIES, SMOKE, STUDY_DEFAULTS, StudyConfig, new_config
-from trainables.config import METRICS, MODEL_NAMES, OBJECTIVES
+from search.study.config import new_config
+from trainables.config import FLAG_HELP, METRICS, MODEL_NAMES, OBJECTIVES, SpeedOptions
 
 RUNTIME_ENVIRONMENT = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # MLflow is the record
@@ -34,13 +42,6 @@ QUIET_ENVIRONMENT = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # a server's "View run" lines: the closing lines say where
 }
 """Added without --verbose: the study's own lines are all the terminal shows."""
-SPEED_FLAGS = {
-    "amp": "fp16 autocast with GradScaler",
-    "channels_last": "NHWC memory layout",
-    "cudnn_benchmark": "autotune convolutions once",
-    "compile": "torch.compile each trial's model (its compile time is paid again in every trial)",
-}
-"""The CUDA speed switches: StudyConfig fields, each a --flag / --no-flag pair."""
 
 
 def gpu_fraction(value: str) -> float | str:
@@ -167,12 +168,12 @@ def build_parser(
     )
 
     speed = parser.add_argument_group("speed on CUDA (ignored on the CPU)")
-    for name, meaning in SPEED_FLAGS.items():
+    for option in fields(SpeedOptions):  # each CUDA speed switch a --flag / --no-flag pair, from its field
         speed.add_argument(
-            f"--{name.replace('_', '-')}",
+            f"--{option.name.replace('_', '-')}",
             action=argparse.BooleanOptionalAction,
-            default=STUDY_DEFAULTS[name],
-            help=meaning,
+            default=option.default,
+            help=option.metadata[FLAG_HELP],
         )
 
     resources = parser.add_argument_group("resources and early stopping")
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             from search.study.resume import resumed_config  # MLflow: the record says how the study ran
 
-            config, resume_run_id = resumed_config(args)
+            config, resume_run_id = resumed_config(args, given_options(build_parser(), argv))
         else:
             config, resume_run_id = new_config(args), None
         from search.tracking.claim import claim_study

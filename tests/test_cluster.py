@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers import ROOT, free_port, run_script
+from helpers.servers import stop_process_group, wait_until
 
 STUDY = ("--model", "vit", "--trials", "2", "--epochs", "1", "--smoke", "--data", "synthetic:3", "--no-pretrained")
 STUDY_ON_CPUS = (*STUDY, "--gpus-per-trial", "0")
@@ -61,21 +62,14 @@ def start_node(arguments: list[str], env: dict, log: Path) -> subprocess.Popen:
         node = subprocess.Popen(
             [RAY, "start", *NODE, *arguments], stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    deadline = time.monotonic() + 120
-    while "block forever" not in log.read_text():  # printed once the node runs
-        assert node.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.5)
+    wait_until(lambda: "block forever" in log.read_text(), node, "ray start", within=120, log=log)  # once it runs
     return node
 
 
 def stop_node(node: subprocess.Popen, signal_number: int = signal.SIGTERM) -> None:
     if node.poll() is None:
-        os.killpg(node.pid, signal_number)  # --block: stopping it stops its node
-        try:
-            node.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # a head whose worker node is gone can take half a minute
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait(timeout=30)
+        # --block: stopping it stops its node. A head whose worker node is gone can take half a minute: SIGKILL then.
+        stop_process_group(node, first=signal_number, grace=10)
 
 
 def power_off(node: subprocess.Popen, ray_folder: str) -> None:

@@ -16,12 +16,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from helpers import ROOT, run_script
+from helpers.cli import call_main, one_line_refusal
 
 from search.compare import build_compare_parser, forwarded_argv
-from search.final_model.predictions import Predictions, predictions_csv, read_predictions
 
 UNBUFFERED = {**os.environ, "PYTHONUNBUFFERED": "1"}
 NAME = "cmp"
@@ -72,23 +71,6 @@ def test_defaults_are_not_handed_on():
     assert forwarded_argv(args, forwarded) == []
 
 
-def test_predictions_round_trip_through_the_csv_with_awkward_class_names():
-    classes = ["a, with comma", 'quote "q"', "plain"]
-    rng = np.random.default_rng(0)
-    probabilities = rng.dirichlet(np.ones(3), size=7)
-    original = Predictions([f"x/{i}.png" for i in range(7)], rng.integers(0, 3, 7), probabilities, classes)
-    back = read_predictions(predictions_csv(original), "test")
-    assert back.keys == original.keys and back.classes == classes
-    assert np.array_equal(back.labels, original.labels)
-    assert np.allclose(back.probabilities, probabilities, rtol=1e-7)
-    assert np.array_equal(back.predicted, original.predicted)
-
-
-def test_a_file_that_is_not_a_predictions_csv_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"not a test_predictions\.csv"):
-        read_predictions("a,b\n1,2\n", "run R's file")
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -101,26 +83,36 @@ def test_a_file_that_is_not_a_predictions_csv_is_refused_by_name():
         (["--data", "missing-folder"], "missing-folder"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, argv, message):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, argv, message, monkeypatch, capsys):
+    """compare.py's main() in this process; the test after the next runs one as a user does."""
+    from search.compare import main
+
     shutil.copytree(ROOT / "spaces", tmp_path / "spaces")
-    result = run_script(
-        "compare.py", "--smoke", "--no-pretrained", "--data", "synthetic:3", *argv, cwd=tmp_path, timeout=120
-    )
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    args = ("--smoke", "--no-pretrained", "--data", "synthetic:3", *argv)
+    answer = call_main(main, *args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert message in one_line_refusal(answer, "compare.py")
     assert not (tmp_path / "mlflow").exists() and not (tmp_path / "ray_results").exists()
     assert not (tmp_path / "comparisons").exists()
 
 
-def test_an_unknown_reference_model_is_refused_before_anything_runs(tmp_path):
+def test_an_unknown_reference_model_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    from search.compare import main
+
     shutil.copytree(ROOT / "spaces", tmp_path / "spaces")
-    result = run_script(
-        "compare.py", "--smoke", "--no-pretrained", "--data", "synthetic:3", "--reference", "convnxt_tiny",
-        cwd=tmp_path, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2 and "convnxt_tiny" in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    args = ("--smoke", "--no-pretrained", "--data", "synthetic:3", "--reference", "convnxt_tiny")
+    answer = call_main(main, *args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert "convnxt_tiny" in one_line_refusal(answer, "compare.py")
     assert not (tmp_path / "mlflow").exists()
+
+
+def test_a_refusal_is_one_line_on_stderr_exit_2_without_a_traceback_from_the_command_line(tmp_path):
+    """The contract as a user meets it, compare.py in its own process."""
+    result = run_script("compare.py", "--smoke", "--resamples", "10", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("search/compare.py: error: "), result.stderr
+    assert "--resamples 10: use at least 1000" in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow").exists() and not (tmp_path / "comparisons").exists()
 
 
 # ---------------------------------------------------------------- slow: the whole command

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.cuda import requires_cuda
 
 from search.comparison.costs import LATENCY_BATCHES, measure_costs
 from search.comparison.results import Costs
@@ -92,8 +93,7 @@ def test_nonsense_repeats_are_refused():
         measure_costs(spec_of("vit"), HP, CPU, repeats=0)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU: torch sees no CUDA device")
+@requires_cuda
 def test_costs_on_cuda_include_the_peak_training_memory():
     spec = spec_of("vit", vit_depth=2)
     costs = quick_costs(spec, torch.device("cuda"))

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, run_script, study_config
+from helpers import ROOT, study_config
+from helpers.cli import call_main, one_line_refusal
 
-from search.study.config import ConfigError, StudyConfig
+from search.records.study_config import ConfigError, StudyConfig
+from search.run import main
 from search.study.spaces import load_space
 from trainables.config import (
     AUGMENTS,
@@ -195,39 +197,42 @@ def interrupted_study(tmp_path: Path, name: str, study_yaml: str | None = None) 
     return uri
 
 
-def refused_resume(tmp_path: Path, name: str, uri: str, *extra: str) -> str:
-    """run.py --resume of study `name`, which must be refused: its one line."""
-    where = ["--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")]
-    result = run_script("run.py", "--model", "cnn", "--name", name, "--resume", *where, *extra, cwd=tmp_path)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    (line,) = result.stderr.strip().splitlines()
-    return line
+@pytest.fixture
+def refused_resume(tmp_path: Path, monkeypatch, capsys):
+    """run.py --resume of a study, which must be refused (its main() in this process): its one line."""
+
+    def refused(name: str, uri: str, *extra: str) -> str:
+        where = ["--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")]
+        args = ("--model", "cnn", "--name", name, "--resume", *where, *extra)
+        return one_line_refusal(call_main(main, *args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys), "run.py")
+
+    return refused
 
 
-def test_resuming_a_study_that_predates_study_yaml_is_one_line(tmp_path):
-    line = refused_resume(tmp_path, "old", interrupted_study(tmp_path, "old"))
+def test_resuming_a_study_that_predates_study_yaml_is_one_line(tmp_path, refused_resume):
+    line = refused_resume("old", interrupted_study(tmp_path, "old"))
     assert "study 'old' predates study.yaml" in line and "final.py --study old" in line
 
 
-def test_resuming_a_study_from_before_the_optuna_database_is_one_line(tmp_path):
+def test_resuming_a_study_from_before_the_optuna_database_is_one_line(tmp_path, refused_resume):
     recorded = study_config(name="older", storage_path=str(tmp_path / "ray"))
     assert recorded.optuna_storage is None  # what study.yaml held before the database
-    line = refused_resume(tmp_path, "older", interrupted_study(tmp_path, "older", recorded.to_yaml()))
+    line = refused_resume("older", interrupted_study(tmp_path, "older", recorded.to_yaml()))
     assert "study 'older' was run by an older version" in line and "final.py --run-id" in line
 
 
 @pytest.mark.parametrize("case", ["database gone", "another database"])
-def test_resume_refuses_an_optuna_database_that_cannot_continue_the_study(tmp_path, case):
+def test_resume_refuses_an_optuna_database_that_cannot_continue_the_study(tmp_path, case, refused_resume):
     """The pickled searcher reopens the recorded database: a moved file would start an empty study."""
     recorded_db = f"sqlite:///{tmp_path}/optuna.db"
     recorded = study_config(name="cut", storage_path=str(tmp_path / "ray"), optuna_storage=recorded_db)
     uri = interrupted_study(tmp_path, "cut", recorded.to_yaml())
     if case == "database gone":
-        line = refused_resume(tmp_path, "cut", uri)
+        line = refused_resume("cut", uri)
         assert f"the Optuna storage {recorded_db} no longer holds study 'cut'" in line
         assert not (tmp_path / "optuna.db").exists()  # checking did not create it
     else:
-        line = refused_resume(tmp_path, "cut", uri, "--optuna-storage", f"sqlite:///{tmp_path}/elsewhere.db")
+        line = refused_resume("cut", uri, "--optuna-storage", f"sqlite:///{tmp_path}/elsewhere.db")
         assert f"--optuna-storage cannot change on --resume: study 'cut' continues in {recorded_db}" in line
 
 
@@ -273,12 +278,9 @@ def test_a_model_file_reloads_to_the_same_outputs_and_keeps_no_local_path(tmp_pa
         (["--name", "old", "--weights", "bogus"], "--weights bogus: write BACKBONE=PATH"),
     ],
 )
-def test_resume_checks_its_arguments_first(tmp_path, flags, message):
-    result = run_script(
-        "run.py", "--model", "cnn", "--resume", *flags, "--tracking-uri", f"sqlite:///{tmp_path}/m.db", cwd=tmp_path
-    )
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
+def test_resume_checks_its_arguments_first(tmp_path, flags, message, monkeypatch, capsys):
+    args = ("--model", "cnn", "--resume", *flags, "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    line = one_line_refusal(call_main(main, *args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys), "run.py")
     assert message in line
     assert not (tmp_path / "m.db").exists()
 
@@ -297,9 +299,9 @@ WINNER = {
 
 
 def winner_problems(**changes) -> list[str]:
-    """The problems parse_config lists for WINNER with some top-level values or hyperparameters (hp_NAME) changed."""
-    from search.errors import UsageError
-    from search.final_model.winner import parse_config
+    """The problems Winner.from_dict lists for WINNER with some top-level values or hyperparameters (hp_NAME)
+    changed."""
+    from search.records.winner import Winner, WinnerRefused
 
     raw = {**WINNER, "hyperparameters": dict(WINNER["hyperparameters"])}
     for key, value in changes.items():
@@ -308,8 +310,8 @@ def winner_problems(**changes) -> list[str]:
         else:
             raw[key] = value
     try:
-        parse_config(raw, "config x.yaml")
-    except UsageError as error:
+        Winner.from_dict(raw, "config x.yaml")
+    except WinnerRefused as error:
         text = str(error)
         assert text.startswith("config x.yaml: ")
         return text.removeprefix("config x.yaml: ").split("; ")

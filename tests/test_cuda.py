@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.cuda import CUDA_MARKS
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU: torch sees no CUDA device"),
-]
+pytestmark = list(CUDA_MARKS)
 
 
 def random_split(folder: Path, count: int, size: int):
@@ -82,7 +80,7 @@ def layout_decides(weight: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("model_name", ["cnn", "vit"])
 def test_amp_trains_in_fp16_autocast_with_an_enabled_grad_scaler(model_name, tmp_path):
-    from trainables.engine import SpeedOptions
+    from trainables.config import SpeedOptions
 
     learner = cuda_learner(model_name, SpeedOptions(amp=True))
     assert learner.amp and learner.scaler.is_enabled()
@@ -94,7 +92,7 @@ def test_amp_trains_in_fp16_autocast_with_an_enabled_grad_scaler(model_name, tmp
 
 
 def test_without_amp_the_scaler_is_off_and_training_runs_in_fp32(tmp_path):
-    from trainables.engine import SpeedOptions
+    from trainables.config import SpeedOptions
 
     learner = cuda_learner("vit", SpeedOptions(amp=False))
     assert not learner.amp and not learner.scaler.is_enabled()
@@ -106,7 +104,7 @@ def test_without_amp_the_scaler_is_off_and_training_runs_in_fp32(tmp_path):
 
 
 def test_channels_last_puts_conv_weights_and_batches_in_nhwc(tmp_path):
-    from trainables.engine import SpeedOptions
+    from trainables.config import SpeedOptions
 
     learner = cuda_learner("cnn", SpeedOptions(channels_last=True))
     weights = conv_weights(learner.model)
@@ -127,7 +125,7 @@ def test_channels_last_puts_conv_weights_and_batches_in_nhwc(tmp_path):
 
 
 def test_without_channels_last_conv_weights_stay_nchw():
-    from trainables.engine import SpeedOptions
+    from trainables.config import SpeedOptions
 
     learner = cuda_learner("cnn", SpeedOptions(channels_last=False))
     decisive = [p for _, p in conv_weights(learner.model) if layout_decides(p)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers import ROOT, mounted_tmpfs, run_script, write_image_folder
+from helpers.cli import call_main, one_line_refusal
 
 TRIALS = 3
 
@@ -243,11 +244,12 @@ RESUME_ERRORS = {
 
 
 @pytest.mark.parametrize("case", RESUME_ERRORS, ids=list(RESUME_ERRORS))
-def test_resume_refuses_what_it_cannot_continue(tmp_path, case):
+def test_resume_refuses_what_it_cannot_continue(tmp_path, case, monkeypatch, capsys):
+    from search.run import main
+
     args, message = RESUME_ERRORS[case]
-    result = run_script("run.py", *args, cwd=tmp_path)
-    assert result.returncode == 2 and message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    answer = call_main(main, *args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert message in one_line_refusal(answer, "run.py")
     assert not (tmp_path / "mlflow").exists()
 
 

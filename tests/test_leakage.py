@@ -13,7 +13,7 @@ from PIL import Image
 
 import trainables.leakage as leakage
 from search.errors import UsageError
-from search.study.config import StudyConfig
+from search.records.study_config import StudyConfig
 from search.study.leaks import check_leaks
 from trainables.data import cache_split, index_source, synthetic_image
 from trainables.leakage import cross_split_duplicates, fingerprints, split_fingerprints
@@ -219,7 +219,7 @@ def test_a_test_image_that_will_not_decode_is_left_out_of_the_check(tmp_path, ca
 def test_on_leak_is_a_setting_of_the_study_that_round_trips(tmp_path):
     from helpers import study_config
 
-    from search.study.config import ConfigError
+    from search.records.study_config import ConfigError
 
     config = study_config(on_leak="fail")
     assert StudyConfig.from_yaml(config.to_yaml(), "study.yaml").on_leak == "fail"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import run_script, write_image_folder, write_manifest, write_patient_images
 
-from search.study.config import SMOKE
+from search.records.study_config import SMOKE
 from trainables.data import SPLITS, DataError, cache_split, data_digest, index_source, split_digest, subsample
 from trainables.manifest import grouped_split
 

@@ -224,12 +224,16 @@ def test_the_card_lists_the_knobs_of_its_model_and_a_reference_those_every_model
 
 
 def test_the_card_names_the_trial_as_its_study_did_and_an_older_records_id_as_rays():
-    """card_facts takes WinnerConfig.trial_name: t07, or for a best_config.yaml without the name, Ray's id, said so."""
-    from search.final_model.winner import WinnerConfig
+    """card_facts takes Winner.trial_name: t07, or for a best_config.yaml without the name, Ray's id, said so."""
+    from search.records.split import SplitSpec
+    from search.records.winner import Winner
     from trainables.config import Hyperparameters
 
     def named(**trial) -> str | None:
-        return WinnerConfig("cnn", Hyperparameters(), ["a", "b"], "synthetic", 0, 32, **trial).trial_name
+        split = SplitSpec("synthetic", 0)
+        return Winner(
+            model="cnn", hyperparameters=Hyperparameters(), classes=["a", "b"], split=split, img_size=32, **trial
+        ).trial_name
 
     assert named(trial="t07", trial_id="e5c2dbbe") == "t07"
     assert named(trial_id="e5c2dbbe") == "e5c2dbbe (Ray's trial id)"

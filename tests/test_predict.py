@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import mounted_tmpfs, run_script, write_image_folder
+from helpers.cuda import requires_cuda
 
 from search.inference.model_source import RegisteredModel, model_source
 from search.predict import main
@@ -426,11 +427,11 @@ def test_a_registered_version_predicts_as_its_model_file_does(model_files, image
     run_id = client.create_run(experiment).info.run_id
     model = load_model(model_files["vit"], torch.device("cpu"), "vit").network
     register = dict(model=model, img_size=SIZES["vit"], tracking_uri=uri, run_id=run_id, temperature=TEMPERATURE)
-    assert log_model(**register, register_name="vit-classifier", model_file=model_files["vit"])["version"] == 1
+    assert log_model(**register, register_name="vit-classifier", model_file=model_files["vit"]).version == 1
     client.set_registered_model_alias("vit-classifier", "champion", "1")
     older = log_model(**register, register_name="vit-classifier", model_file=model_files["vit"])
-    assert older["version"] == 2  # made a version from before final.py stored model.pt: its file taken away
-    folder = client.get_logged_model(older["model_id"]).artifact_location
+    assert older.version == 2  # made a version from before final.py stored model.pt: its file taken away
+    folder = client.get_logged_model(older.model_id).artifact_location
     (Path(urlparse(folder).path) / MODEL_FILE_IN_MODEL).unlink()
 
     local = tmp_path / "local.csv"
@@ -448,8 +449,7 @@ def test_a_registered_version_predicts_as_its_model_file_does(model_files, image
 # ---------------------------------------------------------------- CUDA
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU: torch sees no CUDA device")
+@requires_cuda
 @pytest.mark.parametrize("name", ["vit", "cnn"])
 def test_cuda_predicts_and_explains_as_the_cpu_does(name, model_files, images, tmp_path):
     from search.inference.predictor import calibrated, calibrated_probabilities, load_model

@@ -134,12 +134,12 @@ def test_patients_whose_images_now_span_the_study_s_splits_are_warned_about(tmp_
 
 
 def test_a_study_without_a_record_is_split_again_with_a_note(tmp_path, capsys):
-    from search.final_model.winner import parse_config
+    from search.records.winner import Winner
 
     folder = write_image_folder(tmp_path / "images", {"a": 10, "b": 10})
     raw = {"model": "vit", "hyperparameters": {}, "classes": ["a", "b"], "data": str(folder), "seed": SEED}
-    config = parse_config({**raw, "img_size": 32}, "config best_config.yaml")
-    index = retrain_index(index_source(folder, SEED), config, None, "study 'old' predates split.json")
+    config = Winner.from_dict({**raw, "img_size": 32}, "config best_config.yaml")
+    index = retrain_index(index_source(folder, SEED), config.split, None, "study 'old' predates split.json")
     assert keys(index, "test") == keys(index_source(folder, SEED), "test")
     out = capsys.readouterr().out
     assert out.startswith("note: study 'old' predates split.json: the split could not be checked against the study's")
@@ -223,8 +223,8 @@ def final_runs(uri: str) -> int:
 @pytest.mark.slow
 def test_an_edited_group_column_is_retrained_and_tested_on_the_study_s_own_split(study, tmp_path, capsys):
     """The issue's case: only the group column edited after the study, then final.py --study."""
+    from search.evaluation.predictions import read_predictions
     from search.final import main
-    from search.final_model.predictions import read_predictions
 
     out = tmp_path / "final"
     with edited(study.manifest, with_groups_renamed):
@@ -261,24 +261,26 @@ def test_a_study_image_gone_from_the_data_is_refused_before_any_run(study, tmp_p
 
 @pytest.mark.slow
 def test_unchanged_data_is_split_as_the_study_recorded_without_a_note(study, capsys):
-    from search.final import build_parser, load_winner
+    from search.final import build_parser, load_winner, retrain_request
     from search.final_model.retrain import prepare_final
 
     args = build_parser().parse_args(["--study", STUDY, "--no-pretrained", *study.common])
-    prepared = prepare_final(args, load_winner(args))
+    prepared = prepare_final(retrain_request(args), load_winner(args))
     assert {split: keys(prepared.index, split) for split in SPLITS} == study.record.images
-    assert prepared.settings["split_from"] == "study_record" and "note:" not in capsys.readouterr().out
+    assert prepared.settings.split_from == "study_record" and "note:" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_resume_on_a_changed_split_is_refused_naming_what_changed(study):
+    from search.cli import given_options
     from search.run import build_parser
     from search.study.preflight import check_study
     from search.study.resume import resumed_config
 
     argv = ["--model", "vit", "--name", STUDY, "--resume", "--trials", "2", "--storage-path", str(study.root / "ray")]
+    argv += study.common
     with edited(study.manifest, with_groups_renamed):
-        config, run_id = resumed_config(build_parser().parse_args([*argv, *study.common]))
+        config, run_id = resumed_config(build_parser().parse_args(argv), given_options(build_parser(), argv))
         with pytest.raises(UsageError) as refused:
             check_study(config, run_id)
     message = str(refused.value)

@@ -55,7 +55,7 @@ def test_an_extension_trains_in_a_folder_of_its_own():
     ],
 )
 def test_settings_that_cannot_run_are_refused(changes, problem):
-    from search.study.config import ConfigError
+    from search.records.study_config import ConfigError
 
     with pytest.raises(ConfigError, match=problem):
         study_config(**changes)

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import free_port
+from helpers.servers import http_server
 
 CLASSES = ["benign", "cyst", "malignant", "normal"]
 SIZE, TEMPERATURE, NAME = 32, 1.7, "tiny-classifier"
@@ -77,14 +75,14 @@ def test_the_version_carries_its_card_and_tags_and_its_serving_example_is_a_vali
     version = client.get_model_version(NAME, "1")
     assert version.description == "# tiny-classifier version 1\n"
     assert version.tags == {"img_size": str(SIZE), "model": "vit"}
-    assert {"img_size": str(SIZE), "model": "vit"}.items() <= client.get_logged_model(info["model_id"]).tags.items()
+    assert {"img_size": str(SIZE), "model": "vit"}.items() <= client.get_logged_model(info.model_id).tags.items()
 
     mlflow.set_tracking_uri(registered["uri"])
-    example = load_serving_example(info["model_uri"])
+    example = load_serving_example(info.model_uri)
     assert list(json.loads(example)) == ["inputs"]  # the tensor form the scoring server takes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # deprecated for mlflow.models.predict, which needs an env
-        probabilities = np.asarray(mlflow.models.validate_serving_input(info["model_uri"], example))
+        probabilities = np.asarray(mlflow.models.validate_serving_input(info.model_uri, example))
     assert probabilities.shape == (2, len(CLASSES)) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-6)
 
     loaded = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
@@ -98,44 +96,21 @@ def test_mlflow_models_serve_answers_a_batch_with_the_model_s_calibrated_probabi
     log = tmp_path / "serve.log"
     start = time.perf_counter()
     serve = ["mlflow", "models", "serve", "-m", f"models:/{NAME}/1", "--env-manager", "local"]
-    with log.open("w") as output:
-        server = subprocess.Popen(
-            [sys.executable, "-m", *serve, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path,
-            env={**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the uvicorn worker it starts is stopped with it
-        )
-    try:
-        wait_until_ready(server, port, log)
+    command = [sys.executable, "-m", *serve, "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
+    # Its own process group: the uvicorn worker it starts is stopped with it.
+    ping = f"http://127.0.0.1:{port}/ping"
+    with http_server(command, ping, "mlflow models serve", within=READY_WITHIN, cwd=tmp_path, env=env, log=log):
         ready = time.perf_counter() - start
         batch = images(3, seed=3)
         answer = post(port, {"inputs": batch.tolist()})
         answered = time.perf_counter() - start - ready
-    finally:
-        stop(server)
     print(f"\nmlflow models serve: ready in {ready:.1f} s, a batch of 3 answered in {answered:.2f} s")
 
     probabilities = np.asarray(answer["predictions"], dtype=np.float64)
     assert probabilities.shape == (3, len(CLASSES))
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     assert np.abs(probabilities - expected(registered["scoring"], batch)).max() <= 1e-5
-
-
-def wait_until_ready(server: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.monotonic() + READY_WITHIN
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow models serve did not answer /ping within {READY_WITHIN:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def post(port: int, payload: dict) -> dict:
@@ -146,16 +121,3 @@ def post(port: int, payload: dict) -> dict:
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
-
-
-def stop(server: subprocess.Popen) -> None:
-    """The server and its worker: the process group this test started; SIGKILL for whatever outlives SIGTERM."""
-    for sent in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(server.pid, sent)
-        except ProcessLookupError:
-            return  # nothing of the group is left
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            continue

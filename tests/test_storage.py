@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from helpers import free_port, interrupted_study, run_script
+from helpers.servers import http_server
 
 from search.errors import UsageError
+from search.records import location
 from search.study import storage
 
 BUCKET = "studies"
@@ -37,26 +36,10 @@ def moto_server(**env: str) -> Iterator[str]:
     if executable is None:
         pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
     port = free_port()
-    process = subprocess.Popen(
-        [executable, "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail("moto_server did not start")
-            time.sleep(0.1)
-    try:
+    command = [executable, "-H", "127.0.0.1", "-p", str(port)]
+    with http_server(command, f"{url}/moto-api/", "moto_server", within=30, env={**os.environ, **env}, interval=0.1):
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 def create_bucket(endpoint: str, bucket: str) -> None:
@@ -104,13 +87,13 @@ def test_a_folder_is_taken_as_its_absolute_path_and_a_uri_as_given(tmp_path, mon
     assert storage.resolved("ray_results") == str(tmp_path / "ray_results")
     assert storage.resolved(f"file://{tmp_path}/a/../b") == str(tmp_path / "b")
     assert storage.resolved("s3://bucket/prefix/") == "s3://bucket/prefix"
-    assert not storage.is_uri("C:/ray_results") and storage.is_uri("gs://bucket")
+    assert not location.is_uri("C:/ray_results") and location.is_uri("gs://bucket")
     # A study's folder goes before the URI's options, as Ray's own URI joins them.
-    assert storage.join("s3://b/p?endpoint_override=h:9000&scheme=http", "study", "best") == (
+    assert location.join("s3://b/p?endpoint_override=h:9000&scheme=http", "study", "best") == (
         "s3://b/p/study/best?endpoint_override=h:9000&scheme=http"
     )
-    assert storage.join("s3://bucket", "study") == "s3://bucket/study"
-    assert storage.join("/data/ray", "study") == "/data/ray/study"
+    assert location.join("s3://bucket", "study") == "s3://bucket/study"
+    assert location.join("/data/ray", "study") == "/data/ray/study"
 
 
 def test_a_folder_is_read_and_written_where_it_is(tmp_path):

@@ -27,7 +27,9 @@ def test_studies_that_open_a_new_sqlite_store_together_all_record_and_leave_it_w
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     start_at = time.time() + 8  # after every process has imported MLflow
     with multiprocessing.get_context("spawn").Pool(OPENERS) as pool:
-        outcomes = pool.starmap(open_and_record, [(uri, start_at, f"study-{i}") for i in range(OPENERS)])
+        # A bounded wait: a worker lost on a loaded machine fails the test, where a plain starmap hangs the run.
+        waiting = pool.starmap_async(open_and_record, [(uri, start_at, f"study-{i}") for i in range(OPENERS)])
+        outcomes = waiting.get(timeout=300)
     assert outcomes == ["ok"] * OPENERS
     client = mlflow_client(uri)
     names = {e.name for e in client.search_experiments()}

@@ -1,37 +1,43 @@
 """A study's MLflow record explains itself: read back through MLflow's and Optuna's own APIs.
 
-One vit --smoke study for the module, run as a user runs it: search/run.py in its own
-process, from a folder laid out like the project (its spaces/), with the default store,
-Optuna database, Ray folder and cache, all relative to it. Five trials, one at a time, so
-that ASHA prunes one and four complete, every time: enough for the parameter importances and the
-plots that compare trials. A one-trial --verbose study shows Ray's own output; refused
-starts show that a study's name is checked in the MLflow store and the Optuna database.
+The session's vit --smoke study (tests/helpers/smoke_study.py) is the one read back here: run as a
+user runs it, five trials one at a time, so that ASHA prunes one and four complete, every time:
+enough for the parameter importances and the plots that compare trials. A one-trial --verbose study
+shows Ray's own output; refused starts show that a study's name is checked in the MLflow store and
+the Optuna database.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import optuna
 import pytest
 import yaml
-from helpers import ROOT, run_script, study_config
+from helpers import ROOT, study_config
+from helpers.smoke_study import (
+    CLASSES,
+    MODEL,
+    NAME,
+    OUTCOMES,
+    SMOKE_STUDY,
+    TRIALS,
+    Record,
+    project_folder,
+    read_record,
+    run_in,
+    trial_of,
+)
+from helpers.winners import a_winner
 from optuna.trial import TrialState
 
-from search.study.config import SMOKE
+from search.records.study_config import SMOKE
 from search.study.spaces import load_space
+from trainables.config import Hyperparameters
 
-NAME, MODEL, TRIALS, CLASSES = "record", "vit", 5, 11
-SMOKE_STUDY = ("--model", MODEL, "--smoke", "--data", "synthetic", "--no-pretrained", "--gpus-per-trial", "0")
-OUTCOMES = ("completed", "pruned", "failed")
 OPTUNA_STATES = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHANCE = "(chance 0.0909)"
@@ -40,89 +46,10 @@ NOT_QUIET = ("Configuration for experiment", "View detailed results", "INFO mlfl
 """Ray's and MLflow's own output, which the console shows only with --verbose."""
 
 
-@dataclass(frozen=True)
-class Record:
-    """A finished study: where it ran, what it printed, how long it took, and what MLflow holds of it."""
-
-    root: Path
-    console: str
-    """What run.py printed, stdout then stderr."""
-    seconds: float
-    client: Any
-    experiment: Any
-    parent: Any
-    children: list
-    """The trials' runs, in label order (t00, t01, ...)."""
-    winner: dict
-    """best_config.yaml of the study's run."""
-
-    @property
-    def optuna_url(self) -> str:
-        return f"sqlite:///{self.root}/mlflow/optuna.db"
-
-    @property
-    def winner_run(self):
-        (run,) = [run for run in self.children if run.data.tags["ray_trial_id"] == self.winner["trial_id"]]
-        return run
-
-    def counts(self) -> str:
-        """'4 trials: 3 completed, 1 pruned', from the trials' status tags."""
-        outcomes = Counter(run.data.tags["trial_status"] for run in self.children)
-        parts = ", ".join(f"{outcomes[outcome]} {outcome}" for outcome in OUTCOMES if outcomes[outcome])
-        return f"{len(self.children)} trials: {parts}"
-
-    def history(self, run, key: str) -> list[tuple[int, float]]:
-        return sorted((m.step, m.value) for m in self.client.get_metric_history(run.info.run_id, key))
-
-    def download(self, artifact_path: str) -> Path:
-        """An artifact of the study's run, downloaded under root/download."""
-        folder = str(self.root / "download")
-        return Path(self.client.download_artifacts(self.parent.info.run_id, artifact_path, folder))
-
-
-def run_in(root: Path, *args: str) -> tuple[Any, float]:
-    """search/run.py run from `root`: the finished process and its seconds."""
-    start = time.perf_counter()
-    result = run_script("run.py", *args, cwd=root)
-    return result, time.perf_counter() - start
-
-
-def project_folder(tmp_path_factory, name: str) -> Path:
-    """A folder laid out like the project: its spaces/, and nothing else yet."""
-    root = tmp_path_factory.mktemp(name)
-    shutil.copytree(ROOT / "spaces", root / "spaces")
-    return root
-
-
-def read_record(root: Path, name: str, console: str, seconds: float) -> Record:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{root}/mlflow/mlflow.db")
-    experiment = client.get_experiment_by_name(MODEL)
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.study = '{name}'")
-    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
-    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    (root / "download").mkdir()
-    local = client.download_artifacts(parent.info.run_id, "best/best_config.yaml", str(root / "download"))
-    winner = yaml.safe_load(Path(local).read_text())
-    return Record(root, console, seconds, client, experiment, parent, sorted(children, key=trial_of), winner)
-
-
-def trial_of(run) -> str:
-    return run.data.tags["trial"]
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Record:
-    root = project_folder(tmp_path_factory, "record")
-    # One trial at a time, so that what ASHA stops does not depend on which trial's epoch comes first on a busy
-    # machine; seed 3's 5 trials then always leave 4 completed, of 4 different scores (t02 pruned), so the
-    # importances and plots have trials to compare. (Two at a time, seed 1's left t00 and t03 alone at one score
-    # whenever ASHA stopped t01: nothing to compare them by.)
-    args = ("--trials", str(TRIALS), "--name", NAME, "--seed", "3", "--max-concurrent", "1")
-    result, seconds = run_in(root, *SMOKE_STUDY, *args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return read_record(root, NAME, result.stdout + result.stderr, seconds)
+@pytest.fixture
+def study(smoke_study) -> Record:
+    """The session's study, read only."""
+    return smoke_study
 
 
 @pytest.fixture(scope="module")
@@ -494,9 +421,9 @@ def test_a_tie_goes_to_the_earliest_trial_in_the_export_the_runs_names_and_the_c
         runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
         return sorted(run.info.run_name for run in runs)
 
-    name_the_winner(client, parent_id, {"trial": "t00", "trial_id": "ray8"})
+    name_the_winner(client, parent_id, a_winner(trial="t00", trial_id="ray8"))
     assert names() == ["t00 completed, best", "t01 completed", "t02 completed"]
-    name_the_winner(client, parent_id, {"trial": "t01", "trial_id": "ray7"})  # an extension's new winner
+    name_the_winner(client, parent_id, a_winner(trial="t01", trial_id="ray7"))  # an extension's new winner
     assert names() == ["t00 completed", "t01 completed, best", "t02 completed"]
 
     summary = StudySummary(
@@ -514,14 +441,14 @@ def test_a_tie_goes_to_the_earliest_trial_in_the_export_the_runs_names_and_the_c
         winner_id="ray8",
     )
     assert [trial.label for trial in summary.ranked()] == ["t00", "t01", "t02"]
-    best = {
-        "trial": "t00",
-        "trial_id": "ray8",
-        "metric": "val_acc",
-        "best_value": 0.4205,
-        "best_epoch": 2,
-        "hyperparameters": {"lr": 0.001},
-    }
+    best = a_winner(
+        trial="t00",
+        trial_id="ray8",
+        metric="val_acc",
+        best_value=0.4205,
+        best_epoch=2,
+        hyperparameters=Hyperparameters(lr=0.001),
+    )
     print_closing(config, best, str(tmp_path / "best"), experiment_id, summary)
     lines = capsys.readouterr().out.splitlines()
     start = lines.index("Best trial t00: val_acc = 0.4205 (chance 0.0909) at epoch 2")

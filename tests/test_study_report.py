@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from helpers.winners import a_winner
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler
 
+from search.records.winner import Winner
 from search.study.report import (
     PLOTS,
     StudySummary,
@@ -113,12 +115,12 @@ def built():
     return build(PLAN)
 
 
-def winner_of(summary: StudySummary) -> dict:
+def winner_of(summary: StudySummary) -> Winner:
     best = summary.best_trial
     point = best.best("max") if best else None
     assert best is not None and point is not None
     epoch, value = point
-    return {"trial_id": best.trial_id, "metric": "val_acc", "best_value": value, "best_epoch": epoch}
+    return a_winner(trial_id=best.trial_id, metric="val_acc", best_value=value, best_epoch=epoch)
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -187,7 +189,7 @@ def test_a_shared_best_score_is_a_tie_the_earliest_trial_wins_and_the_note_says_
     assert summary.best_trial is not None and summary.best_trial.label == "t12"
     line = "Tie: t12, t99 and t100 all reached val_acc 0.4205; t12 won: a tie goes to the earliest trial."
     assert tie_line(summary) == line
-    winner = {"trial": "t12", "trial_id": "id_t12", "metric": "val_acc", "best_value": 0.4205, "best_epoch": 2}
+    winner = a_winner(trial="t12", trial_id="id_t12", metric="val_acc", best_value=0.4205, best_epoch=2)
     note = describe(replace(summary, winner_id="id_t12"), winner, {})
     assert note.splitlines()[:3] == ["best val_acc 0.4205 (chance 0.0909), trial t12 at epoch 2", "", line]
     two = tied_study({"t00": 0.5, "t01": 0.5})
@@ -243,9 +245,9 @@ def test_describe_leads_with_the_winner(built):
     assert best is not None
     note = describe(summary, winner, {"lr": 0.00031, "batch_size": 32})
     headline = note.splitlines()[0]
-    assert f"best val_acc {winner['best_value']:.4f}" in headline
+    assert f"best val_acc {winner.best_value:.4f}" in headline
     assert f"chance {1 / CLASSES:.4f}" in headline
-    assert f"trial {best.label} at epoch {winner['best_epoch']}" in headline
+    assert f"trial {best.label} at epoch {winner.best_epoch}" in headline
     assert "10 trials: 4 completed, 5 pruned, 1 failed" in note
     assert "1 h 02 min 05 s" in note
     table = [line for line in note.splitlines() if re.match(r"\| t\d\d \|", line)]

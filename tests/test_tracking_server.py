@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from helpers import ROOT, free_port, interrupted_study, run_script
+from helpers.servers import http_server
 
 pytestmark = pytest.mark.slow
 
@@ -30,26 +27,12 @@ def server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 with a SQLite backend and artifacts proxied into its own folder."""
     folder = tmp_path_factory.mktemp("server")
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder}/server.db", "--artifacts-destination", str(folder / "artifacts")],
-        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail("mlflow server did not start")
-            time.sleep(1)
-    yield url, folder
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{folder}/server.db",
+               "--artifacts-destination", str(folder / "artifacts")]  # fmt: skip
+    with http_server(command, f"{url}/health", "mlflow server", within=120, cwd=folder, interval=1):
+        yield url, folder
 
 
 def test_a_study_its_resume_and_its_retrain_work_through_the_server_alone(server, tmp_path):

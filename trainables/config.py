@@ -184,6 +184,38 @@ class Hyperparameters:
         return {name: getattr(self, name) for name in AUGMENTS}
 
 
+FLAG_HELP = "help"
+"""A SpeedOptions field's metadata key: its --flag's help text."""
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """CUDA speed features (the CPU ignores them).
+
+    A new option is a field here, with its default and its --flag's help in FLAG_HELP: run.py and compare.py
+    make it a --flag / --no-flag pair, new_config records it in study.yaml, and the trials' Learner gets it
+    (`SpeedOptions.of(config)`). study.yaml's record needs the StudyConfig field of the same name, type and
+    default: tests/test_speed_flags.py asks for it by name.
+    """
+
+    amp: bool = field(default=True, metadata={FLAG_HELP: "fp16 autocast with GradScaler"})
+    """fp16 autocast with GradScaler: Turing has fp16 tensor cores but no bf16."""
+    channels_last: bool = field(default=True, metadata={FLAG_HELP: "NHWC memory layout"})
+    """NHWC memory layout, which tensor-core convolutions prefer."""
+    cudnn_benchmark: bool = field(default=True, metadata={FLAG_HELP: "autotune convolutions once"})
+    """Autotune convolution algorithms once for the fixed input shape."""
+    compile: bool = field(
+        default=False,
+        metadata={FLAG_HELP: "torch.compile each trial's model (its compile time is paid again in every trial)"},
+    )
+    """torch.compile the model: faster steps, but every trial pays the compile time again."""
+
+    @classmethod
+    def of(cls, settings: object) -> SpeedOptions:
+        """The options that `settings` (a StudyConfig, run.py's parsed arguments) holds under the same names."""
+        return cls(**{option.name: getattr(settings, option.name) for option in fields(cls)})
+
+
 SEED = "seed"
 """The one key of a trial's config that is no hyperparameter: its own seed, where it is not the study's
 (a confirmation retrains a configuration with other seeds)."""
@@ -232,15 +264,25 @@ def retired_knob_problem(name: str) -> str | None:
         return None
     return (
         f"{name} is retired: search or fix one knob per augmentation instead, {', '.join(AUGMENTS)} "
-        f"(e.g. vflip: {{type: fixed, value: 0}}; README, 'Search spaces')"
+        f"(e.g. vflip: {{type: fixed, value: 0}}; see docs/search-spaces.md)"
     )
 
 
 def improves(mode: str, score: float | None, best: float | None) -> bool:
-    """Whether `score` is a number that beats `best` (None: nothing yet) in `mode` ('max' or 'min')."""
+    """Whether `score` is a number that beats `best` (None, or a NaN kept by an older checkpoint: nothing yet) in
+    `mode` ('max' or 'min')."""
     if score is None or math.isnan(score):
         return False
-    return best is None or (score > best if mode == "max" else score < best)
+    return best is None or math.isnan(best) or (score > best if mode == "max" else score < best)
+
+
+def keep_best(bests: dict[str, float], key: str, score: float | None, mode: str) -> bool:
+    """The best score so far: keep `score` as `key`'s best in `bests` where it improves on it (a NaN or None never
+    does); True where it did. The searcher, the MLflow record and the console keep each trial's best this way."""
+    if score is None or not improves(mode, score, bests.get(key)):
+        return False
+    bests[key] = float(score)
+    return True
 
 
 def knobs_of(model: str, values: dict[str, Any]) -> dict[str, Any]:

@@ -13,8 +13,7 @@ import time
 import torch
 from torch import nn
 
-from trainables.config import COSTS
-from trainables.engine import SpeedOptions
+from trainables.config import COSTS, SpeedOptions
 from trainables.models import count_parameters
 
 LATENCY_WARMUP, LATENCY_REPEATS = 3, 10

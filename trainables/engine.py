@@ -21,7 +21,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 from torch import nn
 
 from trainables.augment import augment_batch
-from trainables.config import METRIC_MODES, Hyperparameters
+from trainables.config import METRIC_MODES, Hyperparameters, SpeedOptions, improves
 from trainables.data import CachedSplit
 from trainables.gpu_memory import allocator_fraction
 
@@ -42,20 +42,6 @@ class EpochResult:
     """The monitored metric is the best so far (the checkpoint worth keeping)."""
     finished: bool
     """No epoch follows: the budget is spent or early stopping triggered."""
-
-
-@dataclass(frozen=True)
-class SpeedOptions:
-    """CUDA speed features (the CPU ignores them)."""
-
-    amp: bool = True
-    """fp16 autocast with GradScaler: Turing has fp16 tensor cores but no bf16."""
-    channels_last: bool = True
-    """NHWC memory layout, which tensor-core convolutions prefer."""
-    cudnn_benchmark: bool = True
-    """Autotune convolution algorithms once for the fixed input shape."""
-    compile: bool = False
-    """torch.compile the model: faster steps, but every trial pays the compile time again."""
 
 
 def select_device(gpu_fraction: float = 1.0, speed: SpeedOptions = SpeedOptions()) -> torch.device:
@@ -170,7 +156,7 @@ class Learner:
         score = metrics[self.monitor]
         self.scheduler.step(score)
         self.epoch += 1
-        better = self.best_score is None or (score > self.best_score if self.mode == "max" else score < self.best_score)
+        better = improves(self.mode, score, self.best_score)  # a NaN epoch never is: the next real score is the best
         if better:
             self.best_score, self.bad_epochs = score, 0
         else:

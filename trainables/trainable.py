@@ -15,10 +15,10 @@ import torch
 from ray import tune
 
 from trainables.checkpoint import load_trial_checkpoint, save_trial_checkpoint
-from trainables.config import COSTS, SEED, Hyperparameters
+from trainables.config import COSTS, SEED, Hyperparameters, SpeedOptions
 from trainables.costs import latency_cost, memory_cost, parameter_cost
 from trainables.data import CachedSplit
-from trainables.engine import Learner, SpeedOptions, fit, select_device
+from trainables.engine import Learner, fit, select_device
 from trainables.models import ModelSpec, build_model
 
 

@@ -1,1 +1,1 @@
-"""compare.py's parts: the plan (which studies, what is done), the statistics, the costs, the report."""
+"""compare.py's parts: the plan (which studies, what is done), the paired tests, the costs, the report."""

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from search.comparison.results import LATENCY_BATCHES, Costs
-from trainables.config import Hyperparameters
+from trainables.config import Hyperparameters, SpeedOptions
 from trainables.costs import inference_latency
 from trainables.data import CachedSplit
-from trainables.engine import Learner, SpeedOptions
+from trainables.engine import Learner
 from trainables.models import ModelSpec, build_model, count_parameters
 
 

@@ -25,8 +25,7 @@ import torch
 from mlflow.entities import Metric
 from sklearn.metrics import confusion_matrix
 
-from search import final as final_script
-from search.cli import interrupts_ignored
+from search.cli import interrupts_ignored, weights_files
 from search.comparison.costs import measure_costs
 from search.comparison.plan import (
     COMPARISON_ROLE,
@@ -42,18 +41,19 @@ from search.comparison.plan import (
 from search.comparison.plots import write_plots
 from search.comparison.report import PLOT_FILES, markdown, table_lines
 from search.comparison.results import Comparison, Costs, ModelResult, PairedTest, SearchCost
-from search.comparison.stats import metric_intervals, paired_test, recommend, stratified_resamples
+from search.comparison.stats import paired_test, recommend
 from search.errors import UsageError
-from search.final_model.predictions import PREDICTIONS_FILE, Predictions, read_predictions
+from search.evaluation.intervals import metric_intervals, stratified_resamples
+from search.evaluation.predictions import PREDICTIONS_FILE, Predictions, read_predictions
 from search.final_model.retrain import execute_final, prepare_final
-from search.final_model.sources import load_study
-from search.final_model.winner import WinnerConfig
-from search.study.config import StudyConfig
+from search.final_model.sources import load_study, winner_from_mlflow
+from search.records.retrain import RetrainRequest
+from search.records.study_config import StudyConfig
+from search.records.winner import Winner
 from search.tracking.schema import ELAPSED_METRIC, PARENT_TAG, ROLE_TAG, STUDY_TAG, mlflow_lines, run_page
 from search.tracking.store import all_runs, get_or_create_experiment, log_params, mlflow_client, quoted, read_artifact
 from search.tracking.study_run import find_study, read_split_record
-from trainables.config import Hyperparameters, knobs_of
-from trainables.engine import SpeedOptions
+from trainables.config import Hyperparameters, SpeedOptions, knobs_of
 from trainables.spec import REFERENCE, ModelSpec
 
 RUN_SCRIPT = Path(__file__).resolve().parents[1] / "run.py"
@@ -132,16 +132,20 @@ def interrupted_with_parent() -> None:
 
 
 def retrained(client, entry: Entry, args: argparse.Namespace) -> str:
-    """The final run of the study's winner: one that exists, or one made now with final.py."""
+    """The final run of the study's winner: one that exists, or one made now as final.py --study makes it."""
     run_id = finished_retrain(client, entry.study, PREDICTIONS_FILE)
     if run_id is not None and tested_on_study_split(client, run_id, entry.study, args.tracking_uri):
         print(f"== {entry.label}: reusing retrain {run_id} of study {entry.study}", flush=True)
         return run_id
     print(f"\n== {entry.label}: retraining the winner of study {entry.study}", flush=True)
-    argv = ["--study", entry.study, "--tracking-uri", args.tracking_uri, "--cache-dir", args.cache_dir]
-    argv += ["--out", str(Path(args.out) / entry.label)]
-    argv += ["--no-pretrained"] * args.no_pretrained + [item for w in args.weights for item in ("--weights", w)]
-    code = final_script.main(argv)
+    request = RetrainRequest(
+        tracking_uri=args.tracking_uri,
+        cache_dir=args.cache_dir,
+        weights=weights_files(args.weights),
+        no_pretrained=args.no_pretrained,
+        out=str(Path(args.out) / entry.label),
+    )
+    code = execute_final(prepare_final(request, winner_from_mlflow(args.tracking_uri, study=entry.study)))
     if code == 130:
         raise KeyboardInterrupt
     run_id = finished_retrain(client, entry.study, PREDICTIONS_FILE)
@@ -150,7 +154,7 @@ def retrained(client, entry: Entry, args: argparse.Namespace) -> str:
     return run_id
 
 
-def reference_run(client, plan: Plan, winner: WinnerConfig, args: argparse.Namespace) -> str:
+def reference_run(client, plan: Plan, winner: Winner, args: argparse.Namespace) -> str:
     """The larger model, trained once with the recipe's defaults on the studies' split and budget."""
     name = args.reference
     run_id = finished_reference(client, plan.name, name, PREDICTIONS_FILE)
@@ -159,21 +163,16 @@ def reference_run(client, plan: Plan, winner: WinnerConfig, args: argparse.Names
         return run_id
     config = reference_config(winner, name)
     print(f"\n== reference {name}: training once with default hyperparameters, early-stopped on val", flush=True)
-    final_args = argparse.Namespace(
-        data=None,
+    request = RetrainRequest(
+        tracking_uri=args.tracking_uri,
         cache_dir=args.cache_dir,
-        weights=args.weights,
+        weights=weights_files(args.weights),
         no_pretrained=args.no_pretrained,
         keep_val=True,  # the recipe: up to the study's epoch budget, stopped early on the validation split
-        epochs=None,
-        seed=None,
-        config=None,
-        tracking_uri=args.tracking_uri,
         experiment=args.experiment or DEFAULT_EXPERIMENT,
-        register_name=None,
         out=str(Path(args.out) / f"reference-{name}"),
     )
-    prepared = prepare_final(final_args, config, split_of=winner)  # the first study's test images, as the others'
+    prepared = prepare_final(request, config, split_of=winner)  # the first study's test images, as the others'
     prepared = replace(prepared, tags={ROLE_TAG: REFERENCE_ROLE, COMPARISON_TAG: plan.name, REFERENCE_MODEL_TAG: name})
     code = execute_final(prepared)
     if code == 130:
@@ -202,37 +201,30 @@ def tested_on_study_split(client, run_id: str, study: str, tracking_uri: str) ->
     return not outside
 
 
-def reference_config(winner: WinnerConfig, backbone: str) -> WinnerConfig:
-    """A winner's data, split, image size and epoch budget, with a reference model and default hyperparameters."""
-    hp = Hyperparameters()
-    raw = {
-        "model": REFERENCE,
-        "backbone": backbone,
-        "hyperparameters": hp.to_dict(),
-        **{key: winner.raw[key] for key in ("classes", "data", "seed", "img_size", "epochs", "smoke", "pretrained")},
-    }
+def reference_config(winner: Winner, backbone: str) -> Winner:
+    """A winner's classes, split, image size, metric and epoch budget, with a reference model and default
+    hyperparameters: of no study and no trial (its config.yaml repeats the reference run, with final.py --config)."""
     return replace(
         winner,
         model=REFERENCE,
         backbone=backbone,
-        hyperparameters=hp,
+        hyperparameters=Hyperparameters(),
         best_value=None,
         best_epoch=None,
         study=None,
+        trial=None,
         trial_id=None,
+        model_spec=None,
         source=f"reference model {backbone}",
         experiment_id=None,
         run_id=None,
-        raw=raw,
     )
 
 
 # ---------------------------------------------------------------- the report
 
 
-def report(
-    client, plan: Plan, finals: dict[str, str], winners: dict[str, WinnerConfig], args: argparse.Namespace
-) -> int:
+def report(client, plan: Plan, finals: dict[str, str], winners: dict[str, Winner], args: argparse.Namespace) -> int:
     out = Path(args.out)
     inputs = inputs_digest(finals, args.resamples)
     saved = saved_comparison(client, plan.name, inputs)
@@ -327,7 +319,7 @@ def model_result(
     run_id: str,
     entry: Entry | None,
     parent,
-    winner: WinnerConfig,
+    winner: Winner,
     predictions: Predictions,
     resamples: np.ndarray,
     study: StudyConfig,
@@ -347,13 +339,13 @@ def model_result(
     )
 
 
-def costs_of(winner: WinnerConfig, study: StudyConfig) -> Costs:
+def costs_of(winner: Winner, study: StudyConfig) -> Costs:
     """Measured on the study's device (CUDA if its trials had a GPU share), with its speed options."""
     spec = ModelSpec(
         winner.model, len(winner.classes), winner.img_size, pretrained=False, backbone=winner.backbone
     ).with_knobs(winner.hyperparameters)
     cuda = bool(study.gpus_per_trial) and torch.cuda.is_available()
-    speed = SpeedOptions(study.amp, study.channels_last, study.cudnn_benchmark)
+    speed = SpeedOptions.of(study)
     return measure_costs(spec, winner.hyperparameters, torch.device("cuda" if cuda else "cpu"), speed)
 
 

@@ -15,7 +15,8 @@ import argparse
 from dataclasses import dataclass
 
 from search.errors import UsageError
-from search.study.config import StudyConfig, new_config
+from search.records.study_config import StudyConfig
+from search.study.config import changed_settings, new_config
 from search.study.preflight import check_study
 from search.tracking.schema import ROLE_TAG, STUDY_TAG, store_exists
 from search.tracking.store import all_runs, mlflow_client, quoted
@@ -83,11 +84,7 @@ def plan_comparison(args: argparse.Namespace, run_argv: list[str]) -> Plan:
 
 
 def refuse_changed_settings(comparison: str, recorded: StudyConfig, requested: StudyConfig, argv: list[str]) -> None:
-    changed = [
-        f"{key} {getattr(recorded, key)} (now {getattr(requested, key)})"
-        for key in SPLIT_SETTINGS + BUDGET_SETTINGS
-        if getattr(recorded, key) != getattr(requested, key)
-    ]
+    changed = changed_settings(recorded, requested, SPLIT_SETTINGS + BUDGET_SETTINGS)
     if changed:
         raise UsageError(
             f"comparison {comparison!r} ran study {recorded.name} with other settings: {', '.join(changed)}; "

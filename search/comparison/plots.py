@@ -21,8 +21,9 @@ from search.comparison.report import (
     ordered,
     pareto_front,
 )
-from search.comparison.results import Comparison, Interval, ModelResult
-from search.comparison.wording import NA, finite, percent
+from search.comparison.results import Comparison, ModelResult
+from search.evaluation.formatting import NA, finite, percent
+from search.evaluation.intervals import Interval
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -2,9 +2,9 @@
 
 Everything here renders a `Comparison` that is already computed (see results.py), so the
 report can be checked on one built by hand, without torch, the test images or MLflow.
-Numbers are written by wording.py, the sentence on a pair by stats.describe_pair, so the
-table, the page and the recommendation say the same thing the same way. The table and
-the Markdown need numpy and scipy alone.
+Numbers are written by search.evaluation.formatting, the sentence on a pair by
+stats.describe_pair, so the table, the page and the recommendation say the same thing
+the same way. The table and the Markdown need numpy, scipy and scikit-learn: no torch.
 """
 
 from __future__ import annotations
@@ -14,17 +14,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from search.comparison.results import (
-    COMPARED_METRICS,
-    LATENCY_BATCHES,
-    SIGNIFICANCE,
-    Comparison,
-    Interval,
-    ModelResult,
-    PairedTest,
-)
-from search.comparison.stats import CONFIDENCE, describe_pair, versus, winner_first
-from search.comparison.wording import NA, bounds, ci, finite, fixed, ms, p_text, p_value, percent, points, ratio
+from search.comparison.results import LATENCY_BATCHES, SIGNIFICANCE, Comparison, ModelResult, PairedTest
+from search.comparison.stats import describe_pair, versus, winner_first
+from search.evaluation.formatting import NA, bounds, ci, finite, fixed, ms, p_text, p_value, percent, points, ratio
+from search.evaluation.intervals import COMPARED_METRICS, CONFIDENCE, Interval
 from search.study.report import duration
 
 PLOT_FILES = ("accuracy.png", "accuracy_vs_latency.png", "confusion_matrices.png")

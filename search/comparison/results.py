@@ -1,7 +1,7 @@
 """What a comparison found, as plain data: the report, the plots and MLflow are written from these.
 
-Pure (numpy only), so the report can be built and tested without torch or MLflow. Predictions is the
-final run's record (search.final_model.predictions), re-exported.
+Plain data (numpy arrays at most), so the report can be built and tested without torch or MLflow. Each
+model's scores are search.evaluation's Intervals, drawn as the final run draws its own.
 """
 
 from __future__ import annotations
@@ -10,34 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from search.final_model.predictions import Predictions
-
-__all__ = ["Comparison", "Costs", "Interval", "ModelResult", "PairedTest", "Predictions", "SearchCost"]
+from search.evaluation.intervals import Interval
 
 SIGNIFICANCE = 0.05
 """A paired difference with McNemar's p below this is called significant."""
-COMPARED_METRICS = {
-    "test_acc": "accuracy",
-    "test_balanced_acc": "balanced accuracy",
-    "test_macro_f1": "macro F1",
-    "test_roc_auc": "ROC-AUC",
-    "test_ece": "ECE",
-}
-"""Test metrics given with a bootstrap interval, and how the report names them (ECE: lower is better)."""
 LATENCY_BATCHES = (1, 32)
 """Inference batch sizes a model's latency is measured at, in the order the tables show them."""
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A point estimate with its 95 % bootstrap confidence interval."""
-
-    value: float
-    low: float
-    high: float
-
-    def contains(self, x: float) -> bool:
-        return self.low <= x <= self.high
 
 
 @dataclass(frozen=True)

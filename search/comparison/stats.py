@@ -1,176 +1,21 @@
-"""The statistics of a comparison: bootstrap intervals, paired tests, and the one-sentence recommendation.
+"""What compares two models on the same test images: the paired test, and the one-sentence recommendation.
 
-Every interval is a percentile interval of a bootstrap distribution, never a formula
-that assumes normality: test metrics on a few hundred images are bounded and skewed.
-The resamples are drawn once and shared by every model, so two models' intervals (and
-their difference) come from the same images, resample by resample: the comparison is
-paired, which is what makes small differences between models on one test split visible.
+Each model's own intervals come from search.evaluation.intervals, drawn from resamples
+shared by every model; here the same resamples give the paired bootstrap interval of a
+difference in accuracy, and McNemar's exact test says whether it is more than chance.
 
-Pure (numpy, scipy, scikit-learn): testable without torch or MLflow.
+Pure (numpy, scipy): testable without torch or MLflow.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from scipy.stats import binomtest
-from sklearn.metrics import roc_auc_score
 
-from search.comparison.results import COMPARED_METRICS, Interval, ModelResult, PairedTest, Predictions
-from search.comparison.wording import ci, finite, ms, p_text, percent, points, ratio
-from search.final_model.calibration import expected_calibration_error, resampled_ece
-
-RESAMPLES = 2000
-CONFIDENCE = 0.95
-_TAILS = (100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2)
-_NAN = float("nan")
-
-
-# --- resampling -----------------------------------------------------------------------------------------------
-
-
-def stratified_resamples(labels: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
-    """(resamples, N) image indices, each row drawn with replacement within each class.
-
-    Within each class, so every row keeps each class's count: no resample loses a rare
-    class (ROC-AUC and balanced accuracy stay defined) and the class mix is the test
-    split's. Drawn once and shared by every model, so that their intervals are paired.
-    """
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    rows = np.empty((resamples, len(labels)), dtype=np.int64)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        rows[:, members] = members[rng.integers(0, len(members), size=(resamples, len(members)))]
-    return rows
-
-
-def _check_resamples(resamples: np.ndarray, images: int) -> None:
-    if resamples.ndim != 2 or resamples.shape[1] != images:
-        raise ValueError(
-            f"resamples of shape {resamples.shape} do not index {images} test images: drawn for another split?"
-        )
-
-
-def _interval(value: float, distribution: np.ndarray) -> Interval:
-    """The value on all images, with the percentile interval of its bootstrap distribution (NaN if undefined)."""
-    if np.isnan(value) or np.isnan(distribution).any():
-        return Interval(float(value), _NAN, _NAN)
-    low, high = np.percentile(distribution, _TAILS)
-    return Interval(float(value), float(low), float(high))
-
-
-def _negated(interval: Interval) -> Interval:
-    """b - a from a - b."""
-    return Interval(-interval.value, -interval.high, -interval.low)
-
-
-# --- metrics with intervals -----------------------------------------------------------------------------------
-
-
-def metric_intervals(predictions: Predictions, resamples: np.ndarray) -> dict[str, Interval]:
-    """Each of COMPARED_METRICS on all test images, with its bootstrap interval over `resamples`."""
-    return score_intervals(predictions.labels, predictions.probabilities, resamples)
-
-
-def score_intervals(labels: np.ndarray, probabilities: np.ndarray, resamples: np.ndarray) -> dict[str, Interval]:
-    """metric_intervals from the arrays alone: what final.py reports with its test scores, before any file exists."""
-    _check_resamples(resamples, len(labels))
-    classes = probabilities.shape[1]
-    with_full = np.vstack([np.arange(len(labels))[None, :], resamples])
-    counted = _counted_metrics(_confusions(labels, probabilities.argmax(axis=1), classes, with_full))
-    intervals = {key: _interval(values[0], values[1:]) for key, values in counted.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a class missing from the test split: ROC-AUC is NaN, said so by the interval
-        auc = roc_auc(labels, probabilities, list(range(classes)))
-    intervals["test_roc_auc"] = _interval(auc, resampled_roc_auc(labels, probabilities, resamples))
-    ece = resampled_ece(labels, probabilities, resamples)
-    intervals["test_ece"] = _interval(expected_calibration_error(labels, probabilities), ece)
-    return {key: intervals[key] for key in COMPARED_METRICS}
-
-
-def _confusions(labels: np.ndarray, predicted: np.ndarray, classes: int, rows: np.ndarray) -> np.ndarray:
-    """(R, C, C) confusion counts, one matrix per row of `rows`, in one bincount.
-
-    Each image's cell (true * C + predicted) is looked up once; a row's offset keeps
-    the rows' counts apart in the single flat bincount.
-    """
-    cells = labels.astype(np.int64) * classes + predicted
-    offsets = np.arange(len(rows), dtype=np.int64)[:, None] * classes * classes
-    counts = np.bincount((cells[rows] + offsets).ravel(), minlength=len(rows) * classes * classes)
-    return counts.reshape(len(rows), classes, classes)
-
-
-def _counted_metrics(confusions: np.ndarray) -> dict[str, np.ndarray]:
-    """Accuracy, balanced accuracy and macro F1 of each confusion matrix, as scikit-learn defines them.
-
-    Balanced accuracy averages recall over the classes present (support > 0); macro F1
-    averages over all classes, 0 for a class with no true and no predicted image
-    (zero_division=0).
-    """
-    true_positives = np.diagonal(confusions, axis1=1, axis2=2).astype(np.float64)
-    support = confusions.sum(axis=2)
-    predicted = confusions.sum(axis=1)
-    present = support > 0
-    recall = np.divide(true_positives, support, out=np.zeros_like(true_positives), where=present)
-    f1_denominator = support + predicted
-    f1 = np.divide(2 * true_positives, f1_denominator, out=np.zeros_like(true_positives), where=f1_denominator > 0)
-    return {
-        "test_acc": true_positives.sum(axis=1) / support.sum(axis=1),
-        "test_balanced_acc": recall.sum(axis=1) / present.sum(axis=1),
-        "test_macro_f1": f1.mean(axis=1),
-    }
-
-
-def roc_auc(labels: np.ndarray, probabilities: np.ndarray, everyone: list[int]) -> float:
-    """One-vs-rest macro ROC-AUC (scikit-learn); NaN when a class is missing from the test split (undefined).
-
-    Here, beside its vectorised twin, so that the final run's report and the comparison share both.
-    """
-    try:
-        if len(everyone) == 2:
-            return float(roc_auc_score(labels, probabilities[:, 1]))
-        return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro", labels=everyone))
-    except ValueError:
-        return float("nan")
-
-
-def resampled_roc_auc(labels: np.ndarray, probabilities: np.ndarray, resamples: np.ndarray) -> np.ndarray:
-    """(R,) ROC-AUC of each resample, as roc_auc computes it, vectorised over the resamples.
-
-    Calling scikit-learn once per resample takes ~20 ms with 11 classes: 40 s for 2000
-    resamples. A resample is the test split with each image weighted by how often it was
-    drawn, so each class's AUC (the weighted share of positive-negative pairs ranked
-    right, ties counting half) comes from one sort of the full split and cumulative
-    sums over all resamples at once. One-vs-rest macro; two classes use column 1, as
-    roc_auc does. NaN in a resample where a class has no image (undefined).
-    """
-    images, classes = probabilities.shape
-    weights = np.bincount(
-        (resamples + np.arange(len(resamples), dtype=np.int64)[:, None] * images).ravel(),
-        minlength=len(resamples) * images,
-    ).reshape(len(resamples), images)
-    scored = [1] if classes == 2 else range(classes)
-    return np.mean([_weighted_auc(labels == c, probabilities[:, c], weights) for c in scored], axis=0)
-
-
-def _weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(R,) AUC of `scores` for `positive` against the rest, one per row of image weights."""
-    order = np.argsort(scores, kind="stable")
-    sorted_scores, positive = scores[order], positive[order]
-    # Images with the same score form a tie group; a positive gets, per resample, the weight of the
-    # negatives below its group plus half of those inside it: half of (negatives before + through the group).
-    first_of_group = np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]
-    starts, group = np.flatnonzero(first_of_group), np.cumsum(first_of_group) - 1
-    ends = np.r_[starts[1:], len(scores)]
-    negatives = weights[:, order] * ~positive
-    below = np.concatenate([np.zeros((len(weights), 1)), np.cumsum(negatives, axis=1)], axis=1)
-    ranked = 0.5 * (below[:, starts[group[positive]]] + below[:, ends[group[positive]]])
-    positive_weights = weights[:, order[positive]]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (positive_weights * ranked).sum(axis=1) / (positive_weights.sum(axis=1) * below[:, -1])
-
+from search.comparison.results import ModelResult, PairedTest
+from search.evaluation.formatting import ci, finite, ms, p_text, percent, points, ratio
+from search.evaluation.intervals import CONFIDENCE, Interval, check_resamples, negated, percentile_interval
+from search.evaluation.predictions import Predictions
 
 # --- paired test ----------------------------------------------------------------------------------------------
 
@@ -183,13 +28,13 @@ def paired_test(name_a: str, a: Predictions, name_b: str, b: Predictions, resamp
     two gets right; under "equally accurate" each such image is a fair coin.
     """
     _check_same_images(name_a, a, name_b, b)
-    _check_resamples(resamples, len(a.labels))
+    check_resamples(resamples, len(a.labels))
     difference = a.correct.astype(np.float64) - b.correct.astype(np.float64)
     a_only, b_only = int((difference > 0).sum()), int((difference < 0).sum())
     return PairedTest(
         a=name_a,
         b=name_b,
-        difference=_interval(float(difference.mean()), difference[resamples].mean(axis=1)),
+        difference=percentile_interval(float(difference.mean()), difference[resamples].mean(axis=1)),
         p_value=mcnemar(a_only, b_only),
         a_only=a_only,
         b_only=b_only,
@@ -220,7 +65,7 @@ def winner_first(pair: PairedTest) -> PairedTest:
     """The pair seen from the more accurate model's side (as stored on a tie), so a sentence and its counts agree."""
     if pair.difference.value >= 0 or not finite(pair.difference.value):
         return pair
-    return PairedTest(pair.b, pair.a, _negated(pair.difference), pair.p_value, pair.b_only, pair.a_only)
+    return PairedTest(pair.b, pair.a, negated(pair.difference), pair.p_value, pair.b_only, pair.a_only)
 
 
 def describe_pair(pair: PairedTest) -> str:
@@ -317,7 +162,7 @@ def versus(pairs: list[PairedTest], name: str, other: str) -> tuple[Interval, Pa
         if (pair.a, pair.b) == (name, other):
             return pair.difference, pair
         if (pair.a, pair.b) == (other, name):
-            return _negated(pair.difference), pair
+            return negated(pair.difference), pair
     raise ValueError(f"no paired test between {name} and {other}: cannot tell whether they differ")
 
 

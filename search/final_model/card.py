@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from search.comparison.stats import CONFIDENCE, RESAMPLES
-from search.comparison.wording import finite, fixed
-from search.final_model.calibration import ECE_BINS
+from search.evaluation.calibration import ECE_BINS
+from search.evaluation.formatting import finite, fixed
+from search.evaluation.intervals import CONFIDENCE, RESAMPLES
 from search.final_model.report import INTERVAL_METHOD, INTERVAL_SEED, SUMMARY_ROWS
 from search.tracking.study_run import data_record
 from trainables.config import MODEL_NAMES, knobs_of
@@ -25,6 +25,7 @@ from trainables.spec import backbones_of
 if TYPE_CHECKING:
     from search.final_model.report import HeldOutResult
     from search.final_model.retrain import PreparedFinal
+    from search.records.registration import Registration
 
 MODEL_CARD_FILE = "model_card.md"
 DESCRIPTION_LIMIT = 5000
@@ -128,15 +129,15 @@ class CardFacts:
 
 
 def card_facts(
-    final: PreparedFinal, result: HeldOutResult, trained_epochs: int, registered: dict, run_id: str
+    final: PreparedFinal, result: HeldOutResult, trained_epochs: int, registered: Registration | None, run_id: str
 ) -> CardFacts:
-    """The card's record, from the prepared run, its one test and its registration ({} when not registered)."""
+    """The card's record, from the prepared run, its one test and its registration (None when not registered)."""
     config, index = final.config, final.index
     dataset = data_record(index)  # the run's dataset input: the same name and digest as in the runs table
     calibration = result.calibration
     return CardFacts(
-        title=f"{registered['name']} version {registered['version']}" if registered else final.label,
-        model_uri=f"models:/{registered['name']}/{registered['version']}" if registered else None,
+        title=registered.title if registered is not None else final.label,
+        model_uri=registered.version_uri if registered is not None else None,
         model=config.model,
         backbones=backbones_of(final.spec),
         img_size=config.img_size,
@@ -148,16 +149,16 @@ def card_facts(
         data_name=dataset["name"],
         data_digest=dataset["digest"],
         split_sizes={split: len(index.splits[split]) for split in ("train", "val", "test")},
-        split_method=split_method(index, config.seed, config.smoke),
+        split_method=split_method(index, config.split.seed, config.split.smoke),
         synthetic=index.is_synthetic,
-        smoke=config.smoke,
+        smoke=config.split.smoke,
         study=config.study,
         trial=config.trial_name,
         config_source=config.source,
         search_metric=config.metric,
         search_best=config.best_value,
         run_id=run_id,
-        train_on=final.settings["train_on"],
+        train_on=final.settings.train_on,
         train_images=len(final.train),
         epochs=final.epochs,
         trained_epochs=trained_epochs,

@@ -17,6 +17,7 @@ from mlflow.models import infer_signature
 from torch import nn
 
 import mlflow
+from search.records.registration import Registration
 from search.tracking.schema import FINAL_MODEL_FILE
 
 MODEL_ARTIFACT = "model"
@@ -28,7 +29,7 @@ final.py says itself which version it registered."""
 
 
 class CalibratedSoftmax(nn.Module):
-    """softmax(logits / temperature): the final run's temperature (search/final_model/calibration.py), so
+    """softmax(logits / temperature): the final run's temperature (search/evaluation/calibration.py), so
     that the registered model outputs calibrated probabilities; the export keeps it as a constant."""
 
     def __init__(self, temperature: float):
@@ -64,7 +65,7 @@ def log_model(
     register_name: str,
     model_file: Path,
     temperature: float,
-) -> dict:
+) -> Registration:
     """Log the model as an MLflow model (calibrated probabilities out) and register it.
 
     MLflow saves it as a torch.export graph ('pt2'), not a pickle: loading it needs
@@ -102,12 +103,12 @@ def log_model(
             pip_requirements=pinned("torch", "numpy"),  # stated, not inferred: inference reloads the model
             extra_files=[str(model_file)],  # stored as MODEL_FILE_IN_MODEL
         )
-    return {
-        "name": register_name,
-        "version": int(info.registered_model_version),
-        "model_uri": info.model_uri,
-        "model_id": info.model_id,
-    }
+    return Registration(
+        name=register_name,
+        version=int(info.registered_model_version),
+        model_uri=info.model_uri,
+        model_id=info.model_id,
+    )
 
 
 class LineFilter(io.TextIOBase):
@@ -150,17 +151,17 @@ def lines_hidden(prefixes: tuple[str, ...]) -> Iterator[None]:
         filtered.flush()
 
 
-def describe_version(client, registered: dict, card: str, tags: dict[str, str]) -> None:
+def describe_version(client, registered: Registration, card: str, tags: dict[str, str]) -> None:
     """The model card as the registered version's description; the tags on the version and on its logged model.
 
     Not on the registered model: its versions differ in accuracy and temperature, and a tag there would
     say only what the latest version was.
     """
-    name, number = registered["name"], str(registered["version"])
+    name, number = registered.name, str(registered.version)
     client.update_model_version(name, number, description=card)
     for key, value in tags.items():
         client.set_model_version_tag(name, number, key, value)
-    client.set_logged_model_tags(registered["model_id"], tags)
+    client.set_logged_model_tags(registered.model_id, tags)
 
 
 def pinned(*packages: str) -> list[str]:

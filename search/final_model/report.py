@@ -1,10 +1,10 @@
 """The one held-out test: calibrated metrics with bootstrap intervals, plots, a short report.
 
 Everything here works on plain arrays (labels, logits), so it can be checked
-without a model. The probabilities are the calibrated ones (calibration.py: a
-temperature fitted on the val split, when the model did not train on it); the
-intervals come from the comparison's bootstrap (search.comparison.stats), the very
-resamples compare.py would draw for this split with the same seed.
+without a model. The probabilities are the calibrated ones (search.evaluation.calibration:
+a temperature fitted on the val split, when the model did not train on it); the
+intervals come from the bootstrap compare.py uses too (search.evaluation.intervals), the
+very resamples compare.py would draw for this split with the same seed.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from search.comparison.results import Interval
-from search.comparison.stats import CONFIDENCE, RESAMPLES, roc_auc, score_intervals, stratified_resamples
-from search.comparison.wording import finite, fixed
-from search.final_model.calibration import ECE_BINS, Calibration, LabelledLogits, calibrate, softmax
+from search.evaluation.calibration import ECE_BINS, Calibration, LabelledLogits, calibrate, softmax
+from search.evaluation.formatting import finite, fixed
+from search.evaluation.intervals import CONFIDENCE, RESAMPLES, Interval, score_intervals, stratified_resamples
+from search.evaluation.roc_auc import roc_auc
 from trainables.config import METRIC_MODES
 
 OVERFIT_GAP = 0.05

@@ -9,7 +9,6 @@ results folder, logs it all and registers the model.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -20,17 +19,16 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-import yaml
 from mlflow.entities import Metric
 from torch import nn
 from tqdm import tqdm
 
-from search.cli import bars_wanted, require_pretrained, weights_files
+from search.cli import bars_wanted, require_pretrained
 from search.errors import UsageError, one_line
-from search.final_model.calibration import CALIBRATION_SPLIT, LabelledLogits
+from search.evaluation.calibration import CALIBRATION_SPLIT, LabelledLogits
+from search.evaluation.predictions import PREDICTIONS_FILE, Predictions, predictions_csv
 from search.final_model.card import DESCRIPTION_LIMIT, MODEL_CARD_FILE, card_facts, card_markdown, card_tags
 from search.final_model.export import ONNX_FILE, ExportMismatch, export_onnx
-from search.final_model.predictions import PREDICTIONS_FILE, Predictions, predictions_csv
 from search.final_model.registry import describe_version, log_model, scoring_model
 from search.final_model.report import (
     PER_CLASS_TABLE,
@@ -45,8 +43,10 @@ from search.final_model.report import (
 )
 from search.final_model.sources import study_split_record
 from search.final_model.study_split import retrain_index
-from search.final_model.winner import WinnerConfig
-from search.study.config import FULL
+from search.records.registration import Registration
+from search.records.retrain import RetrainRequest, RetrainSettings
+from search.records.study_config import FULL
+from search.records.winner import Winner
 from search.tracking.schema import FINAL_MODEL_FILE, FINAL_ROLE, ROLE_TAG, STUDY_TAG, mlflow_lines, run_page
 from search.tracking.store import get_or_create_experiment, log_data_input, log_params, mlflow_client
 from search.tracking.study_run import data_record
@@ -82,7 +82,7 @@ RESULT_FILES = (
 
 @dataclass(frozen=True, kw_only=True)
 class PreparedFinal:
-    config: WinnerConfig
+    config: Winner
     spec: ModelSpec
     index: DatasetIndex
     """The study's split (its split.json's images, or, for a study without one, cut again with its seed), plus
@@ -102,8 +102,8 @@ class PreparedFinal:
     out: Path
     label: str
     """The study's name (or the config file's stem): names the run and the results folder."""
-    settings: dict
-    """What the final run records as params: enough to repeat it."""
+    settings: RetrainSettings
+    """What the final run records as params and in metrics.json: enough to repeat it."""
     skipped_images: list[str]
     tags: dict[str, str] = field(default_factory=dict)
     """Tags the run gets on top of the usual ones (compare.py marks its reference model with them)."""
@@ -114,30 +114,28 @@ class PreparedFinal:
 # ---------------------------------------------------------------- prepare
 
 
-def prepare_final(
-    args: argparse.Namespace, config: WinnerConfig, split_of: WinnerConfig | None = None
-) -> PreparedFinal:
+def prepare_final(request: RetrainRequest, config: Winner, split_of: Winner | None = None) -> PreparedFinal:
     """Everything that can fail on bad input, checked before anything is written. The split is the study's own:
     that of the study `config` comes from, or of `split_of`'s (compare.py's reference model, tested on the studies'
     test images), as its split.json recorded it (study_split)."""
     hp = config.hyperparameters
-    data = args.data or config.data
+    data = request.data or config.split.data
     try:
         # The study's seed, whatever --seed says: for a study without a split record, the split is cut again.
-        current = index_source(data, config.seed)
+        current = index_source(data, config.split.seed)
     except DataError as error:
         raise UsageError(str(error)) from None
     if current.classes != config.classes:
         raise UsageError(class_mismatch(current.source, current.classes, config))
-    record, unchecked = study_split_record(args.tracking_uri, split_of or config)
-    index = retrain_index(current, config, record, unchecked)
+    record, unchecked = study_split_record(request.tracking_uri, split_of or config)
+    index = retrain_index(current, config.split, record, unchecked)
 
-    weights = weights_files(args.weights)
+    weights = request.weights
     spec = ModelSpec(
         config.model,
         len(config.classes),
         config.img_size,
-        pretrained=config.pretrained and not args.no_pretrained,
+        pretrained=config.pretrained and not request.no_pretrained,
         weights_files=weights,
         backbone=config.backbone,
     ).with_knobs(hp)
@@ -148,48 +146,49 @@ def prepare_final(
     if spec.pretrained:
         require_pretrained(backbones_of(spec), weights)
 
-    if args.keep_val:  # early stopping decides: give it the study's budget
-        epochs = args.epochs or config.epochs or FULL.epochs
+    epochs: int | None
+    if request.keep_val:  # early stopping decides: give it the study's budget
+        epochs = request.epochs or config.epochs or FULL.epochs
     else:  # no val split to stop on: as many epochs as the winner needed
-        epochs = args.epochs or config.best_epoch
+        epochs = request.epochs or config.best_epoch
     if epochs is None:
         raise UsageError(
             f"{config.source} does not say how many epochs the winner trained (best_epoch): pass --epochs N"
         )
 
-    splits = ("train", "val", "test") if args.keep_val else ("trainval", "test")
+    splits = ("train", "val", "test") if request.keep_val else ("trainval", "test")
     index = replace(index, splits={**index.splits, "trainval": index.splits["train"] + index.splits["val"]})
     try:
-        index, cached, skipped = prepare_splits(index, splits, config.img_size, Path(args.cache_dir).resolve())
+        index, cached, skipped = prepare_splits(index, splits, config.img_size, Path(request.cache_dir).resolve())
     except DataError as error:
         raise UsageError(str(error)) from None
 
-    label = final_label(config, args.config)
-    seed = config.seed if args.seed is None else args.seed
-    settings = {
-        "model": config.model,
-        "source": config.source,
-        "study": config.study,
-        "trial": config.trial,
-        "trial_id": config.trial_id,
-        "train_on": "train" if args.keep_val else "train+val",
-        "epochs": epochs,
-        "img_size": config.img_size,
-        "seed": seed,
-        "split_seed": config.seed,
-        "split_from": "study_record" if record is not None else "seed",  # the study's split.json, or cut again
-        "data": index.source,
-        "smoke": config.smoke,
-        "pretrained": spec.pretrained,
-        "search_metric": config.metric,
-        "search_best_value": config.best_value,
-        "num_classes": len(index.classes),
-        "train_images": len(cached[splits[0]]),
-        "val_images": len(cached["val"]) if args.keep_val else 0,
-        "test_images": len(cached["test"]),
+    label = final_label(config, request.config_file)
+    seed = config.split.seed if request.seed is None else request.seed
+    settings = RetrainSettings(
+        model=config.model,
+        source=config.source,
+        study=config.study,
+        trial=config.trial,
+        trial_id=config.trial_id,
+        train_on="train" if request.keep_val else "train+val",
+        epochs=epochs,
+        img_size=config.img_size,
+        seed=seed,
+        split_seed=config.split.seed,
+        split_from="study_record" if record is not None else "seed",  # the study's split.json, or cut again
+        data=index.source,
+        smoke=config.split.smoke,
+        pretrained=spec.pretrained,
+        search_metric=config.metric,
+        search_best_value=config.best_value,
+        num_classes=len(index.classes),
+        train_images=len(cached[splits[0]]),
+        val_images=len(cached["val"]) if request.keep_val else 0,
+        test_images=len(cached["test"]),
         # The temperature is fitted on val only if the model never trained on it; the test is never fitted on.
-        "calibration_split": CALIBRATION_SPLIT if args.keep_val else "none",
-    }
+        calibration_split=CALIBRATION_SPLIT if request.keep_val else "none",
+    )
     return PreparedFinal(
         config=config,
         spec=spec,
@@ -199,24 +198,25 @@ def prepare_final(
         test=cached["test"],
         epochs=epochs,
         seed=seed,
-        tracking_uri=args.tracking_uri,
-        experiment=args.experiment,
-        register_name=None if config.model == REFERENCE else args.register_name or f"{config.model}-classifier",
-        out=Path(args.out or f"final/{label}-{datetime.now():%Y%m%d-%H%M%S}"),
+        tracking_uri=request.tracking_uri,
+        experiment=request.experiment,
+        register_name=None if config.model == REFERENCE else request.register_name or f"{config.model}-classifier",
+        out=Path(request.out or f"final/{label}-{datetime.now():%Y%m%d-%H%M%S}"),
         label=label,
         settings=settings,
         skipped_images=skipped,
+        export=request.export,
     )
 
 
-def final_label(config: WinnerConfig, config_file: str | None) -> str:
+def final_label(config: Winner, config_file: str | None) -> str:
     """Names the run and the results folder: the study, the config file, the trial run or the reference."""
     if config.model == REFERENCE:
         return f"reference-{config.backbone}"
     return config.study or (Path(config_file).stem if config_file else f"run-{config.run_id}")
 
 
-def class_mismatch(source: str, classes: list[str], config: WinnerConfig) -> str:
+def class_mismatch(source: str, classes: list[str], config: Winner) -> str:
     missing = [c for c in config.classes if c not in classes]
     extra = [c for c in classes if c not in config.classes]
     if missing or extra:
@@ -232,7 +232,7 @@ def class_mismatch(source: str, classes: list[str], config: WinnerConfig) -> str
         detail = "the same names in another order"
     return (
         f"data source {source} has other classes than {config.source} ({detail}): the model's outputs would mean "
-        f"other things; retrain on the study's data ({config.data}) or on data with the same class folders"
+        f"other things; retrain on the study's data ({config.split.data}) or on data with the same class folders"
     )
 
 
@@ -243,14 +243,14 @@ def execute_final(final: PreparedFinal) -> int:
     config = final.config
     client = mlflow_client(final.tracking_uri)
     experiment_id, run_id = open_final_run(client, final)
-    log_params(client, run_id, {**final.settings, **config.hyperparameters.to_dict()})
+    log_params(client, run_id, {**final.settings.to_dict(), **config.hyperparameters.to_dict()})
     log_data_input(client, run_id, data_record(final.index), context="train and test")
     if final.skipped_images:
         print(
             f"warning: skipped {len(final.skipped_images)} unreadable image(s), "
             f"e.g. {', '.join(final.skipped_images[:3])}"
         )
-    print(f"{describe(final)}{' Smoke config: the study subsample.' if config.smoke else ''}", flush=True)
+    print(f"{describe(final)}{' Smoke config: the study subsample.' if config.split.smoke else ''}", flush=True)
 
     def log_epoch(result: EpochResult) -> None:
         stamp = int(datetime.now().timestamp() * 1000)
@@ -307,7 +307,7 @@ def describe(final: PreparedFinal) -> str:
     trial = f" (trial {config.trial_name})" if config.trial_name else ""
     return (
         f"Final retrain of {config.source}{trial}: {config.backbone or config.model} on "
-        f"{final.settings['train_on']} ({len(final.train)} images) for {final.epochs} epoch(s), "
+        f"{final.settings.train_on} ({len(final.train)} images) for {final.epochs} epoch(s), "
         f"tested once on {len(final.test)} held-out images."
     )
 
@@ -387,9 +387,9 @@ def predict(final: PreparedFinal, learner: Learner, split: CachedSplit, name: st
 
 def finish(
     final: PreparedFinal, client, run_id: str, learner: Learner, result: HeldOutResult, trained_epochs: int
-) -> tuple[dict, str | None]:
+) -> tuple[Registration | None, str | None]:
     """Write the results folder, log it and the test metrics, log and register the model, give it its model
-    card; then --export's file. (The registered version, or {}; why the export failed, or None.)"""
+    card; then --export's file. (The registered version, or None; why the export failed, or None.)"""
     model = learner.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     write_results(final, model, result)
     stamp = int(datetime.now().timestamp() * 1000)
@@ -398,7 +398,7 @@ def finish(
     client.log_table(run_id, data=per_class_table(result), artifact_file=PER_CLASS_TABLE)
     for name in RESULT_FILES:
         client.log_artifact(run_id, str(final.out / name))
-    registered = {}
+    registered = None
     if final.register_name is not None:
         registered = log_model(
             model,
@@ -409,15 +409,19 @@ def finish(
             final.out / FINAL_MODEL_FILE,
             temperature=result.calibration.temperature,
         )
-        client.set_tag(run_id, "registered_model", f"{registered['name']}/{registered['version']}")
+        client.set_tag(run_id, "registered_model", registered.tag)
     metrics_file = final.out / "metrics.json"
     metrics_file.write_text(
         json.dumps(
             {
                 **held_out_record(result),
                 "trained_epochs": trained_epochs,
-                "settings": final.settings,
-                "mlflow": {"tracking_uri": final.tracking_uri, "run_id": run_id, **registered},
+                "settings": final.settings.to_dict(),
+                "mlflow": {
+                    "tracking_uri": final.tracking_uri,
+                    "run_id": run_id,
+                    **(registered.to_dict() if registered else {}),
+                },
             },
             indent=2,
         )
@@ -458,7 +462,12 @@ def export_model(final: PreparedFinal, client, run_id: str, model: nn.Module, te
 
 
 def publish_card(
-    final: PreparedFinal, client, run_id: str, result: HeldOutResult, trained_epochs: int, registered: dict
+    final: PreparedFinal,
+    client,
+    run_id: str,
+    result: HeldOutResult,
+    trained_epochs: int,
+    registered: Registration | None,
 ) -> None:
     """model_card.md in the results folder and on the run; on a registered version, the card (cut to the
     registry's limit) as its description, and its tags."""
@@ -466,7 +475,7 @@ def publish_card(
     card_file = final.out / MODEL_CARD_FILE
     card_file.write_text(card_markdown(facts))
     client.log_artifact(run_id, str(card_file))
-    if registered:
+    if registered is not None:
         describe_version(client, registered, card_markdown(facts, DESCRIPTION_LIMIT), card_tags(facts))
 
 
@@ -482,15 +491,15 @@ def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult)
         result.metrics,
         temperature=result.calibration.temperature,
     ).save(out / FINAL_MODEL_FILE)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))
+    (out / "config.yaml").write_text(config.to_yaml())  # the winner's record: final.py --config repeats the run
     (out / "classes.json").write_text(json.dumps(config.classes, indent=2))
     index = final.index
     (out / "splits.json").write_text(
         json.dumps(
             {
                 "source": index.source,
-                "seed": config.seed,
-                "smoke": config.smoke,
+                "seed": config.split.seed,
+                "smoke": config.split.smoke,
                 **{split: [s.key for s in index.splits[split]] for split in ("train", "val", "test")},
             },
             indent=1,
@@ -517,7 +526,7 @@ def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult)
 def print_closing(
     final: PreparedFinal,
     result: HeldOutResult,
-    registered: dict,
+    registered: Registration | None,
     experiment_id: str,
     run_id: str,
     export_failure: str | None = None,
@@ -526,9 +535,9 @@ def print_closing(
     for line in summary_lines(result, final.config.metric, final.config.best_value, len(final.test)):
         print(line)
     if registered:
-        uri = f"models:/{registered['name']}/{registered['version']}"
+        uri = registered.version_uri
         print(
-            f"Model:      registered as {registered['name']} version {registered['version']} "
+            f"Model:      registered as {registered.name} version {registered.version} "
             f"(mlflow.pytorch.load_model({uri!r}): float32 images (N, 3, H, W) in [0, 1] -> class probabilities)"
         )
     if final.export == "onnx" and export_failure:

@@ -2,7 +2,7 @@
 
 A study's parent run holds its best_config.yaml. A trial's configuration is rebuilt in
 that same form from its study's study.yaml, the trial's own hyperparameters.yaml and
-its metric history, then checked by the same `parse_config`.
+its metric history (`Winner.from_trial`), then checked by the same `Winner.from_dict`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
 from search.errors import UsageError, one_line
-from search.final_model.winner import WinnerConfig, parse_config, winner_record
+from search.records.trial_status import TrialStatus
+from search.records.winner import Winner, WinnerRefused
 from search.tracking.schema import (
-    BEST_CONFIG,
-    BEST_DIR,
     DATA_SUMMARY,
     FINAL_ROLE,
     PARENT_TAG,
@@ -32,26 +31,42 @@ from search.tracking.schema import (
     TRIAL_LABEL_TAG,
 )
 from search.tracking.store import all_runs, is_study_run, mlflow_client, read_artifact, study_runs
-from search.tracking.study_run import SplitRecord, find_study, read_split_record, read_study_config
+from search.tracking.study_run import (
+    SplitRecord,
+    find_study,
+    has_best_config,
+    read_best_config,
+    read_split_record,
+    read_study_config,
+)
 from trainables.config import SEED
 
 TRIAL_LABEL = re.compile(r"t\d{2,6}")
 """A search trial's name, as its study prints it and its run's `trial` tag holds it (t07)."""
 
 
-def winner_from_mlflow(args) -> WinnerConfig:
-    """The configuration named on the command line by --study (with --trial, one of its trials) or --run-id."""
+def winner_from_mlflow(
+    tracking_uri: str,
+    *,
+    study: str | None = None,
+    trial: str | None = None,
+    run_id: str | None = None,
+    model: str | None = None,
+) -> Winner:
+    """The configuration of a study (with `trial`, one of its trials) or of one trial's run, as final.py's --study,
+    --trial and --run-id name it; `model` is the one the user expects, if given."""
     try:
-        if args.study is not None and getattr(args, "trial", None):
-            return load_study_trial(args.tracking_uri, args.study, args.trial, args.model)
-        if args.study is not None:
-            return load_study(args.tracking_uri, args.study, args.model)
-        return load_run(args.tracking_uri, args.run_id, args.model)
+        if study is not None and trial:
+            return load_study_trial(tracking_uri, study, trial, model)
+        if study is not None:
+            return load_study(tracking_uri, study, model)
+        assert run_id is not None, "final.py's parser asks for --study, --run-id or --config"
+        return load_run(tracking_uri, run_id, model)
     except (MlflowException, SQLAlchemyError) as error:  # a server that is down, a file that is no MLflow store
-        raise UsageError(f"cannot read MLflow at {args.tracking_uri}: {one_line(error)}") from None
+        raise UsageError(f"cannot read MLflow at {tracking_uri}: {one_line(error)}") from None
 
 
-def load_study(tracking_uri: str, name: str, requested_model: str | None) -> WinnerConfig:
+def load_study(tracking_uri: str, name: str, requested_model: str | None) -> Winner:
     """The best config of a study's parent run (the latest study of that name that has one)."""
     client = mlflow_client(tracking_uri, create=False)
     parents = study_runs(client, name)
@@ -67,11 +82,11 @@ def load_study(tracking_uri: str, name: str, requested_model: str | None) -> Win
         raise UsageError(f"no study named {name!r} in {tracking_uri}{hint}")
     for parent in parents:  # newest first
         if has_best_config(client, parent.info.run_id) and completed_trials(client, parent):
-            return config_from_parent(client, parent, requested_model)
+            return read_best_config(client, parent, requested_model)
     raise UsageError(why_no_winner(client, parents[0], name))
 
 
-def load_study_trial(tracking_uri: str, name: str, label: str, requested_model: str | None) -> WinnerConfig:
+def load_study_trial(tracking_uri: str, name: str, label: str, requested_model: str | None) -> Winner:
     """Trial `label` (t07) of the newest study named `name`: a point of a multi-objective study's Pareto front,
     or any of its trials, retrained as --run-id retrains it."""
     if not TRIAL_LABEL.fullmatch(label):
@@ -94,10 +109,6 @@ def load_study_trial(tracking_uri: str, name: str, label: str, requested_model: 
     return load_run(tracking_uri, trials[0].info.run_id, requested_model)
 
 
-def has_best_config(client, run_id: str) -> bool:
-    return any(item.path == BEST_CONFIG for item in client.list_artifacts(run_id, BEST_DIR))
-
-
 def trial_statuses(client, parent) -> list[str]:
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=50_000
@@ -106,7 +117,7 @@ def trial_statuses(client, parent) -> list[str]:
 
 
 def completed_trials(client, parent) -> int:
-    return trial_statuses(client, parent).count("completed")
+    return trial_statuses(client, parent).count(TrialStatus.COMPLETED)
 
 
 def why_no_winner(client, parent, name: str) -> str:
@@ -117,19 +128,7 @@ def why_no_winner(client, parent, name: str) -> str:
     return f"study {name!r} has no completed trial ({counts}): nothing to retrain; see its failed runs in MLflow"
 
 
-def config_from_parent(client, parent, requested_model: str | None) -> WinnerConfig:
-    name = parent.data.tags[STUDY_TAG]
-    text = read_artifact(client, parent.info.run_id, BEST_CONFIG) or ""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise UsageError(f"the {BEST_CONFIG} of study {name!r} is not valid YAML") from None
-    return parse_config(
-        raw, f"study {name}", requested_model, experiment_id=parent.info.experiment_id, run_id=parent.info.run_id
-    )
-
-
-def load_run(tracking_uri: str, run_id: str, requested_model: str | None) -> WinnerConfig:
+def load_run(tracking_uri: str, run_id: str, requested_model: str | None) -> Winner:
     """One trial's configuration (or, given a study's parent run, the study's winner)."""
     client = mlflow_client(tracking_uri, create=False)
     try:
@@ -144,16 +143,16 @@ def load_run(tracking_uri: str, run_id: str, requested_model: str | None) -> Win
     if is_study_run(run):
         if not (has_best_config(client, run_id) and completed_trials(client, run)):
             raise UsageError(why_no_winner(client, run, tags[STUDY_TAG]))
-        return config_from_parent(client, run, requested_model)
+        return read_best_config(client, run, requested_model)
     if PARENT_TAG not in tags or STUDY_TAG not in tags:
         raise UsageError(f"run {run_id} is neither a study nor a trial of one (no '{STUDY_TAG}' tag)")
     status = tags.get(STATUS_TAG, "unknown")
-    if status in ("failed", "running", "interrupted", "lost", "unknown"):
+    if status not in (TrialStatus.COMPLETED, TrialStatus.PRUNED):
         raise UsageError(f"trial run {run_id} is {status}: pick a completed (or pruned) trial")
     return config_from_trial(client, run, client.get_run(tags[PARENT_TAG]), requested_model)
 
 
-def config_from_trial(client, trial, parent, requested_model: str | None) -> WinnerConfig:
+def config_from_trial(client, trial, parent, requested_model: str | None) -> Winner:
     """best_config.yaml's form for one trial: its study's settings, its hyperparameters, its best epoch, its name.
 
     The best epoch is the last at which the trial reached its best score: the checkpoint Ray keeps of it
@@ -176,18 +175,24 @@ def config_from_trial(client, trial, parent, requested_model: str | None) -> Win
             f"winner with --study {config.name}, or pass --config"
         )
     hyperparameters.pop(SEED, None)  # a confirmation's retrain: final.py trains with the study's seed
-    raw = winner_record(
-        config,
-        trial.data.tags.get(TRIAL_ID_TAG),
-        {config.metric: best.value, "epoch": best.step},
-        hyperparameters,
-        json.loads(data)["classes"],
-        trial=trial.data.tags.get(TRIAL_LABEL_TAG),
-    )
-    return parse_config(raw, source, requested_model, experiment_id=parent.info.experiment_id, run_id=trial.info.run_id)
+    try:
+        return Winner.from_trial(
+            config,
+            trial_id=trial.data.tags.get(TRIAL_ID_TAG),
+            metrics={config.metric: best.value, "epoch": best.step},
+            hyperparameters=hyperparameters,
+            classes=json.loads(data)["classes"],
+            trial=trial.data.tags.get(TRIAL_LABEL_TAG),
+            requested_model=requested_model,
+            source=source,
+            experiment_id=parent.info.experiment_id,
+            run_id=trial.info.run_id,
+        )
+    except WinnerRefused as error:
+        raise UsageError(str(error)) from None
 
 
-def study_split_record(tracking_uri: str, config: WinnerConfig) -> tuple[SplitRecord | None, str]:
+def study_split_record(tracking_uri: str, config: Winner) -> tuple[SplitRecord | None, str]:
     """The split.json of the study `config` comes from (its parent run, found from the run the configuration was
     read from, or for a config file by the study it names), and ''; or None, and why there is no record to follow."""
     try:
@@ -201,12 +206,14 @@ def study_split_record(tracking_uri: str, config: WinnerConfig) -> tuple[SplitRe
     name = parent.data.tags.get(STUDY_TAG)
     if record is None:
         return None, f"study {name!r} predates {SPLIT_FILE} (it was run by an older version of this tool)"
-    if record.seed != config.seed:  # a config file's study name, taken again by a study of other settings
-        return None, f"study {name!r} in --tracking-uri {tracking_uri} split with seed {record.seed}, not {config.seed}"
+    if record.seed != config.split.seed:  # a config file's study name, taken again by a study of other settings
+        return None, (
+            f"study {name!r} in --tracking-uri {tracking_uri} split with seed {record.seed}, not {config.split.seed}"
+        )
     return record, ""
 
 
-def study_of(tracking_uri: str, config: WinnerConfig) -> Run | None:
+def study_of(tracking_uri: str, config: Winner) -> Run | None:
     """The parent run of the study a winner's configuration comes from; None for a config file whose study is not
     in the store (or that names none)."""
     if config.run_id is not None:  # --study, --run-id: the run it was read from, a study's or one of its trials

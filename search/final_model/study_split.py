@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from search.errors import UsageError
-from search.final_model.winner import WinnerConfig
-from search.study.config import SMOKE
+from search.records.split import SplitSpec
+from search.records.study_config import SMOKE
 from search.tracking.schema import SPLIT_FILE
 from search.tracking.study_run import SplitRecord
 from trainables.data import SPLITS, DatasetIndex, Sample, subsample
@@ -24,18 +24,19 @@ TRAINED_ON = ("train", "val")
 """The splits the search trained or scored on: never tested on."""
 
 
-def retrain_index(data: DatasetIndex, config: WinnerConfig, record: SplitRecord | None, unchecked: str) -> DatasetIndex:
-    """The split the retrain uses, its notes printed. `data` is the data as it is now, indexed with the study's seed;
-    `record` the study's split.json, or None, `unchecked` then saying why there is none to follow."""
+def retrain_index(data: DatasetIndex, split: SplitSpec, record: SplitRecord | None, unchecked: str) -> DatasetIndex:
+    """The split the retrain uses, its notes printed. `data` is the data as it is now, indexed with the seed of
+    `split` (the study's); `record` the study's split.json, or None, `unchecked` then saying why there is none to
+    follow."""
     if record is None:
         print(
             f"note: {unchecked}: the split could not be checked against the study's record ({SPLIT_FILE}); the data "
-            f"is split again with the study's seed {config.seed}, which gives the study's split only if the data is "
+            f"is split again with the study's seed {split.seed}, which gives the study's split only if the data is "
             f"unchanged",
             flush=True,
         )
-        return subsample(data, SMOKE.per_class or {}, config.seed) if config.smoke else data  # the study's subsample
-    index, notes = index_from_record(data, record, smoke=config.smoke)
+        return subsample(data, SMOKE.per_class or {}, split.seed) if split.smoke else data  # the study's subsample
+    index, notes = index_from_record(data, record, smoke=split.smoke)
     for note in notes:
         print(note, flush=True)
     return index

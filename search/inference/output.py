@@ -15,7 +15,7 @@ from typing import TextIO
 
 import numpy as np
 
-from search.final_model.predictions import PROBABILITY_PREFIX
+from search.evaluation.predictions import PROBABILITY_PREFIX
 
 FIXED_COLUMNS = ("image", "prediction", "probability")
 DIGITS = 6

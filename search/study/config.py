@@ -1,325 +1,28 @@
-"""A study's configuration: one frozen, typed record, built and checked once at the command line.
+"""A study's configuration from run.py's (and compare.py's) arguments: every default resolved, every problem
+listed at once.
 
-It is the only settings object the driver passes around. It is written once as
-study.yaml on the study's MLflow parent run and in its Ray experiment folder; `--resume`
-and final.py read that file back through `StudyConfig.from_yaml`, the one loader. The
-parent run's params show the same values for people and the UI; no code reads them.
-
-Standard library only (PyYAML when a file is written or read, pyarrow when a new study's name is looked up in
-a bucket), so that bad arguments are answered at once.
+The record itself, its checks and its one loader are search.records.study_config's; what is
+here needs the command line, the storage and the stores (a new study's name is looked up in
+the storage, perhaps a bucket, with pyarrow).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from collections.abc import Iterable
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from search.cli import weights_files, weights_problems
 from search.errors import UsageError
+from search.records.study_config import FULL, SMOKE, STUDY_DEFAULTS, ConfigError, StudyConfig
 from search.study import storage
 from search.tracking.schema import absolute_uri, default_optuna_storage
-from trainables.config import (
-    ACCURACY,
-    COSTS,
-    METRIC_MODES,
-    MODEL_NAMES,
-    OBJECTIVES,
-    Cost,
-    is_synthetic,
-    objective_cost,
-)
+from trainables.config import SpeedOptions, is_synthetic
 
-CONFIG_FILE = "study.yaml"
-LEAK_POLICIES = ("warn", "fail")
-"""--on-leak: what duplicate images across splits do (search.study.leaks)."""
-CONFIRM_DIR = "confirm"
-FORMAT = 1
-"""study.yaml's format version, written into the file; a file of another version is refused."""
 SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
-MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 1024
-"""1024 px is already 3 MB of cache per image and 4,096 ViT tokens; these models were made for 224."""
-MAX_NAME_LENGTH = 100
-STUDY_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
-"""A study's name is a folder (or a URI's last part) under --storage-path and a value in MLflow filters: nothing
-that escapes either."""
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Image size, epoch budget and per-class sample caps that --smoke or a full run start from."""
-
-    img_size: int
-    epochs: int
-    per_class: dict[str, int] | None = None
-    """At most this many images of each class per split (None: all)."""
-
-
-FULL = Profile(img_size=224, epochs=15)
-SMOKE = Profile(img_size=32, epochs=3, per_class={"train": 24, "val": 8, "test": 8})
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message lists every problem and how to fix it."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class StudyConfig:
-    """Everything that decides a study, resolved (no 'default' left to interpret later)."""
-
-    # ---- what to search
-    name: str
-    """The study's name: its Ray folder, its MLflow parent run and `study` tag."""
-    model: str
-    """cnn, vit or hybrid."""
-    trials: int = 30
-    data: str
-    """'synthetic[:C]' or the absolute path of the data folder."""
-    space: str
-    """The search-space YAML, an absolute path."""
-    metric: str = "val_acc"
-    """What the search optimises (val_loss is minimised)."""
-    objective: str = ACCURACY
-    """'accuracy': the metric alone; 'accuracy,<cost>' (a COSTS name): a multi-objective study whose Pareto front
-    trades the metric against that cost."""
-    seed: int = 0
-    """Seeds the split, the TPE sampler and every trial."""
-    on_leak: str = "warn"
-    """What duplicate images across train, val and test do before training: 'warn' (a warning, the study goes on)
-    or 'fail' (the study is refused, nothing written)."""
-    trials_before: int = 0
-    """Trials of the study's earlier searches (0 for a new study): an extended study (--resume --trials N on a
-    finished one) searches trials_before..trials-1 in a Tune run of its own, continuing the same Optuna study."""
-    warm_start: str | None = None
-    """An earlier study whose best configurations this one evaluates first."""
-    warm_start_top: int = 3
-    """How many of the earlier study's best configurations go first."""
-    confirm: int = 0
-    """Once the search ends, retrain its `confirm` best configurations with more seeds (0: no confirmation)."""
-    confirm_seeds: int = 2
-    """The seeds each confirmed configuration is retrained with, besides its search trial's."""
-    # ---- training
-    epochs: int
-    """Epoch budget per trial (ASHA's max_t)."""
-    img_size: int
-    smoke: bool = False
-    """The CPU-sized profile: a per-class subsample of every split (SMOKE.per_class)."""
-    pretrained: bool = True
-    weights: tuple[tuple[str, str], ...] = ()
-    """(backbone, path) pairs of local pretrained weights files."""
-    # ---- speed on CUDA
-    amp: bool = True
-    channels_last: bool = True
-    cudnn_benchmark: bool = True
-    compile: bool = False
-    # ---- resources and early stopping
-    gpus_per_trial: float | None = None
-    """GPU share per trial, 0 for the CPU; None ('auto') until the driver has measured it. study.yaml
-    always holds the measured share."""
-    cpus_per_trial: int = 1
-    max_concurrent: int | None = None
-    """Trials at once; None until resolved from the resources."""
-    max_failures: int = 0
-    grace_period: int = 2
-    reduction_factor: int = 3
-    # ---- where results go
-    storage_path: str
-    """Ray Tune's trial folders and checkpoints: an absolute path, or a URI such as s3://bucket/prefix
-    (search.study.storage)."""
-    cache_dir: str
-    """The decoded-image cache, an absolute path."""
-    tracking_uri: str
-    experiment: str
-    """The MLflow experiment that holds the study's runs."""
-    optuna_storage: str | None = None
-    """The database of the Optuna study (same name as the study). run.py always gives one; None (in memory)
-    is for tests, and for the studies made before, which --resume refuses."""
-
-    def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-    def problems(self) -> list[str]:
-        """Every value that cannot run, each said with its command-line flag and the fix."""
-        problems = []
-        if not STUDY_NAME.fullmatch(self.name):
-            problems.append(name_problem(self.name))
-        if self.model not in MODEL_NAMES:
-            problems.append(f"--model {self.model!r}: choose one of {', '.join(MODEL_NAMES)}")
-        if self.trials < 1:
-            problems.append(f"--trials {self.trials}: run at least 1 trial")
-        if not 0 <= self.trials_before < self.trials:
-            problems.append(f"--trials {self.trials}: more than the {self.trials_before} the study has run already")
-        if self.warm_start_top < 1:
-            problems.append(f"--warm-start-top {self.warm_start_top}: give at least 1")
-        if not 0 <= self.confirm <= self.trials:
-            problems.append(f"--confirm {self.confirm}: give 0 (no confirmation) to --trials {self.trials}")
-        if self.confirm_seeds < 1:
-            problems.append(f"--confirm-seeds {self.confirm_seeds}: give at least 1")
-        if self.metric not in METRIC_MODES:
-            problems.append(f"--metric {self.metric!r}: choose one of {', '.join(METRIC_MODES)}")
-        if self.on_leak not in LEAK_POLICIES:
-            problems.append(f"--on-leak {self.on_leak!r}: choose one of {', '.join(LEAK_POLICIES)}")
-        if self.objective not in OBJECTIVES:
-            problems.append(f"--objective {self.objective!r}: choose one of {', '.join(map(repr, OBJECTIVES))}")
-        elif self.cost is not None and self.cost.cuda_only and self.gpus_per_trial == 0:
-            problems.append(
-                f"--objective {self.objective}: {self.cost.metric} is measured on CUDA only, and the trials train on "
-                f"the CPU (--gpus-per-trial 0, or no GPU): trade accuracy against params or latency instead"
-            )
-        if self.epochs < 1:
-            problems.append(f"--epochs {self.epochs}: train at least 1 epoch")
-        if not MIN_IMG_SIZE <= self.img_size <= MAX_IMG_SIZE:
-            problems.append(f"--img-size {self.img_size}: use {MIN_IMG_SIZE} to {MAX_IMG_SIZE} (224 is standard)")
-        if self.gpus_per_trial is not None and not 0 <= self.gpus_per_trial <= 1:
-            problems.append(f"--gpus-per-trial {self.gpus_per_trial}: give a fraction in (0, 1], or 0 for CPU")
-        if self.cpus_per_trial < 1:
-            problems.append(f"--cpus-per-trial {self.cpus_per_trial}: give at least 1")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            problems.append(f"--max-concurrent {self.max_concurrent}: give at least 1")
-        if self.max_failures < 0:
-            problems.append(f"--max-failures {self.max_failures}: give 0 or more")
-        if self.grace_period < 1 or self.reduction_factor < 2:
-            problems.append("ASHA needs --grace-period >= 1 and --reduction-factor >= 2")
-        return problems
-
-    @property
-    def mode(self) -> str:
-        """'max' or 'min': which way the metric improves."""
-        return METRIC_MODES[self.metric]
-
-    @property
-    def cost(self) -> Cost | None:
-        """What a multi-objective study trades its metric against; None for the metric alone."""
-        name = objective_cost(self.objective)
-        return COSTS.get(name) if name else None
-
-    @property
-    def objectives(self) -> tuple[list[str], list[str]]:
-        """(metrics, modes) the Optuna study optimises: the study's metric, then the cost a multi-objective study
-        trades it for (minimised)."""
-        if self.cost is None:
-            return [self.metric], [self.mode]
-        return [self.metric, self.cost.metric], [self.mode, "min"]
-
-    @property
-    def per_class(self) -> dict[str, int] | None:
-        """The smoke profile's per-class caps, or None."""
-        return SMOKE.per_class if self.smoke else None
-
-    @property
-    def asha_grace_period(self) -> int:
-        """ASHA's grace period as the scheduler gets it: no longer than the epoch budget."""
-        return min(self.grace_period, self.epochs)
-
-    @property
-    def study_location(self) -> str:
-        """The study's folder under the storage (its URI for a bucket): its searches' trials, and its winner."""
-        return storage.join(self.storage_path, self.name)
-
-    @property
-    def experiment_location(self) -> str:
-        """The Ray experiment folder of the study's latest search: its path, or its URI (s3://bucket/prefix/<name>).
-
-        An extension's trials go to a folder of their own inside the first search's, `trials-31-50`: Ray Tune
-        cannot add samples to a finished experiment, so each extension is a Tune run of its own."""
-        return storage.join(self.study_location, *self.search_part)
-
-    @property
-    def search_part(self) -> tuple[str, ...]:
-        """The latest search's folder inside the study's: none for the first, `trials-31-50` for an extension."""
-        return (f"trials-{self.trials_before + 1}-{self.trials}",) if self.trials_before else ()
-
-    @property
-    def search_trials(self) -> int:
-        """The trials of the latest search: all of them, or an extension's new ones."""
-        return self.trials - self.trials_before
-
-    @property
-    def confirm_location(self) -> str:
-        """The Ray experiment folder of the confirmation runs of the latest search."""
-        return storage.join(self.experiment_location, CONFIRM_DIR)
-
-    # ------------------------------------------------------------ the file
-
-    def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        values["weights"] = dict(self.weights)
-        return {"format": FORMAT, **values}
-
-    def to_yaml(self) -> str:
-        import yaml  # deferred, here and below: --help and argument errors answer without it
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_yaml(cls, text: str, source: str) -> StudyConfig:
-        """The one loader of study.yaml; ConfigError names the file and every problem."""
-        import yaml
-
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"{source} is not valid YAML") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source} is not a study configuration (a mapping of settings)")
-        if raw.get("format") != FORMAT:
-            raise ConfigError(f"{source} has format {raw.get('format')!r}, this version reads format {FORMAT}")
-        values = {key: value for key, value in raw.items() if key != "format"}
-        known = {f.name: f for f in fields(cls)}
-        problems = [f"unknown setting {key!r}" for key in values if key not in known]
-        problems += [
-            f"missing setting {name!r}" for name, f in known.items() if name not in values and f.default is MISSING
-        ]
-        problems += [
-            f"{key} is {value!r}, not {kind}"
-            for key, value in values.items()
-            if key in known
-            for kind in [known[key].type]
-            if not of_type(value, str(kind))
-        ]
-        if problems:
-            raise ConfigError(f"{source}: " + "; ".join(problems))
-        values["weights"] = tuple(sorted((values.get("weights") or {}).items()))
-        try:
-            return cls(**values)
-        except ConfigError as error:
-            raise ConfigError(f"{source}: {error}") from None
-
-
-TYPE_CHECKS = {
-    "str": lambda v: isinstance(v, str),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "bool": lambda v: isinstance(v, bool),
-    "int | None": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
-    "str | None": lambda v: v is None or isinstance(v, str),
-    "float | None": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "tuple[tuple[str, str], ...]": lambda v: (
-        v is None or (isinstance(v, dict) and all(isinstance(k, str) and isinstance(p, str) for k, p in v.items()))
-    ),
-}
-
-
-def of_type(value: object, annotation: str) -> bool:
-    """Whether a YAML value has the field's type (annotation: a string under `from __future__ import annotations`)."""
-    return TYPE_CHECKS[annotation](value)
-
-
-# ---------------------------------------------------------------- from the command line
-
-STUDY_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(StudyConfig) if f.default is not MISSING}
-"""run.py's defaults: the record's own, so the two cannot drift apart."""
-
-
-def name_problem(name: str) -> str:
-    return (
-        f"--name {name!r}: use 1 to {MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', "
-        f"starting with a letter or digit (it names a folder and an MLflow run)"
-    )
 
 
 def new_config(args: argparse.Namespace) -> StudyConfig:
@@ -352,10 +55,7 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
             smoke=args.smoke,
             pretrained=not args.no_pretrained,
             weights=weights_files(args.weights),
-            amp=args.amp,
-            channels_last=args.channels_last,
-            cudnn_benchmark=args.cudnn_benchmark,
-            compile=args.compile,
+            **asdict(SpeedOptions.of(args)),  # the CUDA speed flags, each a setting of the same name
             gpus_per_trial=None if args.gpus_per_trial == "auto" else args.gpus_per_trial,
             cpus_per_trial=args.cpus_per_trial,
             max_concurrent=args.max_concurrent,
@@ -378,6 +78,16 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
         raise UsageError("; ".join(problems))
     # Drawn once the arguments are good: which names are taken is a question to the storage, perhaps a bucket.
     return config if args.name else replace(config, name=new_study_name(args.model, location))
+
+
+def changed_settings(recorded: StudyConfig, requested: StudyConfig, keys: Iterable[str]) -> list[str]:
+    """'epochs 3 (now 5)' for each setting of `keys` that the command line asks otherwise than the study recorded:
+    what compare.py and --resume refuse to continue a study with, in one line."""
+    return [
+        f"{key} {getattr(recorded, key)} (now {getattr(requested, key)})"
+        for key in keys
+        if getattr(recorded, key) != getattr(requested, key)
+    ]
 
 
 def given_or_default(args: argparse.Namespace, name: str) -> Any:

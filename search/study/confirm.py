@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import yaml
 from mlflow.tracking import MlflowClient
 
-from search.study.config import CONFIRM_DIR, StudyConfig
+from search.records.study_config import CONFIRM_DIR, StudyConfig
 from search.tracking.schema import (
     CONFIRM_ROLE,
     PARENT_TAG,

@@ -7,11 +7,12 @@ import shlex
 
 from ray import tune
 
+from search.records.location import join
+from search.records.study_config import StudyConfig
+from search.records.winner import Winner
 from search.study.chance import at_chance
-from search.study.config import StudyConfig
 from search.study.pareto import FRONT_PLOT, FRONT_TABLE, front_lines
 from search.study.report import StudySummary, chance_level, counts_line, duration, tie_line, winner_label
-from search.study.storage import join
 from search.tracking.schema import (
     BEST_CONFIG_FILE,
     BEST_MODEL_FILE,
@@ -21,7 +22,7 @@ from search.tracking.schema import (
     runs_page,
     trial_outcome,
 )
-from trainables.config import METRIC_MODES, improves, knobs_of
+from trainables.config import METRIC_MODES, keep_best, knobs_of
 
 QUALIFIED_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)+([A-Z]\w*)(?=:|$)")
 """A traceback's last line that names its exception with the module path: `package.module.Name: message`."""
@@ -50,8 +51,7 @@ class EpochPrinter(tune.Callback):
         shown = dict.fromkeys(("train_loss", "val_loss", "val_acc", self.metric))  # the metric once, in order
         scores = "  ".join(f"{key} {result[key]:.4f}" for key in shown)
         print(f"{self.label(trial)} epoch {result['epoch']:>2}/{self.epochs}  {scores}", flush=True)
-        if improves(self.mode, result[self.metric], self.best.get(trial.trial_id)):
-            self.best[trial.trial_id] = result[self.metric]
+        keep_best(self.best, trial.trial_id, result[self.metric], self.mode)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         outcome = trial_outcome(trial.last_result, error=False)
@@ -108,7 +108,7 @@ def print_resume_hint(config: StudyConfig, why: str = "interrupted", address: st
 
 
 def print_closing(
-    config: StudyConfig, best: dict | None, best_location: str, experiment_id: str, summary: StudySummary | None
+    config: StudyConfig, best: Winner | None, best_location: str, experiment_id: str, summary: StudySummary | None
 ) -> None:
     """How the study went, the winner (or that there is none), where its files are (best_location: a folder, or a
     URI such as s3://bucket/prefix/<study>/best), how to look at it."""
@@ -120,11 +120,11 @@ def print_closing(
     else:
         chance = chance_level(config.metric, summary.num_classes) if summary else None
         against = f" (chance {chance:.4f})" if chance is not None else ""
-        trial = winner_label(summary, best) if summary else best.get("trial") or best["trial_id"]
-        print(f"Best trial {trial}: {best['metric']} = {best['best_value']:.4f}{against} at epoch {best['best_epoch']}")
+        trial = winner_label(summary, best) if summary else best.trial_or_id
+        print(f"Best trial {trial}: {best.metric} = {best.best_value:.4f}{against} at epoch {best.best_epoch}")
         if summary is not None and (tie := tie_line(summary)):
             print(tie)
-        for key, value in knobs_of(config.model, best["hyperparameters"]).items():
+        for key, value in knobs_of(config.model, best.hyperparameters.to_dict()).items():
             print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
         print(f"Config:     {join(best_location, BEST_CONFIG_FILE)}")
         print(f"Checkpoint: {join(best_location, BEST_MODEL_FILE)}")

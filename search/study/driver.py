@@ -22,7 +22,6 @@ from pathlib import Path
 
 import ray
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray._private import ray_constants
@@ -31,10 +30,10 @@ from ray.tune import Checkpoint, ResultGrid
 
 from search.cli import interrupts_ignored, require_pretrained
 from search.errors import UsageError, one_line
-from search.final_model.sources import config_from_parent, has_best_config
-from search.final_model.winner import winner_record
+from search.records.location import is_uri, join
+from search.records.study_config import CONFIG_FILE, ConfigError, StudyConfig
+from search.records.winner import Winner
 from search.study.cluster import ClusterWatch, token_refused
-from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
 from search.study.confirm import (
     Confirmed,
     Retrain,
@@ -60,8 +59,9 @@ from search.study.resources import (
     start_gpu_probe,
 )
 from search.study.resume import TUNER_STATE
+from search.study.run_report import log_study_report
 from search.study.spaces import Space
-from search.study.storage import exists, is_uri, join, staged, write_text
+from search.study.storage import exists, staged, write_text
 from search.study.tuning import make_confirm_tuner, make_tuner, restore_tuner, trial_setup, unfinished_trials
 from search.tracking.optuna_store import fail_orphans, load_study
 from search.tracking.schema import (
@@ -78,14 +78,15 @@ from search.tracking.schema import (
     TrialNames,
 )
 from search.tracking.store import close_open_children, mlflow_client
-from search.tracking.study_report import log_study_report
 from search.tracking.study_run import (
     claim_optuna_study,
     data_record,
     drop_optuna_study,
+    has_best_config,
     log_best,
     open_parent_run,
     open_stores,
+    read_best_config,
     reopen_parent_run,
 )
 from search.tracking.trials import MlflowTrials
@@ -351,12 +352,12 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
             return 130
         with staged(config.storage_path, config.name, BEST_DIR) as folder:  # a URI's: uploaded beside the trials
             best = export_winner(client, config, parent_id, study.index.classes, searched, confirmation, folder)
-        status = "FINISHED" if best else "FAILED"
+        status = "FINISHED" if best is not None else "FAILED"
         log_elapsed(client, parent_id, started)  # before the report, which states it
         timed = True
         summary = explain_study(client, config, parent_id, study, best)
         print_closing(config, best, join(config.study_location, BEST_DIR), experiment_id, summary)
-        return 0 if best else 1
+        return 0 if best is not None else 1
     except KeyboardInterrupt:
         status = "KILLED"
         print_resume_hint(config, address=study.address)
@@ -409,7 +410,7 @@ def abandon_on_lost_cluster(record: StudyRecord, study: PreparedStudy, started: 
 
 
 def explain_study(
-    client: MlflowClient, config: StudyConfig, parent_id: str, study: PreparedStudy, best: dict | None
+    client: MlflowClient, config: StudyConfig, parent_id: str, study: PreparedStudy, best: Winner | None
 ) -> StudySummary | None:
     """The Optuna trials Ray lost to a kill settled, and the study's report (None if it could not be made:
     the trials and the winner are recorded already, and stay so)."""
@@ -544,7 +545,7 @@ def export_winner(
     searched: ResultGrid,
     confirmation: Confirmation | None,
     out: Path,
-) -> dict | None:
+) -> Winner | None:
     """The study's winner, exported to `out` and logged on its run; its record, or None where there is none.
 
     With a confirmation: the confirmed configuration, from its best retrain's checkpoint, named by its search trial.
@@ -556,7 +557,7 @@ def export_winner(
     else:
         kept = best_checkpoint(searched, config, labels=labels)
         earlier = earlier_winner(client, parent_id) if config.trials_before else None
-        if earlier is not None and (kept is None or not improves(config.mode, kept[1], earlier["best_value"])):
+        if earlier is not None and (kept is None or not improves(config.mode, kept[1], earlier.best_value)):
             return earlier
     if kept is None:
         return None
@@ -578,11 +579,11 @@ def trial_labels(client: MlflowClient, parent_id: str) -> dict[str, str]:
     }
 
 
-def earlier_winner(client: MlflowClient, parent_id: str) -> dict | None:
+def earlier_winner(client: MlflowClient, parent_id: str) -> Winner | None:
     """The winner an extended study had before (its best_config.yaml, read as final.py reads it), or None."""
     if not has_best_config(client, parent_id):
         return None
-    return config_from_parent(client, client.get_run(parent_id), None).raw
+    return read_best_config(client, client.get_run(parent_id))
 
 
 def best_checkpoint(
@@ -614,7 +615,7 @@ def best_checkpoint(
 
 def export_checkpoint(
     config: StudyConfig, classes: list[str], checkpoint: Checkpoint, trial_id: str, out: Path, label: str | None
-) -> dict:
+) -> Winner:
     """The winner's best_config.yaml and best_model.pt, written to the folder `out`; its record (`label`: the
     trial's name, t07).
 
@@ -622,12 +623,18 @@ def export_checkpoint(
     with checkpoint.as_directory() as directory:
         state = load_trial_checkpoint(directory)
     out.mkdir(parents=True, exist_ok=True)
-    record = winner_record(
-        config, trial_id, state["metrics"], state["hyperparameters"], classes, state["model_spec"], trial=label
+    winner = Winner.from_trial(
+        config,
+        trial_id=trial_id,
+        metrics=state["metrics"],
+        hyperparameters=state["hyperparameters"],
+        classes=classes,
+        model_spec=state["model_spec"],
+        trial=label,
     )
-    (out / BEST_CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+    (out / BEST_CONFIG_FILE).write_text(winner.to_yaml())
     ModelFile.from_trial_checkpoint(state, classes).save(out / BEST_MODEL_FILE)
-    return record
+    return winner
 
 
 def disk_full(path: str) -> bool:

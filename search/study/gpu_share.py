@@ -170,9 +170,9 @@ def probe_peak_memory(
             "--gpus-per-trial auto measures GPU memory, but no CUDA GPU is visible: "
             "pass --gpus-per-trial 0 to train on the CPU"
         )
-    from trainables.config import Hyperparameters
+    from trainables.config import Hyperparameters, SpeedOptions
     from trainables.data import CachedSplit
-    from trainables.engine import EVAL_BATCH_FACTOR, Learner, SpeedOptions
+    from trainables.engine import EVAL_BATCH_FACTOR, Learner
     from trainables.models import ModelSpec, build_model
 
     known = set(SHAPES_MODEL)

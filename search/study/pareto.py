@@ -1,6 +1,6 @@
 """A multi-objective study's Pareto front: its trials' metric against their cost, and the trials no other one beats.
 
-The caller gathers the points (search.tracking.study_report: the values the Optuna study was told, the labels
+The caller gathers the points (search.study.run_report: the values the Optuna study was told, the labels
 and run ids of the trials' MLflow runs) and logs what these functions write; nothing here talks to Ray or
 MLflow, so the front can be checked on points made up in a test.
 """

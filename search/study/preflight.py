@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from search.errors import UsageError
-from search.study.config import StudyConfig
+from search.records.study_config import StudyConfig
 from search.study.spaces import Space, SpaceError, load_space
 from search.study.storage import check_storage, exists
+from search.tracking.claim import name_taken
 from search.tracking.schema import check_store_uri
 from trainables.data import DataError, DatasetIndex, index_source, subsample
 from trainables.spec import ModelSpec, validate_spec
@@ -32,10 +33,6 @@ class CheckedStudy:
     """The parent run of the interrupted study this one continues."""
     warm_start: tuple[dict, ...] = ()
     """Configurations to try first: an earlier study's best (--warm-start)."""
-
-
-def name_taken(name: str, where: str) -> str:
-    return f"a study named {name!r} exists already {where}: continue it with --resume, or choose another --name"
 
 
 def check_study(config: StudyConfig, resume_run_id: str | None = None) -> CheckedStudy:

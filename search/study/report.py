@@ -21,6 +21,8 @@ import optuna
 from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
+from search.records.trial_status import TrialStatus
+from search.records.winner import Winner
 from search.study.chance import at_chance, chance_level
 from search.study.pareto import Tradeoff, front_markdown
 
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-OUTCOMES = ("completed", "pruned", "failed", "interrupted", "lost", "running")
+OUTCOMES = tuple(status.value for status in TrialStatus)
 """How a trial stands; the first three are always counted, the others only when they occur."""
 ALWAYS_COUNTED = OUTCOMES[:3]
 TOP_TRIALS = 5
@@ -260,10 +262,10 @@ def importance_evaluator() -> FanovaImportanceEvaluator:
 # ---------------------------------------------------------------- the note
 
 
-def describe(summary: StudySummary, winner: dict | None, knobs: dict[str, Any]) -> str:
+def describe(summary: StudySummary, winner: Winner | None, knobs: dict[str, Any]) -> str:
     """The Markdown note of the study's MLflow run: headline, counts, time, top trials, winner, how to retrain.
 
-    `winner` is the best-trial record (trial_id, metric, best_value, best_epoch), None when no trial
+    `winner` is the study's winner (its trial, metric, best value and epoch), None when no trial
     produced a result; `knobs` is the winning configuration, already limited to the model's knobs.
     """
     chance = summary.chance
@@ -271,8 +273,8 @@ def describe(summary: StudySummary, winner: dict | None, knobs: dict[str, Any]) 
         headline = f"Study {summary.name}: no trial produced a result (chance {summary.metric} {chance:.4f})."
     else:
         headline = (
-            f"best {winner['metric']} {winner['best_value']:.4f} (chance {chance:.4f}), "
-            f"trial {winner_label(summary, winner)} at epoch {winner['best_epoch']}"
+            f"best {winner.metric} {winner.best_value:.4f} (chance {chance:.4f}), "
+            f"trial {winner_label(summary, winner)} at epoch {winner.best_epoch}"
         )
     lines = [headline]
     if winner is not None and (tie := tie_line(summary)):
@@ -303,9 +305,9 @@ def describe(summary: StudySummary, winner: dict | None, knobs: dict[str, Any]) 
     return "\n".join(lines) + "\n"
 
 
-def winner_label(summary: StudySummary, winner: dict) -> str:
+def winner_label(summary: StudySummary, winner: Winner) -> str:
     """The winner's name (t07) as its record gives it; for a record older than the name, its trial's by Ray's id."""
-    return winner.get("trial") or label_of(summary, winner["trial_id"])
+    return winner.trial or label_of(summary, winner.trial_id or "")
 
 
 def label_of(summary: StudySummary, trial_id: str) -> str:
@@ -383,12 +385,12 @@ def cell(text: str) -> str:
 # ---------------------------------------------------------------- the plots
 
 OUTCOME_STYLES: dict[str, dict[str, Any]] = {
-    "completed": {"color": "tab:blue", "linestyle": "-", "alpha": 0.8, "linewidth": 1.4},
-    "pruned": {"color": "grey", "linestyle": "--", "alpha": 0.6, "linewidth": 1.0},
-    "failed": {"color": "tab:red", "linestyle": "-", "alpha": 0.8, "linewidth": 1.2},
-    "interrupted": {"color": "tab:orange", "linestyle": ":", "alpha": 0.8, "linewidth": 1.2},
-    "lost": {"color": "tab:orange", "linestyle": ":", "alpha": 0.8, "linewidth": 1.2},
-    "running": {"color": "tab:orange", "linestyle": ":", "alpha": 0.8, "linewidth": 1.2},
+    TrialStatus.COMPLETED: {"color": "tab:blue", "linestyle": "-", "alpha": 0.8, "linewidth": 1.4},
+    TrialStatus.PRUNED: {"color": "grey", "linestyle": "--", "alpha": 0.6, "linewidth": 1.0},
+    TrialStatus.FAILED: {"color": "tab:red", "linestyle": "-", "alpha": 0.8, "linewidth": 1.2},
+    TrialStatus.INTERRUPTED: {"color": "tab:orange", "linestyle": ":", "alpha": 0.8, "linewidth": 1.2},
+    TrialStatus.LOST: {"color": "tab:orange", "linestyle": ":", "alpha": 0.8, "linewidth": 1.2},
+    TrialStatus.RUNNING: {"color": "tab:orange", "linestyle": ":", "alpha": 0.8, "linewidth": 1.2},
 }
 WINNER_STYLE: dict[str, Any] = {"color": "tab:green", "linestyle": "-", "linewidth": 2.8, "alpha": 1.0}
 

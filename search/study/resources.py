@@ -16,7 +16,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayTaskError
 
 from search.errors import UsageError, one_line
-from search.study.config import StudyConfig
+from search.records.study_config import StudyConfig
 from search.study.gpu_share import (
     CARD_ENV,
     GpuProbe,
@@ -28,7 +28,7 @@ from search.study.gpu_share import (
     rehearsed_card,
 )
 from search.study.preflight import CheckedStudy
-from search.study.tuning import speed_options
+from trainables.config import SpeedOptions
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def probe_arguments(config: StudyConfig, checked: CheckedStudy) -> tuple:
         len(checked.index.classes),
         heaviest.batch_size,
         config.img_size,
-        speed_options(config),
+        SpeedOptions.of(config),  # the probe measures with the study's speed flags, as its trials train
         heaviest.model_knobs(),
     )
 

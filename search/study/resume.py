@@ -4,11 +4,13 @@ checked against its split.json."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from collections.abc import Collection
+from dataclasses import fields, replace
 
 from search.cli import weights_files, weights_problems
 from search.errors import UsageError
-from search.study.config import STUDY_NAME, ConfigError, StudyConfig, absolute, name_problem
+from search.records.study_config import STUDY_NAME, ConfigError, StudyConfig, name_problem
+from search.study.config import absolute, changed_settings, new_config
 from search.study.storage import exists, resolved
 from search.tracking.optuna_store import study_exists
 from search.tracking.schema import SPLIT_FILE, absolute_uri, check_store_uri
@@ -19,13 +21,25 @@ from trainables.manifest import shown
 
 TUNER_STATE = "tuner.pkl"
 """What Ray's Tuner.restore reads first in the study's experiment folder."""
+TAKEN_ON_RESUME = frozenset(
+    {"name", "model", "trials", "storage_path", "cache_dir", "tracking_uri", "weights", "optuna_storage"}
+)
+"""Settings --resume takes from the command line, not from study.yaml: which study (--model is checked on its own),
+where this machine keeps things, --trials (a new total extends a finished study) and --optuna-storage (checked on its
+own). Every other setting given must be the study's."""
+TAKEN_ON_EXTENSION = frozenset({"confirm", "confirm_seeds"})
+"""What an extension may change besides --trials."""
+SETTING_OF_FLAG = {"no_pretrained": "pretrained"}
+"""A flag whose dest is not its setting's name."""
 
 
-def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
+def resumed_config(args: argparse.Namespace, given: Collection[str]) -> tuple[StudyConfig, str]:
     """The study's recorded configuration and its parent run; refuse what cannot resume.
 
     Only where this machine keeps things comes from the command line: --storage-path (where
-    the trials are), --cache-dir, --tracking-uri and, if given, --weights.
+    the trials are), --cache-dir, --tracking-uri and, if given, --weights. `given`: the dests of
+    the flags the command line set (search.cli.given_options); any other setting among them
+    that differs from the study's is refused.
     """
     if not args.name:
         raise UsageError("--resume needs --name STUDY: the name the interrupted run printed")
@@ -61,6 +75,7 @@ def resumed_config(args: argparse.Namespace) -> tuple[StudyConfig, str]:
             f"--optuna-storage cannot change on --resume: study {args.name!r} continues in "
             f"{recorded.optuna_storage}; leave the flag out"
         )
+    refuse_changed_settings(args, given, recorded, extending)
     if not study_exists(recorded.optuna_storage, args.name):
         raise UsageError(
             f"the Optuna storage {recorded.optuna_storage} no longer holds study {args.name!r} (moved or deleted?): "
@@ -92,6 +107,26 @@ def check_extension(args: argparse.Namespace, recorded: StudyConfig, status: str
         raise UsageError(
             f"study {name!r} already finished its {ran} trials: extend it with --resume --trials N (N > {ran}), "
             f"or start a new one with another --name"
+        )
+
+
+def refuse_changed_settings(
+    args: argparse.Namespace, given: Collection[str], recorded: StudyConfig, extending: bool
+) -> None:
+    """A setting flag given on --resume must repeat the study's: its trials ran with its own, and the new ones do
+    too. Refused in one line, as compare.py refuses continuing a study with other settings."""
+    taken = TAKEN_ON_RESUME | (TAKEN_ON_EXTENSION if extending else frozenset())
+    asked = {SETTING_OF_FLAG.get(dest, dest) for dest in given if dest not in taken}
+    # The flags as a new study would record them (paths absolute, --no-pretrained as pretrained), in the study's
+    # own Optuna storage: a default storage that cannot be placed is no problem of a study that has one.
+    requested = new_config(argparse.Namespace(**{**vars(args), "optuna_storage": recorded.optuna_storage}))
+    # A setting left to be resolved ('auto' GPU share) matches the value the study resolved.
+    keys = [f.name for f in fields(StudyConfig) if f.name in asked and getattr(requested, f.name) is not None]
+    changed = changed_settings(recorded, requested, keys)
+    if changed:
+        raise UsageError(
+            f"study {args.name!r} ran with other settings: {', '.join(changed)}; --resume continues it with its "
+            f"own: leave those flags out, or start a new study with another --name"
         )
 
 

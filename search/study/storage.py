@@ -11,7 +11,8 @@ credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, the region from
 AWS_DEFAULT_REGION: pyarrow reads them, in this process and in every trial's. A private
 local Ray's trials inherit this process's environment; on a cluster each node needs them.
 
-Standard library only until a filesystem is opened (pyarrow then): config.py builds locations with it.
+Standard library only until a filesystem is opened (pyarrow then). A location's pure arithmetic (is it a URI,
+what is inside it) is search.records.location's, which the study's config builds its folders with.
 """
 
 from __future__ import annotations
@@ -28,12 +29,11 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from search.errors import UsageError, one_line
+from search.records.location import is_uri, join
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
 
-URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")
-"""A scheme and '://'; two letters at least, so that a Windows drive (C:/...) stays a folder."""
 SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
 """Options pyarrow would take in the URI that are secrets; the storage path is printed and recorded with the study."""
 TIMEOUT_S = 3
@@ -52,10 +52,6 @@ CREDENTIAL_ERRORS = (
 )
 
 
-def is_uri(storage: str) -> bool:
-    return URI.match(storage) is not None
-
-
 def resolved(storage_path: str) -> str:
     """A --storage-path as the study records it: a folder (or file:// URI) as its absolute path, a URI as given."""
     if not is_uri(storage_path):
@@ -64,14 +60,6 @@ def resolved(storage_path: str) -> str:
     if parts.scheme == "file":
         return str(Path(parts.path).resolve())
     return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
-
-
-def join(location: str, *names: str) -> str:
-    """A location inside `location`: a folder's path joined, or a URI's path extended (its options kept at the end)."""
-    if not is_uri(location):
-        return str(Path(location, *names))
-    parts = urlsplit(location)
-    return urlunsplit(parts._replace(path="/".join([parts.path.rstrip("/"), *names])))
 
 
 def split(location: str) -> tuple[str, str]:

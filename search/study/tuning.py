@@ -18,20 +18,24 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from search.study.config import StudyConfig
+from search.records.study_config import StudyConfig
+from search.records.trial_status import TrialStatus
 from search.study.confirm import Retrain
 from search.study.console import EpochPrinter
 from search.study.spaces import Space
 from search.study.storage import split
 from search.tracking.optuna_store import open_optuna_storage
 from search.tracking.schema import TRIAL_ID_TAG, TrialNames, trial_outcome
-from trainables.config import COSTS, improves
+from trainables.config import COSTS, SpeedOptions, keep_best
 from trainables.data import CachedSplit
-from trainables.engine import SpeedOptions
 from trainables.spec import ModelSpec
 from trainables.trainable import TrialSetup, train_trial
 
-OPTUNA_STATES = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}
+OPTUNA_STATES = {
+    TrialStatus.COMPLETED: TrialState.COMPLETE,
+    TrialStatus.PRUNED: TrialState.PRUNED,
+    TrialStatus.FAILED: TrialState.FAIL,
+}
 
 
 class PruneAwareOptunaSearch(OptunaSearch):
@@ -93,8 +97,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
     def _remember(self, trial_id: str, result: dict | None) -> None:
         score = (result or {}).get(self.score_metric)
-        if score is not None and improves(self.score_mode, score, self._best_scores.get(trial_id)):
-            self._best_scores[trial_id] = score
+        keep_best(self._best_scores, trial_id, score, self.score_mode)
         cost = (result or {}).get(self.metric[1]) if self.multi_objective else None
         if cost is not None:
             self._costs[trial_id] = cost
@@ -314,7 +317,7 @@ def trial_setup(config: StudyConfig, spec: ModelSpec, train: CachedSplit, val: C
         seed=config.seed,
         gpu_fraction=config.gpus_per_trial or 0.0,
         cpus=config.cpus_per_trial,
-        speed=speed_options(config),
+        speed=SpeedOptions.of(config),  # the study's CUDA speed flags
         measure_latency=config.cost == COSTS["latency"],
     )
 
@@ -330,14 +333,4 @@ def make_scheduler(config: StudyConfig, epochs: int) -> TrialScheduler:
         max_t=epochs,
         grace_period=config.asha_grace_period,
         reduction_factor=config.reduction_factor,
-    )
-
-
-def speed_options(config: StudyConfig) -> SpeedOptions:
-    """The CUDA speed flags: the trials train with them, and the GPU probe measures with them."""
-    return SpeedOptions(
-        amp=config.amp,
-        channels_last=config.channels_last,
-        cudnn_benchmark=config.cudnn_benchmark,
-        compile=config.compile,
     )

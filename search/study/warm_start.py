@@ -13,7 +13,7 @@ import math
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UsageError
-from search.study.config import StudyConfig
+from search.records.study_config import StudyConfig
 from search.study.spaces import Space
 from search.tracking.optuna_store import load_study
 from search.tracking.store import mlflow_client

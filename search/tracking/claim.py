@@ -27,8 +27,8 @@ from pathlib import Path
 from types import TracebackType
 
 from search.errors import UsageError
-from search.study.config import StudyConfig
-from search.study.storage import is_uri
+from search.records.location import is_uri
+from search.records.study_config import StudyConfig
 from search.tracking.schema import sqlite_path
 
 CLAIM_SUFFIX = ".claim"
@@ -46,6 +46,11 @@ def being_run(name: str, holder: str, resuming: bool = False) -> str:
     who = f" ({holder})" if holder else ""
     advice = "wait for it to end" if resuming else "wait for it, or choose another --name"
     return f"study {name} is being run by another process{who}: {advice}"
+
+
+def name_taken(name: str, where: str) -> str:
+    """The one line that refuses a new study whose name a finished (or interrupted) study has `where`."""
+    return f"a study named {name!r} exists already {where}: continue it with --resume, or choose another --name"
 
 
 class StudyClaim:

@@ -20,7 +20,7 @@ import json
 
 from mlflow.tracking import MlflowClient
 
-from search.study.config import StudyConfig
+from search.records.study_config import StudyConfig
 from search.tracking.schema import EPOCH_METRICS, SHARED_VIEW_TAG, STUDY_TAG
 from trainables.config import COST_METRICS
 

@@ -17,7 +17,8 @@ from urllib.parse import urlparse
 
 from search.cli import DEFAULT_TRACKING_URI, folder_unwritable
 from search.errors import UsageError
-from search.study.storage import is_uri
+from search.records.location import is_uri
+from search.records.trial_status import TrialStatus
 from trainables.config import COST_METRICS, METRICS
 
 EPOCH_METRICS = ("train_loss", *METRICS, "lr", *COST_METRICS)
@@ -240,17 +241,17 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def trial_outcome(result: dict | None, error: bool) -> str:
+def trial_outcome(result: dict | None, error: bool) -> TrialStatus:
     """completed, pruned or failed: how a trial ended, from its last result.
 
     The trainable marks its last epoch with finished=True (budget spent or early
     stopping). A trial whose last result lacks it was stopped from outside: by ASHA.
     """
     if error:
-        return "failed"
+        return TrialStatus.FAILED
     if result and result.get("finished"):
-        return "completed"
-    return "pruned"
+        return TrialStatus.COMPLETED
+    return TrialStatus.PRUNED
 
 
 def exception_line(error_file: str | None) -> str:

@@ -22,6 +22,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from search.cli import interrupts_ignored
 from search.errors import UsageError, one_line
+from search.records.trial_status import TrialStatus
 from search.tracking.schema import (
     EXPERIMENT_KIND_TAG,
     FINAL_ROLE,
@@ -170,7 +171,7 @@ def settle_lost_children(
         if not run.data.metrics:
             client.delete_run(run.info.run_id)
         else:
-            end_trial_run(client, run, "lost")
+            end_trial_run(client, run, TrialStatus.LOST)
 
 
 def close_open_children(client, experiment_id: str, parent_run_id: str) -> None:
@@ -180,10 +181,10 @@ def close_open_children(client, experiment_id: str, parent_run_id: str) -> None:
         filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
     )
     for run in runs:
-        end_trial_run(client, run, "interrupted")
+        end_trial_run(client, run, TrialStatus.INTERRUPTED)
 
 
-def end_trial_run(client, run, outcome: str) -> None:
+def end_trial_run(client, run, outcome: TrialStatus) -> None:
     """A trial's run that did not end by itself: KILLED, its outcome in its tag and its name."""
     client.set_tag(run.info.run_id, STATUS_TAG, outcome)
     if TRIAL_LABEL_TAG in run.data.tags:

@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import optuna
+import yaml
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from search.errors import UsageError, one_line
-from search.study.config import CONFIG_FILE, ConfigError, StudyConfig
-from search.study.leaks import LeakReport
-from search.study.preflight import name_taken
-from search.tracking.claim import being_run
+from search.records.study_config import CONFIG_FILE, ConfigError, StudyConfig
+from search.records.trial_status import TrialStatus
+from search.records.winner import Winner, WinnerRefused
+from search.tracking.claim import being_run, name_taken
 from search.tracking.optuna_store import existing_optuna_storage, holds, open_optuna_storage
 from search.tracking.runs_view import runs_view, save_runs_view
 from search.tracking.schema import (
+    BEST_CONFIG,
     BEST_CONFIG_FILE,
     BEST_DIR,
     DATA_SUMMARY,
@@ -54,6 +58,24 @@ from trainables.leakage import MIN_CORRELATION, NEAR_BITS
 
 SKIPPED_FILE = "skipped_images.txt"
 """The study's images that would not decode (left out of split.json's train and val), one key a line."""
+
+
+class FoundLeaks(Protocol):
+    """What the leakage check found, as the study's run records it (search.study.leaks.LeakReport: the check is
+    the study's, the record is the store's)."""
+
+    @property
+    def duplicates(self) -> Sequence[object]:
+        """Every duplicate pair across splits."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """leak_<kind>_<split>_<split>: the run's metrics, zeros included."""
+        ...
+
+    def table(self) -> str:
+        """leakage.csv: every pair found."""
+        ...
 
 
 def open_stores(config: StudyConfig, resume_run_id: str | None, *, create: bool = True) -> None:
@@ -111,7 +133,7 @@ def open_parent_run(
     skipped: list[str],
     knobs: list[str],
     *,
-    leaks: LeakReport | None = None,
+    leaks: FoundLeaks | None = None,
 ) -> tuple[str, str]:
     """A new study's parent run, with its configuration, data summary, split and input (`dataset`: data_record's),
     space file, leakage check, and the study's view of the runs page (`knobs`: the searched ones, as its columns):
@@ -210,7 +232,7 @@ def read_split_record(client: MlflowClient, run) -> SplitRecord | None:
     return SplitRecord(name, source, seed, digest, images, frozenset(filter(None, skipped.splitlines())))
 
 
-def log_leaks(client: MlflowClient, parent_id: str, leaks: LeakReport) -> None:
+def log_leaks(client: MlflowClient, parent_id: str, leaks: FoundLeaks) -> None:
     """The leakage check's counts per pair of splits as metrics (leak_exact_train_test, ...) and every pair found as
     leakage.csv."""
     stamp = int(time.time() * 1000)
@@ -252,6 +274,28 @@ def read_study_config(client: MlflowClient, run) -> StudyConfig:
         raise UsageError(str(error)) from None
 
 
+def has_best_config(client: MlflowClient, run_id: str) -> bool:
+    """Whether a study's parent run holds its winner's best_config.yaml."""
+    return any(item.path == BEST_CONFIG for item in client.list_artifacts(run_id, BEST_DIR))
+
+
+def read_best_config(client: MlflowClient, parent, requested_model: str | None = None) -> Winner:
+    """The study's winner, as its parent run's best_config.yaml records it; a one-line UsageError for a file that
+    is no winner's record (or for another model than `requested_model`)."""
+    name = parent.data.tags[STUDY_TAG]
+    text = read_artifact(client, parent.info.run_id, BEST_CONFIG) or ""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UsageError(f"the {BEST_CONFIG} of study {name!r} is not valid YAML") from None
+    try:
+        return Winner.from_dict(
+            raw, f"study {name}", requested_model, experiment_id=parent.info.experiment_id, run_id=parent.info.run_id
+        )
+    except WinnerRefused as error:
+        raise UsageError(str(error)) from None
+
+
 def data_record(index: DatasetIndex) -> dict:
     """The study's data as the fields of an MLflow Dataset: the runs table's Dataset column shows it."""
     synthetic = index.is_synthetic
@@ -269,25 +313,25 @@ WINNER_SUFFIX = ", best"
 """Added to the winning trial's run name ("t07 completed, best"): the runs table shows names first."""
 
 
-def log_best(client: MlflowClient, config: StudyConfig, parent_id: str, best: dict, folder: Path) -> None:
+def log_best(client: MlflowClient, config: StudyConfig, parent_id: str, best: Winner, folder: Path) -> None:
     """The winner on the study's run: its config (what final.py reads), trial (t07, and Ray's id) and score, and
     its checkpoint as an MLflow logged model of the run (the runs table's Models column), the score linked to it;
     its trial's run named as the winner."""
+    value, epoch = best.best_value, best.best_epoch
+    assert value is not None and epoch is not None  # a study's winner: scored by its trial (Winner.from_trial)
     client.log_artifact(parent_id, str(folder / BEST_CONFIG_FILE), BEST_DIR)
-    client.set_tag(parent_id, "best_trial", best.get("trial") or best["trial_id"])  # t07; Ray's id beside it
-    client.set_tag(parent_id, "best_trial_id", best["trial_id"])
+    client.set_tag(parent_id, "best_trial", best.trial_or_id)  # t07; Ray's id beside it
+    client.set_tag(parent_id, "best_trial_id", best.trial_id)
     name_the_winner(client, parent_id, best)
     try:
-        model_id = log_winner_model(client, config, parent_id, best, folder)
+        model_id = log_winner_model(client, config, parent_id, best, folder, epoch)
     except Exception as error:  # e.g. a tracking server older than MLflow 3's logged models: the rest stands
         print(f"warning: the winner's checkpoint could not be logged as an MLflow model: {one_line(error)}")
         model_id = None
-    client.log_metric(
-        parent_id, f"best_{best['metric']}", best["best_value"], step=best["best_epoch"], model_id=model_id
-    )
+    client.log_metric(parent_id, f"best_{best.metric}", value, step=epoch, model_id=model_id)
 
 
-def name_the_winner(client: MlflowClient, parent_id: str, best: dict) -> None:
+def name_the_winner(client: MlflowClient, parent_id: str, best: Winner) -> None:
     """The winning search trial's run named "t07 completed, best" (a confirmed winner's search trial, not its
     retrain); a run that had the name from an earlier winner (an extended study's) gets its plain name back."""
     experiment_id = client.get_run(parent_id).info.experiment_id
@@ -296,26 +340,29 @@ def name_the_winner(client: MlflowClient, parent_id: str, best: dict) -> None:
         tags = run.data.tags
         if ROLE_TAG in tags or TRIAL_LABEL_TAG not in tags or STATUS_TAG not in tags:
             continue  # a confirmation's retrain, or a run that never started
-        won = tags[STATUS_TAG] != "lost" and (
-            tags[TRIAL_LABEL_TAG] == best["trial"] if best.get("trial") else tags.get(TRIAL_ID_TAG) == best["trial_id"]
+        won = tags[STATUS_TAG] != TrialStatus.LOST and (
+            tags[TRIAL_LABEL_TAG] == best.trial if best.trial else tags.get(TRIAL_ID_TAG) == best.trial_id
         )
         name = outcome_name(tags[TRIAL_LABEL_TAG], tags[STATUS_TAG]) + (WINNER_SUFFIX if won else "")
         if won or run.info.run_name.endswith(WINNER_SUFFIX):
             client.update_run(run.info.run_id, name=name)
 
 
-def log_winner_model(client: MlflowClient, config: StudyConfig, parent_id: str, best: dict, folder: Path) -> str:
-    """best_model.pt and best_config.yaml as a logged model named <study>-best, an output of the study's run."""
+def log_winner_model(
+    client: MlflowClient, config: StudyConfig, parent_id: str, best: Winner, folder: Path, epoch: int
+) -> str:
+    """best_model.pt and best_config.yaml as a logged model named <study>-best, an output of the study's run at
+    the winner's best epoch."""
     experiment_id = client.get_run(parent_id).info.experiment_id
     model = client.create_logged_model(
         experiment_id,
         name=f"{config.name}-best",
         source_run_id=parent_id,
-        params={key: str(value) for key, value in best["hyperparameters"].items()},
-        tags={STUDY_TAG: config.name, "model": config.model, "trial": best.get("trial") or best["trial_id"]},
+        params={key: str(value) for key, value in best.hyperparameters.to_dict().items()},
+        tags={STUDY_TAG: config.name, "model": config.model, "trial": best.trial_or_id},
         model_type=config.model,
     )
     client.log_model_artifacts(model.model_id, str(folder))
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    client.log_outputs(parent_id, [LoggedModelOutput(model.model_id, best["best_epoch"])])
+    client.log_outputs(parent_id, [LoggedModelOutput(model.model_id, epoch)])
     return model.model_id

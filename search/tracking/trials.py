@@ -12,6 +12,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from search.records.trial_status import TrialStatus
 from search.tracking.schema import (
     EPOCH_METRICS,
     NODES_TAG,
@@ -28,7 +29,7 @@ from search.tracking.schema import (
     trial_outcome,
 )
 from search.tracking.store import log_data_input, log_params, mlflow_client, settle_lost_children
-from trainables.config import improves
+from trainables.config import keep_best
 from trainables.trainable import NODE_ID
 
 
@@ -111,7 +112,7 @@ class MlflowTrials(tune.Callback):
         if run.info.status != "RUNNING":  # interrupted earlier, running again now
             label = run.data.tags.get(TRIAL_LABEL_TAG, run.info.run_name)
             self.client.update_run(run.info.run_id, status="RUNNING", name=label)
-            self.client.set_tag(run.info.run_id, STATUS_TAG, "running")
+            self.client.set_tag(run.info.run_id, STATUS_TAG, TrialStatus.RUNNING)
         return run.info.run_id
 
     def new_child(self, trial) -> str:
@@ -124,7 +125,7 @@ class MlflowTrials(tune.Callback):
                 TRIAL_ID_TAG: trial.trial_id,
                 TRIAL_LABEL_TAG: label,
                 STUDY_TAG: self.study,
-                STATUS_TAG: "running",
+                STATUS_TAG: TrialStatus.RUNNING.value,  # create_run keeps a tag as given: the plain word
                 **({TUNE_RUN_TAG: self.tune_run} if self.tune_run else {}),
                 **self.tags,
             },
@@ -159,16 +160,13 @@ class MlflowTrials(tune.Callback):
 
     def improved_best(self, trial_id: str, score: float | None) -> float | None:
         """The trial's new best score, or None where this one is no better (or no number)."""
-        if score is None or not improves(self.mode, score, self.best.get(trial_id)):
-            return None
-        self.best[trial_id] = float(score)
-        return float(score)
+        return self.best[trial_id] if keep_best(self.best, trial_id, score, self.mode) else None
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finish(trial, trial_outcome(trial.last_result, error=False))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.finish(trial, "failed", cause=exception_line(trial.error_file))
+        self.finish(trial, TrialStatus.FAILED, cause=exception_line(trial.error_file))
 
     def on_experiment_end(self, trials, **info):
         try:
@@ -178,10 +176,10 @@ class MlflowTrials(tune.Callback):
         except Exception as error:  # tidying the record must not fail a study whose trials are done
             print(f"warning: could not settle the runs of trials lost before resuming: {error}", flush=True)
 
-    def finish(self, trial, outcome: str, cause: str | None = None) -> None:
+    def finish(self, trial, outcome: TrialStatus, cause: str | None = None) -> None:
         run_id = self.child_run(trial)
         self.client.set_tag(run_id, STATUS_TAG, outcome)
         if cause:
             self.client.set_tag(run_id, "failure", cause)
         self.client.update_run(run_id, name=outcome_name(self.label(trial), outcome))
-        self.client.set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
+        self.client.set_terminated(run_id, "FAILED" if outcome == TrialStatus.FAILED else "FINISHED")

@@ -94,7 +94,7 @@ def interrupted_study(*args: str, marker: str, cwd: Path, env: dict) -> tuple[in
 
 def study_config(**changes):
     """A valid StudyConfig for tests (a cnn, synthetic data, CPU), with `changes` applied."""
-    from search.study.config import StudyConfig
+    from search.records.study_config import StudyConfig
 
     values = dict(
         name="test",

@@ -1,7 +1,8 @@
-"""Numbers as a comparison's report writes them, in one place: the sentences (stats.py) and the tables (report.py).
+"""Numbers as the reports write them, in one place: the comparison's sentences and tables, the final run's
+report and its model card.
 
-One formatter per kind of number, so that the recommendation, the terminal table and the
-Markdown page never give the same p-value or difference two ways. Every formatter takes
+One formatter per kind of number, so that the recommendation, the terminal table, the
+Markdown page and the card never give the same p-value or difference two ways. Every formatter takes
 plain floats (fractions where a share is meant), says 'n/a' for a NaN rather than 'nan',
 and never writes '-0.0', which reads as a loss that is not there.
 
@@ -18,7 +19,7 @@ NA = "n/a"
 
 
 class Bounded(Protocol):
-    """Anything with a low and a high bound (results.Interval), without importing it: this module stays pure."""
+    """Anything with a low and a high bound (intervals.Interval), without importing it: this module stays pure."""
 
     @property
     def low(self) -> float: ...

@@ -16,7 +16,9 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from search.study.config import StudyConfig
+from search.records.study_config import StudyConfig
+from search.records.trial_status import TrialStatus
+from search.records.winner import Winner
 from search.study.confirm import retrained_trial
 from search.study.pareto import (
     FRONT_PLOT,
@@ -44,7 +46,7 @@ from trainables.data import DatasetIndex
 NOTE_TAG = "mlflow.note.content"
 """The run's description, shown (as Markdown) at the top of its page in the MLflow UI."""
 PLOTS_DIR = "plots"
-SUPERSEDED = "lost"
+SUPERSEDED = TrialStatus.LOST
 """Runs of trials a killed study lost before Ray's snapshot: Ray drew each again, under the same number."""
 
 
@@ -54,7 +56,7 @@ def study_summary(
     parent_id: str,
     index: DatasetIndex,
     study: optuna.Study | None,
-    winner: dict | None,
+    winner: Winner | None,
 ) -> StudySummary:
     """The study as its MLflow runs record it: settings, elapsed time, every trial's outcome and curve, and
     its knobs as Optuna sampled them (typed; MLflow keeps params as text); `winner`: export_best's record;
@@ -86,7 +88,7 @@ def study_summary(
         planned_trials=config.trials,
         elapsed_s=parent.data.metrics.get(ELAPSED_METRIC, 0.0),
         trials=tuple(trials),
-        winner_id=search_trial_of(winner["trial_id"], trials, retrains) if winner else "",
+        winner_id=search_trial_of(winner.trial_id or "", trials, retrains) if winner else "",
         retrains=retrains,
         tradeoff=tradeoff(config, study, trials),
         train_images=len(index.splits["train"]),
@@ -124,7 +126,7 @@ def trial_summary(client: MlflowClient, run, metric: str, params: dict | None) -
     history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
     return TrialSummary(
         label=tags.get(TRIAL_LABEL_TAG, run.info.run_name),
-        outcome=tags.get(STATUS_TAG, "running"),
+        outcome=tags.get(STATUS_TAG, TrialStatus.RUNNING.value),
         params=params if params is not None else dict(run.data.params),
         curve=tuple(dict((m.step, m.value) for m in history).items()),
         trial_id=tags.get(TRIAL_ID_TAG, ""),
@@ -138,14 +140,14 @@ def log_study_report(
     parent_id: str,
     index: DatasetIndex,
     knobs: list[str],
-    winner: dict | None,
+    winner: Winner | None,
     study: optuna.Study | None,
 ) -> StudySummary:
     """Note, plots and importance/<knob> metrics on the study's run, and their charts in the study's view of
     the runs page (`knobs`: the searched ones; `study`: the Optuna study, None where it has no database);
     the summary they came from."""
     summary = study_summary(client, config, parent_id, index, study, winner)
-    winning = knobs_of(config.model, winner["hyperparameters"]) if winner else {}
+    winning = knobs_of(config.model, winner.hyperparameters.to_dict()) if winner else {}
     client.set_tag(parent_id, NOTE_TAG, describe(summary, winner, winning))
     # Optuna's plots and importances take one value per trial: a multi-objective study's are of its metric.
     searched = metric_only(study) if study is not None else None

@@ -5,6 +5,9 @@ by one scalar T > 0, chosen to minimise the negative log-likelihood (NLL) on ima
 model did not train on: the val split, never the test split, which is looked at once,
 to report. Dividing by a positive T keeps each image's ranking of the classes, so the
 predictions (and accuracy) stay as they were; only the confidences move.
+
+The logits come from the model's one pass over val and test (search.final_model.retrain,
+which runs the model); everything here works on the arrays that pass returns.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Temperature scaling, ECE, bootstrap intervals and one-vs-rest rates of the final run's test: pure arrays.
+"""The final run's one test (final_model/report.py): calibrated metrics, the temperature's warnings, bootstrap
+intervals and one-vs-rest rates, from arrays.
 
 Synthetic logits with a known temperature: labels drawn from softmax(z), the "model"
 outputs t·z, so the temperature that calibrates it is t.
@@ -8,19 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.scores import scaled_logits
 
-from search.final_model import calibration
-from search.final_model.calibration import (
-    ECE_BINS,
-    TEMPERATURE_BOUNDS,
-    calibrate,
-    expected_calibration_error,
-    fit_temperature,
-    nll,
-    reliability,
-    resampled_ece,
-    softmax,
-)
+from search.evaluation import calibration
+from search.evaluation.calibration import calibrate, fit_temperature, softmax
 from search.final_model.report import (
     INTERVAL_SEED,
     PER_CLASS_COLUMNS,
@@ -36,38 +28,7 @@ from search.final_model.report import (
 CLASSES = [f"class{c}" for c in range(5)]
 
 
-def scaled_logits(images: int, temperature: float, seed: int, classes: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Logits `temperature` times too sharp, and labels drawn from the calibrated probabilities."""
-    rng = np.random.default_rng(seed)
-    true_logits = rng.normal(scale=2.0, size=(images, classes))
-    probabilities = softmax(true_logits)
-    labels = (probabilities.cumsum(axis=1) > rng.random((images, 1))).argmax(axis=1)
-    return (temperature * true_logits).astype(np.float32), labels
-
-
-# ---------------------------------------------------------------- temperature scaling
-
-
-def test_the_fit_recovers_a_known_temperature():
-    logits, labels = scaled_logits(20_000, 3.0, seed=0)
-    assert fit_temperature(logits, labels) == pytest.approx(3.0, rel=0.05)
-    under, under_labels = scaled_logits(20_000, 0.5, seed=1)  # under-confident: T < 1 sharpens
-    assert fit_temperature(under, under_labels) == pytest.approx(0.5, rel=0.05)
-
-
-def test_the_fitted_temperature_minimises_the_nll_and_is_deterministic():
-    logits, labels = scaled_logits(3000, 2.0, seed=2)
-    fitted = fit_temperature(logits, labels)
-    assert fitted == fit_temperature(logits, labels)
-    for other in (0.9 * fitted, 1.1 * fitted, 1.0):
-        assert nll(logits, labels, fitted) < nll(logits, labels, other)
-
-
-def test_a_val_split_classified_right_with_room_to_spare_gets_a_sharpening_temperature_within_bounds():
-    labels = np.arange(40) % 4
-    logits = 10.0 * np.eye(4)[labels]  # the NLL keeps falling as T -> 0, until float64 sees no change
-    fitted = fit_temperature(logits, labels)
-    assert TEMPERATURE_BOUNDS[0] <= fitted < 1 and nll(logits, labels, fitted) < 1e-9
+# ---------------------------------------------------------------- the temperature
 
 
 def test_a_temperature_fitted_on_few_images_or_at_a_bound_is_warned_about_and_a_steady_one_is_not():
@@ -82,12 +43,6 @@ def test_a_temperature_fitted_on_few_images_or_at_a_bound_is_warned_about_and_a_
     assert len(calibration_lines(steady)) == 1
     assert "warning: the temperature was fitted on 40 val images: it may be far" in calibration_lines(few)[1]
     assert "fitted on 400 val images, every one classified right" in calibration_lines(all_right)[1]
-
-
-def test_nll_is_computed_from_logits_without_underflow():
-    logits = np.array([[0.0, 800.0], [0.0, 0.0]])
-    labels = np.array([0, 0])  # a confident mistake: probability exp(-800) underflows to 0
-    assert nll(logits, labels) == pytest.approx((800 + np.log(2)) / 2)
 
 
 def test_scaling_lowers_the_ece_and_nll_of_over_confident_logits_and_keeps_the_predictions():
@@ -131,26 +86,7 @@ def test_without_a_val_split_nothing_is_fitted_and_before_equals_after(monkeypat
     assert found.ece_before == found.ece_after and found.nll_before == found.nll_after
 
 
-# ---------------------------------------------------------------- ECE and the reliability diagram
-
-
-def test_ece_is_the_bin_weighted_gap_between_accuracy_and_confidence():
-    logits, labels = scaled_logits(2000, 2.5, seed=8)
-    probabilities = softmax(logits)
-    bins = reliability(labels, probabilities)
-    filled = bins.count > 0
-    assert bins.count.sum() == len(labels) and len(bins.count) == ECE_BINS
-    assert np.isnan(bins.accuracy[~filled]).all()
-    gap = (bins.count[filled] * np.abs(bins.accuracy[filled] - bins.confidence[filled])).sum() / len(labels)
-    assert expected_calibration_error(labels, probabilities) == pytest.approx(gap, abs=1e-12)
-
-
-def test_resampled_ece_equals_the_ece_of_each_resample():
-    logits, labels = scaled_logits(300, 2.0, seed=9)
-    probabilities = softmax(logits)
-    rows = np.random.default_rng(0).integers(0, len(labels), size=(20, len(labels)))
-    expected = [expected_calibration_error(labels[row], probabilities[row]) for row in rows]
-    np.testing.assert_allclose(resampled_ece(labels, probabilities, rows), expected, rtol=0, atol=1e-12)
+# ---------------------------------------------------------------- the reliability diagram
 
 
 def test_the_reliability_diagram_is_a_png(tmp_path):
