@@ -9,6 +9,7 @@ and the plots that compare trials. Its users only read it; a test that changes a
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
 
 from helpers import ROOT, run_script
 
@@ -24,6 +26,8 @@ NAME, MODEL, TRIALS, CLASSES = "record", "vit", 5, 11
 SMOKE_STUDY = ("--model", MODEL, "--smoke", "--data", "synthetic", "--no-pretrained", "--gpus-per-trial", "0")
 """The flags every study of this kind shares; NAME's adds its trials, name, seed and one trial at a time."""
 OUTCOMES = ("completed", "pruned", "failed")
+CONSOLE_FILE, SECONDS_FILE = "console.txt", "seconds.txt"
+"""What run.py printed and how long it took, kept beside the study for the workers that read it later."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,8 @@ class Record:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(run.info.run_id, key))
 
     def download(self, artifact_path: str) -> Path:
-        """An artifact of the study's run, downloaded under root/download."""
-        folder = str(self.root / "download")
-        return Path(self.client.download_artifacts(self.parent.info.run_id, artifact_path, folder))
+        """An artifact of the study's run, downloaded into this test process's own folder under root."""
+        return Path(self.client.download_artifacts(self.parent.info.run_id, artifact_path, str(downloads(self.root))))
 
 
 def run_in(root: Path, *args: str) -> tuple[Any, float]:
@@ -97,15 +100,36 @@ def read_record(root: Path, name: str, console: str, seconds: float) -> Record:
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.study = '{name}'")
     (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    (root / "download").mkdir()
-    local = client.download_artifacts(parent.info.run_id, "best/best_config.yaml", str(root / "download"))
+    local = client.download_artifacts(parent.info.run_id, "best/best_config.yaml", str(downloads(root)))
     winner = yaml.safe_load(Path(local).read_text())
     return Record(root, console, seconds, client, experiment, parent, sorted(children, key=trial_of), winner)
 
 
+def downloads(root: Path) -> Path:
+    """Where this test process downloads the study's artifacts: pytest-xdist's workers read the study side by side."""
+    folder = root / f"download-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def run_smoke_study(tmp_path_factory) -> Record:
-    """The session's study (see the module's docstring), run and read back."""
-    root = project_folder(tmp_path_factory, NAME)
+    """The session's study (see the module's docstring), run by the first test process that asks for it and read
+    back by each: pytest-xdist's workers share the session's folder, and a lock makes the others wait for it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: this session's folder is its own
+        return build_smoke_study(project_folder(tmp_path_factory, NAME))
+    shared = tmp_path_factory.getbasetemp().parent  # the session's, above each worker's own
+    with FileLock(shared / f"{NAME}.lock"):
+        root = shared / NAME
+        if not (root / CONSOLE_FILE).is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that failed half-way
+            root.mkdir()
+            shutil.copytree(ROOT / "spaces", root / "spaces")
+            return build_smoke_study(root)
+    return read_record(root, NAME, (root / CONSOLE_FILE).read_text(), float((root / SECONDS_FILE).read_text()))
+
+
+def build_smoke_study(root: Path) -> Record:
+    """run.py in root (laid out like the project), once; what it printed and took are kept beside the study."""
     # One trial at a time, so that what ASHA stops does not depend on which trial's epoch comes first on a busy
     # machine; seed 3's 5 trials then always leave 4 completed, of 4 different scores (t02 pruned), so the
     # importances and plots have trials to compare. (Two at a time, seed 1's left t00 and t03 alone at one score
@@ -113,4 +137,6 @@ def run_smoke_study(tmp_path_factory) -> Record:
     args = ("--trials", str(TRIALS), "--name", NAME, "--seed", "3", "--max-concurrent", "1")
     result, seconds = run_in(root, *SMOKE_STUDY, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (root / SECONDS_FILE).write_text(str(seconds))
+    (root / CONSOLE_FILE).write_text(result.stdout + result.stderr)  # last: the study is complete
     return read_record(root, NAME, result.stdout + result.stderr, seconds)
