@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,13 +139,7 @@ def retrained(client, entry: Entry, args: argparse.Namespace) -> str:
         print(f"== {entry.label}: reusing retrain {run_id} of study {entry.study}", flush=True)
         return run_id
     print(f"\n== {entry.label}: retraining the winner of study {entry.study}", flush=True)
-    request = RetrainRequest(
-        tracking_uri=args.tracking_uri,
-        cache_dir=args.cache_dir,
-        weights=weights_files(args.weights),
-        no_pretrained=args.no_pretrained,
-        out=str(Path(args.out) / entry.label),
-    )
+    request = retrain_request(args, entry.label)
     code = execute_final(prepare_final(request, winner_from_mlflow(args.tracking_uri, study=entry.study)))
     if code == 130:
         raise KeyboardInterrupt
@@ -152,6 +147,19 @@ def retrained(client, entry: Entry, args: argparse.Namespace) -> str:
     if code != 0 or run_id is None:
         raise StepFailed(code or 1)
     return run_id
+
+
+def retrain_request(args: argparse.Namespace, folder: str, **settings: Any) -> RetrainRequest:
+    """A retrain as compare.py asks for one: the comparison's store, cache and weights, results in `folder` under
+    --out; `settings` as RetrainRequest's."""
+    return RetrainRequest(
+        tracking_uri=args.tracking_uri,
+        cache_dir=args.cache_dir,
+        weights=weights_files(args.weights),
+        no_pretrained=args.no_pretrained,
+        out=str(Path(args.out) / folder),
+        **settings,
+    )
 
 
 def reference_run(client, plan: Plan, winner: Winner, args: argparse.Namespace) -> str:
@@ -163,14 +171,11 @@ def reference_run(client, plan: Plan, winner: Winner, args: argparse.Namespace) 
         return run_id
     config = reference_config(winner, name)
     print(f"\n== reference {name}: training once with default hyperparameters, early-stopped on val", flush=True)
-    request = RetrainRequest(
-        tracking_uri=args.tracking_uri,
-        cache_dir=args.cache_dir,
-        weights=weights_files(args.weights),
-        no_pretrained=args.no_pretrained,
+    request = retrain_request(
+        args,
+        f"reference-{name}",
         keep_val=True,  # the recipe: up to the study's epoch budget, stopped early on the validation split
         experiment=args.experiment or DEFAULT_EXPERIMENT,
-        out=str(Path(args.out) / f"reference-{name}"),
     )
     prepared = prepare_final(request, config, split_of=winner)  # the first study's test images, as the others'
     prepared = replace(prepared, tags={ROLE_TAG: REFERENCE_ROLE, COMPARISON_TAG: plan.name, REFERENCE_MODEL_TAG: name})

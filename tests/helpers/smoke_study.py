@@ -81,8 +81,12 @@ def run_in(root: Path, *args: str) -> tuple[Any, float]:
 
 
 def project_folder(tmp_path_factory, name: str) -> Path:
-    """A folder laid out like the project: its spaces/, and nothing else yet."""
-    root = tmp_path_factory.mktemp(name)
+    """A new folder laid out like the project: its spaces/, and nothing else yet."""
+    return laid_out_like_the_project(tmp_path_factory.mktemp(name))
+
+
+def laid_out_like_the_project(root: Path) -> Path:
+    """root (made if need be) with the project's spaces/ in it, as run.py expects from its working directory."""
     shutil.copytree(ROOT / "spaces", root / "spaces")
     return root
 
@@ -122,9 +126,7 @@ def run_smoke_study(tmp_path_factory) -> Record:
         root = shared / NAME
         if not (root / CONSOLE_FILE).is_file():
             shutil.rmtree(root, ignore_errors=True)  # a worker that failed half-way
-            root.mkdir()
-            shutil.copytree(ROOT / "spaces", root / "spaces")
-            return build_smoke_study(root)
+            return build_smoke_study(laid_out_like_the_project(root))
     return read_record(root, NAME, (root / CONSOLE_FILE).read_text(), float((root / SECONDS_FILE).read_text()))
 
 
