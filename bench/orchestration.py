@@ -201,8 +201,7 @@ def optuna_loop(tmp: Path, seconds: float, trials: int = TRIALS, epochs: int = E
 
     def objective(trial: optuna.Trial) -> float:
         nonlocal own
-        constants = space.sample(trial)
-        config = {**trial.params, **constants}
+        config = space.configuration(trial)
         Hyperparameters.from_dict(config)
         best = 0.0
         for epoch in range(1, epochs + 1):

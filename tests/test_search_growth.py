@@ -13,9 +13,10 @@ from helpers import run_script, study_config
 from mlflow.tracking import MlflowClient
 
 from search.study.confirm import Candidate, Confirmed, confirm_table, confirmed_winner, plan_retrains
+from search.study.spaces import load_space
 from search.study.storage import split
-from search.study.tuning import InOrder
-from search.study.warm_start import best_trials
+from search.study.tuning import InOrder, PruneAwareOptunaSearch, startup_trials
+from search.study.warm_start import best_trials, configuration
 from search.tracking.schema import TrialNames
 from trainables.config import SEED
 
@@ -102,6 +103,38 @@ def test_a_warm_start_takes_completed_trials_best_first():
     best = best_trials(study.get_trials(), "max")
     assert [trial.value for trial in best] == [0.9, 0.5]
     assert [trial.value for trial in best_trials(study.get_trials(), "min")] == [0.5, 0.9]
+
+
+def test_a_warm_start_keeps_what_an_earlier_trial_switched_off(tmp_path: Path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        "parameters:\n  lr: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}\n"
+        "  rotation_deg: {type: float, low: 5.0, high: 30.0, or: 0.0}\n"
+    )
+    space = load_space(space_file, "vit")
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"lr": 5e-4, "rotation_deg_on": False})
+    trial = study.ask()
+    space.sample(trial)
+    study.tell(trial, 0.9)
+    earlier = configuration(study.get_trials()[0], space)
+    assert earlier == {"lr": 5e-4, "rotation_deg": 0.0}
+    assert space.point(earlier) == {"lr": 5e-4, "rotation_deg_on": False}
+
+
+def test_the_searcher_hands_trials_hyperparameters_without_the_switches():
+    space = load_space(Path(__file__).resolve().parents[1] / "spaces" / "vit.yaml", "vit")
+    searcher = PruneAwareOptunaSearch(
+        space=space.sample, switches=space.switches, metric="val_acc", mode="max", points_to_evaluate=[space.recipe()]
+    )
+    recipe, drawn = searcher.suggest("t00"), searcher.suggest("t01")
+    assert recipe["rotation_deg"] == 15.0 and recipe["label_smoothing"] == 0.0  # the defaults, one off and one on
+    for config in (recipe, drawn):
+        assert not space.switches & set(config) and set(config) == {p.name for p in space.parameters}
+
+
+def test_tpe_starts_with_a_sixth_of_the_budget_at_random_from_3_to_10():
+    assert [startup_trials(trials) for trials in (1, 8, 30, 60, 200)] == [3, 3, 5, 10, 10]
 
 
 def test_retrains_are_handed_out_in_order_then_none_and_survive_a_restore(tmp_path: Path):

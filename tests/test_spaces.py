@@ -17,8 +17,7 @@ def test_every_shipped_space_loads_and_samples_valid_hyperparameters(model):
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     for _ in range(5):
         trial = study.ask()
-        constants = space.sample(trial)
-        hp = Hyperparameters.from_dict({**trial.params, **constants})
+        hp = Hyperparameters.from_dict(space.configuration(trial))
         assert hp.batch_size in (16, 32)
         study.tell(trial, 0.5)
 
@@ -119,6 +118,16 @@ BAD_SPACES = {
         "when: {batch_size: [[16]]}}}\n",
         "give a value or a flat list of values",
     ),
+    "or inside the range": (
+        "parameters: {rotation_deg: {type: float, low: 0.0, high: 30.0, or: 0.0}}\n",
+        "'or: 0.0' lies inside [0.0, 30.0]",
+    ),
+    "or not a number": ("parameters: {rotation_deg: {type: float, low: 5, high: 30, or: none}}\n", "'or' must be a"),
+    "off read as false": ("parameters: {rotation_deg: {type: float, low: 5, high: 30, off: 0}}\n", "write 'or: 0.0'"),
+    "or on a categorical": (
+        "parameters: {hflip: {type: categorical, choices: [0.0, 0.5], or: 0.0}}\n",
+        "unknown key(s) or for type categorical",
+    ),
     "nested choice": ("parameters: {batch_size: {type: categorical, choices: [[16], 32]}}\n", "must be plain values"),
 }
 
@@ -164,3 +173,55 @@ def test_a_space_file_that_is_not_utf8_is_refused(tmp_path):
 def test_missing_space_file(tmp_path):
     with pytest.raises(SpaceError, match="does not exist"):
         load_space(tmp_path / "nope.yaml", "cnn")
+
+
+SWITCHED = """
+parameters:
+  lr:           {type: float, low: 1.0e-4, high: 1.0e-3, log: true}
+  rotation_deg: {type: float, low: 5.0, high: 30.0, or: 0.0}
+  noise_std:    {type: float, low: 0.005, high: 0.05, or: 0.0}
+  vit_depth:    {type: int, low: 3, high: 12, or: 1}
+"""
+
+
+def test_a_knob_with_or_is_off_or_on_with_a_searched_magnitude(tmp_path):
+    space = load_space(write(tmp_path, SWITCHED), "vit")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    configurations = []
+    for _ in range(40):
+        trial = study.ask()
+        configuration = space.configuration(trial)
+        for name in ("rotation_deg", "noise_std"):
+            on = trial.params[f"{name}_on"]
+            assert (name in trial.params) == on  # the magnitude is sampled only when on
+            assert configuration[name] == 0.0 if not on else 0 < configuration[name] == trial.params[name]
+        assert not any(name.endswith("_on") for name in configuration)  # a trial gets hyperparameters alone
+        Hyperparameters.from_dict(configuration)
+        configurations.append(configuration)
+        study.tell(trial, 0.0)
+    assert any(c["rotation_deg"] == 0.0 and c["noise_std"] == 0.0 for c in configurations)  # "none" is reachable
+    assert {c["vit_depth"] for c in configurations} & {1} and max(c["vit_depth"] for c in configurations) > 3
+    assert space.switches == {"rotation_deg_on", "noise_std_on", "vit_depth_on"}
+    assert space.searched == ["lr", "rotation_deg", "noise_std", "vit_depth"]
+
+
+def test_a_point_is_clipped_into_the_space_and_samples_back_as_given(tmp_path):
+    space = load_space(write(tmp_path, SWITCHED), "vit")
+    point = space.point({"lr": 0.05, "rotation_deg": 0.0, "noise_std": 0.001, "vit_depth": 12})
+    assert point == {"lr": 1e-3, "rotation_deg_on": False, "noise_std_on": True, "noise_std": 0.005,
+                     "vit_depth_on": True, "vit_depth": 12}  # fmt: skip
+    study = optuna.create_study()
+    study.enqueue_trial(point)
+    configuration = space.configuration(study.ask())
+    assert configuration == {"lr": 1e-3, "rotation_deg": 0.0, "noise_std": 0.005, "vit_depth": 12}
+
+
+def test_the_recipe_is_the_knobs_defaults_in_every_shipped_space():
+    defaults = Hyperparameters().to_dict()
+    for model in ("cnn", "vit", "hybrid"):
+        space = load_space(SPACES / f"{model}.yaml", model)
+        study = optuna.create_study()
+        study.enqueue_trial(space.recipe())
+        configuration = space.configuration(study.ask())
+        assert configuration == {name: defaults[name] for name in configuration}, model
+        assert set(configuration) == {p.name for p in space.parameters}

@@ -5,10 +5,14 @@
       batch_size: {type: categorical, choices: [16, 32]}
       fusion:     {type: categorical, choices: [single_token, two_tokens]}
       vit_depth:  {type: int, low: 4, high: 12, when: {fusion: two_tokens}}
+      rotation_deg: {type: float, low: 5.0, high: 30.0, or: 0.0}
       early_stop_patience: {type: fixed, value: 4}
 
 Parameters are sampled in file order (Optuna define-by-run); `when` makes one
-conditional on the values of parameters above it. Names are the trainable's
+conditional on the values of parameters above it. `or` makes a number a choice first:
+off (the `or` value) or on, with a magnitude searched in [low, high]. A knob whose best value
+is often exactly its floor (no augmentation, no label smoothing) is then a point TPE can
+reach, where a range from 0 makes it sample 0 for every such knob at once almost never. Names are the trainable's
 hyperparameters (trainables.config, which also holds each one's bounds and the models
 it applies to); anything not in the space keeps its default.
 """
@@ -32,8 +36,8 @@ from trainables.config import (
 )
 
 TYPES = {
-    "float": {"low", "high", "log", "step"},
-    "int": {"low", "high", "log", "step"},
+    "float": {"low", "high", "log", "step", "or"},
+    "int": {"low", "high", "log", "step", "or"},
     "categorical": {"choices"},
     "fixed": {"value"},
 }
@@ -41,6 +45,9 @@ COMMON_KEYS = {"type", "when"}
 SCALARS = (str, int, float, bool, type(None))
 """What a categorical choice or a `when` value may be (YAML lists and mappings are not)."""
 TOP_LEVEL_KEYS = {"parameters"}
+SWITCH_SUFFIX = "_on"
+"""An `off` parameter's switch, in Optuna's params: `rotation_deg_on` True or False. It is not a hyperparameter:
+the searcher hands trials the hyperparameters alone (Space.hyperparameters)."""
 
 
 class SpaceError(ValueError):
@@ -58,6 +65,9 @@ class Parameter:
     choices: tuple = ()
     value: Any = None
     when: dict[str, tuple] = field(default_factory=dict)
+    off: float | int | None = None
+    """The file's `or:` value, which a number takes when its switch is off (None: no switch, always searched in
+    [low, high]). The key is not `off`, which YAML 1.1 reads as False."""
 
     def values(self) -> list:
         """The values this parameter can take, as far as a finite list says."""
@@ -65,10 +75,20 @@ class Parameter:
             return list(self.choices)
         if self.type == "fixed":
             return [self.value]
-        return [self.low, self.high]
+        return [self.low, self.high] if self.off is None else [self.off, self.low, self.high]
+
+    @property
+    def switch(self) -> str | None:
+        """The name of its on/off choice in Optuna's params (None: it has none)."""
+        return None if self.off is None else self.name + SWITCH_SUFFIX
 
     def suggest(self, trial) -> Any:
-        """Ask an Optuna trial for a value."""
+        """Ask an Optuna trial for a value: an `off` parameter's switch first, its magnitude only when on."""
+        if self.switch is not None and not trial.suggest_categorical(self.switch, [False, True]):
+            return self.off
+        return self.magnitude(trial)
+
+    def magnitude(self, trial) -> Any:
         if self.type == "float":
             return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
         if self.type == "int":
@@ -82,22 +102,74 @@ class Space:
     parameters: tuple[Parameter, ...]
 
     def sample(self, trial) -> dict[str, Any]:
-        """Optuna define-by-run: suggest every active parameter; return the fixed ones."""
+        """Optuna define-by-run: suggest every active parameter; return the values not in the trial's params
+        (the fixed ones, and the `off` value of a switched-off parameter)."""
         chosen: dict[str, Any] = {}
         constants: dict[str, Any] = {}
-        for parameter in self.parameters:
-            if not all(chosen.get(name) in allowed for name, allowed in parameter.when.items()):
-                continue
+        for parameter in self.active(chosen):
             if parameter.type == "fixed":
                 chosen[parameter.name] = constants[parameter.name] = parameter.value
-            else:
-                chosen[parameter.name] = parameter.suggest(trial)
+                continue
+            chosen[parameter.name] = parameter.suggest(trial)
+            if parameter.switch is not None and chosen[parameter.name] == parameter.off:
+                constants[parameter.name] = parameter.off
         return constants
+
+    def configuration(self, trial) -> dict[str, Any]:
+        """Sample a trial's whole configuration, as the searcher hands it over: its hyperparameters (sampled,
+        fixed and switched off), without the switches. Benchmarks and tests draw configurations so."""
+        constants = self.sample(trial)
+        return self.hyperparameters({**trial.params, **constants})
+
+    def active(self, chosen: dict[str, Any]):
+        """The parameters in file order, each only where its `when` holds for the values chosen above it
+        (`chosen` is filled in by the caller as it goes)."""
+        for parameter in self.parameters:
+            if all(chosen.get(name) in allowed for name, allowed in parameter.when.items()):
+                yield parameter
+
+    def point(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The Optuna params that make the space sample `values` (hyperparameters; one left out is TPE's to
+        sample), each clipped into the space: a number into [low, high], a categorical to its nearest choice, a
+        switch on unless the value is its `off`. The recipe trial and a warm start's configurations are queued so."""
+        chosen: dict[str, Any] = {}
+        params: dict[str, Any] = {}
+        for parameter in self.active(chosen):
+            if parameter.type == "fixed":
+                chosen[parameter.name] = parameter.value
+                continue
+            if parameter.name not in values:
+                continue
+            wanted = values[parameter.name]
+            if parameter.switch is not None:
+                params[parameter.switch] = wanted != parameter.off
+                if wanted == parameter.off:
+                    chosen[parameter.name] = parameter.off
+                    continue
+            chosen[parameter.name] = params[parameter.name] = clipped(parameter, wanted)
+        return params
+
+    def recipe(self) -> dict[str, Any]:
+        """The Optuna params of the knobs' defaults (the seed document's recipe) clipped into the space."""
+        return self.point(DEFAULTS.to_dict())
+
+    def hyperparameters(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A sampled configuration without the switches: what a trial is given."""
+        return {name: value for name, value in params.items() if name not in self.switches}
+
+    @property
+    def switches(self) -> frozenset[str]:
+        return frozenset(parameter.switch for parameter in self.parameters if parameter.switch is not None)
 
     @property
     def searched(self) -> list[str]:
-        """The parameters the search samples (not the fixed ones), in file order."""
+        """The hyperparameters the search samples (not the fixed ones), in file order."""
         return [parameter.name for parameter in self.parameters if parameter.type != "fixed"]
+
+    @property
+    def optuna_names(self) -> set[str]:
+        """The names in an Optuna trial's params: the searched hyperparameters and their switches."""
+        return set(self.searched) | self.switches
 
     def largest(self, name: str) -> Any:
         """The largest value a numeric parameter can take: its default where the space leaves it out,
@@ -112,6 +184,20 @@ class Space:
         """The configuration that needs the most GPU memory: the largest value of every knob whose
         memory grows with it (batch size, ViT depth), defaults elsewhere. The GPU probe measures it."""
         return Hyperparameters(**{name: self.largest(name) for name in MEMORY_GROWS})
+
+
+def clipped(parameter: Parameter, value: Any) -> Any:
+    """The value of the parameter's domain nearest to `value`."""
+    if parameter.type == "categorical":
+        if value in parameter.choices:
+            return value
+        numeric = [choice for choice in parameter.choices if isinstance(choice, int | float)]
+        if isinstance(value, int | float) and numeric:
+            return min(numeric, key=lambda choice: abs(choice - value))
+        return parameter.choices[0]
+    assert parameter.low is not None and parameter.high is not None, "a number's range is checked on loading"
+    value = min(max(value, parameter.low), parameter.high)
+    return round(value) if parameter.type == "int" else value
 
 
 def load_space(path: str | Path, model: str) -> Space:
@@ -171,7 +257,10 @@ def parse_parameter(
         problems.append(f"{name}: needs 'type:' one of {', '.join(TYPES)}")
         return None
     kind = spec["type"]
-    unknown = sorted(set(spec) - TYPES[kind] - COMMON_KEYS)
+    unknown = sorted(map(str, set(spec) - TYPES[kind] - COMMON_KEYS))
+    if {"True", "False"} & set(unknown):
+        problems.append(f"{name}: YAML reads the keys 'off', 'on', 'yes' and 'no' as true/false; write 'or: 0.0'")
+        return None
     if unknown:
         valid = ", ".join(sorted(TYPES[kind] | COMMON_KEYS))
         problems.append(f"{name}: unknown key(s) {', '.join(unknown)} for type {kind}; valid: {valid}")
@@ -223,7 +312,12 @@ def parse_range(name: str, kind: str, spec: dict, problems: list[str]) -> dict:
         problems.append(f"{name}: log scale needs low > 0, got {low}")
     if step is not None and (not isinstance(step, number) or not finite(step) or step <= 0 or log):
         problems.append(f"{name}: 'step' must be a positive number and cannot combine with log")
-    return {"low": low, "high": high, "log": log, "step": step}
+    off = as_number(spec.get("or"))
+    if "or" in spec and (not isinstance(off, number) or isinstance(off, bool) or not finite(off)):
+        problems.append(f"{name}: 'or' must be a number, the value when the knob is off (e.g. or: 0.0)")
+    elif off is not None and low <= off <= high:
+        problems.append(f"{name}: 'or: {off}' lies inside [{low}, {high}]; put the searched range above (or below) it")
+    return {"low": low, "high": high, "log": log, "step": step, "off": off}
 
 
 def parse_choices(name: str, choices: Any, problems: list[str]) -> tuple:

@@ -38,7 +38,17 @@ def warm_start_configs(config: StudyConfig, space: Space) -> list[dict]:
     best = best_trials(study.get_trials(deepcopy=False) if study else [], earlier.mode)[: config.warm_start_top]
     if not best:
         raise UsageError(f"--warm-start {name}: that study has no completed trial to start from; choose another")
-    return [{key: value for key, value in trial.params.items() if key in space.searched} for trial in best]
+    return [space.point(configuration(trial, space)) for trial in best]
+
+
+def configuration(trial: FrozenTrial, space: Space) -> dict:
+    """The hyperparameters an earlier trial ran with, as far as its params say: a knob it switched off takes this
+    space's `off` value (the earlier study gave it as a constant, which Optuna does not keep)."""
+    values = space.hyperparameters(trial.params)
+    for parameter in space.parameters:
+        if parameter.switch is not None and trial.params.get(parameter.switch) is False:
+            values[parameter.name] = parameter.off
+    return values
 
 
 def best_trials(trials: list[FrozenTrial], mode: str) -> list[FrozenTrial]:
