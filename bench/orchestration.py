@@ -126,6 +126,7 @@ def ray_study(tmp: Path, seconds: float, max_concurrent: int, trials: int = TRIA
         pretrained=False,
         gpus_per_trial=0.0,
         max_concurrent=max_concurrent,
+        recipe=False,  # every trial at a fixed cost, each stoppable by ASHA: the overhead is what is measured
         storage_path=str(tmp / "ray"),
         cache_dir=str(tmp / "cache"),
         tracking_uri=uri,

@@ -22,7 +22,7 @@ from search.cli import (
     given_options,
 )
 from search.errors import UsageError
-from search.records.study_config import FULL, LEAK_POLICIES, SMOKE, STUDY_DEFAULTS, StudyConfig
+from search.records.study_config import FIDELITIES, FULL, LEAK_POLICIES, SMOKE, STUDY_DEFAULTS, StudyConfig
 from search.study.cluster import auth_environment, ray_address
 from search.study.config import new_config
 from trainables.config import FLAG_HELP, METRICS, MODEL_NAMES, OBJECTIVES, SpeedOptions
@@ -127,6 +127,12 @@ def build_parser(
             help="how many of the earlier study's best configurations go first",
         )
     what.add_argument(
+        "--no-recipe",
+        action="store_true",
+        help="leave out the recipe trial (otherwise the study's first trial, t00, trains the knobs' defaults "
+        "clipped into the space to its whole budget, and the winner's gain over it is reported)",
+    )
+    what.add_argument(
         "--confirm",
         type=int,
         default=None,
@@ -155,6 +161,14 @@ def build_parser(
         type=int,
         default=None,
         help=f"square image size (default {FULL.img_size}; {SMOKE.img_size} with --smoke)",
+    )
+    training.add_argument(
+        "--fidelity",
+        default=None,
+        choices=FIDELITIES,
+        help="what makes ASHA's early rungs cheap: 'epochs' (every epoch at --img-size) or 'resolution' (the "
+        "epochs up to its first rung at half of --img-size, up to its second at three quarters, multiples of 16) "
+        f"(default: {STUDY_DEFAULTS['fidelity']})",
     )
     training.add_argument(
         "--no-pretrained", action="store_true", help="random initialisation instead of timm's pretrained weights"

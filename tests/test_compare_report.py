@@ -80,7 +80,7 @@ def model(
 @pytest.fixture
 def comparison() -> Comparison:
     models = [
-        model("cnn", Interval(0.912, 0.88, 0.941), 2.1, 4_200_000, search=SearchCost(8040.0, 0.52, 40)),
+        model("cnn", Interval(0.912, 0.88, 0.941), 2.1, 4_200_000, search=SearchCost(8040.0, 0.52, 40, 123.4, 8.2)),
         model("vit", Interval(0.887, 0.85, 0.92), 5.3, 5_700_000, search=SearchCost(41.0, 0.01, 3)),
         model("hybrid", Interval(0.925, 0.89, 0.955), 3.9, 20_200_000, roc_auc=math.nan, search=SearchCost(3600, 1, 9)),
         model(REFERENCE, Interval(0.951, 0.92, 0.98), 38.0, 28_600_000, reference=True, train_images_per_s=240.0),
@@ -167,10 +167,11 @@ def test_table_costs(comparison: Comparison) -> None:
     costs = costs_table(table_lines(comparison))
     cnn, vit, hybrid = (row_of(costs, name).split("  ") for name in ("cnn", "vit", "hybrid"))
     cnn_cells = [cell.strip() for cell in cnn if cell.strip()]
-    expected = ["cnn", "4.2 M", "cuda", "812", "2.1", "12.6", "1.9 GiB", "2 h 14 min 00 s", "0.52", "40", "yes"]
+    expected = ["cnn", "4.2 M", "cuda", "812", "2.1", "12.6", "1.9 GiB", "2 h 14 min 00 s", "0.52", "40"]
+    expected += ["123.4", "8.2", "yes"]  # the search's compute: full-resolution epochs, recipe trainings
     assert cnn_cells == expected
     vit_cells = [cell.strip() for cell in vit if cell.strip()]
-    assert vit_cells[7:10] == ["41 s", "0.01", "3"]
+    assert vit_cells[7:12] == ["41 s", "0.01", "3", "n/a", "n/a"]  # a study that predates the compute count
     assert vit_cells[-1] == "no"  # slower than cnn and hybrid, and less accurate than both
     assert [cell.strip() for cell in hybrid if cell.strip()][1] == "20.2 M"
     small = replace(comparison.models[0], costs=replace(comparison.models[0].costs, peak_train_memory=512 * 1024**2))
@@ -246,6 +247,8 @@ def test_markdown_has_recommendation_rows_pairs_and_plots(comparison: Comparison
         rows = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
         assert len(rows) == (2 if name.endswith("(reference)") else 3), name  # scores, costs, against the reference
     assert "| 91.2 (88.0–94.1) |" in text
+    assert "| search compute (full-resolution epochs) | search compute (recipe trainings) |" in text
+    assert "| 40 | 123.4 | 8.2 |" in text  # cnn's trials, then its search's compute
     assert "| hybrid vs cnn | +1.3 [-0.4, 3.0] | 4 | 2 | 0.21 | no |" in text
     assert f"| {REFERENCE} vs" not in text  # the reference's pairs have their own section
     for name in PLOT_FILES:

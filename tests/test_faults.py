@@ -133,7 +133,7 @@ def wait_for_first_epoch(process: subprocess.Popen, timeout: float = 300, starte
         line = process.stdout.readline()
         seen.append(line)
         epochs = any(" epoch  1/" in earlier for earlier in seen)
-        if epochs and sum(" started: " in earlier for earlier in seen) >= started:
+        if epochs and sum(" started" in earlier for earlier in seen) >= started:  # t00's "started (recipe):" too
             return "".join(seen)
         if not line and process.poll() is not None:
             break

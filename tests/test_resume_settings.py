@@ -60,8 +60,10 @@ def test_a_changed_setting_is_refused_naming_each_in_one_line(recorded, resumed)
     "flags, setting",
     [
         (["--no-pretrained"], "pretrained True (now False)"),
+        (["--no-recipe"], "recipe True (now False)"),
         (["--confirm", "2"], "confirm 0 (now 2)"),  # only an extension may change it
         (["--max-concurrent", "4"], "max_concurrent 1 (now 4)"),
+        (["--fidelity", "resolution"], "fidelity epochs (now resolution)"),
         (["--space", str(ROOT / "spaces" / "vit.yaml")], "space "),
     ],
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from helpers import run_script, study_config
+from helpers import ROOT, run_script, study_config
 from mlflow.tracking import MlflowClient
 
 from search.study.confirm import Candidate, Confirmed, confirm_table, confirmed_winner, plan_retrains
@@ -197,11 +197,15 @@ def optuna_trials(root: Path, study: str) -> list:
 @pytest.mark.slow
 def test_a_confirmation_puts_its_retrains_and_the_spread_on_the_study(stores):
     parent, runs = children(stores["uri"], "first")
-    retrains = [run for run in runs if run.data.tags.get("role") == "confirm"]
-    assert len(retrains) == 1
+    retrains = {run.data.tags["trial"]: run for run in runs if run.data.tags.get("role") == "confirm"}
     winner = parent.data.tags["confirmed_winner"]
-    assert retrains[0].data.tags["trial"] == f"{winner} seed 1"
-    assert retrains[0].data.params["seed"] == "1"
+    # The recipe (t00) is confirmed too, with the same seed, wherever it is not the best configuration already.
+    assert set(retrains) == {f"{winner} seed 1", "t00 seed 1"}
+    assert retrains[f"{winner} seed 1"].data.params["seed"] == "1"
+    assert retrains["t00 seed 1"].data.tags["recipe"] == "true"
+    if winner != "t00":
+        assert "confirmed_gain_over_recipe" in parent.data.metrics
+        assert "Recipe:     confirmed " in stores["first_output"]
     assert parent.data.metrics["confirmed_runs"] == 2
     assert "confirmed_sd_val_acc" in parent.data.metrics
     client = MlflowClient(stores["uri"])
@@ -214,7 +218,7 @@ def test_a_confirmation_puts_its_retrains_and_the_spread_on_the_study(stores):
     assert {k: v for k, v in best["hyperparameters"].items() if k in searched.data.params} == {
         k: yaml.safe_load(v) for k, v in searched.data.params.items()
     }
-    assert "Confirming the 1 best configuration(s) with 1 more seed(s) each" in stores["first_output"]
+    assert "Confirming the 1 best configuration(s)" in stores["first_output"]
 
 
 @pytest.mark.slow
@@ -226,9 +230,10 @@ def test_a_warm_start_tries_the_earlier_studys_best_first(stores):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     warm = sorted(optuna_trials(stores["root"], "warm"), key=lambda trial: trial.number)
-    assert [trial.params for trial in warm[:2]] == expected
+    assert [trial.params for trial in warm[1:3]] == expected  # after the recipe, t00
+    assert warm[0].params == load_space(ROOT / "spaces" / "vit.yaml", "vit").recipe()
     assert len(warm) == 3
-    assert "Warm start: 2 best configuration(s) of study first first" in result.stdout
+    assert "Warm start: 2 best configuration(s) of study first first, after the recipe" in result.stdout
 
 
 @pytest.mark.slow

@@ -187,7 +187,8 @@ def test_the_studys_run_has_the_best_score_its_time_and_the_importances(study):
     assert 0 < metrics["elapsed_s"] < study.seconds
     compared(study)
     importances = {key.removeprefix("importance/"): v for key, v in metrics.items() if key.startswith("importance/")}
-    assert importances and set(importances) <= searched_knobs()
+    # The knobs, and the on/off choices of those with `or:` (rotation_deg_on: does rotating at all matter?)
+    assert importances and set(importances) <= load_space(ROOT / "spaces" / f"{MODEL}.yaml", MODEL).optuna_names
     assert all(value >= 0 for value in importances.values())
     assert sum(importances.values()) == pytest.approx(1.0, abs=1e-6)
 
@@ -256,6 +257,7 @@ def test_the_console_shows_the_studys_lines_only(study):
         epochs = study.history(run, "val_acc")
         assert len([line for line in epoch_lines if line.startswith(f"{label} ")]) == len(epochs)
         ending = f"{label} {outcome} after epoch {epochs[-1][0]}, best val_acc {run.data.metrics['best_val_acc']:.4f}"
+        ending += " (recipe)" if run.data.tags.get("recipe") == "true" else ""
         assert [line for line in lines if line.startswith(f"{label} ") and " after epoch " in line] == [ending]
 
 
@@ -265,7 +267,7 @@ def test_the_closing_lines_name_the_winner_its_knobs_and_where_to_look(study):
     assert re.search(rf"^Study {NAME}: {re.escape(study.counts())} in {took}\.$", study.console, re.M)
     best = f"Best trial {trial_of(study.winner_run)}: val_acc = {study.winner['best_value']:.4f} {CHANCE}"
     start = lines.index(f"{best} at epoch {study.winner['best_epoch']}") + 1
-    end = next(number for number, line in enumerate(lines) if line.startswith("Config:"))
+    end = next(number for number, line in enumerate(lines) if line.startswith("Recipe:"))
     knobs = [line.split()[0] for line in lines[start:end]]
     assert searched_knobs() <= set(knobs) and "fusion" not in knobs  # vit_depth is a vit's, fusion a hybrid's
     assert f"Optuna:     optuna-dashboard {study.optuna_url}" in study.console

@@ -388,19 +388,25 @@ def allocated_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
     return images
 
 
-def check_free_space(index: DatasetIndex, splits: tuple[str, ...], size: int, cache_dir: str | os.PathLike) -> None:
-    """Refuse at once when the splits still to decode cannot fit on the cache's disk."""
+def check_free_space(
+    index: DatasetIndex, splits: tuple[str, ...], size: int, cache_dir: str | os.PathLike, also: tuple[int, ...] = ()
+) -> None:
+    """Refuse at once when the splits still to decode, at `size` and at each size of `also` (a resolution
+    schedule's smaller ones), cannot fit on the cache's disk."""
+    sizes = (*also, size)
     needed = sum(
-        len(index.splits[split]) * size * size * 3
+        len(index.splits[split]) * each * each * 3
+        for each in sizes
         for split in splits
-        if not cache_path(index, split, size, cache_dir).exists()
+        if not cache_path(index, split, each, cache_dir).exists()
     )
     where = existing_ancestor(Path(cache_dir))
     free = shutil.disk_usage(where).free
     if needed > free:
+        named = ", ".join(map(str, sizes[:-1])) + " and " * bool(also) + str(size)
         raise DataError(
-            f"the image cache needs {megabytes(needed)} for {size} px images but {where} has {megabytes(free)} free: "
-            f"free space, pass --cache-dir on a larger disk, or a smaller --img-size"
+            f"the image cache needs {megabytes(needed)} for {named} px images but {where} has {megabytes(free)} "
+            f"free: free space, pass --cache-dir on a larger disk, or a smaller --img-size"
         )
 
 
@@ -448,11 +454,12 @@ def drop_samples(index: DatasetIndex, keys: set[str]) -> DatasetIndex:
 
 
 def prepare_splits(
-    index: DatasetIndex, splits: tuple[str, ...], size: int, cache_dir: str | os.PathLike
+    index: DatasetIndex, splits: tuple[str, ...], size: int, cache_dir: str | os.PathLike, also: tuple[int, ...] = ()
 ) -> tuple[DatasetIndex, dict[str, CachedSplit], list[str]]:
-    """Cache the given splits, dropping images that fail to decode (returned by key)."""
+    """Cache the given splits, dropping images that fail to decode (returned by key). `also`: smaller sizes the
+    splits will be cached at too (cache_resized), counted now in the check of the disk's free space."""
     skipped: list[str] = []
-    check_free_space(index, splits, size, cache_dir)
+    check_free_space(index, splits, size, cache_dir, also)
     while True:
         try:
             return index, {split: cache_split(index, split, size, cache_dir) for split in splits}, skipped
@@ -466,3 +473,14 @@ def prepare_splits(
                 raise DataError(
                     f"every image of class(es) {', '.join(empty)} failed to decode: check those files"
                 ) from None
+
+
+def cache_resized(
+    index: DatasetIndex, sizes: tuple[int, ...], cache_dir: str | os.PathLike
+) -> dict[int, tuple[CachedSplit, CachedSplit]]:
+    """Train and val decoded at each of `sizes` (a resolution schedule's smaller ones), from an index that
+    prepare_splits has cleared of the images that would not decode."""
+    return {
+        size: (cache_split(index, "train", size, cache_dir), cache_split(index, "val", size, cache_dir))
+        for size in sizes
+    }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +23,7 @@ from torch import nn
 from trainables.augment import augment_batch
 from trainables.config import METRIC_MODES, Hyperparameters, SpeedOptions, improves
 from trainables.data import CachedSplit
+from trainables.fidelity import epoch_compute
 from trainables.gpu_memory import allocator_fraction
 
 EVAL_BATCH_FACTOR = 2
@@ -42,6 +43,20 @@ class EpochResult:
     """The monitored metric is the best so far (the checkpoint worth keeping)."""
     finished: bool
     """No epoch follows: the budget is spent or early stopping triggered."""
+    img_size: int = 0
+    """The image size the epoch trained and validated at."""
+    compute_epochs: float = 0.0
+    """The run's compute so far, this epoch included, in full-resolution epochs (trainables.fidelity)."""
+
+
+@dataclass(frozen=True)
+class Resolutions:
+    """Resolution as a fidelity: the image size of each epoch, and the splits decoded at the smaller ones."""
+
+    sizes: tuple[int, ...]
+    """The size of epochs 1, 2, ... (trainables.fidelity.resolution_schedule); the full size beyond."""
+    splits: Mapping[int, tuple[CachedSplit, CachedSplit | None]]
+    """(train, val) at each size of `sizes` below the full one."""
 
 
 def select_device(gpu_fraction: float = 1.0, speed: SpeedOptions = SpeedOptions()) -> torch.device:
@@ -86,6 +101,8 @@ class Learner:
         self.epoch = 0
         self.best_score: float | None = None
         self.bad_epochs = 0
+        self.compute_epochs = 0.0
+        """Full-resolution epochs trained so far (EpochResult.compute_epochs)."""
 
     # ------------------------------------------------------------ one epoch
 
@@ -202,6 +219,7 @@ class Learner:
             "epoch": self.epoch,
             "best_score": self.best_score,
             "bad_epochs": self.bad_epochs,
+            "compute_epochs": self.compute_epochs,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -210,6 +228,8 @@ class Learner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best_score, self.bad_epochs = state["epoch"], state["best_score"], state["bad_epochs"]
+        # A checkpoint from before compute was counted trained every epoch at the full size.
+        self.compute_epochs = state.get("compute_epochs", float(self.epoch))
 
 
 def fit(
@@ -218,24 +238,54 @@ def fit(
     val: CachedSplit | None,
     epochs: int,
     on_batch: Callable[[], None] | None = None,
+    resolutions: Resolutions | None = None,
 ) -> Iterator[EpochResult]:
     """Train until `epochs` epochs are done or early stopping triggers; yield every epoch.
 
     Without a validation split (final retrain on train+val) the training loss is
     monitored and the full budget is spent. on_batch, if given, is called after every
     training and validation batch (a progress bar's tick; `epoch_batches` counts them).
+    With `resolutions`, each epoch trains and validates at its size of the schedule (train and val are the
+    full size's); a learner restored from a checkpoint goes on with the schedule at its next epoch. Early
+    stopping ends a run at a full-size epoch only, so that its last score is one at the full size.
     """
+    full_size = image_size(train)
     while learner.epoch < epochs:
-        metrics = {"train_loss": learner.train_epoch(train, on_batch)}
-        if val is not None:
-            metrics.update(learner.evaluate(val, on_batch=on_batch))
+        size = epoch_size(resolutions, learner.epoch + 1, full_size)
+        if resolutions is None or size == full_size:
+            epoch_train, epoch_val = train, val
+        else:
+            epoch_train, epoch_val = resolutions.splits[size]
+        metrics = {"train_loss": learner.train_epoch(epoch_train, on_batch)}
+        trained = trained_images(len(epoch_train), learner.hp.batch_size)
+        learner.compute_epochs += epoch_compute(trained, len(epoch_train), size, full_size)
+        if epoch_val is not None:
+            metrics.update(learner.evaluate(epoch_val, on_batch=on_batch))
         metrics["lr"] = learner.optimizer.param_groups[0]["lr"]
         improved = learner.end_epoch(metrics)
-        early_stop = val is not None and learner.bad_epochs >= learner.hp.early_stop_patience
+        early_stop = val is not None and learner.bad_epochs >= learner.hp.early_stop_patience and size == full_size
         finished = learner.epoch >= epochs or early_stop
-        yield EpochResult(learner.epoch, metrics, improved, finished)
+        yield EpochResult(learner.epoch, metrics, improved, finished, size, learner.compute_epochs)
         if finished:
             return
+
+
+def epoch_size(resolutions: Resolutions | None, epoch: int, full_size: int) -> int:
+    """The image size of 1-based `epoch`: the schedule's, or the full size (no schedule, or past its end)."""
+    if resolutions is None or epoch > len(resolutions.sizes):
+        return full_size
+    return resolutions.sizes[epoch - 1]
+
+
+def image_size(split: CachedSplit) -> int:
+    """The side of a cached split's square images (its array is N x size x size x 3)."""
+    return int(split.images().shape[1])
+
+
+def trained_images(images: int, batch_size: int) -> int:
+    """Images one training epoch trains on: all, but a trailing batch of one (batch_count's drop_single)."""
+    dropped = batch_count(images, batch_size) - batch_count(images, batch_size, drop_single=True)
+    return images - dropped
 
 
 def batch_count(images: int, batch_size: int, drop_single: bool = False) -> int:

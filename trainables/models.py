@@ -101,15 +101,21 @@ def vit_head(features: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.LayerNorm(features), nn.Linear(features, 256), nn.GELU(), nn.Linear(256, num_classes))
 
 
-def create_backbone(name: str, spec: ModelSpec, drop_rate: float, num_classes: int = 0) -> Any:
+def create_backbone(
+    name: str, spec: ModelSpec, drop_rate: float, num_classes: int = 0, dynamic_size: bool = False
+) -> Any:
     """A timm model, pretrained if asked: a backbone without classifier (num_classes=0), or with
-    timm's own head of num_classes outputs (a reference).
+    timm's own head of num_classes outputs (a reference). dynamic_size: the ViT takes images smaller than
+    spec.img_size too (build_model's).
 
     Typed Any: timm's models carry pretrained_cfg, num_features and (ViT) blocks, which nn.Module does not declare.
     """
     kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=spec.drop_path_rate)
     if name == VIT_BACKBONE or fixed_input_size(name):
         kwargs["img_size"] = spec.img_size  # timm resamples the position embedding
+    if name == VIT_BACKBONE and dynamic_size:
+        # Each batch's position embeddings resampled to its grid: the same parameters at every size.
+        kwargs["dynamic_img_size"] = True
     weights_file = dict(spec.weights_files).get(name)
     if spec.pretrained and weights_file:
         kwargs["pretrained_cfg_overlay"] = dict(file=weights_file)
@@ -138,9 +144,13 @@ def reference_problem(name: str) -> str | None:
     return f"--reference {name or repr(name)} is not a timm model: pick one of timm.list_models(), {hint} {examples}"
 
 
-def build_model(spec: ModelSpec) -> Classifier:
+def build_model(spec: ModelSpec, dynamic_size: bool = False) -> Classifier:
     """The seed's architecture for spec.name, with its head exactly as the seed wrote it; or the reference,
-    a timm classifier with timm's own head (how one fine-tunes a larger model)."""
+    a timm classifier with timm's own head (how one fine-tunes a larger model).
+
+    dynamic_size: the ViT (of vit and hybrid) also takes images smaller than spec.img_size, for a trial whose
+    early epochs train at smaller sizes (resolution as a fidelity). Its parameters and state dict are the same,
+    so a checkpoint rebuilds as the fixed-size model that final.py, predict.py and the ONNX export use."""
     validate_spec(spec)
     if spec.name == REFERENCE:
         model = create_backbone(spec.backbone, spec, drop_rate=spec.dropout, num_classes=spec.num_classes)
@@ -149,10 +159,10 @@ def build_model(spec: ModelSpec) -> Classifier:
         cnn = create_backbone(CNN_BACKBONE, spec, drop_rate=0.0)
         return Classifier([cnn], cnn_head(cnn.num_features, spec.num_classes, spec.dropout))
     if spec.name == "vit":
-        vit = create_backbone(VIT_BACKBONE, spec, drop_rate=spec.dropout)
+        vit = create_backbone(VIT_BACKBONE, spec, drop_rate=spec.dropout, dynamic_size=dynamic_size)
         return Classifier([vit], vit_head(vit.num_features, spec.num_classes))
     cnn = create_backbone(CNN_BACKBONE, spec, drop_rate=spec.dropout)
-    vit = create_backbone(VIT_BACKBONE, spec, drop_rate=spec.dropout)
+    vit = create_backbone(VIT_BACKBONE, spec, drop_rate=spec.dropout, dynamic_size=dynamic_size)
     head_type = SingleTokenFusionHead if spec.fusion == "single_token" else TwoTokenFusionHead
     return Classifier([cnn, vit], head_type(cnn.num_features, vit.num_features, spec.num_classes))
 

@@ -18,7 +18,8 @@ from trainables.checkpoint import load_trial_checkpoint, save_trial_checkpoint
 from trainables.config import COSTS, SEED, Hyperparameters, SpeedOptions
 from trainables.costs import latency_cost, memory_cost, parameter_cost
 from trainables.data import CachedSplit
-from trainables.engine import Learner, fit, select_device
+from trainables.engine import Learner, Resolutions, fit, select_device
+from trainables.fidelity import COMPUTE_EPOCHS, EPOCH_IMG_SIZE
 from trainables.models import ModelSpec, build_model
 
 
@@ -33,6 +34,7 @@ class TrialSetup:
     """Architecture with the study's fixed settings; per-trial knobs come from the config."""
     train: CachedSplit
     val: CachedSplit
+    """Train and val at the model's image size."""
     epochs: int
     metric: str
     seed: int
@@ -41,6 +43,9 @@ class TrialSetup:
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     measure_latency: bool = False
     """Time one image's inference once, after the first epoch: a study that trades accuracy against latency."""
+    resolutions: Resolutions | None = None
+    """Resolution as a fidelity: each epoch's image size and train and val at the smaller ones; None: every epoch
+    at the model's size."""
 
 
 NODE_ID = "node_id"
@@ -59,7 +64,8 @@ def train_trial(config: dict, setup: TrialSetup) -> None:
     torch.manual_seed(seed)  # the search's trials start alike (same initial head): configs compare fairly
     spec = setup.model.with_knobs(hp)
     device = select_device(setup.gpu_fraction, setup.speed)
-    learner = Learner(build_model(spec), hp, device, setup.metric, seed, setup.speed)
+    model = build_model(spec, dynamic_size=setup.resolutions is not None)  # a ViT that takes the smaller sizes
+    learner = Learner(model, hp, device, setup.metric, seed, setup.speed)
 
     restored = tune.get_checkpoint()
     if restored is not None:
@@ -71,11 +77,12 @@ def train_trial(config: dict, setup: TrialSetup) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # Ray reuses this process from trial to trial
     try:
-        for result in fit(learner, setup.train, setup.val, setup.epochs):
+        for result in fit(learner, setup.train, setup.val, setup.epochs, resolutions=setup.resolutions):
             costs.update(memory_cost(device))
             if setup.measure_latency and COSTS["latency"].metric not in costs:  # once: the model's shape is fixed
                 costs.update(latency_cost(learner.model, spec.img_size, device, setup.speed))
-            metrics = {**result.metrics, **costs, "epoch": result.epoch, "finished": result.finished}
+            compute = {COMPUTE_EPOCHS: result.compute_epochs, EPOCH_IMG_SIZE: result.img_size}
+            metrics = {**result.metrics, **costs, **compute, "epoch": result.epoch, "finished": result.finished}
             with tempfile.TemporaryDirectory() as directory:
                 save_trial_checkpoint(directory, learner, spec, hp, metrics)
                 tune.report({**metrics, **node}, checkpoint=tune.Checkpoint.from_directory(directory))

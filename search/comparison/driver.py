@@ -51,10 +51,19 @@ from search.final_model.sources import load_study, winner_from_mlflow
 from search.records.retrain import RetrainRequest
 from search.records.study_config import StudyConfig
 from search.records.winner import Winner
-from search.tracking.schema import ELAPSED_METRIC, PARENT_TAG, ROLE_TAG, STUDY_TAG, mlflow_lines, run_page
+from search.tracking.schema import (
+    COMPUTE_VS_RECIPE,
+    ELAPSED_METRIC,
+    PARENT_TAG,
+    ROLE_TAG,
+    STUDY_TAG,
+    mlflow_lines,
+    run_page,
+)
 from search.tracking.store import all_runs, get_or_create_experiment, log_params, mlflow_client, quoted, read_artifact
 from search.tracking.study_run import find_study, read_split_record
 from trainables.config import Hyperparameters, SpeedOptions, knobs_of
+from trainables.fidelity import COMPUTE_EPOCHS
 from trainables.spec import REFERENCE, ModelSpec
 
 RUN_SCRIPT = Path(__file__).resolve().parents[1] / "run.py"
@@ -365,6 +374,8 @@ def search_cost(client, entry: Entry, parent) -> SearchCost:
         wall_seconds=parent.data.metrics.get(ELAPSED_METRIC, float("nan")),
         gpu_hours=trial_seconds / 3600 * (entry.config.gpus_per_trial or 0.0),
         trials=len(trials),
+        compute_epochs=parent.data.metrics.get(COMPUTE_EPOCHS, float("nan")),
+        compute_vs_recipe=parent.data.metrics.get(COMPUTE_VS_RECIPE, float("nan")),
     )
 
 
@@ -483,4 +494,6 @@ def comparison_metrics(comparison: Comparison) -> list[Metric]:
         values |= {f"{model.name}/latency_ms_batch{b}": ms for b, ms in model.costs.latency_ms.items()}
         if model.search is not None:
             values[f"{model.name}/search_gpu_hours"] = model.search.gpu_hours
+            values[f"{model.name}/search_compute_epochs"] = model.search.compute_epochs
+            values[f"{model.name}/search_compute_vs_recipe"] = model.search.compute_vs_recipe
     return [Metric(key, float(value), stamp, 0) for key, value in values.items() if value == value]

@@ -32,6 +32,7 @@ BUDGET_SETTINGS = (
     "trials",
     "epochs",
     "img_size",
+    "fidelity",
     "metric",
     "objective",
     "pretrained",
@@ -39,6 +40,7 @@ BUDGET_SETTINGS = (
     "reduction_factor",
     "confirm",
     "confirm_seeds",
+    "recipe",
 )
 """What else the comparison's own studies share: the same budget, recipe and way of picking the winner."""
 

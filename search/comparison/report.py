@@ -134,6 +134,15 @@ def trials_text(model: ModelResult) -> str:
     return NONE if model.search is None else str(model.search.trials)
 
 
+def compute_texts(model: ModelResult) -> tuple[str, str]:
+    """The search's compute: '41.5' full-resolution epochs and '2.8' recipe trainings; '-' for no search, n/a for
+    a study that predates the count."""
+    if model.search is None:
+        return NONE, NONE
+    epochs, ratio = model.search.compute_epochs, model.search.compute_vs_recipe
+    return (f"{epochs:.1f}" if finite(epochs) else NA), (f"{ratio:.1f}" if finite(ratio) else NA)
+
+
 def signed_points(interval: Interval) -> str:
     """'+1.3 [-0.4, 3.0]': a difference of accuracies in percentage points, signed, with its interval."""
     if not finite(interval.value):
@@ -235,6 +244,8 @@ COST_HEADERS = (
     "search time",
     "GPU-h",
     "trials",
+    "compute",
+    "x recipe",
     "front",
 )
 
@@ -277,6 +288,7 @@ def cost_rows(comparison: Comparison) -> list[list[str]]:
                 search_time_text(model),
                 gpu_hours_text(model),
                 trials_text(model),
+                *compute_texts(model),
                 front_text(model, front),
             ]
         )
@@ -508,6 +520,8 @@ def markdown_cost_rows(comparison: Comparison) -> list[list[str]]:
         "search wall time",
         "GPU-hours",
         "trials",
+        "search compute (full-resolution epochs)",
+        "search compute (recipe trainings)",
         "Pareto front",
     ]
     return rows

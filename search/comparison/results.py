@@ -41,6 +41,11 @@ class SearchCost:
     gpu_hours: float
     """Each trial's time multiplied by its GPU share, summed."""
     trials: int
+    compute_epochs: float = float("nan")
+    """Every trial's compute summed, in full-resolution epochs (the study run's compute_epochs; NaN for a study
+    that predates it)."""
+    compute_vs_recipe: float = float("nan")
+    """compute_epochs over one full training of the recipe (the study's --epochs)."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,11 @@ from trainables.config import (
 CONFIG_FILE = "study.yaml"
 LEAK_POLICIES = ("warn", "fail")
 """--on-leak: what duplicate images across splits do (search.study.leaks)."""
+RESOLUTION = "resolution"
+FIDELITIES = ("epochs", RESOLUTION)
+"""--fidelity: what makes ASHA's early rungs cheap: fewer epochs alone, or also smaller images (trainables.fidelity)."""
+DEFAULT_FIDELITY = "epochs"
+"""One place to flip the default once the benchmark has spoken."""
 CONFIRM_DIR = "confirm"
 FORMAT = 1
 """study.yaml's format version, written into the file; a file of another version is refused."""
@@ -95,10 +100,17 @@ class StudyConfig:
     """Once the search ends, retrain its `confirm` best configurations with more seeds (0: no confirmation)."""
     confirm_seeds: int = 2
     """The seeds each confirmed configuration is retrained with, besides its search trial's."""
+    recipe: bool = True
+    """The study's first trial (t00) trains the knobs' defaults, the seed document's recipe, clipped into the space
+    (search.study.spaces.Space.recipe), before any warm start: the baseline the winner's gain is measured against,
+    never stopped early. False (--no-recipe): TPE's own trials only. An extension does not run it again."""
     # ---- training
     epochs: int
     """Epoch budget per trial (ASHA's max_t)."""
     img_size: int
+    fidelity: str = DEFAULT_FIDELITY
+    """'epochs': every epoch at img_size; 'resolution': the epochs up to ASHA's first two rungs at half and three
+    quarters of img_size (trainables.fidelity.resolution_schedule)."""
     smoke: bool = False
     """The CPU-sized profile: a per-class subsample of every split (SMOKE.per_class)."""
     pretrained: bool = True
@@ -169,6 +181,8 @@ class StudyConfig:
             problems.append(f"--epochs {self.epochs}: train at least 1 epoch")
         if not MIN_IMG_SIZE <= self.img_size <= MAX_IMG_SIZE:
             problems.append(f"--img-size {self.img_size}: use {MIN_IMG_SIZE} to {MAX_IMG_SIZE} (224 is standard)")
+        if self.fidelity not in FIDELITIES:
+            problems.append(f"--fidelity {self.fidelity!r}: choose one of {', '.join(FIDELITIES)}")
         if self.gpus_per_trial is not None and not 0 <= self.gpus_per_trial <= 1:
             problems.append(f"--gpus-per-trial {self.gpus_per_trial}: give a fraction in (0, 1], or 0 for CPU")
         if self.cpus_per_trial < 1:
@@ -227,6 +241,12 @@ class StudyConfig:
     def search_part(self) -> tuple[str, ...]:
         """The latest search's folder inside the study's: none for the first, `trials-31-50` for an extension."""
         return (f"trials-{self.trials_before + 1}-{self.trials}",) if self.trials_before else ()
+
+    @property
+    def runs_recipe(self) -> bool:
+        """Whether the latest search starts with the recipe trial: a new study's with a recipe, never an
+        extension's (its first search ran it)."""
+        return self.recipe and not self.trials_before
 
     @property
     def search_trials(self) -> int:

@@ -52,6 +52,7 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
             on_leak=given_or_default(args, "on_leak"),
             epochs=profile.epochs if args.epochs is None else args.epochs,
             img_size=profile.img_size if args.img_size is None else args.img_size,
+            fidelity=given_or_default(args, "fidelity"),
             smoke=args.smoke,
             pretrained=not args.no_pretrained,
             weights=weights_files(args.weights),
@@ -71,6 +72,7 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
             warm_start_top=given_or_default(args, "warm_start_top"),
             confirm=given_or_default(args, "confirm"),
             confirm_seeds=given_or_default(args, "confirm_seeds"),
+            recipe=not getattr(args, "no_recipe", False),
         )
     except ConfigError as error:
         problems.insert(0, str(error))

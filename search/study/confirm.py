@@ -5,7 +5,9 @@ On small data a single run's ranking is noise: the trial that came first may onl
 The candidates come from the study's MLflow record, where every search trial's run holds its configuration and
 its best score, whichever Tune run trained it (an extended study's earlier searches too). The retrains are a
 Tune run of their own (search.study.tuning.make_confirm_tuner); their runs are children of the study's run,
-named "t07 seed 1" and tagged role=confirm, and their scores are read back from there.
+named "t07 seed 1" and tagged role=confirm, and their scores are read back from there. The recipe trial (t00) is
+confirmed beside the K best, with the same seeds, so that the winner's gain over it is measured across seeds
+(search.study.gain); it may win.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from search.records.study_config import CONFIRM_DIR, StudyConfig
 from search.tracking.schema import (
     CONFIRM_ROLE,
     PARENT_TAG,
+    RECIPE_TAG,
     ROLE_TAG,
     STATUS_TAG,
     TRIAL_CONFIG,
@@ -42,6 +45,9 @@ class Candidate:
     label: str
     config: dict
     score: float
+    recipe: bool = False
+    """It is the recipe trial (t00), confirmed beside the K best so that the winner's gain over it is measured
+    with the same seeds."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class Retrain:
     """Its run's name: "t07 seed 1"."""
     config: dict
     """The candidate's configuration, the seed in it (trainables.config.SEED)."""
+    recipe: bool = False
+    """A retrain of the recipe's configuration."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,8 @@ class Confirmed:
 
     label: str
     scores: tuple[float, ...]
+    recipe: bool = False
+    """The recipe's configuration (Candidate.recipe)."""
 
     @property
     def mean(self) -> float:
@@ -92,7 +102,8 @@ def confirm_seeds(config: StudyConfig) -> range:
 
 
 def candidates(client: MlflowClient, experiment_id: str, parent_id: str, config: StudyConfig) -> list[Candidate]:
-    """The study's `config.confirm` best search trials that completed their budget, best first.
+    """The study's `config.confirm` best search trials that completed their budget, best first, then the recipe
+    trial where it is not among them (a study without one: none).
 
     ASHA-stopped trials are left out: an early score is no final one, and a confirmation repeats
     the whole budget."""
@@ -104,13 +115,16 @@ def candidates(client: MlflowClient, experiment_id: str, parent_id: str, config:
     best_key = f"best_{config.metric}"
     searched = [run for run in runs if run.data.tags.get(ROLE_TAG) != CONFIRM_ROLE and best_key in run.data.metrics]
     ranked = sorted(searched, key=lambda run: run.data.metrics[best_key], reverse=config.mode == "max")
+    chosen = ranked[: config.confirm]
+    chosen += [run for run in ranked[config.confirm :] if run.data.tags.get(RECIPE_TAG) == "true"][:1]
     return [
         Candidate(
             label=run.data.tags[TRIAL_LABEL_TAG],
             config=yaml.safe_load(read_artifact(client, run.info.run_id, TRIAL_CONFIG) or "{}"),
             score=run.data.metrics[best_key],
+            recipe=run.data.tags.get(RECIPE_TAG) == "true",
         )
-        for run in ranked[: config.confirm]
+        for run in chosen
     ]
 
 
@@ -118,7 +132,7 @@ def plan_retrains(chosen: list[Candidate], config: StudyConfig) -> list[Retrain]
     """Each candidate with each of the seeds after the study's (seed+1 ... seed+S), candidate by candidate."""
     seeds = confirm_seeds(config)
     return [
-        Retrain(retrain_label(candidate.label, seed), {**candidate.config, SEED: seed})
+        Retrain(retrain_label(candidate.label, seed), {**candidate.config, SEED: seed}, candidate.recipe)
         for candidate in chosen
         for seed in seeds
     ]
@@ -148,6 +162,7 @@ def confirmed_scores(
                     and math.isfinite(score)
                 ),
             ),
+            candidate.recipe,
         )
         for candidate in chosen
     ]
@@ -169,14 +184,21 @@ def confirm_table(confirmed: list[Confirmed], winner: Confirmed, config: StudyCo
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in confirmed:
         retrains = [f"{score:.4f}" for score in row.scores[1:]] + ["failed"] * (len(seeds) + 1 - len(row.scores))
-        mark = "winner" if row is winner else ""
+        mark = ", ".join(name for name, marked in (("winner", row is winner), ("recipe", row.recipe)) if marked)
         cells = [row.label, f"{row.scores[0]:.4f}", *retrains, f"{row.mean:.4f}", f"{row.sd:.4f}", mark]
         lines.append("| " + " | ".join(cells) + " |")
     return (
-        f"Confirmation of study {config.name}: its {len(confirmed)} best configurations, each retrained with "
+        f"Confirmation of study {config.name}: its {confirmed_what(confirmed, config)}, each retrained with "
         f"{config.confirm_seeds} more seed(s) at the full budget of {config.epochs} epochs; the winner has the best "
         f"mean {config.metric}.\n\n" + "\n".join(lines) + "\n"
     )
+
+
+def confirmed_what(rows: list[Confirmed] | list[Candidate], config: StudyConfig) -> str:
+    """'2 best configuration(s)', or '2 best configuration(s) and the recipe (t00)' where the recipe was added to
+    them (candidates)."""
+    best, added = rows[: config.confirm], rows[config.confirm :]
+    return f"{len(best)} best configuration(s)" + "".join(f" and the recipe ({row.label})" for row in added)
 
 
 def log_confirmation(

@@ -11,6 +11,7 @@ from search.records.location import join
 from search.records.study_config import StudyConfig
 from search.records.winner import Winner
 from search.study.chance import at_chance
+from search.study.gain import compute_line, recipe_line
 from search.study.pareto import FRONT_PLOT, FRONT_TABLE, front_lines
 from search.study.report import StudySummary, chance_level, counts_line, duration, tie_line, winner_label
 from search.tracking.schema import (
@@ -23,6 +24,7 @@ from search.tracking.schema import (
     trial_outcome,
 )
 from trainables.config import METRIC_MODES, keep_best, knobs_of
+from trainables.fidelity import EPOCH_IMG_SIZE
 
 QUALIFIED_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)+([A-Z]\w*)(?=:|$)")
 """A traceback's last line that names its exception with the module path: `package.module.Name: message`."""
@@ -31,8 +33,23 @@ QUALIFIED_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)+([A-Z]\w*)(?=:|$)")
 class EpochPrinter(tune.Callback):
     """One line per trial event, instead of Ray's tables; trials by their MLflow names (t00, t01, ...)."""
 
-    def __init__(self, epochs: int, metric: str, names: TrialNames):
-        self.epochs, self.metric, self.names = epochs, metric, names
+    img_size: int | None = None
+    """The study's image size: an epoch trained smaller (resolution as the fidelity) says its size. A class default
+    for a printer pickled before it had one (Ray restores callbacks as pickled)."""
+
+    recipe: frozenset[str] = frozenset()
+    """The names of the trials that train the recipe (t00, a confirmation's "t00 seed 1"): their lines say so."""
+
+    def __init__(
+        self,
+        epochs: int,
+        metric: str,
+        names: TrialNames,
+        img_size: int | None = None,
+        recipe: frozenset[str] = frozenset(),
+    ):
+        self.epochs, self.metric, self.names, self.img_size = epochs, metric, names, img_size
+        self.recipe = recipe
         self.best: dict[str, float] = {}
         """Each trial's best score so far, for the line that says how it ended."""
 
@@ -45,19 +62,24 @@ class EpochPrinter(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
-        print(f"{self.label(trial)} started: {config}", flush=True)
+        print(f"{self.label(trial)} started{self.recipe_mark(trial)}: {config}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         shown = dict.fromkeys(("train_loss", "val_loss", "val_acc", self.metric))  # the metric once, in order
         scores = "  ".join(f"{key} {result[key]:.4f}" for key in shown)
-        print(f"{self.label(trial)} epoch {result['epoch']:>2}/{self.epochs}  {scores}", flush=True)
+        size = result.get(EPOCH_IMG_SIZE)
+        smaller = f"  at {size} px" if size and self.img_size and size < self.img_size else ""
+        print(f"{self.label(trial)} epoch {result['epoch']:>2}/{self.epochs}  {scores}{smaller}", flush=True)
         keep_best(self.best, trial.trial_id, result[self.metric], self.mode)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         outcome = trial_outcome(trial.last_result, error=False)
         epoch, best = (trial.last_result or {}).get("epoch"), self.best.get(trial.trial_id)
         ending = f" after epoch {epoch}, best {self.metric} {best:.4f}" if epoch and best is not None else ""
-        print(f"{self.label(trial)} {outcome}{ending}", flush=True)
+        print(f"{self.label(trial)} {outcome}{ending}{self.recipe_mark(trial)}", flush=True)
+
+    def recipe_mark(self, trial) -> str:
+        return " (recipe)" if self.label(trial) in self.recipe else ""
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"{self.label(trial)} failed: {failure(trial)}", flush=True)
@@ -126,6 +148,11 @@ def print_closing(
             print(tie)
         for key, value in knobs_of(config.model, best.hyperparameters.to_dict()).items():
             print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
+    if summary is not None:
+        if best is not None and (recipe := recipe_line(summary)):
+            print(f"Recipe:     {recipe}")
+        print(f"Compute:    {compute_line(summary)}")
+    if best is not None:
         print(f"Config:     {join(best_location, BEST_CONFIG_FILE)}")
         print(f"Checkpoint: {join(best_location, BEST_MODEL_FILE)}")
         print(f"Retrain:    python search/final.py --study {config.name}")

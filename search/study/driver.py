@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -41,6 +41,7 @@ from search.study.confirm import (
     confirm_run,
     confirm_table,
     confirmed_scores,
+    confirmed_what,
     confirmed_winner,
     log_confirmation,
     plan_retrains,
@@ -62,7 +63,14 @@ from search.study.resume import TUNER_STATE
 from search.study.run_report import log_study_report
 from search.study.spaces import Space
 from search.study.storage import exists, staged, write_text
-from search.study.tuning import make_confirm_tuner, make_tuner, restore_tuner, trial_setup, unfinished_trials
+from search.study.tuning import (
+    make_confirm_tuner,
+    make_tuner,
+    restore_tuner,
+    smaller_sizes,
+    trial_setup,
+    unfinished_trials,
+)
 from search.tracking.optuna_store import fail_orphans, load_study
 from search.tracking.schema import (
     BEST_CONFIG_FILE,
@@ -92,7 +100,15 @@ from search.tracking.study_run import (
 from search.tracking.trials import MlflowTrials
 from trainables.checkpoint import ModelFile, load_trial_checkpoint
 from trainables.config import improves
-from trainables.data import CachedSplit, DataError, DatasetIndex, existing_ancestor, megabytes, prepare_splits
+from trainables.data import (
+    CachedSplit,
+    DataError,
+    DatasetIndex,
+    cache_resized,
+    existing_ancestor,
+    megabytes,
+    prepare_splits,
+)
 from trainables.spec import BACKBONES, ModelSpec
 from trainables.trainable import TrialSetup
 
@@ -118,6 +134,8 @@ class PreparedStudy:
     spec: ModelSpec
     train: CachedSplit
     val: CachedSplit
+    resized: dict[int, tuple[CachedSplit, CachedSplit]] = field(default_factory=dict)
+    """(train, val) at each smaller size of a resolution schedule (search.study.tuning.epoch_sizes); empty without."""
     skipped_images: list[str]
     leaks: LeakReport
     """Duplicate images across train, val and test, found before training."""
@@ -156,6 +174,7 @@ def prepare_study(
             require_pretrained(BACKBONES[config.model], config.weights)
         open_stores(config, checked.resume_run_id)
         index, splits, skipped = cache_data(config, checked.index)
+        resized = cache_smaller(config, index)
         # --on-leak fail stops here: no run opened, no Ray started
         flips = training_flips(checked.space)  # mirrored copies the augmentation would train on
         leaks = check_leaks(index, splits, config.img_size, config.cache_dir, config.on_leak, flips)
@@ -163,7 +182,7 @@ def prepare_study(
         start_ray(verbose, address)
         if address is not None:
             share = cluster_gpu_share(config, checked)
-            train, val = shipped_to_cluster(train, val)
+            train, val, resized = shipped_to_cluster(train, val, resized)
             note_storage_on_cluster(config.storage_path)
         elif share is None:
             share = measured_gpu_share(config, gpu_probe, max(1, torch.cuda.device_count()))
@@ -175,6 +194,7 @@ def prepare_study(
             spec=checked.spec,
             train=train,
             val=val,
+            resized=resized,
             skipped_images=skipped,
             leaks=leaks,
             resume_run_id=checked.resume_run_id,
@@ -198,9 +218,19 @@ def resolved_config(config: StudyConfig, share: GpuShare) -> StudyConfig:
 
 
 def cache_data(config: StudyConfig, index: DatasetIndex) -> tuple[DatasetIndex, dict[str, CachedSplit], list[str]]:
-    """Train and val decoded into the cache (test stays out of it: the leakage check hashes it on its own)."""
+    """Train and val decoded into the cache (test stays out of it: the leakage check hashes it on its own); the
+    disk checked for the smaller sizes of a resolution schedule too (cache_smaller)."""
     try:
-        return prepare_splits(index, ("train", "val"), config.img_size, config.cache_dir)
+        return prepare_splits(index, ("train", "val"), config.img_size, config.cache_dir, smaller_sizes(config))
+    except DataError as error:
+        raise UsageError(str(error)) from None
+
+
+def cache_smaller(config: StudyConfig, index: DatasetIndex) -> dict[int, tuple[CachedSplit, CachedSplit]]:
+    """Train and val at each smaller size the study's resolution schedule trains at, decoded once before any
+    trial starts (none with epochs as the fidelity). `index`: cache_data's, without the images that failed."""
+    try:
+        return cache_resized(index, smaller_sizes(config), config.cache_dir)
     except DataError as error:
         raise UsageError(str(error)) from None
 
@@ -291,20 +321,25 @@ def stderr_dropped() -> Iterator[None]:
         os.close(saved)
 
 
-def shipped_to_cluster(train: CachedSplit, val: CachedSplit) -> tuple[CachedSplit, CachedSplit]:
-    """The decoded images in memory, to reach the cluster's nodes through Ray's object store.
+def shipped_to_cluster(
+    train: CachedSplit, val: CachedSplit, resized: dict[int, tuple[CachedSplit, CachedSplit]]
+) -> tuple[CachedSplit, CachedSplit, dict[int, tuple[CachedSplit, CachedSplit]]]:
+    """The decoded images in memory (at every size a resolution schedule trains at), to reach the cluster's nodes
+    through Ray's object store.
 
     The other machines cannot read this one's cache. Ray puts the trials' setup, images
     included, in the object store once; each node that runs trials holds one copy, which
     its trials share zero-copy.
     """
     train, val = train.loaded(), val.loaded()
+    resized = {size: (smaller.loaded(), smaller_val.loaded()) for size, (smaller, smaller_val) in resized.items()}
+    nbytes = train.nbytes + val.nbytes + sum(a.nbytes + b.nbytes for a, b in resized.values())
     print(
-        f"Data: {megabytes(train.nbytes + val.nbytes)} of decoded images go to the cluster through Ray's object "
+        f"Data: {megabytes(nbytes)} of decoded images go to the cluster through Ray's object "
         f"store (one copy on each node that runs trials)",
         flush=True,
     )
-    return train, val
+    return train, val, resized
 
 
 def note_storage_on_cluster(storage_path: str) -> None:
@@ -341,7 +376,7 @@ def tune_and_record(study: PreparedStudy, started: float, verbose: bool = False)
     status, timed = "FAILED", False
     watch = watch_cluster(study, lambda: abandon_on_lost_cluster(record, study, started))
     try:
-        setup = trial_setup(config, study.spec, study.train, study.val)
+        setup = trial_setup(config, study.spec, study.train, study.val, study.resized)
         searched = search_tuner(study, setup, record, verbose).fit()
         # Ctrl-C: Ray returns normally, having saved where each trial was.
         interrupted = unfinished_trials(config.experiment_location, config.search_trials)
@@ -475,7 +510,8 @@ def search_tuner(study: PreparedStudy, setup: TrialSetup, record: StudyRecord, v
         record.client.set_tag(record.parent_id, EXTENDED_TAG, f"{config.trials_before} -> {config.trials}")
         print(f"Extending study {config.name} from {config.trials_before} to {config.trials} trials", flush=True)
     if study.warm_start:
-        print(f"Warm start: {len(study.warm_start)} best configuration(s) of study {config.warm_start} first")
+        after = ", after the recipe" if config.runs_recipe else ""
+        print(f"Warm start: {len(study.warm_start)} best configuration(s) of study {config.warm_start} first{after}")
     callbacks = [record.trial_runs(config, tune_run="/".join(config.search_part))]
     write_config_beside_trials(config)
     return make_tuner(study.space, setup, config, callbacks, verbose=verbose, first=study.warm_start)
@@ -509,8 +545,8 @@ def confirm_best(study: PreparedStudy, setup: TrialSetup, record: StudyRecord, v
         tuner = restore_tuner(setup, config, config.confirm_location)
     else:
         print(
-            f"\nConfirming the {len(chosen)} best configuration(s) with {config.confirm_seeds} more seed(s) each: "
-            f"{len(retrains)} retrains of {config.epochs} epochs",
+            f"\nConfirming the {confirmed_what(chosen, config)} with {config.confirm_seeds} more "
+            f"seed(s) each: {len(retrains)} retrains of {config.epochs} epochs",
             flush=True,
         )
         callbacks = [
@@ -519,6 +555,7 @@ def confirm_best(study: PreparedStudy, setup: TrialSetup, record: StudyRecord, v
                 names=TrialNames(config.trials, given=tuple(retrain.label for retrain in retrains)),
                 tune_run=confirm_run(config),
                 tags={ROLE_TAG: CONFIRM_ROLE},
+                recipe=frozenset(retrain.label for retrain in retrains if retrain.recipe),
             )
         ]
         tuner = make_confirm_tuner(setup, config, retrains, callbacks, verbose)

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.records.trial_status import TrialStatus
 from search.records.winner import Winner
 from search.study.chance import at_chance, chance_level
+from search.study.gain import compute_line, recipe_line
 from search.study.pareto import Tradeoff, front_markdown
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class TrialSummary:
     """Ray's trial id: what the winner record names (its `trial_id`)."""
     run_id: str = ""
     """Its MLflow run."""
+    recipe: bool = False
+    """It trained the recipe (the knobs' defaults): the study's t00, or a confirmation's retrain of it."""
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -119,6 +122,9 @@ class StudySummary:
     """Images of the val split a trial is scored on (0: not known)."""
     pretrained: bool = True
     """The trials started from pretrained backbones (False: random weights, --no-pretrained)."""
+    compute_epochs: float = 0.0
+    """What every trial the study trained cost, search and confirmation, in full-resolution epochs (the sum of
+    their last compute_epochs; search.study.gain)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("max", "min"):
@@ -279,10 +285,14 @@ def describe(summary: StudySummary, winner: Winner | None, knobs: dict[str, Any]
     lines = [headline]
     if winner is not None and (tie := tie_line(summary)):
         lines += ["", tie]
+    recipe = recipe_line(summary) if winner is not None else None
+    if recipe:
+        lines += ["", recipe[0].upper() + recipe[1:] + "."]
     stuck = at_chance(summary)
     if stuck is not None:
         lines += ["", stuck.line(summary)]
     lines += ["", f"{counts_line(summary)}; elapsed {duration(summary.elapsed_s)}.", "", asha_line(summary)]
+    lines += ["", f"Compute: {compute_line(summary)}."]
     ranked = summary.ranked()
     if ranked:
         lines += ["", f"## Top {min(TOP_TRIALS, len(ranked))} trials", "", *top_table(summary)]

@@ -29,7 +29,7 @@ where this machine keeps things, --trials (a new total extends a finished study)
 own). Every other setting given must be the study's."""
 TAKEN_ON_EXTENSION = frozenset({"confirm", "confirm_seeds"})
 """What an extension may change besides --trials."""
-SETTING_OF_FLAG = {"no_pretrained": "pretrained"}
+SETTING_OF_FLAG = {"no_pretrained": "pretrained", "no_recipe": "recipe"}
 """A flag whose dest is not its setting's name."""
 
 

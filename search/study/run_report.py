@@ -20,6 +20,7 @@ from search.records.study_config import StudyConfig
 from search.records.trial_status import TrialStatus
 from search.records.winner import Winner
 from search.study.confirm import retrained_trial
+from search.study.gain import baseline_metrics
 from search.study.pareto import (
     FRONT_PLOT,
     FRONT_TABLE,
@@ -35,6 +36,7 @@ from search.tracking.schema import (
     CONFIRM_ROLE,
     ELAPSED_METRIC,
     PARENT_TAG,
+    RECIPE_TAG,
     ROLE_TAG,
     STATUS_TAG,
     TRIAL_ID_TAG,
@@ -42,6 +44,7 @@ from search.tracking.schema import (
 )
 from trainables.config import knobs_of
 from trainables.data import DatasetIndex
+from trainables.fidelity import COMPUTE_EPOCHS
 
 NOTE_TAG = "mlflow.note.content"
 """The run's description, shown (as Markdown) at the top of its page in the MLflow UI."""
@@ -94,6 +97,8 @@ def study_summary(
         train_images=len(index.splits["train"]),
         val_images=len(index.splits["val"]),
         pretrained=config.pretrained,
+        # Every run's, a lost one's too: Ray drew it again, but its epochs were trained.
+        compute_epochs=sum(run.data.metrics.get(COMPUTE_EPOCHS, 0.0) for run in children),
     )
 
 
@@ -131,6 +136,7 @@ def trial_summary(client: MlflowClient, run, metric: str, params: dict | None) -
         curve=tuple(dict((m.step, m.value) for m in history).items()),
         trial_id=tags.get(TRIAL_ID_TAG, ""),
         run_id=run.info.run_id,
+        recipe=tags.get(RECIPE_TAG) == "true",
     )
 
 
@@ -143,9 +149,9 @@ def log_study_report(
     winner: Winner | None,
     study: optuna.Study | None,
 ) -> StudySummary:
-    """Note, plots and importance/<knob> metrics on the study's run, and their charts in the study's view of
-    the runs page (`knobs`: the searched ones; `study`: the Optuna study, None where it has no database);
-    the summary they came from."""
+    """Note, plots, importance/<knob> metrics and the recipe's and the compute's (search.study.gain) on the
+    study's run, and their charts in the study's view of the runs page (`knobs`: the searched ones; `study`: the
+    Optuna study, None where it has no database); the summary they came from."""
     summary = study_summary(client, config, parent_id, index, study, winner)
     winning = knobs_of(config.model, winner.hyperparameters.to_dict()) if winner else {}
     client.set_tag(parent_id, NOTE_TAG, describe(summary, winner, winning))
@@ -158,11 +164,9 @@ def log_study_report(
             for front_file in write_front(summary, Path(folder)):
                 client.log_artifact(parent_id, str(front_file))
     scores = importances(searched)
-    if scores:
-        stamp = int(time.time() * 1000)  # a resumed study's newer numbers must win MLflow's "latest"
-        client.log_batch(
-            parent_id, metrics=[Metric(f"importance/{name}", value, stamp, 0) for name, value in scores.items()]
-        )
+    stamp = int(time.time() * 1000)  # a resumed study's newer numbers must win MLflow's "latest"
+    logged = {**{f"importance/{name}": value for name, value in scores.items()}, **baseline_metrics(summary)}
+    client.log_batch(parent_id, metrics=[Metric(key, value, stamp, 0) for key, value in logged.items()])
     experiment_id = client.get_run(parent_id).info.experiment_id
     save_runs_view(client, experiment_id, config, runs_view(config, knobs, tuple(scores)))
     return summary

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import optuna
@@ -18,16 +18,18 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from search.records.study_config import StudyConfig
+from search.records.study_config import RESOLUTION, StudyConfig
 from search.records.trial_status import TrialStatus
 from search.study.confirm import Retrain
 from search.study.console import EpochPrinter
 from search.study.spaces import Space
 from search.study.storage import split
 from search.tracking.optuna_store import open_optuna_storage
-from search.tracking.schema import TRIAL_ID_TAG, TrialNames, trial_outcome
+from search.tracking.schema import TRIAL_ID_TAG, TrialNames, recipe_labels, trial_outcome, tune_counter
 from trainables.config import COSTS, SpeedOptions, keep_best
 from trainables.data import CachedSplit
+from trainables.engine import Resolutions
+from trainables.fidelity import resolution_schedule
 from trainables.spec import ModelSpec
 from trainables.trainable import TrialSetup, train_trial
 
@@ -51,8 +53,12 @@ class PruneAwareOptunaSearch(OptunaSearch):
     already are skipped instead of told twice (Optuna refuses that).
     """
 
-    def __init__(self, *args, **kwargs):
+    switches: frozenset[str] = frozenset()
+    """The space's on/off choices (Space.switches): in Optuna's params, not in a trial's configuration."""
+
+    def __init__(self, *args, switches: frozenset[str] = frozenset(), **kwargs):
         super().__init__(*args, **kwargs)
+        self.switches = switches
         self._best_scores: dict[str, float] = {}
         self._costs: dict[str, float] = {}
         """A multi-objective study's: each trial's latest cost (latency, parameters or peak memory)."""
@@ -60,7 +66,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         self._ot_trials[trial_id].set_user_attr(TRIAL_ID_TAG, trial_id)  # the MLflow child run's tag too
-        return config
+        assert config is not None, "OptunaSearch proposes a configuration for every trial it is asked for"
+        return {name: value for name, value in config.items() if name not in self.switches}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._remember(trial_id, result)
@@ -157,6 +164,34 @@ class InOrder(Searcher):
         self.__dict__.update(pickle.loads(Path(checkpoint_path).read_bytes()))
 
 
+TUNED_TPE = False
+"""TPE set for this setting (tpe_sampler's `tuned`), or Optuna's defaults: decided by bench/search_efficiency.py."""
+
+
+def startup_trials(trials: int) -> int:
+    """Random trials before TPE models the results, sized to the budget: a sixth of it, from 3 to Optuna's 10.
+    (Optuna's fixed 10 are a third of a 30-trial study and all of an 8-trial one.)"""
+    return min(10, max(3, round(trials / 6)))
+
+
+def tpe_sampler(seed: int, trials: int, tuned: bool = TUNED_TPE) -> optuna.samplers.TPESampler:
+    """The study's TPE. Tuned: multivariate over groups of parameters that are sampled together (the conditional
+    space's on/off switches and `when` branches), a constant liar for the trials running in parallel (they count
+    as the worst result so far, so that two slots do not propose the same point), and startup_trials(trials)
+    random trials first. Otherwise Optuna's defaults (independent, 10 random first, no liar)."""
+    if not tuned:
+        return optuna.samplers.TPESampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate, group, liar
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            multivariate=True,
+            group=True,
+            constant_liar=True,
+            n_startup_trials=startup_trials(trials),
+        )
+
+
 def make_searcher(space: Space, config: StudyConfig, first: Sequence[dict] = ()) -> PruneAwareOptunaSearch:
     """TPE over the space, seeded; the Optuna study in config.optuna_storage under the study's name (an extension's
     searcher loads it, and TPE goes on from every trial it holds); `first`: configurations tried before TPE's own
@@ -164,11 +199,12 @@ def make_searcher(space: Space, config: StudyConfig, first: Sequence[dict] = ())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # An extension's sampler gets a seed of its own: with the study's, its first random draws would repeat the
     # earlier search's first configurations.
-    sampler = optuna.samplers.TPESampler(seed=config.seed + config.trials_before)
+    sampler = tpe_sampler(config.seed + config.trials_before, config.search_trials)
     storage = open_optuna_storage(config.optuna_storage) if config.optuna_storage else None
     metrics, modes = config.objectives
     searcher = PruneAwareOptunaSearch(
         space=space.sample,
+        switches=space.switches,
         # Two objectives: TPE in its multi-objective form (MOTPE), the same seeded sampler.
         metric=metrics if config.cost else config.metric,
         mode=modes if config.cost else config.mode,
@@ -233,12 +269,14 @@ def make_tuner(
     make_trainable(setup, config) (benchmarks inject a fixed-cost one).
 
     verbose: Tune's own progress output besides the study's lines (run.py --verbose); first: configurations
-    to try before the searcher's own (a warm start's).
+    to try before the searcher's own (a warm start's). A new study with a recipe (config.runs_recipe) tries the
+    recipe before them all: its first trial, t00, which ASHA lets run its whole budget (RecipeKeepingASHA).
     """
     scheduler = make_scheduler(config, setup.epochs)
+    searcher = make_searcher(space, config, queued(space, config, first))
     return tune.Tuner(
         trainable if trainable is not None else make_trainable(setup, config),
-        tune_config=tune_config(config, make_searcher(space, config, first), config.search_trials, scheduler),
+        tune_config=tune_config(config, searcher, config.search_trials, scheduler),
         run_config=run_config(
             config,
             config.experiment_location,
@@ -246,8 +284,15 @@ def make_tuner(
             TrialNames(config.trials, config.trials_before),
             callbacks,
             verbose,
+            recipe_labels(config.trials, config.runs_recipe),
         ),
     )
+
+
+def queued(space: Space, config: StudyConfig, first: Sequence[dict] = ()) -> list[dict]:
+    """What a search tries before TPE's own draws, as Optuna params, in order: the recipe where the search starts
+    with it (config.runs_recipe), then `first` (a warm start's configurations)."""
+    return [space.recipe(), *first] if config.runs_recipe else list(first)
 
 
 def make_confirm_tuner(
@@ -265,6 +310,7 @@ def make_confirm_tuner(
             TrialNames(config.trials, given=tuple(retrain.label for retrain in retrains)),
             callbacks,
             verbose,
+            frozenset(retrain.label for retrain in retrains if retrain.recipe),
         ),
     )
 
@@ -286,16 +332,27 @@ def tune_config(
 
 
 def run_config(
-    config: StudyConfig, location: str, epochs: int, names: TrialNames, callbacks: list, verbose: bool
+    config: StudyConfig,
+    location: str,
+    epochs: int,
+    names: TrialNames,
+    callbacks: list,
+    verbose: bool,
+    recipe: frozenset[str] = frozenset(),
 ) -> tune.RunConfig:
     """Where a Tune run of the study keeps its trials (`location`: a folder's absolute path, or a URI), how it
-    checkpoints and retries them, and what it says: one line per event (EpochPrinter), Tune's own with verbose."""
+    checkpoints and retries them, and what it says: one line per event (EpochPrinter), Tune's own with verbose;
+    `recipe`: the names of its trials that train the recipe, which their lines say."""
     storage_path, name = split(location)
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
         # result.json per trial (what Tune reads back); MLflow is the record, not CSV or TensorBoard.
-        callbacks=[JsonLoggerCallback(), EpochPrinter(epochs, config.metric, names), *callbacks],
+        callbacks=[
+            JsonLoggerCallback(),
+            EpochPrinter(epochs, config.metric, names, config.img_size, recipe),
+            *callbacks,
+        ],
         # The best checkpoint for the study, the latest for resuming: Ray keeps both.
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=1, checkpoint_score_attribute=config.metric, checkpoint_score_order=config.mode
@@ -306,8 +363,15 @@ def run_config(
     )
 
 
-def trial_setup(config: StudyConfig, spec: ModelSpec, train: CachedSplit, val: CachedSplit) -> TrialSetup:
-    """What the trainable takes from the study's configuration, handed to every trial once."""
+def trial_setup(
+    config: StudyConfig,
+    spec: ModelSpec,
+    train: CachedSplit,
+    val: CachedSplit,
+    resized: Mapping[int, tuple[CachedSplit, CachedSplit]] | None = None,
+) -> TrialSetup:
+    """What the trainable takes from the study's configuration, handed to every trial once; `resized`: train and
+    val at each smaller size of the study's schedule (epoch_sizes), for a study with resolution as its fidelity."""
     return TrialSetup(
         model=spec,
         train=train,
@@ -319,7 +383,21 @@ def trial_setup(config: StudyConfig, spec: ModelSpec, train: CachedSplit, val: C
         cpus=config.cpus_per_trial,
         speed=SpeedOptions.of(config),  # the study's CUDA speed flags
         measure_latency=config.cost == COSTS["latency"],
+        resolutions=Resolutions(epoch_sizes(config), dict(resized or {})) if config.fidelity == RESOLUTION else None,
     )
+
+
+def epoch_sizes(config: StudyConfig) -> tuple[int, ...]:
+    """The image size of each epoch of the study's trials: all config.img_size, but with resolution as the fidelity,
+    where the epochs before ASHA's first two rungs train smaller (trainables.fidelity.resolution_schedule)."""
+    if config.fidelity != RESOLUTION:
+        return (config.img_size,) * config.epochs
+    return resolution_schedule(config.img_size, config.epochs, config.asha_grace_period, config.reduction_factor)
+
+
+def smaller_sizes(config: StudyConfig) -> tuple[int, ...]:
+    """The sizes below config.img_size the study's trials train at: what the cache must hold besides the full size."""
+    return tuple(sorted({size for size in epoch_sizes(config) if size != config.img_size}))
 
 
 def make_scheduler(config: StudyConfig, epochs: int) -> TrialScheduler:
@@ -328,9 +406,38 @@ def make_scheduler(config: StudyConfig, epochs: int) -> TrialScheduler:
     of its trials stops itself instead, after early_stop_patience epochs without improvement, or at the budget."""
     if config.cost is not None:
         return FIFOScheduler()
-    return ASHAScheduler(
+    return RecipeKeepingASHA(
         time_attr="epoch",
         max_t=epochs,
         grace_period=config.asha_grace_period,
         reduction_factor=config.reduction_factor,
+        recipe=config.runs_recipe,
     )
+
+
+class RecipeKeepingASHA(ASHAScheduler):
+    """ASHA that never stops the recipe trial: the first trial of a search that starts with the recipe (t00).
+
+    The recipe's score is the baseline the winner's gain is measured against: it must be the score of its whole
+    budget, as the seed document would train it. Its results still fill ASHA's rungs, so the other trials are
+    compared with it as with any other. Which trial it is comes from the trial's own tag (Tune's counter, 1 for
+    the first trial), not from state: Ray restores a study's scheduler as it was made, and adds its trials again.
+    """
+
+    def __init__(self, *args, recipe: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)  # the result goes into its rung
+        if (
+            decision != TrialScheduler.STOP
+            or not self.is_recipe(trial)
+            or result.get(self._time_attr, 0) >= self._max_t
+        ):
+            return decision
+        self._num_stopped -= 1  # ASHA counted it as stopped
+        return TrialScheduler.CONTINUE
+
+    def is_recipe(self, trial) -> bool:
+        return self.recipe and tune_counter(trial.experiment_tag) == 0

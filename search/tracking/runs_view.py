@@ -21,7 +21,7 @@ import json
 from mlflow.tracking import MlflowClient
 
 from search.records.study_config import StudyConfig
-from search.tracking.schema import EPOCH_METRICS, SHARED_VIEW_TAG, STUDY_TAG
+from search.tracking.schema import EPOCH_METRICS, FIDELITY_METRICS, SHARED_VIEW_TAG, STUDY_TAG
 from trainables.config import COST_METRICS
 
 TRIALS_SECTION, IMPORTANCE_SECTION = "trials", "importance"
@@ -66,7 +66,8 @@ def runs_view(config: StudyConfig, knobs: list[str], importances: tuple[str, ...
     # Costs do not change from epoch to epoch: the one a multi-objective study trades against gets a chart
     # and a column, the others none.
     traded = [config.cost.metric] if config.cost else []
-    learning = [key for key in EPOCH_METRICS if key != config.metric and key not in COST_METRICS]
+    # Nor does a chart of compute or image size per epoch say how a trial learns.
+    learning = [key for key in EPOCH_METRICS if key != config.metric and key not in (*COST_METRICS, *FIDELITY_METRICS)]
     epoch_metrics = [config.metric, best, *learning, *traded]
     charts = [chart(LINE_CHART, TRIALS_SECTION, key, key) for key in epoch_metrics]
     charts += [chart(BAR_CHART, IMPORTANCE_SECTION, f"importance/{knob}", knob) for knob in importances]

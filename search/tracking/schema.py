@@ -20,8 +20,11 @@ from search.errors import UsageError
 from search.records.location import is_uri
 from search.records.trial_status import TrialStatus
 from trainables.config import COST_METRICS, METRICS
+from trainables.fidelity import COMPUTE_EPOCHS, EPOCH_IMG_SIZE
 
-EPOCH_METRICS = ("train_loss", *METRICS, "lr", *COST_METRICS)
+FIDELITY_METRICS = (COMPUTE_EPOCHS, EPOCH_IMG_SIZE)
+"""A trial's compute so far in full-resolution epochs, and the image size of the epoch (trainables.fidelity)."""
+EPOCH_METRICS = ("train_loss", *METRICS, "lr", *COST_METRICS, *FIDELITY_METRICS)
 """What a trial's run logs per epoch, where its result has it: the costs are measured when a study needs them
 (parameters always, peak memory on CUDA, latency in a study that trades accuracy against it)."""
 STATUS_TAG = "trial_status"
@@ -36,6 +39,16 @@ PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG, FINAL_ROLE, CONFIRM_ROLE = "role", "final", "confirm"
 """A run's role where it is not a search trial: a final retrain, or a confirmation's retrain of a trial's
 configuration with another seed."""
+RECIPE_TAG = "recipe"
+"""On the runs that train the recipe (the knobs' defaults clipped into the space): the study's first trial, t00,
+and a confirmation's retrains of it. Its value is "true"."""
+RECIPE_METRIC_PREFIX = "recipe_"
+"""The study's run logs the recipe's best score as recipe_<metric> (recipe_val_acc)."""
+COMPUTE_VS_RECIPE = "compute_vs_recipe"
+"""The study's compute (its run's compute_epochs: every trial's, summed) over one full training of the recipe."""
+GAIN_METRIC = "gain_over_recipe"
+"""The winner's best score minus the recipe's, signed so that a positive gain is better (val_loss: the recipe's
+minus the winner's); confirmed_gain_over_recipe: the same of their means over the confirmation's seeds."""
 EXTENDED_TAG = "extended"
 """On an extended study's run: its trials before and after the latest extension ("30 -> 50")."""
 TUNE_RUN_TAG = "tune_run"
@@ -170,6 +183,11 @@ def numbered(number: int, trials: int) -> str:
 def tune_counter(experiment_tag: str) -> int:
     """The trial's place in its Tune run, from 0."""
     return int(experiment_tag.split("_", 1)[0]) - 1
+
+
+def recipe_labels(trials: int, runs_recipe: bool) -> frozenset[str]:
+    """The name of a search's recipe trial (t00), where the search starts with one (StudyConfig.runs_recipe)."""
+    return frozenset({numbered(0, trials)}) if runs_recipe else frozenset()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from search.tracking.schema import (
     EPOCH_METRICS,
     NODES_TAG,
     PARENT_TAG,
+    RECIPE_TAG,
     STATUS_TAG,
     STUDY_TAG,
     TRIAL_CONFIG,
@@ -26,6 +27,7 @@ from search.tracking.schema import (
     TrialNames,
     exception_line,
     outcome_name,
+    recipe_labels,
     trial_outcome,
 )
 from search.tracking.store import log_data_input, log_params, mlflow_client, settle_lost_children
@@ -39,10 +41,14 @@ class MlflowTrials(tune.Callback):
     A child run is named by the trial's number (t00, t01, ...) and, once the trial
     ends, by its outcome too ("t03 pruned"), so the runs table tells them apart at a
     glance; it carries the study's data as its dataset input, its best score so far
-    as the metric best_<metric>, and the Ray nodes that trained it. Ray pickles its callbacks with the study and brings
+    as the metric best_<metric>, the Ray nodes that trained it, and recipe=true where it
+    trains the recipe. Ray pickles its callbacks with the study and brings
     them back on resume, so this one keeps only plain data and finds a resumed trial's
     existing child run by tag, rather than opening a duplicate.
     """
+
+    recipe: frozenset[str] = frozenset()
+    """A class default for a callback pickled before it had one (Ray restores callbacks as pickled)."""
 
     def __init__(
         self,
@@ -55,14 +61,17 @@ class MlflowTrials(tune.Callback):
         names: TrialNames | None = None,
         tune_run: str = "",
         tags: dict[str, str] | None = None,
+        recipe: frozenset[str] | None = None,
     ):
         """names: how this Tune run's trials are called (default: t00... from the study's earlier trials on);
         tune_run: which of the study's Tune runs this is ('' for the first search; an extension's or a
-        confirmation's folder), so that settling lost runs looks at this run's own; tags: on every child run."""
+        confirmation's folder), so that settling lost runs looks at this run's own; tags: on every child run;
+        recipe: the names of the trials that train the recipe (default: the search's t00, where it runs one)."""
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
         self.study, self.metric, self.mode = config.name, config.metric, config.mode
         self.names = names or TrialNames(config.trials, config.trials_before)
         self.tune_run, self.tags = tune_run, tags or {}
+        self.recipe = recipe_labels(config.trials, config.runs_recipe) if recipe is None else recipe
         self.dataset = dataset
         """The study's data: the fields of an MLflow Dataset."""
         self.run_ids: dict[str, str] = {}
@@ -127,6 +136,7 @@ class MlflowTrials(tune.Callback):
                 STUDY_TAG: self.study,
                 STATUS_TAG: TrialStatus.RUNNING.value,  # create_run keeps a tag as given: the plain word
                 **({TUNE_RUN_TAG: self.tune_run} if self.tune_run else {}),
+                **({RECIPE_TAG: "true"} if label in self.recipe else {}),
                 **self.tags,
             },
         )
