@@ -12,8 +12,8 @@ upside-down digit is another digit or none), the same configuration four ways th
 - defaults, hflip 0: what the modality table of docs/search-spaces.md says for digits and text.
 
 The configuration's other hyperparameters are those of the best configuration in
-bench/search_efficiency_curves.csv (its best final-epoch val_acc), so the baseline is a good one. Printed: per
-variant the final and best val_acc, median over --seeds, and the ratio of final val_acc to "none".
+bench/search_efficiency_curves_vit.csv (its best final-epoch val_acc at 32 px), so the baseline is a good one.
+Printed: per variant the final and best val_acc, median over --seeds, and the ratio of final val_acc to "none".
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from search_efficiency import CURVES_CSV, digits_splits, train_curve  # puts the project on sys.path
+from search_efficiency import (  # puts the project on sys.path
+    FULL,
+    IMG_SIZE,
+    NOT_HYPERPARAMETERS,
+    curves_csv,
+    digits_splits,
+    train_curve,
+)
 
 from trainables.config import AUGMENTS, DEFAULTS, from_aug_strength
 
@@ -34,7 +41,6 @@ VARIANTS = {
     "defaults": DEFAULTS.augmentation(),
     "defaults, hflip 0": {**DEFAULTS.augmentation(), "hflip": 0.0},
 }
-NOT_HYPERPARAMETERS = {"config", "epoch", "val_acc", "val_loss", "train_loss", "seconds", "aug_strength"}
 
 
 def best_recorded_config(path: Path) -> dict:
@@ -42,7 +48,8 @@ def best_recorded_config(path: Path) -> dict:
     with path.open(newline="") as file:
         rows = list(csv.DictReader(file))
     last = max(int(row["epoch"]) for row in rows)
-    best = max((row for row in rows if int(row["epoch"]) == last), key=lambda row: float(row["val_acc"]))
+    finals = (row for row in rows if int(row["epoch"]) == last and row["curve"] == FULL)
+    best = max(finals, key=lambda row: float(row["val_acc"]))
     config: dict = {}
     for key, text in best.items():
         if key not in NOT_HYPERPARAMETERS:
@@ -55,17 +62,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
-    base = best_recorded_config(CURVES_CSV)
+    base = best_recorded_config(curves_csv("vit"))
     print(f"configuration: {base}")
     results: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as workdir:
-        train, val, num_classes = digits_splits(Path(workdir))
-        print(f"digits at 32 px: {len(train)} train, {len(val)} val images, {num_classes} classes", flush=True)
+        train, val, num_classes = digits_splits(Path(workdir), {IMG_SIZE}, per_class=None)
+        train_images, val_images = len(train[IMG_SIZE]), len(val[IMG_SIZE])
+        print(f"digits at 32 px: {train_images} train, {val_images} val images, {num_classes} classes", flush=True)
         for name, knobs in VARIANTS.items():
             for seed in range(args.seeds):
-                curve = [
-                    row["val_acc"] for row in train_curve({**base, **knobs}, train, val, num_classes, args.epochs, seed)
-                ]
+                sizes = (IMG_SIZE,) * args.epochs
+                rows = train_curve("vit", {**base, **knobs}, sizes, train, val, num_classes, seed)
+                curve = [row["val_acc"] for row in rows]
                 results.setdefault(name, []).append((curve[-1], max(curve)))
                 print(f"{name:<26} seed {seed}: final {curve[-1]:.4f}  best {max(curve):.4f}", flush=True)
     baseline = statistics.median(final for final, _ in results["none"])
