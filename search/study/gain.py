@@ -21,6 +21,7 @@ from search.tracking.schema import COMPUTE_VS_RECIPE, GAIN_METRIC, RECIPE_METRIC
 from trainables.fidelity import COMPUTE_EPOCHS
 
 if TYPE_CHECKING:
+    from search.study.pareto import Point
     from search.study.report import StudySummary, TrialSummary
 
 SEARCH_SEED = "search"
@@ -138,9 +139,15 @@ def recipe_cost_line(summary: StudySummary) -> str | None:
     if summary.tradeoff is None or recipe is None:
         return None
     best = recipe.best(summary.mode)
-    point = next((point for point in summary.tradeoff.points if point.label == recipe.label), None)
+    point = recipe_point(summary, recipe)
     cost = f", {summary.tradeoff.cost.metric} {point.cost:.4g}" if point is not None else ""
     return f"the recipe {recipe.label} {summary.metric} {best[1] if best else float('nan'):.4f}{cost}"
+
+
+def recipe_point(summary: StudySummary, recipe: TrialSummary) -> Point | None:
+    """A multi-objective study's point of the recipe trial (its score and cost), None where it has none."""
+    assert summary.tradeoff is not None, "asked of a multi-objective study"
+    return next((point for point in summary.tradeoff.points if point.label == recipe.label), None)
 
 
 def recipe_line(summary: StudySummary) -> str | None:
@@ -171,10 +178,8 @@ def baseline_metrics(summary: StudySummary) -> dict[str, float]:
     if recipe is None or best is None:
         return metrics
     metrics[RECIPE_METRIC_PREFIX + summary.metric] = best[1]
-    if summary.tradeoff is not None:
-        point = next((point for point in summary.tradeoff.points if point.label == recipe.label), None)
-        if point is not None:
-            metrics[RECIPE_METRIC_PREFIX + summary.tradeoff.cost.metric] = point.cost
+    if summary.tradeoff is not None and (point := recipe_point(summary, recipe)) is not None:
+        metrics[RECIPE_METRIC_PREFIX + summary.tradeoff.cost.metric] = point.cost
     if (searched := search_gain(summary)) is not None:
         metrics[GAIN_METRIC] = searched.value
     if (confirmed := confirmed_gain(summary)) is not None:
