@@ -309,7 +309,8 @@ class CurveTable:
             curve: curves_of([sorted(by_curve[(curve, n)], key=lambda r: int(r["epoch"])) for n in whole])
             for curve in CURVES
         }
-        return cls(model, configs, curves, scales_of(model))
+        # A knob added after the recording (class_weighting) trained at its default throughout: no coordinate.
+        return cls(model, configs, curves, [scale for scale in scales_of(model) if scale.name in names])
 
     @property
     def epochs(self) -> int:
@@ -394,6 +395,8 @@ class Scale:
     high: float = 1.0
     log: bool = False
     categorical: bool = False
+    choices: tuple = ()
+    """A categorical's choices in either space: its coordinate is a choice's place among them."""
 
     def unit(self, value: float) -> float:
         if self.log:
@@ -411,7 +414,8 @@ def scales_of(model: str) -> list[Scale]:
     scales = []
     for name, parameters in ranges.items():
         if any(parameter.type == "categorical" for parameter in parameters):
-            scales.append(Scale(name, categorical=True))
+            choices = tuple(dict.fromkeys(choice for parameter in parameters for choice in parameter.values()))
+            scales.append(Scale(name, categorical=True, choices=choices))
             continue
         values = [v for parameter in parameters for v in parameter.values()]
         scales.append(Scale(name, min(values), max(values), log=any(parameter.log for parameter in parameters)))
@@ -419,8 +423,8 @@ def scales_of(model: str) -> list[Scale]:
 
 
 def coordinate(scale: Scale, value) -> float:
-    """A value on its scale: [0, 1] for a number; a categorical's value itself (its choices are numbers here)."""
-    return float(value) if scale.categorical else scale.unit(value)
+    """A value on its scale: [0, 1] for a number; a categorical's place among its choices (text ones too)."""
+    return float(scale.choices.index(value)) if scale.categorical else scale.unit(value)
 
 
 def distances(scales: list[Scale], recorded: np.ndarray, proposed: dict) -> np.ndarray:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from search.errors import UsageError
+from trainables.config import window_problem  # standard library only, as this module
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 DEFAULT_CACHE_DIR = ".cache/images"
@@ -68,6 +69,30 @@ def weights_files(items: list[str]) -> tuple[tuple[str, str], ...]:
     """--weights items as sorted (backbone, path) pairs; the malformed ones, which weights_problems
     reports, are left out."""
     return tuple(sorted(tuple(item.split("=", 1)) for item in items if "=" in item))  # type: ignore[misc]
+
+
+WINDOW_HELP = (
+    "DICOM images only: window every image with CENTER,WIDTH, in the units after the file's rescale (a CT's "
+    "Hounsfield units: 40,400 soft tissue; --window=-600,1500 lung, with '=' before a negative center) instead of "
+    "each file's own window or VOI LUT (default: the file's, else the image's min..max)"
+)
+"""--window's help, the same for run.py (and compare.py) and predict.py."""
+
+
+def parse_window(text: str | None) -> tuple[float, float] | None:
+    """--window CENTER,WIDTH as (center, width); None where it was not given. A UsageError says how to write it."""
+    if text is None:
+        return None
+    try:
+        center, width = (float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(
+            f"--window {text}: write CENTER,WIDTH, two numbers such as 40,400 (a CT's soft tissue in Hounsfield units)"
+        ) from None
+    problem = window_problem((center, width))
+    if problem:
+        raise UsageError(f"--window {text}: {problem}")
+    return center, width
 
 
 def require_pretrained(backbones: tuple[str, ...], weights: tuple[tuple[str, str], ...]) -> None:

@@ -83,6 +83,8 @@ def forwarded_argv(args: argparse.Namespace, actions: list[argparse.Action]) -> 
             argv.append(flag)
         elif isinstance(value, list):  # append: --weights, repeated
             argv += [item for v in value for item in (flag, str(v))]
+        elif str(value).startswith("-"):  # --window=-600,1500: argparse would take '-600,1500' for a flag
+            argv.append(f"{flag}={value}")
         else:
             argv += [flag, str(value)]
     return argv

@@ -25,6 +25,7 @@ from search.cli import (
 )
 from search.errors import UsageError
 from search.final_model.export import EXPORT_FORMATS, missing_packages
+from search.records.operating_point import OperatingTarget, parse_operating_point
 from search.records.retrain import RetrainRequest
 from search.records.winner import Winner, WinnerRefused, load_file
 from trainables.config import MODEL_NAMES
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--run-id", metavar="ID", help="one trial's MLflow run id (or a study's parent run id)")
     source.add_argument(
         "--config", metavar="FILE", help="a best_config.yaml, as a study writes it (ray_results/<study>/best/)"
+    )
+    source.add_argument(
+        "--registered",
+        metavar="NAME/VERSION",
+        help="no retrain: test this registered version (NAME/VERSION, NAME/latest or NAME@ALIAS) on --external "
+        "DATA, in a run of its own linked to the version by a tag (external.<digest>)",
     )
     what.add_argument(
         "--trial",
@@ -87,6 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default=None, help="data source (default: the study's); its classes must be the study's"
     )
     data.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="decoded-image cache (shared with run.py)")
+    data.add_argument(
+        "--external",
+        metavar="DATA",
+        default=None,
+        help="another site's images of the model's classes (class folders, a manifest, or synthetic[:C]): tested "
+        "whole after the retrain, as the test split is, at the temperature fitted on val; a source without some "
+        "of the classes is tested too, one with a class the model lacks is refused",
+    )
+    data.add_argument(
+        "--positive",
+        metavar="CLASS",
+        default=None,
+        help="the class whose sensitivity and specificity are reported (and thresholded, with --operating-point); "
+        "default: with two classes the second, with more the macro mean of one-vs-rest",
+    )
+    data.add_argument(
+        "--operating-point",
+        metavar="TARGET=VALUE",
+        default=None,
+        help="choose a decision threshold on the --positive class's calibrated probability on the val split "
+        "(never the test): sensitivity=0.95 (the highest threshold that flags at least 95 %% of val's positives) or "
+        "specificity=0.9 (the lowest that leaves at least 90 %% of the others unflagged); reported on the test "
+        "with intervals, stored in model.pt and applied by predict.py (a flagged column). Implies --keep-val",
+    )
 
     results = parser.add_argument_group("where results go")
     results.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
@@ -120,11 +151,72 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.register_name is not None and not args.register_name.strip():
         problems.append("--register-name is empty: give a name, e.g. vit-classifier")
     problems += weights_problems(args.weights)
+    problems += operating_point_problems(args)
+    problems += registered_problems(args)
     missing = missing_packages(args.export)  # now, not after an hour of training
     if missing:
         problems.append(missing)
     if problems:
         raise UsageError("; ".join(problems))
+
+
+RETRAIN_ONLY = {
+    "trial": "--trial",
+    "model": "--model",
+    "epochs": "--epochs",
+    "keep_val": "--keep-val",
+    "seed": "--seed",
+    "weights": "--weights",
+    "data": "--data",
+    "positive": "--positive",
+    "operating_point": "--operating-point",
+    "experiment": "--experiment",
+    "register_name": "--register-name",
+    "export": "--export",
+}
+"""Flags that say how to retrain (dest -> flag): meaningless for --registered, which tests a model as it is."""
+
+
+def registered_problems(args: argparse.Namespace) -> list[str]:
+    """--registered's name, the --external it needs, and the retrain's flags it takes none of."""
+    if args.registered is None:
+        return []
+    from search.tracking.registered import registered_model  # the standard library only: no MLflow yet
+
+    problems = []
+    if registered_model(args.registered) is None:
+        problems.append(
+            f"--registered {args.registered}: write NAME/VERSION, NAME/latest or NAME@ALIAS, e.g. cnn-classifier/3"
+        )
+    if args.external is None:
+        problems.append(
+            f"--registered {args.registered} tests a registered model on other images: give --external DATA"
+        )
+    given = [flag for dest, flag in RETRAIN_ONLY.items() if getattr(args, dest, None) not in (None, False, [])]
+    if given:
+        problems.append(
+            f"{', '.join(given)}: a retrain's flag(s); --registered tests the registered model as it is (its "
+            f"classes, image size, temperature and operating point)"
+        )
+    return problems
+
+
+def operating_point_problems(args: argparse.Namespace) -> list[str]:
+    """--operating-point's syntax and range, and the --positive class it needs."""
+    if args.operating_point is None:
+        return []
+    try:
+        target = parse_operating_point(args.operating_point)
+    except ValueError as error:
+        return [str(error)]
+    if args.positive is None:
+        return [f"--operating-point {target} needs --positive CLASS: the class whose probability is thresholded"]
+    return []
+
+
+def operating_target(args: argparse.Namespace) -> OperatingTarget | None:
+    """--operating-point as its record (check_arguments has checked it)."""
+    return None if args.operating_point is None else parse_operating_point(args.operating_point)
 
 
 def load_winner(args: argparse.Namespace) -> Winner:
@@ -149,7 +241,7 @@ def retrain_request(args: argparse.Namespace) -> RetrainRequest:
         data=args.data,
         weights=weights_files(args.weights),
         no_pretrained=args.no_pretrained,
-        keep_val=args.keep_val,
+        keep_val=args.keep_val or args.operating_point is not None,  # the threshold is chosen on val
         epochs=args.epochs,
         seed=args.seed,
         config_file=args.config,
@@ -157,6 +249,9 @@ def retrain_request(args: argparse.Namespace) -> RetrainRequest:
         register_name=args.register_name,
         out=args.out,
         export=args.export,
+        positive=args.positive,
+        operating_point=operating_target(args),
+        external=args.external,
     )
 
 
@@ -166,10 +261,17 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(args)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our bars only
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our closing lines say where
+        if args.registered is not None:
+            return test_registered(args)
         config = load_winner(args)  # before torch loads: a wrong name or file is answered sooner
         from search.final_model.retrain import execute_final, prepare_final  # torch, timm, MLflow
 
         prepared = prepare_final(retrain_request(args), config)
+        if args.operating_point is not None and not args.keep_val:
+            print(
+                "note: --operating-point implies --keep-val: the model trains on train only, early-stops and is "
+                "calibrated on val, where the threshold is chosen"
+            )
     except UsageError as error:
         print(f"search/final.py: error: {error}", file=sys.stderr)
         return 2
@@ -177,6 +279,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\nstopped before training: nothing was written to MLflow")
         return 130
     return execute_final(prepared)
+
+
+def test_registered(args: argparse.Namespace) -> int:
+    """--registered NAME/VERSION --external DATA: the version's model.pt tested on DATA, no retrain (a UsageError
+    before anything is written; the caller answers it)."""
+    from search.final_model.external import execute_registered, prepare_registered  # torch, MLflow
+    from search.tracking.registered import registered_model
+
+    model = registered_model(args.registered)
+    assert model is not None and args.external is not None  # check_arguments said so
+    prepared = prepare_registered(model, args.external, args.tracking_uri, args.cache_dir, args.out)
+    return execute_registered(prepared)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ import stat
 import sys
 from pathlib import Path
 
-from search.cli import DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, folder_unwritable
+from search.cli import DEFAULT_TRACKING_URI, DefaultsFormatter, OneLineParser, folder_unwritable, parse_window
 from search.errors import UsageError
-from search.inference.model_source import MODEL_FORMS, RegisteredModel, model_source
+from search.inference.model_source import MODEL_FORMS, model_source
+from search.tracking.registered import RegisteredModel
 
 DEVICES = ("auto", "cpu", "cuda")
 EXPLAIN_INSTALL = 'pip install "hpo-classifiers[explain]"'
@@ -44,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--tracking-uri", default=DEFAULT_TRACKING_URI, metavar="URI", help="MLflow store of a models:/ model"
+    )
+    what.add_argument(
+        "--window",
+        default=None,
+        metavar="CENTER,WIDTH",
+        help="DICOM images only: window them with CENTER,WIDTH (in the units after the file's rescale; "
+        "--window=-600,1500 with '=' before a negative center) instead of the window the model was trained with "
+        "(its study's --window, kept in the model file), or where it has none, each file's own",
     )
 
     results = parser.add_argument_group("results")
@@ -78,6 +87,10 @@ def check_arguments(args: argparse.Namespace) -> RegisteredModel | Path:
     problems += out_problems(Path(args.out))
     if args.batch_size < 1:
         problems.append(f"--batch-size {args.batch_size}: give at least 1")
+    try:
+        parse_window(args.window)
+    except UsageError as error:
+        problems.append(str(error))
     if args.explain and importlib.util.find_spec("pytorch_grad_cam") is None:
         problems.append(f"--explain needs pytorch-grad-cam: {EXPLAIN_INSTALL}")
     if problems or source is None:

@@ -16,6 +16,7 @@ from dataclasses import fields, replace
 from search.cli import (
     DEFAULT_CACHE_DIR,
     DEFAULT_TRACKING_URI,
+    WINDOW_HELP,
     DefaultsFormatter,
     OneLineParser,
     add_weights_argument,
@@ -53,6 +54,11 @@ def gpu_fraction(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'auto'") from None
 
 
+def column_names(value: str) -> tuple[str, ...]:
+    """'site, Sex' as ('site', 'sex'): a manifest's column names are read lower-case."""
+    return tuple(name.strip().lower() for name in value.split(","))
+
+
 def build_parser(
     prog: str = "search/run.py",
     description: str = "Find the best hyperparameters for one lightweight image classifier: "
@@ -82,10 +88,21 @@ def build_parser(
     what.add_argument(
         "--data",
         default="data",
-        help="a folder with one sub-folder per class (split 70/15/15), "
+        help="a folder with one sub-folder per class (split 70/15/15; by PatientID where it holds DICOM files), "
         "a folder with train/ val/ test/, a CSV manifest (columns path,label[,group][,split]: split by patient "
         "group unless a split column says), or 'synthetic' (built-in, 11 classes; 'synthetic:C' for C)",
     )
+    if one_study:
+        what.add_argument(
+            "--subgroups",
+            type=column_names,
+            default=None,
+            metavar="COLUMN[,COLUMN]",
+            help="extra columns of a CSV manifest (e.g. site,sex), read with the data and recorded with the study: "
+            "final.py reports accuracy, balanced accuracy, sensitivity and specificity per value of each, with 95 %% "
+            "intervals (other unknown columns are refused; columns that look like patient ids or names too)",
+        )
+    what.add_argument("--window", default=None, metavar="CENTER,WIDTH", help=WINDOW_HELP)
     what.add_argument(
         "--on-leak",
         default=STUDY_DEFAULTS["on_leak"],
@@ -291,6 +308,10 @@ def claimed_study(config: StudyConfig, resume_run_id: str | None, address: str |
     from search.tracking.study_run import open_stores  # MLflow and Optuna, not yet torch or Ray
 
     open_stores(config, resume_run_id, create=False)  # a taken name, answered before the heavy imports
+    if resume_run_id is None:  # at the start, before the data is cached: time to restart with another --metric
+        from search.study.imbalance import warn_if_imbalanced
+
+        warn_if_imbalanced(checked, config.metric)
     if config.warm_start and resume_run_id is None:
         from search.study.warm_start import warm_start_configs  # Optuna: the earlier study's trials
 

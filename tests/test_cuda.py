@@ -196,3 +196,19 @@ def test_probe_in_a_spawned_process_returns_peak_free_and_total():
     assert all(isinstance(value, int) for value in (peak, free, total))
     assert 0 < peak < free <= total, (peak, free, total)
     assert total == pytest.approx(torch.cuda.get_device_properties(0).total_memory, rel=0.02)
+
+
+# ---------------------------------------------------------------- class weighting
+
+
+def test_class_weights_train_under_amp(tmp_path):
+    """fp16 logits and float32 class weights: autocast runs cross_entropy in float32, so a weighted loss trains."""
+    from dataclasses import replace
+
+    from trainables.config import SpeedOptions
+
+    learner = cuda_learner("vit", SpeedOptions())
+    learner.hp = replace(learner.hp, class_weighting="inverse")
+    assert math.isfinite(learner.train_epoch(random_split(tmp_path, 32, 32)))
+    weight = learner.loss_fn.weight
+    assert weight is not None and weight.device.type == "cuda" and weight.dtype == torch.float32

@@ -77,7 +77,7 @@ def test_the_cache_decodes_once_and_a_second_trial_decodes_nothing(image_folder,
     index = index_source(image_folder, seed=0)
     calls = []
     real_decode = data.decode_image
-    monkeypatch.setattr(data, "decode_image", lambda path, size: calls.append(path) or real_decode(path, size))
+    monkeypatch.setattr(data, "decode_image", lambda path, *args: calls.append(path) or real_decode(path, *args))
     first = cache_split(index, "train", 24, tmp_path / "cache")
     assert len(calls) == len(index.splits["train"])
     images = first.images()

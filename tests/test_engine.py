@@ -1,10 +1,22 @@
+import math
+
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from trainables.checkpoint import load_trial_checkpoint, save_trial_checkpoint
 from trainables.config import Hyperparameters
-from trainables.data import index_source, prepare_splits, subsample
-from trainables.engine import Learner, NonFiniteLoss, batch_count, epoch_batches, fit
+from trainables.data import CachedSplit, index_source, prepare_splits, subsample
+from trainables.engine import (
+    EFFECTIVE_NUMBER_BETA,
+    Learner,
+    NonFiniteLoss,
+    batch_count,
+    class_weights,
+    epoch_batches,
+    fit,
+)
 from trainables.models import ModelSpec, build_model
 
 
@@ -68,3 +80,53 @@ def test_batch_count_leaves_out_a_trailing_batch_of_one_in_training_only():
     assert batch_count(33, 16, drop_single=True) == 2 and batch_count(33, 16) == 3
     assert batch_count(1, 16, drop_single=True) == 1  # a split of one image still trains
     assert batch_count(32, 16, drop_single=True) == 2
+
+
+# ---------------------------------------------------------------- class weighting
+
+
+def test_class_weights_from_known_counts():
+    assert class_weights([30, 10], "none") is None
+    assert class_weights([30, 10], "inverse") == pytest.approx([40 / 60, 40 / 20])  # N / (C n_c)
+    assert class_weights([25, 25], "inverse") == [1.0, 1.0]  # a balanced split trains as unweighted
+
+    beta = EFFECTIVE_NUMBER_BETA
+    inverse_effective = [(1 - beta) / (1 - beta**n) for n in (30, 10)]
+    expected = [2 * w / sum(inverse_effective) for w in inverse_effective]  # averaging 1 over the classes
+    assert class_weights([30, 10], "effective") == pytest.approx(expected)
+
+    # Between none and inverse: classes of 100 and 2000 images weigh 9:1, where inverse weighs them 20:1.
+    small, large = class_weights([100, 2000], "effective") or []
+    assert small / large == pytest.approx(9.08, abs=0.01) and (small + large) / 2 == pytest.approx(1.0)
+
+
+def test_a_class_without_training_images_gets_a_finite_weight():
+    for weighting in ("inverse", "effective"):
+        weights = class_weights([12, 4, 0], weighting) or []
+        assert len(weights) == 3 and all(math.isfinite(w) and w > 0 for w in weights)
+    with pytest.raises(ValueError, match="not one of none, inverse, effective"):
+        class_weights([1, 2], "sqrt")
+
+
+def test_the_training_loss_is_torchs_cross_entropy_with_the_splits_class_weights():
+    """One batch, learning rate 0 and no augmentation: the epoch's loss is the loss of the untouched model."""
+    labels = np.array([0] * 12 + [1] * 3 + [2] * 1)  # 12:3:1
+    images = np.random.default_rng(0).integers(0, 256, (len(labels), 8, 8, 3), dtype=np.uint8)
+    split = CachedSplit("in memory", labels, loaded_images=images)
+    still = dict(lr=0.0, weight_decay=0.0, batch_size=16, hflip=0.0, rotation_deg=0.0, color_jitter=0.0, noise_std=0.0)
+
+    def epoch_loss(weighting: str) -> tuple[float, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 3, 3))
+        learner = Learner(model, Hyperparameters(**still, class_weighting=weighting), torch.device("cpu"))
+        logits = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).detach()
+        return learner.train_epoch(split), logits
+
+    plain, logits = epoch_loss("none")
+    target = torch.from_numpy(labels)
+    assert plain == pytest.approx(nn.functional.cross_entropy(logits, target).item(), rel=1e-5)
+    for weighting in ("inverse", "effective"):
+        weighted, _ = epoch_loss(weighting)
+        weight = torch.tensor(class_weights([12, 3, 1], weighting), dtype=torch.float32)
+        assert weighted == pytest.approx(nn.functional.cross_entropy(logits, target, weight=weight).item(), rel=1e-5)
+        assert abs(weighted - plain) > 1e-3

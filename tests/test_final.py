@@ -335,10 +335,47 @@ def test_the_registered_version_carries_the_model_card_and_tags(study):
         "temperature": "1.0000",
         "study": NAME,
     }
-    assert version.tags == tags
+    assert {key: value for key, value in version.tags.items() if key != "checklist"} == tags  # test_the_checklist_...
     (output,) = run.outputs.model_outputs
     assert tags.items() <= study.client.get_logged_model(output.model_id).tags.items()
     assert MODEL_CARD_FILE in study.first.stdout  # listed among the results
+
+
+def test_the_checklist_is_in_the_results_on_the_run_and_among_the_registered_version_s_files(study, tmp_path):
+    import mlflow
+    from search.final_model.checklist import CHECKLIST_FILE, CHECKLIST_TAG
+
+    run = first_final(study)
+    (version,) = [
+        v for v in study.client.search_model_versions("name = 'vit-classifier'") if v.run_id == run.info.run_id
+    ]
+    checklist = (study.root / "out" / CHECKLIST_FILE).read_text()
+    assert read_artifact(study.client, run.info.run_id, CHECKLIST_FILE) == checklist
+    mlflow.set_tracking_uri(study.uri)
+    shipped = mlflow.artifacts.download_artifacts(
+        f"models:/vit-classifier/{version.version}/{CHECKLIST_FILE}", dst_path=str(tmp_path)
+    )
+    assert Path(shipped).read_text() == checklist  # among the version's model files
+    assert version.tags[CHECKLIST_TAG].endswith(
+        f"open: {CHECKLIST_FILE} in the model's files and on run {run.info.run_id}"
+    )
+
+    sizes = {split: len(study.split.splits[split]) for split in ("train", "val", "test")}
+    parent = study_parent(study.client)
+    for text in (
+        f"# Reporting checklist: vit-classifier version {version.version}",
+        f"| all | {sizes['train']} | {sizes['val']} | {sizes['test']} |",
+        "(split_by: stratified)",
+        # the study's leakage check, read from the study's run
+        f"No exact, near-duplicate or mirrored copies of an image across train, val and test (the study's leakage "
+        f"check, on run `{parent.info.run_id}`)",
+        "Not calibrated (temperature 1)",
+    ):
+        assert text in checklist, text
+    for topic in ("Results per subgroup", "External test", "Operating point (decision threshold)"):
+        assert f"| {topic} |" in checklist and f"- [ ] **{topic}**" in checklist  # open: no flag asked for it
+    keys = [sample.key for split in study.split.splits.values() for sample in split]
+    assert not [key for key in keys if key in checklist]  # counts only, no image named
 
 
 @pytest.mark.slow

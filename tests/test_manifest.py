@@ -14,6 +14,7 @@ from helpers import run_script, write_image_folder, write_manifest, write_patien
 from search.records.study_config import SMOKE
 from trainables.data import SPLITS, DataError, cache_split, data_digest, index_source, split_digest, subsample
 from trainables.manifest import grouped_split
+from trainables.privacy import patient_hash, patient_hashes, patient_salt
 
 
 def patients(per_class: dict[str, int], images: int = 3) -> dict[str, tuple[str, int]]:
@@ -156,14 +157,17 @@ def test_a_given_split_that_leaks_a_patient_or_leaves_a_split_empty_is_refused(t
     assert expected in message, message
 
 
-def test_a_patient_in_several_splits_is_named_with_them(tmp_path):
+def test_a_patient_in_several_splits_is_named_by_hash_with_its_splits_and_lines(tmp_path):
     rows = given_split_rows(tmp_path)
     # Each p00 patient gets a test image too, and a-p01 a train one: three patients span splits.
     rows = [r.replace(",train", ",test", 1) if r.split(",")[0].endswith("_1.png") else r for r in rows]
     rows = [r.replace(",val", ",train") if r.startswith("scans/a-p01_0") else r for r in rows]
     message = refusal(write_manifest(tmp_path / "m.csv", "path,label,group,split", rows))
     assert message.startswith("3 patient group(s) of manifest")
-    assert "a-p00 in train and test, a-p01 in train and val, b-p00 in train and test" in message
+    a00, a01, b00 = (patient_hash(patient, patient_salt()) for patient in ("a-p00", "a-p01", "b-p00"))
+    assert f"{a00} in train and test (line 2, 3), {a01} in train and val (line 4, 5), " in message
+    assert f"{b00} in train and test (line 8, 9)" in message
+    assert "a-p00 in" not in message  # the raw id only in the file's name, never as the patient
 
 
 # ---------------------------------------------------------------- the split by patient
@@ -215,7 +219,8 @@ def test_the_split_by_patient_from_a_manifest_is_seeded_and_grouped(grouped):
 def test_a_class_in_too_few_patients_is_refused(tmp_path):
     rows = write_patient_images(tmp_path / "scans", patients({"a": 5, "b": 2}))
     message = refusal(write_manifest(tmp_path / "m.csv", "path,label,group", rows))
-    assert "class 'b' has its images in 2 patient(s) (b-p00, b-p01)" in message and "needs at least 3" in message
+    named = ", ".join(patient_hashes({"b-p00", "b-p01"}, patient_salt()))
+    assert f"class 'b' has its images in 2 patient(s) ({named})" in message and "needs at least 3" in message
 
 
 def test_without_a_group_column_each_image_is_its_own_group(tmp_path):
@@ -283,7 +288,7 @@ def test_a_study_from_a_manifest_records_its_split_and_leaks_and_final_tests_the
     assert sum(value for key, value in metrics.items() if key.startswith("leak_exact_")) == 1
     recorded = json.loads(Path(client.download_artifacts(parent.info.run_id, "split.json", str(tmp_path))).read_text())
     assert recorded["test"]["images"] == [s.key for s in index.splits["test"]]
-    assert recorded["test"]["groups"] == index.groups("test")
+    assert recorded["test"]["groups"] == patient_hashes(index.groups("test"), patient_salt())
     leaks = Path(client.download_artifacts(parent.info.run_id, "leakage.csv", str(tmp_path))).read_text()
     assert "../scans/copy.png" in leaks and "../scans/benign-p00_0.png" in leaks
 

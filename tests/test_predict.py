@@ -22,8 +22,9 @@ import torch
 from helpers import mounted_tmpfs, run_script, write_image_folder
 from helpers.cuda import requires_cuda
 
-from search.inference.model_source import RegisteredModel, model_source
+from search.inference.model_source import model_source
 from search.predict import main
+from search.tracking.registered import RegisteredModel
 from search.tracking.schema import MODEL_FILE_IN_MODEL
 from trainables.checkpoint import ModelFile, save_trial_checkpoint
 from trainables.config import Hyperparameters

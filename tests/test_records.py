@@ -25,6 +25,13 @@ V0 = FIXTURES / "best_config_v0.yaml"
 """An older one, written before the trial's name (t07) was recorded."""
 
 
+def written_now(text: str) -> str:
+    """A fixture as today's writer writes it: the knobs added since (class_weighting) at their defaults."""
+    smoothing = re.search(r"  label_smoothing: .*\n", text)
+    assert smoothing is not None
+    return text.replace(smoothing.group(), smoothing.group() + "  class_weighting: none\n")
+
+
 def test_a_best_config_written_before_the_records_loads_and_is_written_back_byte_for_byte():
     text = V1.read_text()
     winner = load_file(str(V1))
@@ -42,7 +49,13 @@ def test_a_best_config_written_before_the_records_loads_and_is_written_back_byte
     )
     assert winner.model_spec is not None and winner.model_spec.num_classes == 3
     assert winner.source == f"config {V1}" and winner.run_id is None
-    assert winner.to_yaml() == text  # a retrain's config.yaml: the same bytes as the study's file
+    assert winner.to_yaml() == written_now(text)  # a retrain's config.yaml: the study's file, with the new knob
+
+
+def test_a_best_config_from_before_class_weighting_loads_with_the_seeds_plain_loss():
+    for fixture in (V0, V1):
+        assert "class_weighting" not in fixture.read_text()
+        assert load_file(str(fixture)).hyperparameters.class_weighting == "none"
 
 
 def test_an_older_best_config_without_the_trials_name_loads():
@@ -64,6 +77,8 @@ def test_from_trial_writes_what_the_study_wrote_before():
         data=raw["data"],
         smoke=raw["smoke"],
         pretrained=raw["pretrained"],
+        subgroups=(),
+        window=None,
     )
     winner = Winner.from_trial(
         study,
@@ -74,7 +89,7 @@ def test_from_trial_writes_what_the_study_wrote_before():
         model_spec=raw["model_spec"],
         trial=raw["trial"],
     )
-    assert winner.to_yaml() == V1.read_text() and winner.source == "study fixture24"
+    assert winner.to_yaml() == written_now(V1.read_text()) and winner.source == "study fixture24"
     without_spec = Winner.from_trial(
         study, trial_id="x", metrics={"val_acc": 0.5, "epoch": 1}, hyperparameters={}, classes=["a", "b"]
     )
@@ -91,7 +106,7 @@ def test_every_problem_is_listed_at_once():
             "config x.yaml: it is a config for --model cnn, not --model vit",
             "unknown key(s) colour",
             "valid: model, hyperparameters, classes, data, seed, img_size, study, trial, trial_id, metric, best_value, "
-            "best_epoch, model_spec, epochs, smoke, pretrained, backbone",
+            "best_epoch, model_spec, epochs, smoke, pretrained, backbone, subgroups, window",
             "seed must be an integer, not True",
             "best_epoch must be a positive integer, not 0",
             "model_spec.num_classes is 4 but classes lists 3",
@@ -156,6 +171,7 @@ def test_the_retrains_settings_keep_the_params_order_and_the_registration_metric
         split_seed=0,
         split_from="study_record",
         data="synthetic:3",
+        window=None,
         smoke=True,
         pretrained=False,
         search_metric="val_acc",
@@ -168,7 +184,7 @@ def test_the_retrains_settings_keep_the_params_order_and_the_registration_metric
     )
     assert list(settings.to_dict()) == [
         "model", "source", "study", "trial", "trial_id", "train_on", "epochs", "img_size", "seed", "split_seed",
-        "split_from", "data", "smoke", "pretrained", "search_metric", "search_best_value", "num_classes",
+        "split_from", "data", "window", "smoke", "pretrained", "search_metric", "search_best_value", "num_classes",
         "train_images", "val_images", "test_images", "calibration_split",
     ]  # fmt: skip
     registration = Registration(name="cnn-classifier", version=3, model_uri="models:/m-1", model_id="m-1")

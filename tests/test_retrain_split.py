@@ -24,6 +24,7 @@ from search.final_model.study_split import index_from_record, retrain_index
 from search.study.resume import split_changes
 from search.tracking.study_run import SplitRecord, split_record
 from trainables.data import SPLITS, DatasetIndex, index_source
+from trainables.privacy import patient_hash, patient_salt
 
 STUDY, SEED = "splitting", 0
 
@@ -130,7 +131,7 @@ def test_patients_whose_images_now_span_the_study_s_splits_are_warned_about(tmp_
     )
     _, notes = index_from_record(index_source(manifest, SEED), record, smoke=False)
     assert notes[-1].startswith("warning: by the group column as it is now, 1 patient(s) have images in the study's")
-    assert f"(e.g. {train_group})" in notes[-1]
+    assert f"(e.g. {patient_hash(train_group, patient_salt())} ({test_key}))" in notes[-1]  # never the raw id
 
 
 def test_a_study_without_a_record_is_split_again_with_a_note(tmp_path, capsys):

@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from search.study.spaces import SpaceError, load_space
-from trainables.config import AUGMENTS, Hyperparameters
+from trainables.config import AUGMENTS, CLASS_WEIGHTINGS, DEFAULTS, Hyperparameters
 
 SPACES = Path(__file__).resolve().parents[1] / "spaces"
 
@@ -20,6 +20,14 @@ def test_every_shipped_space_loads_and_samples_valid_hyperparameters(model):
         hp = Hyperparameters.from_dict(space.configuration(trial))
         assert hp.batch_size in (16, 32)
         study.tell(trial, 0.5)
+
+
+@pytest.mark.parametrize("model", ["cnn", "vit", "hybrid"])
+def test_every_shipped_space_searches_class_weighting_and_its_recipe_point_is_none(model):
+    space = load_space(SPACES / f"{model}.yaml", model)
+    (weighting,) = [p for p in space.parameters if p.name == "class_weighting"]
+    assert (weighting.type, weighting.choices) == ("categorical", CLASS_WEIGHTINGS)
+    assert DEFAULTS.class_weighting == "none" and space.recipe()["class_weighting"] == "none"  # t00: the seed's loss
 
 
 def test_model_specific_knobs_are_searched():

@@ -78,4 +78,12 @@ def test_a_study_its_resume_and_its_retrain_work_through_the_server_alone(server
 
     # The files went through the server into its own artifact folder.
     stored = {path.name for path in Path(server_folder, "artifacts").rglob("*") if path.is_file()}
-    assert {"study.yaml", "best_config.yaml", "test_predictions.csv", "MLmodel"} <= stored
+    assert {"study.yaml", "best_config.yaml", "test_predictions.csv", "MLmodel", "checklist.md"} <= stored
+    # the checklist went into the registered version's model files, through the server too
+    import mlflow
+
+    mlflow.set_tracking_uri(url)  # the registry's too: models:/ resolves through the server
+    shipped = mlflow.artifacts.download_artifacts(
+        f"models:/vit-classifier/{version.version}/checklist.md", dst_path=str(tmp_path / "got")
+    )
+    assert Path(shipped).read_text().startswith("# Reporting checklist: vit-classifier version 1")

@@ -55,27 +55,40 @@ class ModelFile:
     temperature: float = 1.0
     """Divides the logits before the softmax: fitted on the validation split by final.py (temperature
     scaling), so that the probabilities mean what they say; 1.0 for an uncalibrated model."""
+    operating_point: dict | None = None
+    """final.py --operating-point's threshold: {positive (a class name), threshold (on that class's calibrated
+    probability: flagged at or above it), target ('sensitivity' or 'specificity'), target_value}; None: none."""
+    window: tuple[float, float] | None = None
+    """The (center, width) its DICOM training images were windowed with (run.py --window), which predict.py
+    applies too; None: each file's own window."""
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        torch.save(
-            {
-                "model": self.weights,
-                "model_spec": self.spec.portable(),
-                "hyperparameters": self.hyperparameters.to_dict(),
-                "classes": list(self.classes),
-                "metrics": self.metrics,
-                "temperature": self.temperature,
-            },
-            path,
-        )
+        state = {
+            "model": self.weights,
+            "model_spec": self.spec.portable(),
+            "hyperparameters": self.hyperparameters.to_dict(),
+            "classes": list(self.classes),
+            "metrics": self.metrics,
+            "temperature": self.temperature,
+        }
+        if self.operating_point is not None:  # absent otherwise: a file without one is what it was before
+            state["operating_point"] = dict(self.operating_point)
+        if self.window is not None:  # likewise
+            state["window"] = [float(value) for value in self.window]
+        torch.save(state, path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> ModelFile:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = cls.from_trial_checkpoint(state, state["classes"])  # the same keys, plus the classes
-        return replace(model, temperature=float(state.get("temperature", 1.0)))  # older files: uncalibrated
+        return replace(
+            model,
+            temperature=float(state.get("temperature", 1.0)),  # older files: uncalibrated
+            operating_point=state.get("operating_point"),  # older files: none
+            window=stored_window(state.get("window")),  # older files: none
+        )
 
     @classmethod
     def from_trial_checkpoint(cls, state: dict, classes: list[str]) -> ModelFile:
@@ -87,3 +100,8 @@ class ModelFile:
             classes,
             state["metrics"],
         )
+
+
+def stored_window(value: list | None) -> tuple[float, float] | None:
+    """A model file's window as saved ([center, width]), or None."""
+    return None if value is None else (float(value[0]), float(value[1]))

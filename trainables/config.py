@@ -64,6 +64,9 @@ VIT_FULL_DEPTH = 12
 """Blocks of timm's vit_tiny_patch16_224."""
 FUSIONS = ("single_token", "two_tokens")
 """The hybrid head: the seed's (fused features as a single token) or two tokens that attend to each other."""
+CLASS_WEIGHTINGS = ("none", "inverse", "effective")
+"""The cross-entropy's class weights, from the training split's count of each class (trainables.engine.class_weights):
+none (the seed's plain loss), inverse frequency, or the effective number of samples (Cui et al., CVPR 2019)."""
 RENAMED_VALUES = {"fusion": {"seed": "single_token", "tokens": "two_tokens"}}
 """Old value -> new name. Checkpoints and configs that use an old name still load; a search space is told to rename."""
 
@@ -106,6 +109,10 @@ class Hyperparameters:
     """Images per step (the seed's 32 fits 8 GB at 224 px with AMP)."""
     label_smoothing: float = knob(0.0, low=0.0, high=0.99)
     """Cross-entropy label smoothing."""
+    class_weighting: str = knob("none", choices=CLASS_WEIGHTINGS)
+    """Weights of the classes in the training loss (CLASS_WEIGHTINGS): 'none' as the seed, every image alike;
+    'inverse' and 'effective' make a rare class count more, for a training split with a class far smaller than
+    another. The validation loss stays unweighted, so that trials compare on one scale."""
     hflip: float = knob(0.5, low=0.0, high=1.0, augments=True)
     """Probability of mirroring an image left-right. 0.5 as in the seed: most classes look the same mirrored.
     Set 0 where the side carries the label: chest X-rays (laterality), text, digits."""
@@ -361,3 +368,18 @@ def finite(value: float) -> bool:
 
 def is_synthetic(source: str) -> bool:
     return source == SYNTHETIC or source.startswith(SYNTHETIC + ":")
+
+
+MIN_WINDOW_WIDTH = 1.0
+"""DICOM's linear window (PS3.3 C.11.2.1.2.1) is defined for a width of at least 1."""
+
+
+def window_problem(window: tuple[float, float]) -> str | None:
+    """Why (center, width) is no DICOM window (run.py --window, trainables.dicom), or None: here, beside the other
+    checks of plain values, so that the study's record checks it before anything loads."""
+    center, width = window
+    if not (finite(center) and finite(width)):
+        return "the center and width must be finite numbers"
+    if width < MIN_WINDOW_WIDTH:
+        return f"the width must be at least {MIN_WINDOW_WIDTH:g} (DICOM's linear window)"
+    return None

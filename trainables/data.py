@@ -1,10 +1,11 @@
 """Datasets: index a source, split it, decode it once into a shared cache.
 
-A source is a folder with one sub-folder per class, a folder holding train/, val/
-and test/ (used as given), a CSV manifest (trainables.manifest: split by patient), or
-the built-in synthetic set. The index lists samples by key (a file path relative to the
-source's root folder, or a synthetic id) and splits them. Each
-split is decoded once per image size into a uint8 array (N, H, W, 3) on disk that
+A source is a folder with one sub-folder per class (split by PatientID where it holds
+DICOM files), a folder holding train/, val/ and test/ (used as given), a CSV manifest
+(trainables.manifest: split by patient), or the built-in synthetic set. DICOM files are
+decoded by trainables.dicom, windowed as a radiologist sees them. The index lists samples
+by key (a file path relative to the source's root folder, or a synthetic id) and splits
+them. Each split is decoded once per image size into a uint8 array (N, H, W, 3) on disk that
 trials memory-map read-only: no trial ever decodes an image. A cache holds only the
 files of the splits that asked for it, so no trial can open a test image (the study's
 leakage check decodes the test split in memory, to hash it: trainables.leakage).
@@ -30,16 +31,21 @@ from trainables.config import is_synthetic
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 MANIFEST_SUFFIX = ".csv"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+"""Decoded by trainables.dicom (windowed as a radiologist sees them), every other image by PIL."""
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", *DICOM_SUFFIXES}
 SYNTHETIC_CLASSES = 11
 SYNTHETIC_PER_CLASS = 60
 SYNTHETIC_MAX_CLASSES = 1000
 
 
-SPLIT_RULES = ("stratified", "folders", "manifest_column", "patients")
+SPLIT_RULES = ("stratified", "folders", "manifest_column", "patients", "whole")
 """How an index split its source: stratified by class and seeded (class folders, synthetic, a manifest without
-groups), as the train/, val/ and test/ folders give it, as a manifest's split column gives it, or by patient
-(a manifest's group column, stratified and seeded)."""
+groups), as the train/, val/ and test/ folders give it, as a manifest's split column gives it, by patient
+(a manifest's group column or a DICOM folder's PatientID, stratified and seeded), or not at all: every image in
+one split (one_split)."""
+EXTERNAL = "external"
+"""The one split of an external test set (final.py --external): another site's source, tested whole."""
 
 
 class DataError(ValueError):
@@ -52,7 +58,19 @@ class Sample:
     """A path relative to the source root, or a synthetic id such as 'c03-0017'."""
     label: int
     group: str | None = None
-    """The patient (or study) the image belongs to: a manifest's group column; None elsewhere."""
+    """The patient (or study) the image belongs to: a manifest's group column, or a DICOM file's PatientID in a
+    folder source; None elsewhere. Held in memory only: stores get salted hashes of it, never the id."""
+    attributes: tuple[tuple[str, str], ...] = ()
+    """(column, value) of each subgroup column a manifest declares (run.py --subgroups site,sex), in the declared
+    order; () elsewhere. Results are reported per value (search.evaluation.subgroups); nothing trains on them."""
+
+    def attribute(self, column: str) -> str:
+        """The image's value in a declared subgroup column; a KeyError for a column not declared."""
+        for name, value in self.attributes:
+            if name == column:
+                return value
+        declared = ", ".join(name for name, _ in self.attributes) or "none"
+        raise KeyError(f"{column!r} is not a subgroup column of this source (declared: {declared})")
 
 
 @dataclass
@@ -65,6 +83,11 @@ class DatasetIndex:
     """Files that are not images by their suffix (ignored, counted)."""
     split_by: str = "stratified"
     """How the splits were made: one of SPLIT_RULES, recorded by the indexer that made them."""
+    window: tuple[float, float] | None = None
+    """(center, width) every DICOM image is windowed with instead of its file's own (run.py --window): a property
+    of the decoded data, part of its cache key. None: each file's VOI LUT or window, else its min..max."""
+    unidentified: int = 0
+    """Images of a DICOM folder source without a PatientID: each was split as a patient of its own."""
 
     @property
     def is_synthetic(self) -> bool:
@@ -78,6 +101,11 @@ class DatasetIndex:
     def root(self) -> Path:
         """The folder that sample keys are relative to: a manifest's own folder, or the source folder."""
         return Path(self.source).parent if self.is_manifest else Path(self.source)
+
+    @property
+    def has_dicom(self) -> bool:
+        """Whether any of its images is a DICOM file (which a window applies to)."""
+        return any(is_dicom(s.key) for samples in self.splits.values() for s in samples)
 
     @property
     def has_groups(self) -> bool:
@@ -108,16 +136,29 @@ class DatasetIndex:
 # ---------------------------------------------------------------- indexing
 
 
-def index_source(source: str | os.PathLike, seed: int) -> DatasetIndex:
-    """Index a data source and split it (stratified and seeded unless pre-split)."""
+def index_source(
+    source: str | os.PathLike,
+    seed: int,
+    *,
+    subgroups: tuple[str, ...] = (),
+    window: tuple[float, float] | None = None,
+) -> DatasetIndex:
+    """Index a data source and split it (stratified and seeded unless pre-split). `subgroups`: a manifest's extra
+    columns to read into each sample's attributes (run.py --subgroups); only a manifest has columns. `window`:
+    the (center, width) its DICOM images are decoded with (run.py --window); kept only where it holds some."""
     source = str(source)
+    if subgroups and not is_manifest(source):
+        raise DataError(
+            f"subgroup column(s) {', '.join(subgroups)} (run.py --subgroups) are columns of a CSV manifest, and "
+            f"{source} is not one: give a manifest with those columns as --data, or run the study without --subgroups"
+        )
     if is_synthetic(source):
-        return synthetic_index(source, seed)
+        return with_window(synthetic_index(source, seed), window)
     root = Path(source).expanduser().resolve()
     if is_manifest(str(root)):
         from trainables.manifest import manifest_index  # deferred: the manifest module builds on this one's records
 
-        return manifest_index(root, seed)
+        return with_window(manifest_index(root, seed, subgroups), window)
     if root.is_file():
         raise DataError(
             f"--data {root} is a file: pass the folder that holds the class sub-folders, a CSV manifest "
@@ -130,17 +171,64 @@ def index_source(source: str | os.PathLike, seed: int) -> DatasetIndex:
         )
     present = [split for split in SPLITS if (root / split).is_dir()]
     if len(present) == len(SPLITS):
-        return presplit_index(root)
+        return with_window(presplit_index(root), window)
     if len(present) >= 2:  # a pre-split layout with a split missing, not classes named 'train' and 'val'
         missing = ", ".join(f"{split}/" for split in SPLITS if split not in present)
         raise DataError(
             f"data folder {root} holds {' and '.join(f'{s}/' for s in present)} but no {missing}: add {missing} "
             f"with the same class folders, or point --data at a folder of class folders to have it split"
         )
+    return with_window(class_folder_index(root, seed), window)
+
+
+def class_folder_index(root: Path, seed: int) -> DatasetIndex:
+    """Class folders split 70/15/15, stratified and seeded; by patient where they hold DICOM files (patient_split)."""
     classes, samples, ignored = scan_class_folders(root)
+    if any(is_dicom(sample.key) for sample in samples):
+        return patient_split(root, classes, samples, ignored, seed)
     labels = np.array([s.label for s in samples])
     parts = stratified_split(labels, seed, classes)
     return DatasetIndex(str(root), classes, {split: [samples[i] for i in parts[split]] for split in SPLITS}, ignored)
+
+
+def patient_split(root: Path, classes: list[str], samples: list[Sample], ignored: int, seed: int) -> DatasetIndex:
+    """Class folders of DICOM files split by their PatientID, grouped and stratified as a manifest's group column
+    is (trainables.manifest.grouped_split), so that no patient's images are in two splits. An image without a
+    PatientID (or no DICOM) is a patient of its own, and counted (DatasetIndex.unidentified)."""
+    from trainables.dicom import patients_of  # deferred: pydicom loads for DICOM sources only
+    from trainables.manifest import grouped_split
+    from trainables.privacy import patient_salt
+
+    patient_salt()  # read (or made) now, before anything is written: every record of a patient is hashed with it
+
+    keys = [s.key for s in samples if is_dicom(s.key)]
+    patient_of = dict(zip(keys, patients_of([root / key for key in keys]), strict=True))
+    samples = [replace(sample, group=patient_of.get(sample.key)) for sample in samples]
+    # A file's own group is named after the file: no PatientID reads "file <path>".
+    groups = [s.group if s.group is not None else f"file {s.key}" for s in samples]
+    parts = grouped_split(np.array([s.label for s in samples]), groups, seed, classes)
+    splits = {split: [samples[i] for i in parts[split]] for split in SPLITS}
+    unidentified = sum(s.group is None for s in samples)
+    return DatasetIndex(str(root), classes, splits, ignored, split_by="patients", unidentified=unidentified)
+
+
+def with_window(index: DatasetIndex, window: tuple[float, float] | None) -> DatasetIndex:
+    """The index with the window its DICOM images are decoded with. A source without DICOM files keeps none: it
+    would change nothing but the cache's name (run.py refuses such a --window; an external test set of PNGs for
+    a study of DICOM files is decoded as it would be without)."""
+    return replace(index, window=window) if window is not None and index.has_dicom else index
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """A DICOM file, by its suffix."""
+    return Path(path).suffix.lower() in DICOM_SUFFIXES
+
+
+def one_split(index: DatasetIndex, name: str = EXTERNAL) -> DatasetIndex:
+    """Every sample of an index in one split `name`, in key order (not the seeded split's order, so that the
+    same files make the same split, and the same cache, whatever seed indexed them)."""
+    samples = sorted((s for split in index.splits.values() for s in split), key=lambda sample: sample.key)
+    return replace(index, splits={name: samples}, split_by="whole")
 
 
 def scan_class_folders(root: Path, prefix: str = "") -> tuple[list[str], list[Sample], int]:
@@ -267,16 +355,35 @@ def synthetic_image(key: str, num_classes: int, size: int) -> np.ndarray:
 # ---------------------------------------------------------------- decoding
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """Decode any PIL-readable image to RGB uint8, resized to size x size."""
+def decode_image(path: Path, size: int, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Decode any PIL-readable image, or a DICOM file (by its suffix; windowed with `window` where given, else as
+    its file says: trainables.dicom), to RGB uint8, resized to size x size."""
+    if is_dicom(path):
+        from trainables.dicom import decode_dicom  # deferred: pydicom loads with the first DICOM file
+
+        return decode_dicom(path, size, window)
     with Image.open(path) as image:
         image.draft("RGB", (size, size))  # JPEG: decode at reduced scale when the file is large
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16-bit and 32-bit integer greyscale: scale to 8 bits rather than clip.
             array = np.asarray(image, dtype=np.float64)
             image = Image.fromarray((array * (255.0 / max(array.max(), 1.0))).astype(np.uint8))
-        image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        return np.asarray(image, dtype=np.uint8)
+        return resized(image, size)
+
+
+def resized(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """The one resize of every decoded image (a PIL image, or an (H, W, 3) uint8 array): RGB, bilinear, to
+    size x size, as uint8."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def failure_reason(error: Exception) -> str:
+    """Why an image did not decode, for the skipped list: a DataError's own words (they name the cause and the
+    fix, e.g. a multi-frame DICOM), else the error's type and message."""
+    return str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}"
 
 
 @dataclass(frozen=True)
@@ -316,7 +423,9 @@ def cache_key(index: DatasetIndex, split: str, size: int) -> str:
 
 def data_digest(index: DatasetIndex) -> str:
     """The data's fingerprint (every split's files, labels, sizes and times): MLflow's dataset digest."""
-    splits = "".join(f"{split}:{split_digest(index, split)}\n" for split in SPLITS if split in index.splits)
+    splits = "".join(
+        f"{split}:{split_digest(index, split)}\n" for split in (*SPLITS, EXTERNAL) if split in index.splits
+    )
     return hashlib.sha256(splits.encode()).hexdigest()[:20]
 
 
@@ -324,7 +433,9 @@ def split_digest(index: DatasetIndex, split: str, *header: object) -> str:
     # A manifest's own bytes count too: a changed group or split column is another dataset, even where a
     # split's files stay the same.
     source = [index.source, manifest_digest(index.source)] if index.is_manifest else [index.source]
-    digest = hashlib.sha256(json.dumps([*source, *header, index.classes]).encode())
+    # Another --window decodes other pixels from the same files; without one, the digests stay as they were.
+    window = [] if index.window is None else [list(index.window)]
+    digest = hashlib.sha256(json.dumps([*source, *header, index.classes, *window]).encode())
     root = None if index.is_synthetic else index.root
     for sample in index.splits[split]:
         stamp = ""
@@ -438,10 +549,10 @@ def decode_into(images: np.ndarray, index: DatasetIndex, samples: list[Sample], 
 
     def decode(i: int) -> tuple[str, str] | None:
         try:
-            images[i] = decode_image(root / samples[i].key, size)
+            images[i] = decode_image(root / samples[i].key, size, index.window)
             return None
         except Exception as error:  # PIL raises many types for broken files
-            return samples[i].key, f"{type(error).__name__}: {error}"
+            return samples[i].key, failure_reason(error)
 
     # PIL releases the GIL while decoding and resizing, so threads use every core.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

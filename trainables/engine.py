@@ -8,10 +8,11 @@ MLflow in the final retrain).
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,13 +22,20 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 from torch import nn
 
 from trainables.augment import augment_batch
-from trainables.config import METRIC_MODES, Hyperparameters, SpeedOptions, improves
+from trainables.config import CLASS_WEIGHTINGS, METRIC_MODES, Hyperparameters, SpeedOptions, improves
 from trainables.data import CachedSplit
 from trainables.fidelity import epoch_compute
 from trainables.gpu_memory import allocator_fraction
 
 EVAL_BATCH_FACTOR = 2
 """Evaluation batches are this many times the training batch: no gradients, so they fit."""
+EFFECTIVE_NUMBER_BETA = 0.999
+"""β of class_weighting='effective': a class of n images counts as (1 - β^n) / (1 - β) (Cui et al., CVPR 2019).
+The paper picks β per dataset from {0.9, 0.99, 0.999, 0.9999}; its N = 1 / (1 - β) is the number of distinct
+prototypes of a class, not the size of the dataset, so a β derived from the dataset's size would misread it.
+0.999 makes the effective number level off near 1000 images: on the few thousand images this tool is made for,
+'effective' lies between 'none' and 'inverse' (classes of 100 and 2000 images weigh 9:1 against inverse's 20:1),
+a choice of its own for the search rather than a near copy of 'inverse'."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -98,6 +106,7 @@ class Learner:
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+        """The training loss; its class weights (hp.class_weighting) are those of the split each epoch trains on."""
         self.epoch = 0
         self.best_score: float | None = None
         self.bad_epochs = 0
@@ -123,7 +132,10 @@ class Learner:
         for step, (images, labels) in enumerate(batches, start=1):
             images = augment_batch(images, generator, **self.hp.augmentation())
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                loss = self.loss_fn(self.network(images), labels)
+                logits = self.network(images)
+                if step == 1:  # the classes are the logits' columns: a split given as folders may lack one
+                    self.loss_fn.weight = self.class_weight(split.labels, logits.shape[1])
+                loss = self.loss_fn(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -140,6 +152,11 @@ class Learner:
         if not torch.isfinite(total):
             raise self.diverged(total)
         return total.item() / max(seen, 1)
+
+    def class_weight(self, labels: np.ndarray, classes: int) -> torch.Tensor | None:
+        """The loss's weight per class for a training split of these labels (None: every image alike)."""
+        weights = class_weights(np.bincount(labels, minlength=classes).tolist(), self.hp.class_weighting)
+        return None if weights is None else torch.tensor(weights, dtype=torch.float32, device=self.device)
 
     def diverged(self, total: torch.Tensor) -> NonFiniteLoss:
         return NonFiniteLoss(
@@ -165,6 +182,7 @@ class Learner:
         self, split: CachedSplit, prefix: str = "val", on_batch: Callable[[], None] | None = None
     ) -> dict[str, float]:
         logits, labels = self.predict(split, on_batch)
+        # Unweighted whatever class_weighting trains with: trials that weigh classes differently compare on one loss.
         loss = nn.functional.cross_entropy(logits, torch.tensor(labels)).item()
         return {f"{prefix}_loss": loss, **classification_metrics(labels, logits.argmax(1).numpy(), prefix)}
 
@@ -268,6 +286,30 @@ def fit(
         yield EpochResult(learner.epoch, metrics, improved, finished, size, learner.compute_epochs)
         if finished:
             return
+
+
+def class_weights(counts: Sequence[int], weighting: str) -> list[float] | None:
+    """The cross-entropy's weight of each class, from the training split's count of each (None for 'none').
+
+    inverse: N / (C n_c), so that each class's images weigh N / C together, as in a balanced split.
+    effective: 1 / E(n_c), E(n) = (1 - β^n) / (1 - β) (EFFECTIVE_NUMBER_BETA), scaled to average 1 over the classes
+    as Cui et al. do. A class without training images counts as one: it is never a target, so its weight only has
+    to be finite.
+    """
+    if weighting == "none":
+        return None
+    counts = [max(int(count), 1) for count in counts]
+    if weighting == "inverse":
+        total = sum(counts)
+        return [total / (len(counts) * count) for count in counts]
+    if weighting == "effective":
+        # 1 - β^n, computed as -expm1(n log β): exact where β^n is close to 1
+        effective = [
+            -math.expm1(count * math.log(EFFECTIVE_NUMBER_BETA)) / (1 - EFFECTIVE_NUMBER_BETA) for count in counts
+        ]
+        raw = [1 / number for number in effective]
+        return [weight * len(raw) / sum(raw) for weight in raw]
+    raise ValueError(f"class_weighting {weighting!r} is not one of {', '.join(CLASS_WEIGHTINGS)}")
 
 
 def epoch_size(resolutions: Resolutions | None, epoch: int, full_size: int) -> int:

@@ -9,7 +9,9 @@
 study) id; `split` is train, val or test. Without a split column the rows are split
 stratified by label and grouped by patient, so that no patient's images end up in two
 splits: two scans of one patient in train and test would inflate every test number.
-Without a group column each image is its own group. Every problem is a one-line DataError.
+Without a group column each image is its own group. Other columns are refused unless declared as subgroups
+(run.py --subgroups site,sex): their values, never empty, are read into each sample's attributes, for results
+per subgroup. Every problem is a one-line DataError.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from trainables.data import SPLITS, DataError, DatasetIndex, Sample, stratified_split
+from trainables.privacy import patient_hash, patient_hashes, patient_salt
 
 COLUMNS = ("path", "label", "group", "split")
 REQUIRED = ("path", "label")
@@ -53,17 +56,23 @@ class Row:
     label: str
     group: str | None
     split: str | None
+    attributes: tuple[tuple[str, str], ...] = ()
+    """(column, value) of each declared subgroup column."""
 
 
-def manifest_index(path: Path, seed: int) -> DatasetIndex:
-    """Index a manifest: its rows checked, then split by its split column or by patient (seeded)."""
-    rows, columns = read_rows(path)
+def manifest_index(path: Path, seed: int, subgroups: tuple[str, ...] = ()) -> DatasetIndex:
+    """Index a manifest: its rows checked, then split by its split column or by patient (seeded). `subgroups`: the
+    extra columns declared (run.py --subgroups), read into each sample's attributes."""
+    rows, columns = read_rows(path, subgroups)
     check_rows(path, rows)
+    check_attributes(path, rows, subgroups)
     classes = sorted({row.label for row in rows})
     if len(classes) < 2:
         raise DataError(f"manifest {path} names one class ({classes[0]}): a classifier needs at least 2")
     label_of = {name: label for label, name in enumerate(classes)}
-    samples = [Sample(row.key, label_of[row.label], row.group) for row in rows]
+    samples = [Sample(row.key, label_of[row.label], row.group, attributes=row.attributes) for row in rows]
+    if "group" in columns:
+        patient_salt()  # read (or made) now, before anything is written: every record of a patient is hashed with it
     if "split" in columns:
         return DatasetIndex(str(path), classes, given_splits(path, rows, samples, classes), split_by="manifest_column")
     labels = np.array([s.label for s in samples])
@@ -78,8 +87,9 @@ def manifest_index(path: Path, seed: int) -> DatasetIndex:
 # ---------------------------------------------------------------- reading
 
 
-def read_rows(path: Path) -> tuple[list[Row], list[str]]:
-    """The manifest's rows and its header's columns; blank lines are skipped."""
+def read_rows(path: Path, subgroups: tuple[str, ...] = ()) -> tuple[list[Row], list[str]]:
+    """The manifest's rows and its header's columns; blank lines are skipped. `subgroups`: the declared extra
+    columns."""
     if not path.is_file():
         raise DataError(
             f"manifest {path} does not exist: check the path, or pass --data a folder of class folders "
@@ -98,7 +108,7 @@ def read_rows(path: Path) -> tuple[list[Row], list[str]]:
         )
     columns = [cell.strip().lower() for cell in lines[0][1]]
     check_separator(path, lines[0][1])
-    check_columns(path, columns)
+    check_columns(path, columns, subgroups)
     if len(lines) == 1:
         raise DataError(f"manifest {path} has a header but no rows: add one row per image")
     ragged = [number for number, cells in lines[1:] if len(cells) != len(columns)]
@@ -118,6 +128,7 @@ def read_rows(path: Path) -> tuple[list[Row], list[str]]:
                 label=values["label"],
                 group=values.get("group"),
                 split=values["split"].lower() if "split" in values else None,
+                attributes=tuple((column, values[column]) for column in subgroups),
             )
         )
     return rows, columns
@@ -140,21 +151,29 @@ def check_separator(path: Path, header: list[str]) -> None:
             )
 
 
-def check_columns(path: Path, columns: list[str]) -> None:
-    unknown = [c for c in columns if c not in COLUMNS]
+def check_columns(path: Path, columns: list[str], subgroups: tuple[str, ...] = ()) -> None:
+    """The header has path and label, each column once, and no column that is neither ours nor a declared
+    subgroup: an unknown column is more often a typo ('lable') or patient data than something to ignore."""
+    unknown = [c for c in columns if c not in COLUMNS and c not in subgroups]
     missing = [c for c in REQUIRED if c not in columns]
+    undeclared = [c for c in subgroups if c not in columns]
     repeated = sorted({c for c in columns if columns.count(c) > 1})
     problems = []
     if unknown:
         problems.append(f"unknown column(s) {', '.join(map(repr, unknown))}")
     if missing:
         problems.append(f"no {' or '.join(missing)} column")
+    if undeclared:
+        problems.append(f"no column {', '.join(map(repr, undeclared))}, which --subgroups declares")
     if repeated:
         problems.append(f"column(s) {', '.join(repeated)} given twice")
     if problems:
+        declared = f", and the subgroup column(s) declared: {', '.join(subgroups)}" if subgroups else ""
+        keep = "; to keep another column for results per subgroup, declare it: run.py --subgroups NAME[,NAME]"
         raise DataError(
             f"manifest {path}: {'; '.join(problems)}: its header takes {', '.join(COLUMNS)} "
-            f"(path and label required; group: the patient or study id; split: train, val or test)"
+            f"(path and label required; group: the patient or study id; split: train, val or test){declared}"
+            f"{keep if unknown else ''}"
         )
 
 
@@ -203,6 +222,18 @@ def check_rows(path: Path, rows: list[Row]) -> None:
         )
 
 
+def check_attributes(path: Path, rows: list[Row], subgroups: tuple[str, ...]) -> None:
+    """Every row has a value in every declared subgroup column: an empty one would be a subgroup of its own,
+    reported as if it meant something. Refused per column, naming up to three rows."""
+    for column in subgroups:
+        lines = [row.line for row in rows if dict(row.attributes)[column] == ""]
+        if lines:
+            raise DataError(
+                f"{len(lines)} row(s) of manifest {path} have no {column} (line {shown(lines)}): fill it in, or write "
+                f"'unknown' where it is not known (a subgroup of its own)"
+            )
+
+
 def check_label_case(path: Path, rows: list[Row]) -> None:
     """Two labels that differ only in case ('Benign', 'benign') are one class written two ways, almost always: as two
     classes the model would learn to tell them apart. Refused, naming both spellings and a row of each."""
@@ -236,7 +267,11 @@ def given_splits(path: Path, rows: list[Row], samples: list[Sample], classes: li
         splits[str(row.split)].append(sample)
     spanning = patients_in_several_splits(rows)
     if spanning:
-        examples = ", ".join(f"{group} in {' and '.join(where)}" for group, where in spanning[:SHOWN])
+        salt = patient_salt()  # the patient by its hash (never its id, which this line would print) and its rows
+        examples = ", ".join(
+            f"{patient_hash(group, salt)} in {' and '.join(where)} (line {shown(lines)})"
+            for group, where, lines in spanning[:SHOWN]
+        )
         raise DataError(
             f"{len(spanning)} patient group(s) of manifest {path} have images in more than one split ({examples}): "
             f"a patient's images must share one split, or the test scores are inflated; fix the split column, "
@@ -255,15 +290,18 @@ def given_splits(path: Path, rows: list[Row], samples: list[Sample], classes: li
     return splits
 
 
-def patients_in_several_splits(rows: list[Row]) -> list[tuple[str, list[str]]]:
-    """(group, its splits in train/val/test order) for each patient whose images span splits."""
+def patients_in_several_splits(rows: list[Row]) -> list[tuple[str, list[str], list[int]]]:
+    """(group, its splits in train/val/test order, its rows' lines) for each patient whose images span splits, in
+    the order of their first rows."""
     splits_of: dict[str, set[str]] = defaultdict(set)
+    lines_of: dict[str, list[int]] = defaultdict(list)
     for row in rows:
         if row.group is not None:
             splits_of[row.group].add(str(row.split))
+            lines_of[row.group].append(row.line)
     return [
-        (group, [split for split in SPLITS if split in where])
-        for group, where in sorted(splits_of.items())
+        (group, [split for split in SPLITS if split in where], lines_of[group])
+        for group, where in splits_of.items()
         if len(where) > 1
     ]
 
@@ -301,7 +339,8 @@ def require_groups_per_class(labels: np.ndarray, group_ids: np.ndarray, groups: 
     for label, name in enumerate(classes):
         patients = np.unique(group_ids[labels == label])
         if len(patients) < len(SPLITS):
-            names = sorted({groups[i] for i in np.flatnonzero(labels == label)})
+            # named by their hashes: this line is printed, and a patient id is never written (trainables.privacy)
+            names = patient_hashes({groups[i] for i in np.flatnonzero(labels == label)}, patient_salt())
             raise DataError(
                 f"class {name!r} has its images in {len(patients)} patient(s) ({shown(names)}): a split by patient "
                 f"into train, val and test needs at least {len(SPLITS)}; add patients of {name!r} or drop the class"

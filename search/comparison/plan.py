@@ -32,6 +32,7 @@ BUDGET_SETTINGS = (
     "trials",
     "epochs",
     "img_size",
+    "window",
     "fidelity",
     "metric",
     "objective",

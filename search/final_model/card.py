@@ -10,19 +10,24 @@ is generated from the record; nothing is claimed that the run did not measure.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING
 
 from search.evaluation.calibration import ECE_BINS
 from search.evaluation.formatting import finite, fixed
 from search.evaluation.intervals import CONFIDENCE, RESAMPLES
+from search.evaluation.operating_point import RATES
+from search.evaluation.subgroups import METRICS as SUBGROUP_METRICS
+from search.evaluation.subgroups import Subgroup, SubgroupTable, interval_text
 from search.final_model.report import INTERVAL_METHOD, INTERVAL_SEED, SUMMARY_ROWS
 from search.tracking.study_run import data_record
 from trainables.config import MODEL_NAMES, knobs_of
-from trainables.data import SPLIT_FRACTIONS, DatasetIndex
+from trainables.data import SPLIT_FRACTIONS, DatasetIndex, manifest_digest
 from trainables.spec import backbones_of
 
 if TYPE_CHECKING:
+    from search.evaluation.operating_point import OperatingPoint
+    from search.final_model.external import ExternalResult
     from search.final_model.report import HeldOutResult
     from search.final_model.retrain import PreparedFinal
     from search.records.registration import Registration
@@ -34,6 +39,10 @@ DESCRIPTION_LIMIT = 5000
 ACCURACY = "test_acc"
 CLASSES_TAG_LIMIT = 250
 """Characters of class names the 'classes' tag lists before it says how many more there are."""
+EXTERNAL_TAG_PREFIX = "external."
+"""A registered version's tag per external set: external.<digest> = the run and its accuracy with interval."""
+EXTERNAL_TAG_DIGEST = 12
+"""Characters of the external set's digest in that tag's key."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,34 @@ class ClassRow:
     """TN / (TN + FP)."""
 
 
+@dataclass(frozen=True)
+class ExternalRow:
+    """One score on the external set beside the internal test's."""
+
+    score: Score
+    """On the external set, with its interval."""
+    test: float | None
+    """The same metric on the internal test split; None where it is not known (a version's run without it)."""
+    worse: bool
+    """The external interval lies wholly on the worse side of the internal value."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExternalFacts:
+    """final.py --external: another source's images, tested whole (search/final_model/external.py)."""
+
+    name: str
+    """The source as its MLflow dataset names it."""
+    digest: str
+    images: int
+    missing: tuple[str, ...]
+    """The model's classes the source has no image of."""
+    temperature: float
+    calibrated: bool
+    """The temperature was fitted on val (else T = 1: the model trained on val)."""
+    rows: tuple[ExternalRow, ...]
+
+
 @dataclass(frozen=True, kw_only=True)
 class CardFacts:
     title: str
@@ -73,6 +110,10 @@ class CardFacts:
     backbones: tuple[str, ...]
     """timm names of the model's backbones."""
     img_size: int
+    dicom: bool = False
+    """Whether the data held DICOM images (their decoding is then part of the input)."""
+    window: tuple[float, float] | None = None
+    """The (center, width) its DICOM images were windowed with (run.py --window); None: each file's own."""
     classes: tuple[ClassRow, ...]
     """In output order (the probabilities' columns), with their test counts and one-vs-rest rates."""
     temperature: float
@@ -123,13 +164,34 @@ class CardFacts:
     """Fitted on few images or on images all classified right (Calibration.unsteady)."""
     ece_before: float
     ece_after: float
+    subgroups: SubgroupTable | None = None
+    """The test results per value of each subgroup column the study declared (run.py --subgroups); None: none."""
+    operating_point: OperatingPoint | None = None
+    """final.py --operating-point's threshold, chosen on val, with its rates on val and test; None: none."""
+    # the reporting checklist's (search/final_model/checklist.py): counts only, never a patient's id
+    split_by: str | None = None
+    """How the split was made (DatasetIndex.split_by): patients, stratified, folders, manifest_column."""
+    class_counts: dict[str, dict[str, int]] | None = None
+    """train, val and test -> class name -> images."""
+    patients: dict[str, int] | None = None
+    """train, val and test -> patients (a manifest's groups, a DICOM's PatientID); None without patients."""
+    manifest_digest: str | None = None
+    """The manifest's digest (trainables.data.manifest_digest) where the data is a manifest."""
+    external: ExternalFacts | None = None
+    """final.py --external's scores beside the internal test's; None: no external test."""
 
 
 # ---------------------------------------------------------------- from the final run
 
 
 def card_facts(
-    final: PreparedFinal, result: HeldOutResult, trained_epochs: int, registered: Registration | None, run_id: str
+    final: PreparedFinal,
+    result: HeldOutResult,
+    trained_epochs: int,
+    registered: Registration | None,
+    run_id: str,
+    operating: OperatingPoint | None = None,
+    external: ExternalResult | None = None,
 ) -> CardFacts:
     """The card's record, from the prepared run, its one test and its registration (None when not registered)."""
     config, index = final.config, final.index
@@ -141,6 +203,8 @@ def card_facts(
         model=config.model,
         backbones=backbones_of(final.spec),
         img_size=config.img_size,
+        dicom=index.has_dicom,
+        window=index.window,
         classes=tuple(
             ClassRow(name, int(scores["support"]), scores["sensitivity"], scores["specificity"])
             for name, scores in result.per_class.items()
@@ -174,7 +238,39 @@ def card_facts(
         calibration_unsteady=calibration.unsteady,
         ece_before=calibration.ece_before,
         ece_after=calibration.ece_after,
+        subgroups=result.subgroups,
+        operating_point=operating,
+        split_by=index.split_by,
+        class_counts={split: class_counts(index, split) for split in ("train", "val", "test")},
+        patients={split: len(index.groups(split)) for split in ("train", "val", "test")} if index.has_groups else None,
+        manifest_digest=manifest_digest(index.source) if index.is_manifest else None,
+        external=external_facts(external) if external is not None else None,
     )
+
+
+def external_facts(external: ExternalResult) -> ExternalFacts:
+    """The external test as the card shows it: each score with its interval, beside the internal test's."""
+    data, result = external.data, external.result
+    return ExternalFacts(
+        name=data.name,
+        digest=data.digest,
+        images=len(result.labels),
+        missing=data.missing,
+        temperature=result.calibration.temperature,
+        calibrated=result.calibration.calibrated,
+        rows=tuple(
+            ExternalRow(Score(row.key, row.label, row.external, row.low, row.high), row.test, row.worse)
+            for row in external.comparison()
+        ),
+    )
+
+
+def class_counts(index: DatasetIndex, split: str) -> dict[str, int]:
+    """Images of each class in the split, every class named (0 where it has none): the checklist's table."""
+    counts = dict.fromkeys(index.classes, 0)
+    for sample in index.splits[split]:
+        counts[index.classes[sample.label]] += 1
+    return counts
 
 
 def bounds(result: HeldOutResult, key: str) -> tuple[float | None, float | None]:
@@ -242,7 +338,10 @@ def render(facts: CardFacts, shown: tuple[ClassRow, ...]) -> str:
         training_section(facts),
         test_section(facts),
         calibration_section(facts),
+        *([external_section(facts.external)] if facts.external is not None else []),
+        *([operating_point_section(facts.operating_point)] if facts.operating_point is not None else []),
         per_class_section(facts, shown),
+        *([subgroups_section(facts.subgroups)] if facts.subgroups is not None else []),
     ]
     return "\n\n".join(sections) + "\n"
 
@@ -263,12 +362,17 @@ def header(facts: CardFacts) -> str:
 
 def intended_use(facts: CardFacts) -> str:
     source = "the synthetic set" if facts.synthetic else f"one source ({facts.data_name})"
+    tested = (
+        "it was tested only on a held-out split of that same source."
+        if facts.external is None
+        else f"it was tested on a held-out split of that source and on one other ({facts.external.name}, "
+        "see External validation), which says nothing of the rest."
+    )
     limits = [
         "Intended for research: studying and comparing classifiers. Not a medical device: not cleared or "
         "validated for diagnosis, screening or any decision about a patient.",
         f"Trained on {facts.train_images} images from {source}. How it performs on images from other "
-        "scanners, sites, acquisition settings or populations is unknown: it was tested only on a held-out "
-        "split of that same source.",
+        f"scanners, sites, acquisition settings or populations is unknown: {tested}",
         f"It sees every image at {facts.img_size}×{facts.img_size} pixels: a larger image is resized, and "
         "detail finer than that is lost.",
         f"It always answers with one of its {len(facts.classes)} classes: an image of none of them (another "
@@ -298,6 +402,8 @@ def input_and_output(facts: CardFacts) -> str:
         f"- Output: (N, {len(facts.classes)}) class probabilities, softmax(logits / T) with T = "
         f"{facts.temperature:.4f}; each row sums to 1; columns: {columns}.",
     ]
+    if facts.dicom:
+        lines.insert(1, f"- DICOM images: {dicom_decoding(facts.window)}")
     if facts.model_uri is not None:
         lines.append(
             f"- Serve: `mlflow models serve -m {facts.model_uri} --env-manager local`, then POST "
@@ -305,6 +411,19 @@ def input_and_output(facts: CardFacts) -> str:
             'the answer is `{"predictions": [[...], ...]}`, one row of probabilities per image.'
         )
     return "## Input and output\n\n" + "\n".join(lines)
+
+
+def dicom_decoding(window: tuple[float, float] | None) -> str:
+    """How DICOM images become the input, as trainables.dicom decodes them (and predict.py, from the model file)."""
+    shown = (
+        f"the window center {window[0]:g}, width {window[1]:g} (run.py --window)"
+        if window is not None
+        else "the file's own VOI LUT or window, else the image's min..max"
+    )
+    return (
+        f"the Modality LUT (rescale slope and intercept), then {shown}, MONOCHROME1 inverted, then 8 bits, grey "
+        "repeated in the 3 channels."
+    )
 
 
 def data_section(facts: CardFacts) -> str:
@@ -379,6 +498,65 @@ def calibration_section(facts: CardFacts) -> str:
     return "## Calibration\n\n" + text
 
 
+def operating_point_section(point: OperatingPoint) -> str:
+    """The threshold, how it was chosen (on val), and what it achieves on the test split, with intervals."""
+    text = (
+        f"An image is flagged as {point.positive} when {point.rule()} (its calibrated probability): the threshold "
+        f"was {point.chosen()}, never on the test split. On the test split ({round(100 * CONFIDENCE)} % CI as "
+        "above; n/a: undefined):"
+    )
+    rows = [
+        (f"{name} of {point.positive}", score_text(Score(name, name, *astuple(point.test[name])))) for name in RATES
+    ]
+    note = (
+        "predict.py applies it: its CSV's `flagged` column is 1 where the rule holds. The registered model itself "
+        "still gives the probabilities."
+    )
+    return "## Operating point\n\n" + text + "\n\n" + table(("rate", "value (CI)"), rows) + "\n\n" + note
+
+
+def external_section(external: ExternalFacts) -> str:
+    """The external set's scores with intervals beside the internal test's, and what fell beyond the interval."""
+    temperature = (
+        f"at the temperature fitted on val (T = {external.temperature:.4f}; nothing was fitted on these images)"
+        if external.calibrated
+        else "uncalibrated (T = 1), as on the internal test"
+    )
+    text = (
+        f"{external.images} images of another source ({external.name}, digest `{external.digest}`), tested whole "
+        f"as the test split is, {temperature}."
+    )
+    if external.missing:
+        text += (
+            f" It has no image of {len(external.missing)} of the model's classes ({', '.join(external.missing[:10])}"
+            f"{', …' if len(external.missing) > 10 else ''}): ROC-AUC is undefined there and macro F1 counts each "
+            "such class as 0."
+        )
+    rows = [
+        (
+            row.score.label,
+            score_text(row.score),
+            "n/a" if row.test is None else fixed(row.test, 4),
+            "n/a" if row.test is None else signed(row.score.value - row.test),
+        )
+        for row in external.rows
+    ]
+    worse = [row.score.label for row in external.rows if row.worse]
+    verdict = (
+        f"Worse than on the internal test beyond the external interval: {', '.join(worse)}. The model does not "
+        "carry over to this source as well as the internal test says."
+        if worse
+        else "No score is worse than the internal test's beyond the external interval."
+    )
+    head = ("metric", f"external ({round(100 * CONFIDENCE)} % CI)", "internal test", "difference")
+    return "## External validation\n\n" + text + "\n\n" + table(head, rows) + "\n\n" + verdict
+
+
+def signed(value: float) -> str:
+    """'+0.0123', '-0.0456'; 'n/a' where undefined."""
+    return f"{value:+.4f}" if finite(value) else "n/a"
+
+
 def per_class_section(facts: CardFacts, shown: tuple[ClassRow, ...]) -> str:
     rows = [(row.name, str(row.test_images), fixed(row.sensitivity, 4), fixed(row.specificity, 4)) for row in shown]
     note = "Each class against the rest, on the test split: sensitivity TP / (TP + FN), specificity TN / (TN + FP)."
@@ -388,6 +566,53 @@ def per_class_section(facts: CardFacts, shown: tuple[ClassRow, ...]) -> str:
             f"{MODEL_CARD_FILE} and classification_report.txt of run `{facts.run_id}`."
         )
     return "## Per class\n\n" + note + "\n\n" + table(("class", "test images", "sensitivity", "specificity"), rows)
+
+
+SUBGROUP_ROWS = 30
+"""Values of a subgroup column the card lists (the smallest left out first); every one is in metrics.json."""
+
+
+def subgroups_section(subgroups: SubgroupTable) -> str:
+    """Per subgroup value: its test images and its four rates with intervals, the ones below the whole test split
+    named first; a subgroup too small for an interval says so."""
+    rate = f"of {subgroups.positive}" if subgroups.positive else "macro-averaged over the classes, each vs the rest"
+    text = (
+        f"The test split per value of each subgroup column the study declared ({', '.join(subgroups.columns)}). "
+        f"Sensitivity and specificity {rate}. {round(100 * CONFIDENCE)} % intervals resampled within the subgroup "
+        f"(within each class), {RESAMPLES:,} resamples, seed {subgroups.seed}; a subgroup of few images, or without "
+        "some class, gets its values and no interval."
+    )
+    marked = subgroups.marked()
+    if marked:
+        named = "; ".join(
+            f"{column} = {value} ({', '.join(SUBGROUP_METRICS[key] for key in group.below_overall)})"
+            for column, value, group in marked
+        )
+        text += f"\n\n**Below the whole test split** (the interval wholly under its value): {named}."
+    else:
+        text += (
+            "\n\nNo subgroup's interval lies wholly below the whole test split's value (one without an interval is "
+            "not judged)."
+        )
+    tables = [subgroup_table_text(column, values) for column, values in subgroups.columns.items()]
+    return "## Subgroups\n\n" + text + "\n\n" + "\n\n".join(tables)
+
+
+def subgroup_table_text(column: str, values: dict[str, Subgroup]) -> str:
+    """One column's table: its SUBGROUP_ROWS largest values, in value order."""
+    largest = sorted(values.items(), key=lambda item: -item[1].images)[:SUBGROUP_ROWS]
+    rows = [
+        (
+            value + (" **(below)**" if group.below_overall else ""),
+            str(group.images),
+            *(interval_text(group.metrics[key]) for key in SUBGROUP_METRICS),
+            group.note or "",
+        )
+        for value, group in sorted(largest, key=lambda item: item[0])
+    ]
+    head = ("value", "test images", *SUBGROUP_METRICS.values(), "note")
+    more = f"\n\n({len(values) - SUBGROUP_ROWS} smaller values in metrics.json.)" if len(values) > SUBGROUP_ROWS else ""
+    return f"### {column}\n\n" + table(head, rows) + more
 
 
 def score_text(score: Score, prefix: str = "") -> str:
@@ -422,7 +647,25 @@ def card_tags(facts: CardFacts) -> dict[str, str]:
     }
     if facts.study:
         tags["study"] = facts.study
+    if facts.operating_point is not None:
+        point = facts.operating_point
+        tags["operating_point.positive"] = point.positive
+        tags["operating_point.threshold"] = str(point.threshold)  # exact: the model file's threshold
+        tags["operating_point.target"] = f"{point.target}={point.target_value:g}"
+    if facts.external is not None:
+        tags.update([external_tag(facts.external, facts.run_id)])
     return tags
+
+
+def external_tag(external: ExternalFacts, run_id: str) -> tuple[str, str]:
+    """external.<digest> = 'run ID: accuracy 0.9123 (95 % CI 0.8800–0.9400) on N images of NAME': as a registered
+    version tested later gets (search/final_model/external.py), so the version's page lists each external test."""
+    accuracy = next(row.score for row in external.rows if row.score.key == ACCURACY.removeprefix("test_"))
+    text = (
+        f"run {run_id}: accuracy {score_text(accuracy, f'{round(100 * CONFIDENCE)} % CI ')} on {external.images} "
+        f"images of {external.name}"
+    )
+    return EXTERNAL_TAG_PREFIX + external.digest[:EXTERNAL_TAG_DIGEST], text
 
 
 def listed(names: list[str], limit: int) -> str:

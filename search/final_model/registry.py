@@ -164,6 +164,16 @@ def describe_version(client, registered: Registration, card: str, tags: dict[str
     client.set_logged_model_tags(registered.model_id, tags)
 
 
+def attach_checklist(client, registered: Registration, path: Path, summary: str) -> None:
+    """The reporting checklist among the registered version's model files, beside MLmodel and model.pt: the
+    version's Artifacts show it, and models:/NAME/VERSION/checklist.md downloads it; `summary` (how many items
+    are answered, where the file is) as the version's 'checklist' tag, seen in the list of versions."""
+    from search.final_model.checklist import CHECKLIST_TAG  # the checklist's own name for it
+
+    client.log_model_artifact(registered.model_id, str(path))
+    client.set_model_version_tag(registered.name, str(registered.version), CHECKLIST_TAG, summary)
+
+
 def pinned(*packages: str) -> list[str]:
     """Installed versions, without local labels (+cpu, +cu130) that package indexes do not serve."""
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]

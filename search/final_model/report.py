@@ -10,7 +10,8 @@ very resamples compare.py would draw for this split with the same seed.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,9 @@ from search.evaluation.calibration import ECE_BINS, Calibration, LabelledLogits,
 from search.evaluation.formatting import finite, fixed
 from search.evaluation.intervals import CONFIDENCE, RESAMPLES, Interval, score_intervals, stratified_resamples
 from search.evaluation.roc_auc import roc_auc
+from search.evaluation.subgroups import SubgroupTable, subgroup_table
+from search.evaluation.subgroups import logged_metrics as subgroup_metrics
+from search.evaluation.subgroups import summary_lines as subgroup_lines
 from trainables.config import METRIC_MODES
 
 OVERFIT_GAP = 0.05
@@ -58,17 +62,38 @@ class HeldOutResult:
     labels: np.ndarray
     probabilities: np.ndarray
     """(N, C) calibrated class probabilities: softmax(logits / temperature)."""
+    subgroups: SubgroupTable | None = None
+    """The scores per value of each subgroup column the study declared (with_subgroups); None: none declared."""
+
+
+def with_subgroups(
+    result: HeldOutResult, values: Mapping[str, Sequence[str]], positive: int | None, classes: Sequence[str]
+) -> HeldOutResult:
+    """The result with its scores per subgroup (`values`: each declared column's value per test image, in the
+    result's order; `positive`: the --positive class's index, or None), resampled with INTERVAL_SEED; the result
+    as it is where no column is declared."""
+    if not values:
+        return result
+    table = subgroup_table(result.labels, result.predictions, classes, values, positive, seed=INTERVAL_SEED)
+    return replace(result, subgroups=table)
 
 
 def evaluate_test(
-    logits: np.ndarray, labels: np.ndarray, classes: list[str], val: LabelledLogits | None = None
+    logits: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    val: LabelledLogits | None = None,
+    calibration: Calibration | None = None,
 ) -> HeldOutResult:
     """Every test metric of the final run, from the test split's logits.
 
     `val` is the val split's logits and labels, to fit the temperature on; None when the
     model trained on val (then nothing is calibrated). The test logits are never fitted on.
+    `calibration`: a temperature fitted already, measured on these images (an external set,
+    search.final_model.external); then `val` is not used.
     """
-    calibration = calibrate((logits, labels), fit_on=val)
+    if calibration is None:
+        calibration = calibrate((logits, labels), fit_on=val)
     probabilities = softmax(logits, calibration.temperature)
     predictions = logits.argmax(axis=1)  # what no temperature changes: the accuracies are the uncalibrated ones
     everyone = list(range(len(classes)))
@@ -150,6 +175,7 @@ def logged_metrics(result: HeldOutResult) -> dict[str, float]:
         "temperature": calibration.temperature,
         "test_ece_uncalibrated": calibration.ece_before,
         "test_loss_uncalibrated": calibration.nll_before,
+        **(subgroup_metrics(result.subgroups) if result.subgroups is not None else {}),
     }
 
 
@@ -178,6 +204,7 @@ def held_out_record(result: HeldOutResult) -> dict:
         },
         "per_class": result.per_class,
         "confusion_matrix": result.confusion.tolist(),
+        **({"subgroups": result.subgroups.to_dict()} if result.subgroups is not None else {}),
     }
 
 
@@ -260,6 +287,8 @@ def summary_lines(result: HeldOutResult, metric: str, best_value: float | None, 
     lines += calibration_lines(result.calibration)
     if best_value is not None:
         lines += comparison_lines(result, metric, best_value)
+    if result.subgroups is not None:
+        lines += subgroup_lines(result.subgroups)
     return lines
 
 

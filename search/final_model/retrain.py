@@ -25,12 +25,31 @@ from tqdm import tqdm
 
 from search.cli import bars_wanted, require_pretrained
 from search.errors import UsageError, one_line
-from search.evaluation.calibration import CALIBRATION_SPLIT, LabelledLogits
+from search.evaluation.calibration import CALIBRATION_SPLIT, LabelledLogits, softmax
+from search.evaluation.operating_point import OperatingPoint, operating_point
 from search.evaluation.predictions import PREDICTIONS_FILE, Predictions, predictions_csv
-from search.final_model.card import DESCRIPTION_LIMIT, MODEL_CARD_FILE, card_facts, card_markdown, card_tags
+from search.evaluation.subgroups import SUBGROUP_TABLE, table_columns
+from search.final_model.card import (
+    DESCRIPTION_LIMIT,
+    MODEL_CARD_FILE,
+    CardFacts,
+    card_facts,
+    card_markdown,
+    card_tags,
+)
+from search.final_model.checklist import CHECKLIST_FILE, checklist_markdown, checklist_tag
 from search.final_model.export import ONNX_FILE, ExportMismatch, export_onnx
-from search.final_model.registry import describe_version, log_model, scoring_model
+from search.final_model.external import (
+    ExternalResult,
+    ExternalSet,
+    evaluate_external,
+    log_external,
+    prepare_external,
+)
+from search.final_model.external import summary_lines as external_lines
+from search.final_model.registry import attach_checklist, describe_version, log_model, scoring_model
 from search.final_model.report import (
+    INTERVAL_SEED,
     PER_CLASS_TABLE,
     HeldOutResult,
     evaluate_test,
@@ -40,9 +59,11 @@ from search.final_model.report import (
     plot_confusion,
     plot_reliability,
     summary_lines,
+    with_subgroups,
 )
-from search.final_model.sources import study_split_record
+from search.final_model.sources import study_leaks, study_split_record
 from search.final_model.study_split import retrain_index
+from search.records.operating_point import OperatingTarget
 from search.records.registration import Registration
 from search.records.retrain import RetrainRequest, RetrainSettings
 from search.records.study_config import FULL
@@ -67,6 +88,8 @@ from trainables.spec import REFERENCE, ModelSpec, backbones_of, validate_spec
 
 EXPORT_FAILED = 1
 """final.py's exit status when the retrain was registered but --export's file failed (and was left out)."""
+METRICS_FILE = "metrics.json"
+"""The final run's record of its test (held_out_record), settings and registration; the checklist reads it back."""
 EXPORT_FAILED_TAG = "export_failed"
 """The final run's tag saying why --export's file is missing."""
 RESULT_FILES = (
@@ -109,6 +132,12 @@ class PreparedFinal:
     """Tags the run gets on top of the usual ones (compare.py marks its reference model with them)."""
     export: str | None = None
     """A format to write the model in as well (final.py --export): 'onnx', or None."""
+    positive: int | None = None
+    """The index (in config.classes) of the --positive class, or None where none was named."""
+    operating_point: OperatingTarget | None = None
+    """--operating-point: the rate the threshold on the positive class's probability must reach on val."""
+    external: ExternalSet | None = None
+    """--external's images, indexed whole and decoded at the model's size; None without it."""
 
 
 # ---------------------------------------------------------------- prepare
@@ -122,11 +151,22 @@ def prepare_final(request: RetrainRequest, config: Winner, split_of: Winner | No
     data = request.data or config.split.data
     try:
         # The study's seed, whatever --seed says: for a study without a split record, the split is cut again.
-        current = index_source(data, config.split.seed)
+        current = index_source(data, config.split.seed, subgroups=config.subgroups, window=config.window)
     except DataError as error:
         raise UsageError(str(error)) from None
     if current.classes != config.classes:
         raise UsageError(class_mismatch(current.source, current.classes, config))
+    positive = positive_index(request.positive, config.classes)
+    external = None  # --external's images: refused now (a missing folder, a class the model lacks), not after training
+    if request.external is not None:
+        external = prepare_external(
+            request.external,
+            config.classes,
+            config.img_size,
+            request.cache_dir,
+            subgroups=config.subgroups,
+            window=config.window,
+        )
     record, unchecked = study_split_record(request.tracking_uri, split_of or config)
     index = retrain_index(current, config.split, record, unchecked)
 
@@ -162,6 +202,8 @@ def prepare_final(request: RetrainRequest, config: Winner, split_of: Winner | No
         index, cached, skipped = prepare_splits(index, splits, config.img_size, Path(request.cache_dir).resolve())
     except DataError as error:
         raise UsageError(str(error)) from None
+    if request.operating_point is not None:
+        check_operating_point(request, positive, config.classes, cached.get("val"))
 
     label = final_label(config, request.config_file)
     seed = config.split.seed if request.seed is None else request.seed
@@ -178,6 +220,7 @@ def prepare_final(request: RetrainRequest, config: Winner, split_of: Winner | No
         split_seed=config.split.seed,
         split_from="study_record" if record is not None else "seed",  # the study's split.json, or cut again
         data=index.source,
+        window=index.window,
         smoke=config.split.smoke,
         pretrained=spec.pretrained,
         search_metric=config.metric,
@@ -206,7 +249,43 @@ def prepare_final(request: RetrainRequest, config: Winner, split_of: Winner | No
         settings=settings,
         skipped_images=skipped,
         export=request.export,
+        positive=positive,
+        operating_point=request.operating_point,
+        external=external,
     )
+
+
+def positive_index(positive: str | None, classes: list[str]) -> int | None:
+    """--positive CLASS as its index in the winner's classes; None where none was named."""
+    if positive is None:
+        return None
+    if positive not in classes:
+        shown = ", ".join(classes[:20]) + (" ..." if len(classes) > 20 else "")
+        raise UsageError(f"--positive {positive}: not a class of the model; its classes are {shown}")
+    return classes.index(positive)
+
+
+def check_operating_point(
+    request: RetrainRequest, positive: int | None, classes: list[str], val: CachedSplit | None
+) -> None:
+    """Before training: an operating point needs a positive class and a val split the model does not train on
+    that holds the images its target counts (positives for a sensitivity, others for a specificity)."""
+    target = request.operating_point
+    if target is None:
+        return
+    if positive is None:
+        raise UsageError(f"--operating-point {target} needs --positive CLASS: the class the threshold flags")
+    if not request.keep_val or val is None:
+        raise UsageError(f"--operating-point {target} needs --keep-val: the threshold is chosen on val")
+    counted = int((val.labels == positive).sum())
+    if target.target == "specificity":
+        counted = len(val.labels) - counted
+    if counted == 0:
+        whose = f"of class {classes[positive]}" if target.target == "sensitivity" else f"outside {classes[positive]}"
+        raise UsageError(
+            f"--operating-point {target}: the val split has no image {whose} to choose the threshold on; "
+            f"use more data or another --positive"
+        )
 
 
 def final_label(config: Winner, config_file: str | None) -> str:
@@ -244,6 +323,8 @@ def execute_final(final: PreparedFinal) -> int:
     client = mlflow_client(final.tracking_uri)
     experiment_id, run_id = open_final_run(client, final)
     log_params(client, run_id, {**final.settings.to_dict(), **config.hyperparameters.to_dict()})
+    if final.operating_point is not None:
+        log_params(client, run_id, operating_point_params(final))
     log_data_input(client, run_id, data_record(final.index), context="train and test")
     if final.skipped_images:
         print(
@@ -263,8 +344,11 @@ def execute_final(final: PreparedFinal) -> int:
             print(
                 f"Early stopping on {config.metric}: testing the weights of epoch {trained_epochs} of {learner.epoch}"
             )
-        result = evaluate_once(final, learner)
-        registered, export_failure = finish(final, client, run_id, learner, result, trained_epochs)
+        val = None if final.val is None else predict(final, learner, final.val, "val")
+        result = evaluate_once(final, learner, val)
+        operating = choose_operating_point(final, result, val)
+        external = test_external(final, learner, result, operating)
+        registered, export_failure = finish(final, client, run_id, learner, result, trained_epochs, operating, external)
         status = "FINISHED"  # with or without --export's file: the retrain and its registered model are whole
     except KeyboardInterrupt:
         status = "KILLED"
@@ -275,7 +359,7 @@ def execute_final(final: PreparedFinal) -> int:
         return 1
     finally:
         client.set_terminated(run_id, status)
-    print_closing(final, result, registered, experiment_id, run_id, export_failure)
+    print_closing(final, result, registered, experiment_id, run_id, export_failure, operating, external)
     return EXPORT_FAILED if export_failure else 0
 
 
@@ -359,12 +443,72 @@ def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], seconds: floa
     return f"epoch {epoch}/{epochs}  {scores}  ({seconds:.1f} s)"
 
 
-def evaluate_once(final: PreparedFinal, learner: Learner) -> HeldOutResult:
+def evaluate_once(final: PreparedFinal, learner: Learner, val: LabelledLogits | None = None) -> HeldOutResult:
     """The one look at the test split; with a val split the model did not train on (--keep-val), the
-    temperature is fitted on val's logits, never on the test's."""
-    val = None if final.val is None else predict(final, learner, final.val, "val")
+    temperature is fitted on val's logits (`val`, where already predicted), never on the test's."""
+    if val is None and final.val is not None:
+        val = predict(final, learner, final.val, "val")
     logits, labels = predict(final, learner, final.test, "test")
-    return evaluate_test(logits, labels, final.config.classes, val=val)
+    result = evaluate_test(logits, labels, final.config.classes, val=val)
+    return with_subgroups(result, subgroup_values(final), final.positive, final.config.classes)
+
+
+def subgroup_values(final: PreparedFinal) -> dict[str, list[str]]:
+    """Each subgroup column the study declared -> its value per test image, in the test split's (the result's)
+    order; {} for a study without subgroups."""
+    tested = final.index.splits["test"]
+    return {column: [sample.attribute(column) for sample in tested] for column in final.config.subgroups}
+
+
+def operating_point_params(final: PreparedFinal) -> dict[str, str]:
+    """--operating-point and --positive as the final run's params (for people and the UI)."""
+    target, positive = final.operating_point, final.positive
+    assert target is not None and positive is not None  # prepare_final checked
+    return {
+        "op_positive": final.config.classes[positive],
+        "op_target": target.target,
+        "op_target_value": f"{target.value:g}",
+    }
+
+
+def choose_operating_point(
+    final: PreparedFinal, result: HeldOutResult, val: LabelledLogits | None
+) -> OperatingPoint | None:
+    """--operating-point's threshold, chosen on val's calibrated probabilities (never the test's), then measured
+    on the test with the intervals' resamples and seed; None without the flag."""
+    target = final.operating_point
+    if target is None:
+        return None
+    assert val is not None and final.positive is not None  # prepare_final checked: --keep-val, --positive
+    val_logits, val_labels = val
+    return operating_point(
+        final.config.classes,
+        final.positive,
+        target.target,
+        target.value,
+        val=(softmax(val_logits, result.calibration.temperature), val_labels),
+        test=(result.probabilities, result.labels),
+        seed=INTERVAL_SEED,
+    )
+
+
+def test_external(
+    final: PreparedFinal, learner: Learner, result: HeldOutResult, operating: OperatingPoint | None
+) -> ExternalResult | None:
+    """--external's images scored as the test split, at the temperature fitted on val (never on them), with the
+    operating point and the subgroups where they ran; None without --external."""
+    if final.external is None:
+        return None
+    logits, labels = predict(final, learner, final.external.images, "external")
+    return evaluate_external(
+        final.external,
+        logits,
+        labels,
+        result.calibration.temperature,
+        internal=result,
+        positive=final.positive,
+        operating_point=operating.model_record() if operating is not None else None,
+    )
 
 
 def predict(final: PreparedFinal, learner: Learner, split: CachedSplit, name: str) -> LabelledLogits:
@@ -386,16 +530,29 @@ def predict(final: PreparedFinal, learner: Learner, split: CachedSplit, name: st
 
 
 def finish(
-    final: PreparedFinal, client, run_id: str, learner: Learner, result: HeldOutResult, trained_epochs: int
+    final: PreparedFinal,
+    client,
+    run_id: str,
+    learner: Learner,
+    result: HeldOutResult,
+    trained_epochs: int,
+    operating: OperatingPoint | None = None,
+    external: ExternalResult | None = None,
 ) -> tuple[Registration | None, str | None]:
     """Write the results folder, log it and the test metrics, log and register the model, give it its model
     card; then --export's file. (The registered version, or None; why the export failed, or None.)"""
     model = learner.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    write_results(final, model, result)
+    write_results(final, model, result, operating)
     stamp = int(datetime.now().timestamp() * 1000)
     scores = {**logged_metrics(result), "trained_epochs": trained_epochs}
+    if operating is not None:
+        scores.update(operating.metrics())
     client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in scores.items() if v == v])  # no NaN
     client.log_table(run_id, data=per_class_table(result), artifact_file=PER_CLASS_TABLE)
+    if external is not None:
+        log_external(client, run_id, external, final.out)
+    if result.subgroups is not None:
+        client.log_table(run_id, data=table_columns(result.subgroups), artifact_file=SUBGROUP_TABLE)
     for name in RESULT_FILES:
         client.log_artifact(run_id, str(final.out / name))
     registered = None
@@ -410,12 +567,14 @@ def finish(
             temperature=result.calibration.temperature,
         )
         client.set_tag(run_id, "registered_model", registered.tag)
-    metrics_file = final.out / "metrics.json"
+    metrics_file = final.out / METRICS_FILE
     metrics_file.write_text(
         json.dumps(
             {
                 **held_out_record(result),
                 "trained_epochs": trained_epochs,
+                **({"operating_point": operating.record()} if operating is not None else {}),
+                **({"external": external.record()} if external is not None else {}),
                 "settings": final.settings.to_dict(),
                 "mlflow": {
                     "tracking_uri": final.tracking_uri,
@@ -427,7 +586,8 @@ def finish(
         )
     )
     client.log_artifact(run_id, str(metrics_file))
-    publish_card(final, client, run_id, result, trained_epochs, registered)
+    facts = publish_card(final, client, run_id, result, trained_epochs, registered, operating, external)
+    publish_checklist(final, client, run_id, facts, registered)  # after metrics.json's last key: it renders the file
     # Last: the registered model stands on its own, and an export that fails must not take the retrain with it.
     return registered, export_model(final, client, run_id, model, result.calibration.temperature)
 
@@ -468,19 +628,40 @@ def publish_card(
     result: HeldOutResult,
     trained_epochs: int,
     registered: Registration | None,
-) -> None:
+    operating: OperatingPoint | None = None,
+    external: ExternalResult | None = None,
+) -> CardFacts:
     """model_card.md in the results folder and on the run; on a registered version, the card (cut to the
-    registry's limit) as its description, and its tags."""
-    facts = card_facts(final, result, trained_epochs, registered, run_id)
+    registry's limit) as its description, and its tags. The card's facts, for the checklist."""
+    facts = card_facts(final, result, trained_epochs, registered, run_id, operating, external)
     card_file = final.out / MODEL_CARD_FILE
     card_file.write_text(card_markdown(facts))
     client.log_artifact(run_id, str(card_file))
     if registered is not None:
         describe_version(client, registered, card_markdown(facts, DESCRIPTION_LIMIT), card_tags(facts))
+    return facts
 
 
-def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult) -> None:
-    """Weights, config, class names, split and the test's plots: everything to use or repeat the model."""
+def publish_checklist(
+    final: PreparedFinal, client, run_id: str, facts: CardFacts, registered: Registration | None
+) -> None:
+    """checklist.md, rendered from the card's facts, metrics.json as written and the study's leakage check: in the
+    results folder and on the run; on a registered version, among its model's files (models:/NAME/VERSION/
+    checklist.md) and summed up in its 'checklist' tag."""
+    record = json.loads((final.out / METRICS_FILE).read_text())  # the record that was written is the one read
+    leaks = study_leaks(final.tracking_uri, final.config)
+    path = final.out / CHECKLIST_FILE
+    path.write_text(checklist_markdown(facts, record, leaks))
+    client.log_artifact(run_id, str(path))
+    if registered is not None:
+        attach_checklist(client, registered, path, checklist_tag(facts, record, leaks))
+
+
+def write_results(
+    final: PreparedFinal, model: nn.Module, result: HeldOutResult, operating: OperatingPoint | None = None
+) -> None:
+    """Weights, config, class names, split and the test's plots: everything to use or repeat the model (and
+    the operating point's threshold, which predict.py applies)."""
     config, out = final.config, final.out
     out.mkdir(parents=True, exist_ok=True)
     ModelFile(
@@ -490,6 +671,8 @@ def write_results(final: PreparedFinal, model: nn.Module, result: HeldOutResult)
         config.classes,
         result.metrics,
         temperature=result.calibration.temperature,
+        operating_point=operating.model_record() if operating is not None else None,
+        window=final.index.window,  # predict.py decodes DICOM images as this training did
     ).save(out / FINAL_MODEL_FILE)
     (out / "config.yaml").write_text(config.to_yaml())  # the winner's record: final.py --config repeats the run
     (out / "classes.json").write_text(json.dumps(config.classes, indent=2))
@@ -530,9 +713,15 @@ def print_closing(
     experiment_id: str,
     run_id: str,
     export_failure: str | None = None,
+    operating: OperatingPoint | None = None,
+    external: ExternalResult | None = None,
 ) -> None:
     print()
     for line in summary_lines(result, final.config.metric, final.config.best_value, len(final.test)):
+        print(line)
+    for line in operating.lines() if operating is not None else []:
+        print(line)
+    for line in external_lines(external) if external is not None else []:
         print(line)
     if registered:
         uri = registered.version_uri
@@ -551,7 +740,7 @@ def print_closing(
             f"probabilities, as the registered model)"
         )
     print(
-        f"Results:    {final.out}/ (model.pt, {MODEL_CARD_FILE}, config.yaml, classes.json, metrics.json, "
+        f"Results:    {final.out}/ (model.pt, {MODEL_CARD_FILE}, {CHECKLIST_FILE}, config.yaml, metrics.json, "
         f"confusion_matrix.png, ...)"
     )
     print("\n".join(mlflow_lines(final.tracking_uri, run_page(final.tracking_uri, experiment_id, run_id))))

@@ -33,11 +33,13 @@ from search.tracking.schema import (
 from search.tracking.store import all_runs, is_study_run, mlflow_client, read_artifact, study_runs
 from search.tracking.study_run import (
     SplitRecord,
+    StudyLeaks,
     find_study,
     has_best_config,
     read_best_config,
     read_split_record,
     read_study_config,
+    read_study_leaks,
 )
 from trainables.config import SEED
 
@@ -211,6 +213,18 @@ def study_split_record(tracking_uri: str, config: Winner) -> tuple[SplitRecord |
             f"study {name!r} in --tracking-uri {tracking_uri} split with seed {record.seed}, not {config.split.seed}"
         )
     return record, ""
+
+
+def study_leaks(tracking_uri: str, config: Winner) -> StudyLeaks | None:
+    """The leakage check's counts as the study's run recorded them (its leak_* metrics; none for a study that
+    predates the check); None where the study's run cannot be reached (a config file of no study in the store, a
+    store that does not answer): the checklist then says to see the study run. Read after training, so it never
+    fails the run."""
+    try:
+        parent = study_of(tracking_uri, config)
+    except (MlflowException, SQLAlchemyError, KeyError):
+        return None
+    return None if parent is None else read_study_leaks(parent)
 
 
 def study_of(tracking_uri: str, config: Winner) -> Run | None:

@@ -19,6 +19,7 @@ from search.tracking.schema import SPLIT_FILE
 from search.tracking.study_run import SplitRecord
 from trainables.data import SPLITS, DatasetIndex, Sample, subsample
 from trainables.manifest import shown
+from trainables.privacy import patient_hash, patient_salt
 
 TRAINED_ON = ("train", "val")
 """The splits the search trained or scored on: never tested on."""
@@ -80,7 +81,12 @@ def index_from_record(data: DatasetIndex, record: SplitRecord, *, smoke: bool) -
 
 
 def patients_across_test(splits: dict[str, list[Sample]]) -> list[str]:
-    """The patients (group ids) with images in test and in train or val, sorted."""
-    tested = {sample.group for sample in splits["test"] if sample.group is not None}
+    """The patients with images in test and in train or val, each as its salted hash and one of its test images
+    ('p-1f0c… (a/x.png)'): never the raw id, which this warning would print."""
+    tested = {sample.group: sample.key for sample in reversed(splits["test"]) if sample.group is not None}
     trained = {sample.group for split in TRAINED_ON for sample in splits[split] if sample.group is not None}
-    return sorted(tested & trained)
+    spanning = tested.keys() & trained
+    if not spanning:
+        return []
+    salt = patient_salt()
+    return sorted(f"{patient_hash(group, salt)} ({tested[group]})" for group in spanning)

@@ -2,7 +2,7 @@
 
 Decoding is trainables.data.decode_image, the function that filled the training cache,
 so the model sees a new image exactly as it saw its training images (RGB, 16-bit
-greyscale scaled, resized to the model's size). A file that does not decode is
+greyscale scaled, DICOM windowed as in training, resized to the model's size). A file that does not decode is
 reported with its error instead of stopping the run.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.data import IMAGE_SUFFIXES, decode_image
+from trainables.data import IMAGE_SUFFIXES, decode_image, failure_reason
 
 BATCHES_AHEAD = 2
 """Batches decoded while the device works on the current one: enough to keep it busy, few enough to
@@ -68,14 +68,17 @@ class DecodedBatch:
     """(path, error) of the ones that did not."""
 
 
-def decoded_batches(images: ImageSet, size: int, batch_size: int, workers: int) -> Iterator[DecodedBatch]:
-    """The images in batches, in order; threads decode the next batches meanwhile (PIL releases the GIL)."""
+def decoded_batches(
+    images: ImageSet, size: int, batch_size: int, workers: int, window: tuple[float, float] | None = None
+) -> Iterator[DecodedBatch]:
+    """The images in batches, in order; threads decode the next batches meanwhile (PIL releases the GIL). `window`:
+    the (center, width) DICOM images are windowed with, as the model's training images were; None: each file's."""
 
     def decode(relative: str) -> np.ndarray | str:
         try:
-            return decode_image(images.root / relative, size)
+            return decode_image(images.root / relative, size, window)
         except Exception as error:  # PIL raises many types for a broken or foreign file
-            return f"{type(error).__name__}: {error}"
+            return failure_reason(error)
 
     chunks = [images.paths[i : i + batch_size] for i in range(0, len(images.paths), batch_size)]
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -22,17 +22,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from search.cli import bars_wanted
+from search.cli import bars_wanted, parse_window
 from search.errors import UsageError
 from search.inference.images import ImageSet, decode_workers, decoded_batches, find_images
-from search.inference.model_source import RegisteredModel, fetched_model_file
+from search.inference.model_source import fetched_model_file
 from search.inference.output import (
+    FLAG_COLUMN,
     PredictionWriter,
     partial_file,
     saliency_folder,
     skipped_file,
     skipped_lines,
 )
+from search.tracking.registered import RegisteredModel
 
 if TYPE_CHECKING:
     from search.inference.predictor import LoadedModel
@@ -53,6 +55,9 @@ class PreparedPrediction:
     batch_size: int
     shown_as: str
     """The model as --model named it."""
+    window: tuple[float, float] | None = None
+    """The (center, width) DICOM images are windowed with: --window, else the model file's (its study's); None:
+    each file's own."""
 
 
 def prepare_prediction(args: argparse.Namespace, source: RegisteredModel | Path) -> PreparedPrediction:
@@ -79,6 +84,7 @@ def prepare_prediction(args: argparse.Namespace, source: RegisteredModel | Path)
         saliency=saliency_folder(out) if args.explain else None,
         batch_size=args.batch_size,
         shown_as=args.model,
+        window=model.window if args.window is None else parse_window(args.window),  # as the model was trained
     )
 
 
@@ -99,12 +105,17 @@ def execute_prediction(prepared: PreparedPrediction) -> int:
     print(f"Model:    {prepared.shown_as} ({model_summary(model)})")
     ignored = f" ({images.ignored} file(s) that are not images ignored)" if images.ignored else ""
     print(f"Images:   {len(images.paths)} in {images.root}{ignored}")
+    if prepared.window is not None:
+        center, width = prepared.window
+        print(f"Window:   DICOM images at center {center:g}, width {width:g}")
+    if model.flag is not None:
+        print(f"Flagged:  {model.flag.describe()}: the CSV's {FLAG_COLUMN} column")
     if prepared.saliency is not None:
         saliency_note(model)
     partial = partial_file(out)
     start = time.perf_counter()
     try:
-        rows, failures = predict_all(prepared, partial)
+        rows, failures, flagged = predict_all(prepared, partial)
     except KeyboardInterrupt:
         discard(partial)
         print(f"\nstopped: {out} was not written")
@@ -126,6 +137,8 @@ def execute_prediction(prepared: PreparedPrediction) -> int:
         discard(partial)
         raise UsageError(f"cannot write {out} ({error.strerror}): its {rows} predictions were not kept") from None
     print(f"Wrote {out}: {rows} images in {seconds:.1f} s ({rows / seconds:.1f} images/s)")
+    if model.flag is not None:
+        print(f"Flagged:  {flagged} of {rows} images as {model.flag.positive} ({model.flag.rule()})")
     if prepared.saliency is not None:
         print(f"Saliency: {prepared.saliency}/ ({rows} overlays)")
     if failures:
@@ -140,18 +153,20 @@ def discard(partial: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def predict_all(prepared: PreparedPrediction, partial: Path) -> tuple[int, list[tuple[str, str]]]:
-    """Every image through the model into the CSV at `partial`: (rows written, (path, error) of the skipped)."""
+def predict_all(prepared: PreparedPrediction, partial: Path) -> tuple[int, list[tuple[str, str]], int]:
+    """Every image through the model into the CSV at `partial`: (rows written, (path, error) of the skipped,
+    rows flagged by the model's operating point)."""
     model, images = prepared.model, prepared.images
     failures: list[tuple[str, str]] = []
     with partial.open("w", newline="") as stream, progress(len(images.paths)) as advance:
-        writer = PredictionWriter(stream, model.classes)
-        for batch in decoded_batches(images, model.spec.img_size, prepared.batch_size, decode_workers()):
+        writer = PredictionWriter(stream, model.classes, model.flag)
+        batches = decoded_batches(images, model.spec.img_size, prepared.batch_size, decode_workers(), prepared.window)
+        for batch in batches:
             failures += batch.failures
             if batch.paths:
                 predict_batch(prepared, writer, batch.paths, batch.images)
             advance(len(batch.paths) + len(batch.failures))
-    return writer.rows, failures
+    return writer.rows, failures, writer.flagged
 
 
 def predict_batch(prepared: PreparedPrediction, writer: PredictionWriter, paths: list[str], images: np.ndarray) -> None:

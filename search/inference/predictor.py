@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from search.errors import UsageError, one_line
+from search.inference.output import FlagRule
 from trainables.checkpoint import ModelFile
 from trainables.models import build_model
 from trainables.spec import ModelSpec
@@ -40,6 +41,10 @@ class LoadedModel:
     classes: list[str]
     temperature: float
     device: torch.device
+    flag: FlagRule | None = None
+    """The model file's operating point (final.py --operating-point), or None: the CSV's flagged column."""
+    window: tuple[float, float] | None = None
+    """The model file's DICOM window (its study's --window), or None: each file's own."""
 
 
 def load_model(path: Path, device: torch.device, shown_as: str) -> LoadedModel:
@@ -59,7 +64,15 @@ def load_model(path: Path, device: torch.device, shown_as: str) -> LoadedModel:
     except RuntimeError:  # torch lists every missing and unexpected key: too long to be of use
         raise UsageError(not_a_model_file(shown_as, "its weights do not fit its model_spec")) from None
     network.requires_grad_(False)  # never trained here; saliency asks for the gradients it needs
-    return LoadedModel(network.to(device).eval(), spec, model_file.classes, model_file.temperature, device)
+    flag = None
+    if model_file.operating_point is not None:
+        try:
+            flag = FlagRule.from_record(model_file.operating_point, model_file.classes)
+        except (ValueError, KeyError, TypeError) as error:
+            raise UsageError(not_a_model_file(shown_as, f"{one_line(error)}")) from None
+    return LoadedModel(
+        network.to(device).eval(), spec, model_file.classes, model_file.temperature, device, flag, model_file.window
+    )
 
 
 def not_a_model_file(shown_as: str, cause: str) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from search.records.operating_point import OperatingTarget
+
 
 @dataclass(frozen=True, kw_only=True)
 class RetrainRequest:
@@ -36,6 +38,12 @@ class RetrainRequest:
     """The results folder; None: final/<label>-<timestamp>."""
     export: str | None = None
     """A format to write the model in as well ('onnx'), or None."""
+    positive: str | None = None
+    """The class whose sensitivity and specificity are reported (--positive CLASS), or None."""
+    operating_point: OperatingTarget | None = None
+    """--operating-point: the sensitivity or specificity the threshold on the positive class must reach on val."""
+    external: str | None = None
+    """Another site's images of the same classes (--external DATA), tested whole after the retrain, or None."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +68,8 @@ class RetrainSettings:
     split_from: str
     """'study_record' (the study's split.json) or 'seed' (cut again)."""
     data: str
+    window: tuple[float, float] | None
+    """The (center, width) its DICOM images were windowed with (the study's --window); None: each file's own."""
     smoke: bool
     pretrained: bool
     search_metric: str

@@ -26,6 +26,7 @@ from trainables.config import (
     OBJECTIVES,
     Cost,
     objective_cost,
+    window_problem,
 )
 
 CONFIG_FILE = "study.yaml"
@@ -42,6 +43,13 @@ FORMAT = 1
 MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 1024
 """1024 px is already 3 MB of cache per image and 4,096 ViT tokens; these models were made for 224."""
 MAX_NAME_LENGTH = 100
+MANIFEST_COLUMNS = ("path", "label", "group", "split")
+"""A manifest's own columns (trainables.manifest.COLUMNS): never a subgroup."""
+IDENTIFYING_PARTS = ("patient", "birth")
+IDENTIFYING_WORDS = ("id", "name", "dob", "mrn", "ssn", "accession")
+"""A subgroup column whose name holds one of IDENTIFYING_PARTS, or one of IDENTIFYING_WORDS as a word of its own
+(patient_id, PatientName, birth_date, study id), is refused: results per value would put patient identifiers in
+MLflow, metrics.json and the model card. A rule on names, not on values: simple, and said in the refusal."""
 STUDY_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
 """A study's name is a folder (or a URI's last part) under --storage-path and a value in MLflow filters: nothing
 that escapes either."""
@@ -77,6 +85,9 @@ class StudyConfig:
     trials: int = 30
     data: str
     """'synthetic[:C]' or the absolute path of the data folder."""
+    window: tuple[float, float] | None = None
+    """(center, width) every DICOM image is windowed with (--window), instead of its file's own VOI LUT or window;
+    None: the file's (trainables.dicom)."""
     space: str
     """The search-space YAML, an absolute path."""
     metric: str = "val_acc"
@@ -100,6 +111,9 @@ class StudyConfig:
     """Once the search ends, retrain its `confirm` best configurations with more seeds (0: no confirmation)."""
     confirm_seeds: int = 2
     """The seeds each confirmed configuration is retrained with, besides its search trial's."""
+    subgroups: tuple[str, ...] = ()
+    """Extra columns of a CSV manifest (--subgroups site,sex), lower-case, in the declared order: read with the data,
+    and final.py reports its test results per value of each (search.evaluation.subgroups). () : none."""
     recipe: bool = True
     """The study's first trial (t00) trains the knobs' defaults, the seed document's recipe, clipped into the space
     (search.study.spaces.Space.recipe), before any warm start: the baseline the winner's gain is measured against,
@@ -177,6 +191,9 @@ class StudyConfig:
                 f"--objective {self.objective}: {self.cost.metric} is measured on CUDA only, and the trials train on "
                 f"the CPU (--gpus-per-trial 0, or no GPU): trade accuracy against params or latency instead"
             )
+        problems += subgroup_problems(self.subgroups)
+        if self.window is not None and (problem := window_problem(self.window)):
+            problems.append(f"--window {self.window[0]:g},{self.window[1]:g}: {problem}")
         if self.epochs < 1:
             problems.append(f"--epochs {self.epochs}: train at least 1 epoch")
         if not MIN_IMG_SIZE <= self.img_size <= MAX_IMG_SIZE:
@@ -263,6 +280,8 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["weights"] = dict(self.weights)
+        values["subgroups"] = list(self.subgroups)  # YAML has no tuples
+        values["window"] = None if self.window is None else list(self.window)
         return {"format": FORMAT, **values}
 
     def to_yaml(self) -> str:
@@ -298,6 +317,9 @@ class StudyConfig:
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         values["weights"] = tuple(sorted((values.get("weights") or {}).items()))
+        values["subgroups"] = tuple(values.get("subgroups") or ())
+        window = values.get("window")
+        values["window"] = None if window is None else tuple(float(value) for value in window)
         try:
             return cls(**values)
         except ConfigError as error:
@@ -354,6 +376,41 @@ def items_of_type(items: list, args: tuple, *, fixed: bool) -> bool:
 
 STUDY_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(StudyConfig) if f.default is not MISSING}
 """run.py's defaults: the record's own, so the two cannot drift apart."""
+
+
+def subgroup_problems(columns: tuple[str, ...]) -> list[str]:
+    """What makes --subgroups columns no subgroups: empty, repeated, a manifest's own column, or one that names or
+    identifies a patient (IDENTIFYING_PARTS, IDENTIFYING_WORDS)."""
+    flag = f"--subgroups {','.join(columns)}"
+    problems = []
+    if any(not column for column in columns):
+        problems.append(f"{flag}: an empty column name; write the columns comma-separated, e.g. site,sex")
+    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    if repeated:
+        problems.append(f"{flag}: {', '.join(repeated)} given twice")
+    own = [column for column in columns if column in MANIFEST_COLUMNS]
+    if own:
+        problems.append(
+            f"{flag}: {', '.join(own)} {'is' if len(own) == 1 else 'are'} the manifest's own column(s) "
+            f"({', '.join(MANIFEST_COLUMNS)}), not subgroups; declare other columns, e.g. site,sex"
+        )
+    identifying = [column for column in columns if is_identifying(column)]
+    if identifying:
+        problems.append(
+            f"{flag}: {', '.join(identifying)} may name or identify patients (a column name holding "
+            f"{' or '.join(IDENTIFYING_PARTS)}, or the word {', '.join(IDENTIFYING_WORDS)}), and results per "
+            f"value would show them in MLflow and the model card: declare columns of categories (site, sex, scanner), "
+            f"or rename a column of categories whose name merely looks so"
+        )
+    return problems
+
+
+def is_identifying(column: str) -> bool:
+    """A column name that looks like a patient's identifier or name: IDENTIFYING_PARTS anywhere, or one of
+    IDENTIFYING_WORDS as a word (separated by anything but a letter or digit)."""
+    name = column.lower()
+    words = re.split(r"[^a-z0-9]+", name)
+    return any(part in name for part in IDENTIFYING_PARTS) or any(word in IDENTIFYING_WORDS for word in words)
 
 
 def name_problem(name: str) -> str:

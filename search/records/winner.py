@@ -32,6 +32,7 @@ from trainables.config import (
     Hyperparameters,
     renamed,
     value_problem,
+    window_problem,
 )
 from trainables.spec import REFERENCE, ModelSpec
 
@@ -48,6 +49,8 @@ OPTIONAL_KEYS = (
     "smoke",
     "pretrained",
     "backbone",
+    "subgroups",
+    "window",
 )
 SPEC_KEYS = tuple(f.name for f in fields(ModelSpec))
 
@@ -68,6 +71,9 @@ class Winner:
     split: SplitSpec
     """The study's data, seed and smoke subsample: its train/val/test split."""
     img_size: int
+    window: tuple[float, float] | None = None
+    """The (center, width) the study windowed its DICOM images with (run.py --window): the retrain decodes them
+    the same way, and its model file keeps it for predict.py. None: each file's own; written only where set."""
     pretrained: bool = True
     """The study started from pretrained backbones."""
     metric: str = "val_acc"
@@ -87,6 +93,9 @@ class Winner:
     """The architecture the trial's checkpoint holds; None where the record was rebuilt without one."""
     backbone: str = ""
     """A reference model's timm name (compare.py --reference); empty for cnn, vit and hybrid."""
+    subgroups: tuple[str, ...] = ()
+    """The study's subgroup columns (run.py --subgroups): its manifest is read with them, and the retrain reports
+    its test results per value of each. Written only where the study declared some."""
     # ---- where it was read from: for messages and the final run's tags, not part of the file
     source: str = ""
     """'study NAME', 'trial run ID', 'config FILE', 'reference model NAME'."""
@@ -126,7 +135,7 @@ class Winner:
         `metrics['epoch']`), with the study settings a retrain repeats and the trial's model spec where its
         checkpoint gives one; checked as a file is. `trial` is the trial's name (t07), `trial_id` Ray's id of it;
         `requested_model` and `where` (source, experiment_id, run_id; default source: the study) as from_dict's."""
-        record = {
+        record: dict[str, Any] = {
             "study": study.name,
             "trial": trial,
             "trial_id": trial_id,
@@ -143,6 +152,10 @@ class Winner:
             "smoke": study.smoke,
             "pretrained": study.pretrained,
         }
+        if study.subgroups:
+            record["subgroups"] = list(study.subgroups)
+        if study.window is not None:
+            record["window"] = list(study.window)
         if model_spec is not None:
             record["model_spec"] = model_spec
         return cls.from_dict(record, where.pop("source", f"study {study.name}"), requested_model, **where)
@@ -170,6 +183,10 @@ class Winner:
             "smoke": self.split.smoke,
             "pretrained": self.pretrained,
         }
+        if self.subgroups:  # a study without them writes the file as before
+            record["subgroups"] = list(self.subgroups)
+        if self.window is not None:  # likewise
+            record["window"] = list(self.window)
         if self.model_spec is not None:
             record["model_spec"] = self.model_spec.portable()
         return record
@@ -222,6 +239,8 @@ class Winner:
         ):
             problems.append(f"best_value must be a finite number, not {best_value!r}")
         trial = parse_trial_name(raw.get("trial"), problems)
+        subgroups = parse_subgroups(raw.get("subgroups"), problems)
+        window = parse_window(raw.get("window"), problems)
         spec = raw.get("model_spec")
         if spec is not None:
             # Compared with what parsed only: a field already refused is one problem, not one more per comparison.
@@ -239,6 +258,7 @@ class Winner:
             classes=list(classes),
             split=SplitSpec(data=str(raw["data"]), seed=raw["seed"], smoke=bool(raw.get("smoke", False))),
             img_size=raw["img_size"],
+            window=window,
             pretrained=bool(raw.get("pretrained", True)),
             metric=metric,
             best_value=None if best_value is None else float(best_value),
@@ -249,6 +269,7 @@ class Winner:
             trial_id=raw.get("trial_id"),
             model_spec=None if spec is None else portable_spec(spec, model, len(classes), raw["img_size"]),
             backbone=backbone,
+            subgroups=subgroups,
             source=source,
             **where,
         )
@@ -279,6 +300,36 @@ def parse_trial_name(value: object, problems: list[str]) -> str | None:
         problems.append(f"trial must be a trial's name as its study printed it, e.g. t07, not {value!r}")
         return None
     return value
+
+
+def parse_subgroups(value: object, problems: list[str]) -> tuple[str, ...]:
+    """The study's subgroup columns, optional: a list of column names."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(column, str) and column for column in value):
+        problems.append(f"subgroups must be a list of manifest column names, e.g. [site, sex], not {value!r}")
+        return ()
+    return tuple(value)
+
+
+def parse_window(value: object, problems: list[str]) -> tuple[float, float] | None:
+    """The study's DICOM window, optional: [center, width], a window as run.py --window checks it."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2 or not all(is_number(v) for v in value):
+        problems.append(f"window must be [center, width], two numbers such as [40, 400], not {value!r}")
+        return None
+    window = (float(value[0]), float(value[1]))
+    problem = window_problem(window)
+    if problem:
+        problems.append(f"window {value!r}: {problem}")
+        return None
+    return window
+
+
+def is_number(value: object) -> bool:
+    """An int or a float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def is_integer(value: object) -> bool:

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from search.cli import weights_files, weights_problems
+from search.cli import parse_window, weights_files, weights_problems
 from search.errors import UsageError
 from search.records.study_config import FULL, SMOKE, STUDY_DEFAULTS, ConfigError, StudyConfig
 from search.study import storage
@@ -28,6 +28,11 @@ SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
 def new_config(args: argparse.Namespace) -> StudyConfig:
     """The study's configuration from run.py's arguments, every default resolved; a UsageError lists every problem."""
     problems = weights_problems(args.weights)
+    try:
+        window = parse_window(args.window)
+    except UsageError as error:
+        problems.append(str(error))
+        window = None
     profile = SMOKE if args.smoke else FULL
     location = storage.resolved(args.storage_path)
     optuna_storage = absolute_uri(args.optuna_storage) if args.optuna_storage else None  # --resume may run elsewhere
@@ -45,6 +50,7 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
             model=args.model,
             trials=given_or_default(args, "trials"),
             data=resolved_source(args.data),
+            window=window,
             space=absolute(args.space or SPACES_DIR / f"{args.model}.yaml"),
             metric=args.metric,
             objective=args.objective,
@@ -73,6 +79,7 @@ def new_config(args: argparse.Namespace) -> StudyConfig:
             confirm=given_or_default(args, "confirm"),
             confirm_seeds=given_or_default(args, "confirm_seeds"),
             recipe=not getattr(args, "no_recipe", False),
+            subgroups=getattr(args, "subgroups", None) or (),  # run.py's alone, as --warm-start
         )
     except ConfigError as error:
         problems.insert(0, str(error))

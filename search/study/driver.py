@@ -670,7 +670,8 @@ def export_checkpoint(
         trial=label,
     )
     (out / BEST_CONFIG_FILE).write_text(winner.to_yaml())
-    ModelFile.from_trial_checkpoint(state, classes).save(out / BEST_MODEL_FILE)
+    # The study's window too: predict.py decodes DICOM images with it, as the trials did.
+    replace(ModelFile.from_trial_checkpoint(state, classes), window=config.window).save(out / BEST_MODEL_FILE)
     return winner
 
 

@@ -43,9 +43,17 @@ def check_study(config: StudyConfig, resume_run_id: str | None = None) -> Checke
         raise UsageError(name_taken(config.name, f"under --storage-path {config.storage_path}"))
     try:
         space = load_space(config.space, config.model)
-        index = index_source(config.data, config.seed)
+        index = index_source(config.data, config.seed, subgroups=config.subgroups, window=config.window)
     except (SpaceError, DataError) as error:
         raise UsageError(str(error)) from None
+    if config.window is not None and not index.has_dicom:
+        center, width = config.window
+        raise UsageError(
+            f"--window {center:g},{width:g} windows DICOM images (.dcm, .dicom) and {index.source} holds none: "
+            f"leave --window out"
+        )
+    if index.unidentified:
+        print(unidentified_warning(index), flush=True)
     if config.per_class:
         index = subsample(index, config.per_class, config.seed)
     if resume_run_id is not None:
@@ -60,3 +68,13 @@ def check_study(config: StudyConfig, resume_run_id: str | None = None) -> Checke
     except ValueError as error:
         raise UsageError(str(error)) from None
     return CheckedStudy(space, index, spec, resume_run_id)
+
+
+def unidentified_warning(index: DatasetIndex) -> str:
+    """The line for the images of a DICOM folder that name no patient: the split by patient cannot keep them
+    together."""
+    return (
+        f"warning: {index.unidentified} image(s) of {index.source} have no PatientID: each is split as a patient of "
+        f"its own, so scans of one patient among them may end up in train and test; give them their PatientID, or "
+        f"a manifest with a group column"
+    )

@@ -55,6 +55,7 @@ from search.tracking.store import (
 )
 from trainables.data import SPLITS, DatasetIndex, data_digest, is_manifest, manifest_digest
 from trainables.leakage import MIN_CORRELATION, NEAR_BITS
+from trainables.privacy import patient_hashes, patient_salt
 
 SKIPPED_FILE = "skipped_images.txt"
 """The study's images that would not decode (left out of split.json's train and val), one key a line."""
@@ -165,15 +166,16 @@ def open_parent_run(
 
 
 def split_record(index: DatasetIndex, seed: int) -> dict:
-    """split.json: which images, and which patients, each split holds. Patient ids may be sensitive: they go in this
-    file only, never in params (which show their counts)."""
+    """split.json: which images, and which patients, each split holds. Patients as salted hashes only
+    (trainables.privacy), sorted by hash; params show their counts."""
     record: dict = {"source": index.source, "seed": seed}
     if index.is_manifest:
         record["manifest_digest"] = manifest_digest(index.source)
+    salt = patient_salt() if index.has_groups else b""
     for split in SPLITS:
         record[split] = {"images": [sample.key for sample in index.splits.get(split, [])]}
         if index.has_groups:
-            record[split]["groups"] = index.groups(split)
+            record[split]["groups"] = patient_hashes(index.groups(split), salt)
     return record
 
 
@@ -243,6 +245,27 @@ def log_leaks(client: MlflowClient, parent_id: str, leaks: FoundLeaks) -> None:
     )
     if leaks.duplicates:
         client.log_text(parent_id, leaks.table(), LEAKS_FILE)
+
+
+LEAK_METRIC_PREFIX = "leak_"
+"""The leakage check's metrics on a study's run: leak_<kind>_<split>_<split> (log_leaks)."""
+
+
+@dataclass(frozen=True)
+class StudyLeaks:
+    """The leakage check's result as a study's run recorded it (log_leaks), read back by `read_study_leaks`."""
+
+    study_run_id: str
+    counts: dict[str, int]
+    """Duplicate pairs per kind and pair of splits (leak_exact_train_test, ...), zeros included; empty where the
+    study predates the check."""
+
+
+def read_study_leaks(run) -> StudyLeaks:
+    """The leak_* metrics of a study's parent run: the one reader of what log_leaks writes."""
+    metrics = run.data.metrics
+    counts = {key: int(value) for key, value in metrics.items() if key.startswith(LEAK_METRIC_PREFIX)}
+    return StudyLeaks(run.info.run_id, counts)
 
 
 def reopen_parent_run(client: MlflowClient, run_id: str) -> str:
