@@ -161,6 +161,8 @@ def test_a_drop_is_called_worse_only_where_the_external_interval_lies_wholly_bel
     assert not Difference("loss", "loss", 0.3, 0.9, None, None).worse  # no interval, no verdict
     assert not Difference("roc_auc", "ROC-AUC", 0.9, float("nan"), float("nan"), float("nan")).worse
     assert not Difference("acc", "accuracy", None, 0.5, 0.4, 0.6).worse
+    # A calibration error of 0.00018 against 0.00016: outside the interval, but printed as +0.0000: no drop.
+    assert not Difference("ece", "ECE", 0.00016, 0.00018, 0.000172, 0.00025).worse
 
 
 # ---------------------------------------------------------------- end to end

@@ -277,3 +277,20 @@ def test_the_planted_forms_are_found_where_they_are(tmp_path):
     ):
         assert planted_in(b"\x00before " + written + b" after\xff", [name]) == [name], written
     assert planted_in(b"ZZPLANTED NAME", [name]) == []
+
+
+def test_paths_that_name_their_patient_are_found_and_the_warning_names_no_id():
+    from search.study.preflight import patient_in_paths_warning
+    from trainables.data import Sample
+    from trainables.privacy import paths_naming_their_patient
+
+    samples = [
+        Sample("benign/ZZPID-4711/scan_1.dcm", 0, "ZZPID-4711"),  # a folder per patient, as PACS exports often are
+        Sample("benign/scan_2.dcm", 0, "ZZPID-0815"),
+        Sample("malignant/7/scan_3.dcm", 1, "7"),  # too short an id to tell from any other digit
+        Sample("malignant/scan_4.dcm", 1, None),
+    ]
+    named = paths_naming_their_patient(samples)
+    assert named == ["benign/ZZPID-4711/scan_1.dcm"]
+    line = patient_in_paths_warning(named)
+    assert line.startswith("warning: 1 image path(s) contain their patient's id") and "ZZPID" not in line

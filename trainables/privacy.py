@@ -22,9 +22,10 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
-from trainables.data import DataError
+from trainables.data import DataError, Sample
 
 SALT_ENV = "HPO_PATIENT_SALT"
 """A salt given by the environment: a colleague's, to get the same hashes as on their machine."""
@@ -100,3 +101,17 @@ def made_once(path: Path) -> None:
             os.link(draft, path)  # never replaces a salt that is there: its hashes are in stores already
     finally:
         draft.unlink(missing_ok=True)
+
+
+SHORTEST_ID_SOUGHT = 3
+"""Patient ids shorter than this ('1', '42') match too many paths by chance to be worth a warning."""
+
+
+def paths_naming_their_patient(samples: Iterable[Sample]) -> list[str]:
+    """The keys (paths) that contain their own patient's id, sorted. Paths are recorded as given (split.json, the
+    results' predictions), so such a path carries the id into the stores that only ever see its hash."""
+    return sorted(
+        sample.key
+        for sample in samples
+        if sample.group is not None and len(sample.group) >= SHORTEST_ID_SOUGHT and sample.group in sample.key
+    )

@@ -309,6 +309,10 @@ class ExternalResult:
         return self.internal_metrics
 
 
+SHOWN_DIGIT = 1e-4
+"""The last digit the report and the card show a score to (4 decimals)."""
+
+
 @dataclass(frozen=True)
 class Difference:
     """One score on the external set beside the internal test's."""
@@ -330,6 +334,8 @@ class Difference:
         if self.low is None or self.high is None or not (finite(self.low) and finite(self.high)):
             return False
         if self.test is None or not finite(self.test):
+            return False
+        if abs(self.external - self.test) < SHOWN_DIGIT / 2:  # a drop the report prints as +0.0000 is no drop
             return False
         lower_is_better = self.key in ("ece", "loss")
         return self.low > self.test if lower_is_better else self.high < self.test
@@ -440,7 +446,8 @@ def summary_lines(external: ExternalResult) -> list[str]:
     if data.skipped:
         lines.append(f"  skipped {len(data.skipped)} unreadable image(s), e.g. {', '.join(data.skipped[:3])}")
     for name, interval in (external.operating_rates or {}).items():
-        lines.append(f"  {name + ' of ' + str(external.operating_positive):<20}{rate_text(interval)} (operating point)")
+        positive = external.operating_positive
+        lines.append(f"  {name:<20}{rate_text(interval)} at the operating point (positive {positive})")
     if result.subgroups is not None:
         lines += ["  " + line for line in subgroup_lines(result.subgroups)]
     return lines

@@ -109,7 +109,7 @@ def execute_prediction(prepared: PreparedPrediction) -> int:
         center, width = prepared.window
         print(f"Window:   DICOM images at center {center:g}, width {width:g}")
     if model.flag is not None:
-        print(f"Flagged:  {model.flag.describe()}: the CSV's {FLAG_COLUMN} column")
+        print(f"Flag:     {model.flag.describe()}: the CSV's {FLAG_COLUMN} column")
     if prepared.saliency is not None:
         saliency_note(model)
     partial = partial_file(out)

@@ -17,6 +17,7 @@ from search.study.storage import check_storage, exists
 from search.tracking.claim import name_taken
 from search.tracking.schema import check_store_uri
 from trainables.data import DataError, DatasetIndex, index_source, subsample
+from trainables.privacy import paths_naming_their_patient
 from trainables.spec import ModelSpec, validate_spec
 
 
@@ -54,6 +55,9 @@ def check_study(config: StudyConfig, resume_run_id: str | None = None) -> Checke
         )
     if index.unidentified:
         print(unidentified_warning(index), flush=True)
+    named = paths_naming_their_patient(sample for samples in index.splits.values() for sample in samples)
+    if named:
+        print(patient_in_paths_warning(named), flush=True)
     if config.per_class:
         index = subsample(index, config.per_class, config.seed)
     if resume_run_id is not None:
@@ -68,6 +72,16 @@ def check_study(config: StudyConfig, resume_run_id: str | None = None) -> Checke
     except ValueError as error:
         raise UsageError(str(error)) from None
     return CheckedStudy(space, index, spec, resume_run_id)
+
+
+def patient_in_paths_warning(named: list[str]) -> str:
+    """The line for image paths that contain their patient's id: split.json and the results record paths as given.
+    Names no path: the example would show the id it warns of."""
+    return (
+        f"warning: {len(named)} image path(s) contain their patient's id (group or PatientID): the study records "
+        f"paths as given (split.json, predictions), so those ids reach its stores in the paths, while the patients "
+        f"themselves appear only as salted hashes; rename the files (or their folders) to keep ids out"
+    )
 
 
 def unidentified_warning(index: DatasetIndex) -> str:
