@@ -172,14 +172,30 @@ def calibrate(test: LabelledLogits, fit_on: LabelledLogits | None) -> Calibratio
 
     The test split's logits never reach the fit: they are only measured, before and after.
     """
-    temperature = 1.0 if fit_on is None else fit_temperature(*fit_on)
+    if fit_on is None:
+        return measured(test, 1.0, split=None, fitted_on=0, fitted_all_right=False)
+    logits, labels = fit_on
+    return measured(
+        test,
+        fit_temperature(logits, labels),
+        split=CALIBRATION_SPLIT,
+        fitted_on=len(labels),
+        fitted_all_right=bool((logits.argmax(axis=1) == labels).all()),
+    )
+
+
+def measured(
+    test: LabelledLogits, temperature: float, *, split: str | None, fitted_on: int, fitted_all_right: bool
+) -> Calibration:
+    """A temperature fitted elsewhere (on `fitted_on` images of `split`; None: none fitted, T = 1), measured on
+    `test` before and after: ECE, NLL and the reliability bins. Nothing is fitted on `test`."""
     logits, labels = test
     before, after = softmax(logits), softmax(logits, temperature)
     return Calibration(
         temperature=temperature,
-        split=None if fit_on is None else CALIBRATION_SPLIT,
-        fitted_on=0 if fit_on is None else len(fit_on[1]),
-        fitted_all_right=fit_on is not None and bool((fit_on[0].argmax(axis=1) == fit_on[1]).all()),
+        split=split,
+        fitted_on=fitted_on,
+        fitted_all_right=fitted_all_right,
         ece_before=expected_calibration_error(labels, before),
         ece_after=expected_calibration_error(labels, after),
         nll_before=nll(logits, labels),

@@ -36,24 +36,23 @@ import torch
 from mlflow.entities import Metric
 
 from search.errors import UsageError
-from search.evaluation.calibration import (
-    CALIBRATION_SPLIT,
-    Calibration,
-    LabelledLogits,
-    expected_calibration_error,
-    nll,
-    reliability,
-    softmax,
-)
+from search.evaluation.calibration import CALIBRATION_SPLIT, Calibration, LabelledLogits, measured
 from search.evaluation.formatting import finite, fixed
-from search.evaluation.intervals import CONFIDENCE, Interval
+from search.evaluation.intervals import Interval
 from search.evaluation.operating_point import interval_text as rate_text
 from search.evaluation.operating_point import rates_record, split_rates
 from search.evaluation.predictions import Predictions, predictions_csv
 from search.evaluation.subgroups import logged_metrics as subgroup_metrics
 from search.evaluation.subgroups import summary_lines as subgroup_lines
 from search.final_model.card import external_facts, external_tag
-from search.final_model.report import INTERVAL_SEED, SUMMARY_ROWS, HeldOutResult, evaluate_test, with_subgroups
+from search.final_model.report import (
+    INTERVAL_SEED,
+    SUMMARY_ROWS,
+    HeldOutResult,
+    evaluate_test,
+    score_text,
+    with_subgroups,
+)
 from search.tracking.registered import RegisteredModel, download_model_file, resolved_version
 from search.tracking.schema import ROLE_TAG, mlflow_lines, run_page
 from search.tracking.store import get_or_create_experiment, log_data_input, mlflow_client
@@ -206,24 +205,11 @@ def fixed_calibration(test: LabelledLogits, temperature: float, fitted: Calibrat
     """A temperature fitted elsewhere (on val, by the final run: `fitted`, where at hand) measured on external
     images, never refitted on them. Without `fitted` (a model file holds its temperature alone): temperature 1
     is the uncalibrated model (split None), any other was fitted on val, as final.py fits it."""
-    logits, labels = test
-    before, after = softmax(logits), softmax(logits, temperature)
     if fitted is not None:
         split, fitted_on, all_right = fitted.split, fitted.fitted_on, fitted.fitted_all_right
     else:
         split, fitted_on, all_right = (None if temperature == 1.0 else CALIBRATION_SPLIT), 0, False
-    return Calibration(
-        temperature=temperature,
-        split=split,
-        fitted_on=fitted_on,
-        fitted_all_right=all_right,
-        ece_before=expected_calibration_error(labels, before),
-        ece_after=expected_calibration_error(labels, after),
-        nll_before=nll(logits, labels),
-        nll_after=nll(logits, labels, temperature),
-        reliability_before=reliability(labels, before),
-        reliability_after=reliability(labels, after),
-    )
+    return measured(test, temperature, split=split, fitted_on=fitted_on, fitted_all_right=all_right)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -451,15 +437,6 @@ def summary_lines(external: ExternalResult) -> list[str]:
     if result.subgroups is not None:
         lines += ["  " + line for line in subgroup_lines(result.subgroups)]
     return lines
-
-
-def score_text(result: HeldOutResult, key: str) -> str:
-    text = fixed(result.metrics[key], 4)
-    interval = result.intervals.get(key)
-    if interval is None:
-        return text
-    bounds = f"{fixed(interval.low, 4)}–{fixed(interval.high, 4)}" if finite(interval.low) else "n/a"
-    return f"{text}  ({round(100 * CONFIDENCE)} % CI {bounds})"
 
 
 # ---------------------------------------------------------------- a registered version, tested later
