@@ -299,22 +299,29 @@ def test_resume_refuses_another_window(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("value", ["40", "40,400,1", "soft,tissue", "40,0.5", "nan,400"])
 def test_a_malformed_window_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, value):
+    from helpers.cli import call_main
+
     from search.run import main
 
-    monkeypatch.chdir(tmp_path)
-    assert main(["--model", "cnn", "--data", "synthetic", f"--window={value}"]) == 2
-    err = capsys.readouterr().err.strip()
+    answer = call_main(  # the environment put back: run.py sets Ray's, which a later ray.init would inherit
+        main, "--model", "cnn", "--data", "synthetic", f"--window={value}", cwd=tmp_path, monkeypatch=monkeypatch,
+        capsys=capsys,
+    )  # fmt: skip
+    assert answer.code == 2
+    err = answer.err.strip()
     assert err.startswith(f"search/run.py: error: --window {value}: ") and "\n" not in err, err
     assert list(tmp_path.iterdir()) == []  # nothing written: no store, no cache
 
 
 def test_a_window_on_a_source_without_dicom_is_refused(tmp_path, monkeypatch, capsys):
+    from helpers.cli import call_main
+
     from search.run import main
 
-    monkeypatch.chdir(tmp_path)
-    code = main(["--model", "cnn", "--data", "synthetic:3", "--window", "40,400", "--gpus-per-trial", "0"])
-    assert code == 2
-    assert "--window 40,400 windows DICOM images (.dcm, .dicom) and synthetic:3 holds none" in capsys.readouterr().err
+    flags = ("--model", "cnn", "--data", "synthetic:3", "--window", "40,400", "--gpus-per-trial", "0")
+    answer = call_main(main, *flags, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert answer.code == 2
+    assert "--window 40,400 windows DICOM images (.dcm, .dicom) and synthetic:3 holds none" in answer.err
 
 
 def test_model_files_keep_the_window_and_older_ones_load(tmp_path, dicom_model):
