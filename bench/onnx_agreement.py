@@ -6,7 +6,7 @@
 Each model (random weights, pretrained=False, default knobs: the full 12-block vit) is
 exported once per image size with final.py's exporter (search.final_model.export.write_onnx),
 with the logits and the calibrated probabilities softmax(logits / T) of every --temperatures
-as outputs: the very ops of a model.onnx (registry.CalibratedSoftmax), so the
+as outputs: the very ops of a model.onnx (scoring.CalibratedSoftmax), so the
 probabilities' differences include those of the graph's own softmax. --train-steps gives
 the weights a few AdamW steps on the synthetic set first: trained weights have larger
 activations and logits than a random initialisation, hence larger rounding differences.
@@ -100,7 +100,7 @@ def outputs_module(model, temperatures: tuple[float, ...]):
     """The model with its logits and, per temperature, the calibrated probabilities a model.onnx outputs."""
     from torch import nn
 
-    from search.final_model.registry import CalibratedSoftmax
+    from trainables.scoring import CalibratedSoftmax
 
     class Outputs(nn.Module):
         def __init__(self):

@@ -62,6 +62,16 @@ def build_compare_parser() -> tuple[argparse.ArgumentParser, list[argparse.Actio
         "hyperparameters, to check the lightweight models against it",
     )
     what.add_argument(
+        "--ensemble",
+        type=int,
+        metavar="K",
+        default=None,
+        help="also set an ensemble beside the single models: the K best distinct configurations of the study whose "
+        "winner scored best on validation (never the test), retrained as final.py --ensemble K retrains them, "
+        "their calibrated probabilities averaged; tested on the same images, with its cost (parameters, latency, "
+        "training compute in recipe trainings)",
+    )
+    what.add_argument(
         "--resamples", type=int, default=2000, help="bootstrap resamples of the test images (at least 1000)"
     )
     what.add_argument("--out", default=None, help="report folder (default: comparisons/<name>)")
@@ -100,6 +110,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         problems.append("--studies needs at least two studies to compare")
     if args.studies is None and len(set(args.models)) < 2:
         problems.append("--models needs at least two different models to compare")
+    if args.ensemble is not None and args.ensemble < 2:
+        problems.append(f"--ensemble {args.ensemble}: an ensemble needs at least 2 members")
     if problems:
         raise UsageError("; ".join(problems))
 
@@ -128,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     run_argv = forwarded_argv(args, forwarded)
     try:
         check_arguments(args)
-        from search.comparison.plan import plan_comparison, plan_existing  # MLflow, not yet torch
+        from search.comparison.plan import check_ensemble, plan_comparison, plan_existing  # MLflow, not yet torch
 
         plan = plan_existing(args) if args.studies else plan_comparison(args, run_argv)
+        check_ensemble(plan, args.ensemble)
         check_reference(args)
         from search.comparison.driver import run_comparison  # torch, timm
 

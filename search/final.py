@@ -59,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
         "study's Pareto front",
     )
     what.add_argument("--model", default=None, choices=MODEL_NAMES, help="refuse a config that is not for this model")
+    what.add_argument(
+        "--ensemble",
+        metavar="K",
+        type=int,
+        default=None,
+        help="with --study: retrain the study's K (>= 2) best distinct configurations among its trials that "
+        "completed their budget (with --confirm, in the confirmation's ranking), each as one model is retrained "
+        "and calibrated, and ship the average of their probabilities in one model file; judged against its best "
+        "member alone on the same test images (McNemar, paired bootstrap)",
+    )
+    what.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average the probabilities over the image and the flips the winner trained "
+        "with (hflip, vflip > 0), in the test, the model file, the registered model and the export; judged "
+        "against no flips; costs one forward pass per flip more",
+    )
 
     training = parser.add_argument_group("training")
     training.add_argument(
@@ -151,6 +168,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.register_name is not None and not args.register_name.strip():
         problems.append("--register-name is empty: give a name, e.g. vit-classifier")
     problems += weights_problems(args.weights)
+    problems += ensemble_problems(args)
     problems += operating_point_problems(args)
     problems += registered_problems(args)
     missing = missing_packages(args.export)  # now, not after an hour of training
@@ -173,6 +191,8 @@ RETRAIN_ONLY = {
     "experiment": "--experiment",
     "register_name": "--register-name",
     "export": "--export",
+    "ensemble": "--ensemble",
+    "tta": "--tta",
 }
 """Flags that say how to retrain (dest -> flag): meaningless for --registered, which tests a model as it is."""
 
@@ -198,6 +218,28 @@ def registered_problems(args: argparse.Namespace) -> list[str]:
             f"{', '.join(given)}: a retrain's flag(s); --registered tests the registered model as it is (its "
             f"classes, image size, temperature and operating point)"
         )
+    return problems
+
+
+def ensemble_problems(args: argparse.Namespace) -> list[str]:
+    """--ensemble's K and where its members come from (one study), and the flags they do not take yet."""
+    problems = []
+    if args.ensemble is not None:
+        if args.ensemble < 2:
+            problems.append(f"--ensemble {args.ensemble}: an ensemble has at least 2 members (give K >= 2)")
+        others = [flag for flag, value in (("--config", args.config), ("--run-id", args.run_id)) if value]
+        if args.trial is not None:
+            others.append("--trial")
+        if others:
+            problems.append(
+                f"--ensemble {args.ensemble} retrains one study's best configurations: give --study NAME, not "
+                f"{', '.join(others)}"
+            )
+    if (args.ensemble is not None or args.tta) and args.external is not None:
+        flags = " and ".join(
+            flag for flag, on in (("--ensemble", args.ensemble is not None), ("--tta", args.tta)) if on
+        )
+        problems.append(f"{flags} with --external: not supported; retrain without --external")
     return problems
 
 
@@ -233,6 +275,28 @@ def load_winner(args: argparse.Namespace) -> Winner:
     )
 
 
+def load_members(args: argparse.Namespace) -> list[Winner]:
+    """The configuration to retrain; with --ensemble K, the study's K best distinct ones, its winner first."""
+    if args.ensemble is None:
+        return [load_winner(args)]
+    from search.final_model.ensemble import study_members
+
+    return study_members(args.tracking_uri, args.study, args.ensemble, args.model)
+
+
+def test_time_flips(args: argparse.Namespace, winner: Winner) -> tuple[str, ...]:
+    """--tta's flips: those the winner trained with; none (and a note) where it trained with neither."""
+    from search.final_model.ensemble import trained_flips
+
+    flips = trained_flips(winner.hyperparameters.to_dict()) if args.tta else ()
+    if args.tta and not flips:
+        print(
+            f"note: --tta changes nothing: {winner.trial_or_id} trained with hflip = vflip = 0, so there is no flip "
+            "to average over; left off"
+        )
+    return flips
+
+
 def retrain_request(args: argparse.Namespace) -> RetrainRequest:
     """The flags that say how to retrain, as the record prepare_final takes (compare.py fills one of its own)."""
     return RetrainRequest(
@@ -263,10 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our closing lines say where
         if args.registered is not None:
             return test_registered(args)
-        config = load_winner(args)  # before torch loads: a wrong name or file is answered sooner
-        from search.final_model.retrain import execute_final, prepare_final  # torch, timm, MLflow
+        members = load_members(args)  # before torch loads: a wrong name or file is answered sooner
+        from search.final_model.retrain import execute_final, prepare_members  # torch, timm, MLflow
 
-        prepared = prepare_final(retrain_request(args), config)
+        prepared = prepare_members(retrain_request(args), members, test_time_flips(args, members[0]))
         if args.operating_point is not None and not args.keep_val:
             print(
                 "note: --operating-point implies --keep-val: the model trains on train only, early-stops and is "

@@ -4,7 +4,9 @@
 
 The model is rebuilt from its model file (final.py's model.pt, which a registered
 version carries), with the temperature final.py fitted: the CSV's probabilities are
-calibrated. --explain adds a Grad-CAM overlay per image. Only the standard library is
+calibrated, and for an ensemble or a file with test-time flips averaged over its members
+and flips (trainables.scoring). --explain adds a Grad-CAM overlay per image (of the first
+member, in an ensemble). Only the standard library is
 imported until the arguments are valid, so --help and argument errors answer at once.
 """
 

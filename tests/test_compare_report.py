@@ -17,8 +17,9 @@ import pytest
 
 from search.comparison.plots import row_normalised, write_plots
 from search.comparison.report import PLOT_FILES, markdown, pareto_front, table_lines
-from search.comparison.results import Comparison, Costs, ModelResult, PairedTest, SearchCost
+from search.comparison.results import Comparison, Costs, ModelResult, SearchCost
 from search.evaluation.intervals import Interval
+from search.evaluation.paired import PairedTest
 
 CLASSES = ["benign", "malignant", "normal", "other"]
 REFERENCE = "convnext_tiny.fb_in1k"

@@ -11,9 +11,10 @@ import pytest
 from helpers.scores import noisy, predictions
 from scipy.stats import binomtest
 
-from search.comparison.results import Costs, ModelResult, PairedTest
-from search.comparison.stats import describe_pair, paired_test, recommend
+from search.comparison.results import Costs, ModelResult
+from search.comparison.stats import describe_pair, recommend
 from search.evaluation.intervals import Interval, stratified_resamples
+from search.evaluation.paired import PairedTest, paired_test
 from search.evaluation.predictions import Predictions
 
 

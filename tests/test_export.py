@@ -24,13 +24,13 @@ CLASSES, SIZE, TEMPERATURE = 4, 32, 1.7
 def scoring(name: str):
     import torch
 
-    from search.final_model.registry import scoring_model
     from trainables.models import build_model
+    from trainables.scoring import ScoringNetwork
     from trainables.spec import ModelSpec
 
     torch.manual_seed(0)
     model = build_model(ModelSpec(name, CLASSES, SIZE, pretrained=False, vit_depth=1))
-    return scoring_model(model, TEMPERATURE)
+    return ScoringNetwork([model], [TEMPERATURE])
 
 
 def cached_images(count: int, seed: int = 0) -> np.ndarray:
@@ -75,9 +75,9 @@ def test_the_cnn_and_the_hybrid_export_to_onnx_that_matches_pytorch(tmp_path, na
 def test_an_export_that_differs_from_pytorch_fails_and_leaves_no_file(tmp_path, monkeypatch):
     from torch import nn
 
-    from search.final_model.registry import scoring_model
+    from trainables.scoring import ScoringNetwork
 
-    tiny = scoring_model(nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, CLASSES)), TEMPERATURE)  # fast
+    tiny = ScoringNetwork([nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, CLASSES))], [TEMPERATURE])  # fast
     nan = np.full((2, CLASSES), np.nan)
     monkeypatch.setattr(export, "both_probabilities", lambda *args: (nan, nan))
     with pytest.raises(ExportMismatch, match="differs from the PyTorch model by up to nan"):
@@ -193,6 +193,9 @@ def test_an_exporter_that_crashes_leaves_no_file_and_a_one_line_warning(tmp_path
     from types import SimpleNamespace
 
     from search.final_model.retrain import EXPORT_FAILED_TAG, export_model
+    from trainables.checkpoint import ModelFile
+    from trainables.config import Hyperparameters
+    from trainables.spec import ModelSpec
 
     def crash(module, images, path, *args):
         path.write_bytes(b"half an ONNX file")  # what an exporter that dies mid-write leaves
@@ -201,7 +204,10 @@ def test_an_exporter_that_crashes_leaves_no_file_and_a_one_line_warning(tmp_path
     monkeypatch.setattr(export, "write_onnx", crash)
     final = SimpleNamespace(export="onnx", out=tmp_path, test=SimpleNamespace(images=lambda: cached_images(2)))
     client = RecordingClient()
-    failure = export_model(final, client, "run", scoring("vit")[0], TEMPERATURE)
+    spec = ModelSpec("vit", CLASSES, SIZE, pretrained=False, vit_depth=1)
+    weights = scoring("vit").networks[0].state_dict()
+    ModelFile(weights, spec, Hyperparameters(), list("abcd"), {}, temperature=TEMPERATURE).save(tmp_path / "model.pt")
+    failure = export_model(final, client, "run")
     assert failure == "the exporter failed (RuntimeError: Failed to convert 'aten::frobnicate')"
     assert not (tmp_path / ONNX_FILE).exists() and client.artifacts == []
     assert client.tags == {EXPORT_FAILED_TAG: failure}

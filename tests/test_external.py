@@ -249,3 +249,18 @@ def test_a_manifest_with_the_study_s_subgroup_columns_is_scored_per_subgroup_too
     record = evaluate_external(external, logits, labels, 1.0).record()
     assert set(record["subgroups"]["columns"]["site"]) == {"north", "south"}
     assert record["subgroups"]["columns"]["site"]["north"]["images"] == 9
+
+
+def test_a_registered_ensemble_or_model_with_flips_is_refused_not_scored_by_its_first_member():
+    from types import SimpleNamespace
+
+    from search.errors import UsageError
+    from search.final_model.external import refuse_averaged
+
+    refuse_averaged(SimpleNamespace(members=("m1",), tta=()), "m/1")  # a single model passes
+    for model_file, what in (
+        (SimpleNamespace(members=("m1", "m2", "m3"), tta=()), "an ensemble of 3"),
+        (SimpleNamespace(members=("m1",), tta=("hflip",)), "a model with test-time hflip"),
+    ):
+        with pytest.raises(UsageError, match=f"m/1 is {what}: --registered --external tests single models"):
+            refuse_averaged(model_file, "m/1")

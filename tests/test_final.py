@@ -567,11 +567,14 @@ def test_a_best_config_without_the_trials_name_still_loads_and_says_whose_id_it_
 def test_mlflow_s_registration_lines_are_not_shown(study, tmp_path, capsys):
     """final.py's own "Model: registered as ..." line says it; MLflow's lines, on a new name and an existing one,
     stay hidden, while anything else on stderr still shows."""
-    import torch
     from mlflow.tracking import MlflowClient
 
     import mlflow
     from search.final_model.registry import REGISTRY_LINES, lines_hidden, log_model
+    from trainables.checkpoint import ModelFile
+    from trainables.config import Hyperparameters
+    from trainables.models import build_model
+    from trainables.spec import ModelSpec
 
     output = study.first.stdout + study.first.stderr
     assert "registered as vit-classifier version" in study.first.stdout
@@ -580,12 +583,12 @@ def test_mlflow_s_registration_lines_are_not_shown(study, tmp_path, capsys):
     uri, before = f"sqlite:///{tmp_path}/registry.db", mlflow.get_tracking_uri()
     client = MlflowClient(uri)
     experiment = client.create_experiment("tiny", artifact_location=(tmp_path / "artifacts").as_uri())
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2)).eval()
-    (tmp_path / "model.pt").write_bytes(b"weights")
+    spec = ModelSpec("vit", 2, 32, pretrained=False, vit_depth=1)  # the smallest model of this project
+    ModelFile(build_model(spec).state_dict(), spec, Hyperparameters(), ["a", "b"], {}).save(tmp_path / "model.pt")
     client.create_registered_model("tiny-classifier")  # a name that exists (final.py's first run made a new one)
     try:
         run_id = client.create_run(experiment).info.run_id
-        registered = log_model(model, 4, uri, run_id, "tiny-classifier", tmp_path / "model.pt", 1.0)
+        registered = log_model(tmp_path / "model.pt", uri, run_id, "tiny-classifier")
     finally:
         mlflow.set_tracking_uri(before)
     assert registered.version == 1
@@ -744,6 +747,12 @@ def test_help_names_every_flag(tmp_path, monkeypatch, capsys):
         "--register-name",
         "--out",
         "--export",
+        "--positive",
+        "--operating-point",
+        "--external",
+        "--registered",
+        "--ensemble",
+        "--tta",
     ):
         assert flag in result.out
     assert "sqlite:///mlflow/mlflow.db" in result.out
@@ -781,7 +790,7 @@ def test_metrics_come_from_scikit_learn_and_ece_bins_confidence():
 def test_the_registered_model_divides_the_logits_by_the_temperature_before_the_softmax():
     import torch
 
-    from search.final_model.registry import CalibratedSoftmax
+    from trainables.scoring import CalibratedSoftmax
 
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.4, 3.0]])
     assert torch.allclose(CalibratedSoftmax(2.0)(logits), torch.softmax(logits / 2, dim=1))

@@ -150,3 +150,18 @@ def test_sensitivity_and_specificity_against_a_hand_counted_confusion_matrix():
     assert "lowest sensitivity  0.5000 (b)" in lines and "lowest specificity  0.8000 (a;" in lines
     assert f"accuracy            {12 / 16:.4f}  (95 % CI " in lines
     assert "2,000 resamples" in lines and "Calibration: none" in lines and "--keep-val" in lines
+
+
+def test_an_averaged_calibration_names_each_network_s_temperature_not_the_average_s_1():
+    from dataclasses import replace
+
+    from search.evaluation.calibration import measured
+    from search.final_model.report import calibration_lines
+
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.5], [0.2, 0.9]] * 5)
+    labels = np.array([0, 1, 0, 1] * 5)
+    one = measured((logits, labels), 1.0, split="val", fitted_on=1000, fitted_all_right=False)
+    assert calibration_lines(one)[0].startswith("Calibration: temperature 1.000 fitted on val")
+    (line,) = calibration_lines(replace(one, averaged=6))
+    assert line.startswith("Calibration: 6 probabilities averaged (members x views), each calibrated by its network's")
+    assert "temperature 1.000" not in line

@@ -419,18 +419,16 @@ def test_a_registered_version_predicts_as_its_model_file_does(model_files, image
     """log_model (what final.py calls) registers the tiny ViT; models:/NAME/1 and @alias predict with it,
     and a version registered without model.pt (as before final.py stored it) is one line, exit 2."""
     from search.final_model.registry import log_model
-    from search.inference.predictor import load_model
     from search.tracking.store import mlflow_client
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow_client(uri)
     experiment = client.create_experiment("vit", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
-    model = load_model(model_files["vit"], torch.device("cpu"), "vit").network
-    register = dict(model=model, img_size=SIZES["vit"], tracking_uri=uri, run_id=run_id, temperature=TEMPERATURE)
-    assert log_model(**register, register_name="vit-classifier", model_file=model_files["vit"]).version == 1
+    register = dict(model_file=model_files["vit"], tracking_uri=uri, run_id=run_id)
+    assert log_model(**register, register_name="vit-classifier").version == 1
     client.set_registered_model_alias("vit-classifier", "champion", "1")
-    older = log_model(**register, register_name="vit-classifier", model_file=model_files["vit"])
+    older = log_model(**register, register_name="vit-classifier")
     assert older.version == 2  # made a version from before final.py stored model.pt: its file taken away
     folder = client.get_logged_model(older.model_id).artifact_location
     (Path(urlparse(folder).path) / MODEL_FILE_IN_MODEL).unlink()

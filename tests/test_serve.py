@@ -35,10 +35,11 @@ def registered(tmp_path):
     import torch
     from mlflow.tracking import MlflowClient
 
-    from search.final_model.registry import describe_version, log_model, scoring_model
+    from search.final_model.registry import describe_version, log_model
     from trainables.checkpoint import ModelFile
     from trainables.config import DEFAULTS
     from trainables.models import build_model
+    from trainables.scoring import scoring_network
     from trainables.spec import ModelSpec
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -50,9 +51,9 @@ def registered(tmp_path):
     model = build_model(spec).eval()
     model_file = ModelFile(model.state_dict(), spec, DEFAULTS, CLASSES, {}, temperature=TEMPERATURE)
     model_file.save(tmp_path / "model.pt")
-    info = log_model(model, SIZE, uri, run_id, NAME, tmp_path / "model.pt", temperature=TEMPERATURE)
+    info = log_model(tmp_path / "model.pt", uri, run_id, NAME)
     describe_version(client, info, "# tiny-classifier version 1\n", {"img_size": str(SIZE), "model": "vit"})
-    return {"uri": uri, "client": client, "info": info, "scoring": scoring_model(model, TEMPERATURE)}
+    return {"uri": uri, "client": client, "info": info, "scoring": scoring_network(model_file)}
 
 
 def expected(scoring, images: np.ndarray) -> np.ndarray:

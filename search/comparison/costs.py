@@ -15,6 +15,7 @@ import gc
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from trainables.costs import inference_latency
 from trainables.data import CachedSplit
 from trainables.engine import Learner
 from trainables.models import ModelSpec, build_model, count_parameters
+from trainables.scoring import ScoringNetwork
 
 
 def measure_costs(
@@ -72,6 +74,45 @@ def measure_costs(
         release_memory(device)
         torch.backends.cudnn.benchmark = autotune
     return Costs(parameters, device.type, images_per_s, latency, peak)
+
+
+def measure_ensemble_costs(
+    members: Sequence[tuple[ModelSpec, Hyperparameters]],
+    device: torch.device,
+    speed: SpeedOptions = SpeedOptions(),
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    train_steps: int = 3,
+) -> Costs:
+    """An ensemble's costs, each member measured as measure_costs measures a single model: the parameters summed;
+    the training throughput of training every member on an image, one member after another (1 / the sum of
+    1 / each member's images per second); the peak of the member that needs most; the inference latency of the
+    scoring network the ensemble ships as (trainables.scoring: every member, its calibrated softmax, the average),
+    with random weights as ever."""
+    each = [
+        measure_costs(spec, hp, device, speed, warmup=warmup, repeats=repeats, train_steps=train_steps)
+        for spec, hp in members
+    ]
+    peaks = [costs.peak_train_memory for costs in each if costs.peak_train_memory is not None]
+    networks = [build_model(replace(spec, pretrained=False, weights_files=())) for spec, _ in members]
+    scoring = ScoringNetwork(networks, [1.0] * len(networks))  # the temperatures' values cost nothing to apply
+    img_size = members[0][0].img_size
+    try:
+        latency = {
+            batch: inference_latency(scoring, batch, img_size, device, speed, warmup=warmup, repeats=repeats)
+            for batch in LATENCY_BATCHES
+        }
+    finally:
+        del scoring, networks
+        release_memory(device)
+    return Costs(
+        parameters=sum(costs.parameters for costs in each),
+        device=device.type,
+        train_images_per_s=1 / sum(1 / costs.train_images_per_s for costs in each),
+        latency_ms=latency,
+        peak_train_memory=max(peaks) if peaks else None,
+    )
 
 
 def training_throughput(

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -27,26 +28,31 @@ from mlflow.entities import Metric
 from sklearn.metrics import confusion_matrix
 
 from search.cli import interrupts_ignored, weights_files
-from search.comparison.costs import measure_costs
+from search.comparison.costs import measure_costs, measure_ensemble_costs
 from search.comparison.plan import (
     COMPARISON_ROLE,
     COMPARISON_TAG,
+    ENSEMBLE_SETTING_TAG,
     REFERENCE_MODEL_TAG,
     REFERENCE_ROLE,
     Entry,
     Plan,
+    ensemble_setting,
+    finished_ensemble,
     finished_reference,
     finished_retrain,
     refuse_different_test_splits,
 )
 from search.comparison.plots import write_plots
 from search.comparison.report import PLOT_FILES, markdown, table_lines
-from search.comparison.results import Comparison, Costs, ModelResult, PairedTest, SearchCost
-from search.comparison.stats import paired_test, recommend
+from search.comparison.results import Comparison, Costs, Ensemble, ModelResult, SearchCost, ensemble_label
+from search.comparison.stats import recommend
 from search.errors import UsageError
 from search.evaluation.intervals import metric_intervals, stratified_resamples
+from search.evaluation.paired import PairedTest, paired_test
 from search.evaluation.predictions import PREDICTIONS_FILE, Predictions, read_predictions
-from search.final_model.retrain import execute_final, prepare_final
+from search.final_model.ensemble import study_members
+from search.final_model.retrain import METRICS_FILE, execute_final, prepare_final, prepare_members
 from search.final_model.sources import load_study, winner_from_mlflow
 from search.records.retrain import RetrainRequest
 from search.records.study_config import StudyConfig
@@ -59,6 +65,7 @@ from search.tracking.schema import (
     STUDY_TAG,
     mlflow_lines,
     run_page,
+    store_exists,
 )
 from search.tracking.store import all_runs, get_or_create_experiment, log_params, mlflow_client, quoted, read_artifact
 from search.tracking.study_run import find_study, read_split_record
@@ -90,14 +97,21 @@ def run_comparison(args: argparse.Namespace, plan: Plan, run_argv: list[str]) ->
     """Every step that is not done yet, then the report; the exit code of the first step that failed."""
     print(f"Comparison {plan.name}: {', '.join(f'{e.label} ({e.study}, {e.state})' for e in plan.entries)}", flush=True)
     try:
-        for entry in plan.entries:
-            if entry.state != "finished":
-                run_study(entry, run_argv)
+        try:
+            for entry in plan.entries:
+                if entry.state != "finished":
+                    run_study(entry, run_argv)
+        finally:  # what --ensemble the studies ran with, so that a continuation with another is refused
+            if not args.studies:
+                record_ensemble_setting(plan, args.ensemble)
         client = mlflow_client(plan.tracking_uri, create=False)
         # Studies run at different times: the data may have changed between them, and then their test splits differ
         refuse_different_test_splits(client, [find_study(plan.tracking_uri, entry.study) for entry in plan.entries])
         finals = {entry.label: retrained(client, entry, args) for entry in plan.entries}
         winners = {entry.label: load_study(plan.tracking_uri, entry.study, None) for entry in plan.entries}
+        if args.ensemble:
+            entry = ensemble_study(plan.entries, winners)
+            finals[ensemble_label(entry.label, args.ensemble)] = ensemble_retrained(client, entry, args)
         if args.reference:
             finals[args.reference] = reference_run(client, plan, winners[plan.entries[0].label], args)
         return report(client, plan, finals, winners, args)
@@ -153,6 +167,52 @@ def retrained(client, entry: Entry, args: argparse.Namespace) -> str:
     if code == 130:
         raise KeyboardInterrupt
     run_id = finished_retrain(client, entry.study, PREDICTIONS_FILE)
+    if code != 0 or run_id is None:
+        raise StepFailed(code or 1)
+    return run_id
+
+
+def record_ensemble_setting(plan: Plan, ensemble: int | None) -> None:
+    """ENSEMBLE_SETTING_TAG on each of the comparison's studies that has a run and not the tag yet."""
+    if not store_exists(plan.tracking_uri):  # the first study stopped before it wrote anything
+        return
+    client = mlflow_client(plan.tracking_uri, create=False)
+    for entry in plan.entries:
+        parent = find_study(plan.tracking_uri, entry.study)
+        if parent is not None and ENSEMBLE_SETTING_TAG not in parent.data.tags:
+            client.set_tag(parent.info.run_id, ENSEMBLE_SETTING_TAG, ensemble_setting(ensemble))
+
+
+def ensemble_study(entries: list[Entry], winners: dict[str, Winner]) -> Entry:
+    """The study whose ensemble is built: the one whose winner scored best on validation, the search's own
+    measure. Not the test: the ensemble is then judged on the test images, and a choice made on them would favour
+    it. A tie goes to the first study."""
+
+    def score(entry: Entry) -> float:
+        value = winners[entry.label].best_value
+        if value is None or value != value:
+            return -math.inf
+        return value if entry.config.mode == "max" else -value
+
+    return max(entries, key=score)
+
+
+def ensemble_retrained(client, entry: Entry, args: argparse.Namespace) -> str:
+    """The final run of the study's K best configurations as an ensemble: one that exists, or one made now as
+    final.py --study S --ensemble K makes it."""
+    k = args.ensemble
+    label = ensemble_label(entry.label, k)
+    run_id = finished_ensemble(client, entry.study, k, PREDICTIONS_FILE)
+    if run_id is not None and tested_on_study_split(client, run_id, entry.study, args.tracking_uri):
+        print(f"== {label}: reusing ensemble retrain {run_id} of study {entry.study}", flush=True)
+        return run_id
+    print(f"\n== {label}: retraining the {k} best configurations of study {entry.study} as an ensemble", flush=True)
+    code = execute_final(
+        prepare_members(retrain_request(args, label), study_members(args.tracking_uri, entry.study, k))
+    )
+    if code == 130:
+        raise KeyboardInterrupt
+    run_id = finished_ensemble(client, entry.study, k, PREDICTIONS_FILE)
     if code != 0 or run_id is None:
         raise StepFailed(code or 1)
     return run_id
@@ -253,8 +313,21 @@ def report(client, plan: Plan, finals: dict[str, str], winners: dict[str, Winner
     resamples = stratified_resamples(first.labels, args.resamples, plan.entries[0].config.seed)
     entries = {entry.label: entry for entry in plan.entries}
     parents = {entry.label: find_study(plan.tracking_uri, entry.study) for entry in plan.entries}  # read once
+    ensembles = {  # the ensemble's label -> the study its members come from (compare.py builds one at most)
+        label: entry
+        for entry in plan.entries
+        if args.ensemble and (label := ensemble_label(entry.label, args.ensemble)) in finals
+    }
     models = []
     for label, run_id in finals.items():
+        if label in ensembles:
+            of = ensembles[label]
+            models.append(
+                ensemble_result(
+                    client, label, run_id, of, parents[of.label], predictions[label], resamples, args.tracking_uri
+                )
+            )
+            continue
         entry = entries.get(label)
         winner = winners[label] if entry else reference_config(winners[plan.entries[0].label], label)
         models.append(
@@ -270,6 +343,7 @@ def report(client, plan: Plan, finals: dict[str, str], winners: dict[str, Winner
                 plan.entries[0].config,
             )
         )
+    models = [with_retrain_compute(client, model, finals, ensembles) for model in models]
     pairs = paired_tests(predictions, [m.name for m in models if not m.reference], resamples)
     comparison = Comparison(
         name=plan.name,
@@ -279,7 +353,7 @@ def report(client, plan: Plan, finals: dict[str, str], winners: dict[str, Winner
         pairs=pairs,
         recommendation=recommend(models, pairs),
         resamples=args.resamples,
-        settings=shared_settings(plan, args.reference),
+        settings=shared_settings(plan, args.reference, args.ensemble),
     )
     lines = table_lines(comparison)
     write_report(comparison, lines, out)
@@ -353,6 +427,79 @@ def model_result(
     )
 
 
+def ensemble_result(
+    client,
+    label: str,
+    run_id: str,
+    of: Entry,
+    parent,
+    predictions: Predictions,
+    resamples: np.ndarray,
+    tracking_uri: str,
+) -> ModelResult:
+    """The ensemble's scores with intervals (from its predictions, as any model's), its costs measured member by
+    member and through the scoring network it ships as, its study's search, and its members' retrain compute."""
+    record = ensemble_record(client, label, run_id)
+    members = [member["label"] for member in record["members"]]
+    configs = [winner_from_mlflow(tracking_uri, study=of.study, trial=member) for member in members]
+    epochs = epochs_run(client, run_id, members)
+    return ModelResult(
+        name=label,
+        metrics=metric_intervals(predictions, resamples),
+        costs=ensemble_costs(configs, of.config),
+        confusion=confusion_matrix(predictions.labels, predictions.predicted, labels=range(len(predictions.classes))),
+        final_run_id=run_id,
+        study=of.study,
+        search=search_cost(client, of, parent),
+        retrain_vs_recipe=epochs / of.config.epochs,
+        ensemble=Ensemble(of.label, tuple(members), int(record["forward_passes"])),
+    )
+
+
+def ensemble_record(client, label: str, run_id: str) -> dict:
+    """metrics.json's "ensemble" of an ensemble's final run: its members (labels, best first) and forward passes."""
+    text = read_artifact(client, run_id, METRICS_FILE)
+    record = json.loads(text).get("ensemble") if text else None
+    if not record:
+        raise UsageError(f"the final run {run_id} of {label} records no ensemble in its {METRICS_FILE}: retrain it")
+    return record
+
+
+def ensemble_costs(members: list[Winner], study: StudyConfig) -> Costs:
+    """An ensemble's costs on the study's device, as costs_of measures a single model's."""
+    specs = [
+        (
+            ModelSpec(
+                member.model, len(member.classes), member.img_size, pretrained=False, backbone=member.backbone
+            ).with_knobs(member.hyperparameters),
+            member.hyperparameters,
+        )
+        for member in members
+    ]
+    cuda = bool(study.gpus_per_trial) and torch.cuda.is_available()
+    return measure_ensemble_costs(specs, torch.device("cuda" if cuda else "cpu"), SpeedOptions.of(study))
+
+
+def with_retrain_compute(
+    client, model: ModelResult, finals: dict[str, str], ensembles: dict[str, Entry]
+) -> ModelResult:
+    """The single model an ensemble is set beside, with its retrain's compute in recipe trainings (the epochs its
+    final run trained over the study's --epochs), so the two compare; every other model as it is."""
+    beside = {entry.label: entry for entry in ensembles.values()}
+    entry = beside.get(model.name)
+    if entry is None:
+        return model
+    return replace(model, retrain_vs_recipe=epochs_run(client, finals[model.name]) / entry.config.epochs)
+
+
+def epochs_run(client, run_id: str, members: list[str] | None = None) -> int:
+    """The epochs a final run trained, every network's, early-stopped ones as far as they ran: one point per epoch
+    in the history of its train_loss, and of an ensemble's other members' member_<label>_train_loss (final.py
+    logs them so)."""
+    keys = ["train_loss", *(f"member_{label}_train_loss" for label in (members or [])[1:])]
+    return sum(len(client.get_metric_history(run_id, key)) for key in keys)
+
+
 def costs_of(winner: Winner, study: StudyConfig) -> Costs:
     """Measured on the study's device (CUDA if its trials had a GPU share), with its speed options."""
     spec = ModelSpec(
@@ -391,7 +538,7 @@ def paired_tests(predictions: dict[str, Predictions], searched: list[str], resam
     return pairs
 
 
-def shared_settings(plan: Plan, reference: str | None) -> dict:
+def shared_settings(plan: Plan, reference: str | None, ensemble: int | None = None) -> dict:
     config = plan.entries[0].config
     settings = {
         "data": config.data,
@@ -405,6 +552,8 @@ def shared_settings(plan: Plan, reference: str | None) -> dict:
     }
     if reference:
         settings["reference"] = reference
+    if ensemble:
+        settings["ensemble"] = ensemble
     for key in ("img_size", "epochs", "trials", "pretrained"):
         values = [getattr(entry.config, key) for entry in plan.entries]
         if len(set(values)) > 1:  # --studies run with other budgets: say so rather than pretend
@@ -425,8 +574,11 @@ def write_report(comparison: Comparison, lines: list[str], out: Path) -> None:
 def as_record(comparison: Comparison) -> dict:
     """comparison.json: every number of the report, for a notebook."""
     record = asdict(comparison)
+    with_ensemble = any(model.ensemble is not None for model in comparison.models)
     for model in record["models"]:
         model["confusion"] = np.asarray(model["confusion"]).tolist()
+        if not with_ensemble:  # a comparison without --ensemble: its file as it was before
+            del model["retrain_vs_recipe"], model["ensemble"]
     return record
 
 
@@ -492,6 +644,9 @@ def comparison_metrics(comparison: Comparison) -> list[Metric]:
         values[f"{model.name}/parameters"] = model.costs.parameters
         values[f"{model.name}/train_images_per_s"] = model.costs.train_images_per_s
         values |= {f"{model.name}/latency_ms_batch{b}": ms for b, ms in model.costs.latency_ms.items()}
+        if model.ensemble is not None:
+            values[f"{model.name}/forward_passes"] = model.ensemble.forward_passes
+            values[f"{model.name}/retrain_vs_recipe"] = model.retrain_vs_recipe
         if model.search is not None:
             values[f"{model.name}/search_gpu_hours"] = model.search.gpu_hours
             values[f"{model.name}/search_compute_epochs"] = model.search.compute_epochs

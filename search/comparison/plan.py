@@ -12,7 +12,9 @@ Standard library, PyYAML and MLflow only: the plan is made and checked before to
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from search.errors import UsageError
 from search.records.study_config import StudyConfig
@@ -23,7 +25,13 @@ from search.tracking.store import all_runs, mlflow_client, quoted
 from search.tracking.study_run import SplitRecord, find_study, read_split_record, read_study_config
 from trainables.manifest import shown
 
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
 COMPARISON_TAG = "comparison"
+ENSEMBLE_SETTING_TAG = "comparison_ensemble"
+"""On each of a comparison's own studies: the --ensemble K it was run with ('0': none), so that continuing it with
+another is refused as another budget is (a study without the tag predates it: anything goes)."""
 COMPARISON_ROLE, REFERENCE_ROLE = "comparison", "reference"
 REFERENCE_MODEL_TAG = "reference_model"
 SPLIT_SETTINGS = ("data", "seed", "smoke")
@@ -82,6 +90,7 @@ def plan_comparison(args: argparse.Namespace, run_argv: list[str]) -> Plan:
             continue
         recorded = read_study_config(mlflow_client(args.tracking_uri, create=False), parent)
         refuse_changed_settings(args.name, recorded, requested, run_argv)
+        refuse_changed_ensemble(args.name, parent, args.ensemble)
         entries.append(Entry(model, recorded, "finished" if parent.info.status == "FINISHED" else "unfinished"))
     return Plan(args.name, entries, args.tracking_uri)
 
@@ -92,6 +101,43 @@ def refuse_changed_settings(comparison: str, recorded: StudyConfig, requested: S
         raise UsageError(
             f"comparison {comparison!r} ran study {recorded.name} with other settings: {', '.join(changed)}; "
             f"repeat its settings to continue it, or pass another --name for a new comparison"
+        )
+
+
+def ensemble_setting(ensemble: int | None) -> str:
+    """--ensemble as ENSEMBLE_SETTING_TAG holds it."""
+    return str(ensemble or 0)
+
+
+def refuse_changed_ensemble(comparison: str, parent, ensemble: int | None) -> None:
+    """A comparison continued with another --ensemble than it started with is refused, as another budget is."""
+    recorded = parent.data.tags.get(ENSEMBLE_SETTING_TAG)
+    if recorded is None or recorded == ensemble_setting(ensemble):
+        return
+    then = "without --ensemble" if recorded == "0" else f"with --ensemble {recorded}"
+    now = "without it" if not ensemble else f"not {ensemble}"
+    raise UsageError(
+        f"comparison {comparison!r} ran study {parent.data.tags[STUDY_TAG]} {then}, {now}; repeat its settings "
+        f"to continue it, or pass another --name for a new comparison"
+    )
+
+
+def check_ensemble(plan: Plan, ensemble: int | None) -> None:
+    """--ensemble K, before anything runs: each study can hold K configurations, and their validation scores
+    (which choose the ensemble's study, never the test) are of one metric."""
+    if ensemble is None:
+        return
+    few = [entry for entry in plan.entries if entry.config.trials < ensemble]
+    if few:
+        raise UsageError(
+            f"--ensemble {ensemble}: study {few[0].study} has {few[0].config.trials} trials, fewer than the "
+            f"ensemble's members; ask for more --trials or a smaller --ensemble"
+        )
+    metrics = dict.fromkeys(entry.config.metric for entry in plan.entries)
+    if len(metrics) > 1:
+        raise UsageError(
+            f"--ensemble {ensemble}: the studies optimise different metrics ({', '.join(metrics)}), so their "
+            f"validation scores cannot choose the study whose ensemble is built; compare studies of one --metric"
         )
 
 
@@ -162,10 +208,30 @@ def held_out_difference(first: SplitRecord, second: SplitRecord) -> str:
     return "the same images in another order" if a != b else ""
 
 
+FORWARD_PASSES_METRIC, MEMBERS_METRIC, TTA_METRIC = "forward_passes", "ensemble_members", "tta_forward_passes"
+"""What a final run of final.py --ensemble K or --tta logs (search.final_model.ensemble.Outcome.metrics): the
+forward passes per image, the ensemble's members, the passes with the flips. A plain retrain logs none of them."""
+
+
 def finished_retrain(client, study: str, predictions_file: str) -> str | None:
-    """The newest finished final run of `study` that recorded its per-image test predictions."""
+    """The newest finished final run of `study` that retrained its winner alone (no ensemble, no test-time flips)
+    and recorded its per-image test predictions."""
     return newest_with_file(
-        client, f"tags.{ROLE_TAG} = 'final' and tags.{STUDY_TAG} = {quoted(study)}", predictions_file
+        client,
+        f"tags.{ROLE_TAG} = 'final' and tags.{STUDY_TAG} = {quoted(study)}",
+        predictions_file,
+        keep=lambda run: FORWARD_PASSES_METRIC not in run.data.metrics,
+    )
+
+
+def finished_ensemble(client, study: str, k: int, predictions_file: str) -> str | None:
+    """The newest finished final run of `study`'s K best configurations as an ensemble, without test-time flips
+    (final.py --study S --ensemble K), that recorded its per-image test predictions."""
+    return newest_with_file(
+        client,
+        f"tags.{ROLE_TAG} = 'final' and tags.{STUDY_TAG} = {quoted(study)} and metrics.{MEMBERS_METRIC} = {k}",
+        predictions_file,
+        keep=lambda run: TTA_METRIC not in run.data.metrics,
     )
 
 
@@ -179,10 +245,12 @@ def finished_reference(client, comparison: str, backbone: str, predictions_file:
     )
 
 
-def newest_with_file(client, filter_string: str, path: str) -> str | None:
-    """The newest finished run matching filter_string that holds the file `path`."""
+def newest_with_file(
+    client, filter_string: str, path: str, keep: Callable[[Run], bool] = lambda run: True
+) -> str | None:
+    """The newest finished run matching filter_string (and `keep`) that holds the file `path`."""
     runs = all_runs(client, f"{filter_string} and attributes.status = 'FINISHED'")
-    return next((run.info.run_id for run in runs if has_file(client, run.info.run_id, path)), None)
+    return next((run.info.run_id for run in runs if keep(run) and has_file(client, run.info.run_id, path)), None)
 
 
 def has_file(client, run_id: str, path: str) -> bool:

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from search.comparison.results import LATENCY_BATCHES, SIGNIFICANCE, Comparison, ModelResult, PairedTest
+from search.comparison.results import LATENCY_BATCHES, Comparison, ModelResult
 from search.comparison.stats import describe_pair, versus, winner_first
 from search.evaluation.formatting import NA, bounds, ci, finite, fixed, ms, p_text, p_value, percent, points, ratio
 from search.evaluation.intervals import COMPARED_METRICS, CONFIDENCE, Interval
+from search.evaluation.paired import SIGNIFICANCE, PairedTest
 from search.study.report import duration
 
 PLOT_FILES = ("accuracy.png", "accuracy_vs_latency.png", "confusion_matrices.png")
@@ -331,6 +332,8 @@ def table_lines(comparison: Comparison) -> list[str]:
         for model in lightweight(comparison):
             first, *rest = reference_lines(model, reference, comparison.pairs)
             lines += [f"  {first}", *(f"  {' ' * len(model.name)}  {line}" for line in rest)]
+    for model in ensembles(comparison):
+        lines += ["", ensemble_title(model), *(f"  {line}" for line in ensemble_lines(comparison, model))]
     lines += ["", f"Recommendation: {comparison.recommendation}"]
     return lines
 
@@ -466,6 +469,120 @@ def reference_lines(model: ModelResult, reference: ModelResult, pairs: list[Pair
     ]
 
 
+# ---------------------------------------------------------------- an ensemble beside its single model
+
+
+def ensembles(comparison: Comparison) -> list[ModelResult]:
+    """The ensembles compared (compare.py --ensemble sets one beside the single models)."""
+    return [model for model in comparison.models if model.ensemble is not None]
+
+
+def single_of(comparison: Comparison, ensemble: ModelResult) -> ModelResult | None:
+    """The single model whose study gave the ensemble's members; None where it is not compared."""
+    assert ensemble.ensemble is not None
+    return next((model for model in comparison.models if model.name == ensemble.ensemble.of), None)
+
+
+def ensemble_title(model: ModelResult) -> str:
+    """'Ensemble vit-ensemble3: the 3 best configurations of study cmp-vit (t03, t07, t01), ...'."""
+    assert model.ensemble is not None
+    members = model.ensemble.members
+    return (
+        f"Ensemble {model.name}: the {len(members)} best configurations of study {model.study} "
+        f"({', '.join(members)}), each retrained, their calibrated probabilities averaged"
+    )
+
+
+def training_compute(model: ModelResult) -> float:
+    """Recipe trainings in all: the retrain's (every member's) plus the search's; NaN where either is unknown."""
+    search = model.search.compute_vs_recipe if model.search is not None else math.nan
+    return model.retrain_vs_recipe + search
+
+
+def recipe_trainings(x: float) -> str:
+    """'13.3': recipe trainings to one decimal, as the costs table's 'x recipe' column writes them."""
+    return f"{x:.1f}" if finite(x) else NA
+
+
+def compute_text(model: ModelResult) -> str:
+    """'13.3 recipe trainings (retrain 3.0 + search 10.3)'."""
+    search = model.search.compute_vs_recipe if model.search is not None else math.nan
+    return (
+        f"{recipe_trainings(training_compute(model))} recipe trainings "
+        f"(retrain {recipe_trainings(model.retrain_vs_recipe)} + search {recipe_trainings(search)})"
+    )
+
+
+def times(x: float, y: float) -> str:
+    """x over y as '2.9x'; n/a where either was not measured."""
+    return ratio(x / y) if finite(x) and finite(y) and y > 0 else NA
+
+
+def ensemble_lines(comparison: Comparison, model: ModelResult) -> list[str]:
+    """The ensemble against its single model, from the ensemble's side: the paired test, then what it costs
+    (forward passes, parameters, latency at batch 1, training compute in recipe trainings)."""
+    assert model.ensemble is not None
+    single = single_of(comparison, model)
+    passes = f"{model.ensemble.forward_passes} forward passes per image"
+    latency = model.costs.latency_ms.get(1, math.nan)
+    if single is None:
+        return [
+            f"{model.name}: {passes}, {parameters_text(model.costs.parameters)} parameters, {ms(latency)} ms per "
+            f"image, training compute {compute_text(model)}"
+        ]
+    single_latency = single.costs.latency_ms.get(1, math.nan)
+    return [
+        f"{model.name}: {difference_text(model, single, comparison.pairs)}",
+        f"{passes}: {times(model.costs.parameters, single.costs.parameters)} {single.name}'s parameters "
+        f"({parameters_text(model.costs.parameters)}), {times(latency, single_latency)} its latency "
+        f"({ms(latency)} vs {ms(single_latency)} ms per image)",
+        f"training compute {compute_text(model)} vs {single.name}'s {compute_text(single)}",
+    ]
+
+
+def markdown_ensemble_rows(comparison: Comparison, model: ModelResult) -> list[list[str]]:
+    """The single model and its ensemble, side by side: scores, the paired test, and the costs."""
+    assert model.ensemble is not None
+    single = single_of(comparison, model)
+    rows = [
+        [
+            "model",
+            "members",
+            "forward passes per image",
+            "accuracy (%)",
+            "ECE",
+            f"accuracy vs {single.name if single else 'the single model'} (points, 95 % CI)",
+            "McNemar p",
+            "parameters",
+            "latency batch 1 (ms)",
+            "retrain compute (recipe trainings)",
+            "search compute (recipe trainings)",
+            "training compute in all (recipe trainings)",
+        ]
+    ]
+    for shown_model in ([single] if single else []) + [model]:
+        pair = against_reference(shown_model, single, comparison.pairs) if single and shown_model is model else None
+        search = shown_model.search.compute_vs_recipe if shown_model.search is not None else math.nan
+        facts = shown_model.ensemble
+        rows.append(
+            [
+                shown_model.name,
+                ", ".join(facts.members) if facts else "1",
+                str(facts.forward_passes) if facts else "1",
+                metric_markdown(shown_model, "test_acc"),
+                metric_markdown(shown_model, "test_ece"),
+                NONE if pair is None else signed_points(pair.difference),
+                NONE if pair is None else p_value(pair.p_value),
+                parameters_text(shown_model.costs.parameters),
+                latency_text(shown_model, 1),
+                recipe_trainings(shown_model.retrain_vs_recipe),
+                recipe_trainings(search),
+                recipe_trainings(training_compute(shown_model)),
+            ]
+        )
+    return rows
+
+
 # ---------------------------------------------------------------- the Markdown report
 
 
@@ -583,7 +700,9 @@ def config_lines(comparison: Comparison) -> list[str]:
         origin = [f"study `{model.study}`"] if model.study else []
         origin.append(f"final run `{model.final_run_id}`")
         knobs = ", ".join(f"{key}={shown(value)}" for key, value in model.config.items())
-        if not knobs:
+        if model.ensemble is not None:  # its members' knobs are their trials' (each on its own run)
+            knobs = f"an ensemble of the study's trials {', '.join(model.ensemble.members)}"
+        elif not knobs:
             knobs = "defaults" if model.reference else "no knobs recorded"
         elif model.reference:
             knobs = f"defaults: {knobs}"
@@ -626,6 +745,8 @@ def markdown(comparison: Comparison, plots: bool = True) -> str:
             f"## {reference_title(reference)}",
             "\n".join(markdown_table(markdown_reference_rows(comparison, reference))),
         ]
+    for model in ensembles(comparison):
+        parts += [f"## {ensemble_title(model)}", "\n".join(markdown_table(markdown_ensemble_rows(comparison, model)))]
     parts += [
         "## Winning configurations",
         "\n".join(config_lines(comparison)),

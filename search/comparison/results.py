@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from search.evaluation.intervals import Interval
+from search.evaluation.paired import PairedTest
 
-SIGNIFICANCE = 0.05
-"""A paired difference with McNemar's p below this is called significant."""
 LATENCY_BATCHES = (1, 32)
 """Inference batch sizes a model's latency is measured at, in the order the tables show them."""
 
@@ -65,25 +64,28 @@ class ModelResult:
     config: dict = field(default_factory=dict)
     """The winning knobs (those that apply to the model); the reference's defaults."""
     reference: bool = False
+    retrain_vs_recipe: float = float("nan")
+    """The retrain's compute in recipe trainings: the epochs it trained (an ensemble: every member's, summed; an
+    early-stopped network's as far as it ran) over the study's --epochs; NaN where not read."""
+    ensemble: Ensemble | None = None
+    """What makes it an ensemble (compare.py --ensemble K); None for a single model."""
+
+
+def ensemble_label(single: str, k: int) -> str:
+    """How the report names the ensemble of K configurations of `single`'s study: 'vit-ensemble3'."""
+    return f"{single}-ensemble{k}"
 
 
 @dataclass(frozen=True)
-class PairedTest:
-    """Two models on the same test images: a - b in accuracy, and whether that is more than chance."""
+class Ensemble:
+    """A compared model that averages the calibrated probabilities of K retrained configurations of one study."""
 
-    a: str
-    b: str
-    difference: Interval
-    """Accuracy of a minus accuracy of b (fractions), with its paired bootstrap interval."""
-    p_value: float
-    """McNemar's exact test on the images exactly one of the two gets right."""
-    a_only: int
-    """Images a gets right and b wrong."""
-    b_only: int
-
-    @property
-    def significant(self) -> bool:
-        return self.p_value < SIGNIFICANCE
+    of: str
+    """The single model whose study gave the members (vit): the ensemble is set beside it."""
+    members: tuple[str, ...]
+    """The members' trial labels, best first (the first is the single model's configuration)."""
+    forward_passes: int
+    """Networks run per image (members x views)."""
 
 
 @dataclass(frozen=True)

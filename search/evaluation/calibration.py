@@ -156,6 +156,9 @@ class Calibration:
     """Test NLL of softmax(logits / temperature): the run's test_loss."""
     reliability_before: Reliability
     reliability_after: Reliability
+    averaged: int = 0
+    """Where the probabilities average several networks or views (an ensemble, test-time flips): how many; each
+    was calibrated with its own temperature and `temperature` is then 1. 0: one network's logits / temperature."""
 
     @property
     def calibrated(self) -> bool:

@@ -27,6 +27,7 @@ from trainables.spec import backbones_of
 
 if TYPE_CHECKING:
     from search.evaluation.operating_point import OperatingPoint
+    from search.final_model.ensemble import Outcome
     from search.final_model.external import ExternalResult
     from search.final_model.report import HeldOutResult
     from search.final_model.retrain import PreparedFinal
@@ -179,6 +180,8 @@ class CardFacts:
     """The manifest's digest (trainables.data.manifest_digest) where the data is a manifest."""
     external: ExternalFacts | None = None
     """final.py --external's scores beside the internal test's; None: no external test."""
+    ensemble: Outcome | None = None
+    """final.py --ensemble's members beside the ensemble, and --tta's flips, with their judgements; None: neither."""
 
 
 # ---------------------------------------------------------------- from the final run
@@ -192,6 +195,7 @@ def card_facts(
     run_id: str,
     operating: OperatingPoint | None = None,
     external: ExternalResult | None = None,
+    ensemble: Outcome | None = None,
 ) -> CardFacts:
     """The card's record, from the prepared run, its one test and its registration (None when not registered)."""
     config, index = final.config, final.index
@@ -245,6 +249,7 @@ def card_facts(
         patients={split: len(index.groups(split)) for split in ("train", "val", "test")} if index.has_groups else None,
         manifest_digest=manifest_digest(index.source) if index.is_manifest else None,
         external=external_facts(external) if external is not None else None,
+        ensemble=ensemble,
     )
 
 
@@ -337,6 +342,7 @@ def render(facts: CardFacts, shown: tuple[ClassRow, ...]) -> str:
         origin_section(facts),
         training_section(facts),
         test_section(facts),
+        *([facts.ensemble.card_section()] if facts.ensemble is not None else []),
         calibration_section(facts),
         *([external_section(facts.external)] if facts.external is not None else []),
         *([operating_point_section(facts.operating_point)] if facts.operating_point is not None else []),

@@ -1,7 +1,8 @@
 """The final model in other formats (final.py --export): ONNX, checked against PyTorch before it is kept.
 
-model.onnx computes what the registered MLflow model computes (registry.scoring_model):
-float32 images (N, 3, H, W) in [0, 1] in, softmax(logits / T) out, any batch size N.
+model.onnx computes what the registered MLflow model computes (trainables.scoring.scoring_network):
+float32 images (N, 3, H, W) in [0, 1] in, softmax(logits / T) out, any batch size N; for an ensemble
+or a model file with test-time flips, every member and flip in one graph, averaged as the registered model averages.
 
 It is exported with torch.onnx's dynamo exporter (torch.export, then ONNX Script), not
 the TorchScript one (dynamo=False): TorchScript and its exporter are deprecated since
@@ -101,9 +102,10 @@ def missing_packages(fmt: str | None) -> str | None:
 
 
 def export_onnx(scoring: nn.Module, test_images: np.ndarray, path: Path) -> ExportCheck:
-    """Write scoring (registry.scoring_model, on the CPU) to path as ONNX with a dynamic batch dimension, and
-    check it against PyTorch on the test images (uint8 (N, H, W, 3), as cached); raise ExportMismatch, and
-    leave no file, if a probability differs by more than the tolerance (RELATIVE_TOLERANCE's docstring)."""
+    """Write scoring (trainables.scoring.ScoringNetwork, on the CPU) to path as ONNX with a dynamic batch
+    dimension, and check it against PyTorch on the test images (uint8 (N, H, W, 3), as cached); raise
+    ExportMismatch, and leave no file, if a probability differs by more than the tolerance (RELATIVE_TOLERANCE's
+    docstring)."""
     write_onnx(scoring, test_images, path)
     shown = test_images[:CHECK_IMAGES]
     check = ExportCheck(path, len(shown), len(test_images), *agreement(*both_probabilities(scoring, path, shown)))

@@ -472,6 +472,7 @@ def prepare_registered(
             model_file = ModelFile.load(path)
         except Exception:  # not a model file: an older or foreign artifact under that name
             raise UsageError(f"{where}: its {path.name} is not a model file written by search/final.py") from None
+    refuse_averaged(model_file, where)
     external = prepare_external(
         data, list(model_file.classes), model_file.spec.img_size, cache_dir, window=model_file.window
     )
@@ -492,6 +493,18 @@ def prepare_registered(
         internal_metrics=internal or None,
         experiment_id=experiment_id,
     )
+
+
+def refuse_averaged(model_file: ModelFile, where: str) -> None:
+    """An ensemble or a model with test-time flips averages probabilities the external test does not yet compute:
+    refused, rather than scoring its first member alone."""
+    members, flips = len(model_file.members), model_file.tta
+    if members > 1 or flips:
+        what = f"an ensemble of {members}" if members > 1 else f"a model with test-time {', '.join(flips)}"
+        raise UsageError(
+            f"{where} is {what}: --registered --external tests single models without flips only; test a single "
+            f"model of the study, or score DATA with predict.py (its CSV holds the ensemble's probabilities)"
+        )
 
 
 def registered_logits(model_file: ModelFile, split: CachedSplit) -> LabelledLogits:

@@ -1,5 +1,6 @@
-"""The final model in MLflow: logged as a torch.export graph that outputs class probabilities, registered, and
-described (its model card as the version's description, its key facts as tags)."""
+"""The final model in MLflow: logged as a torch.export graph that outputs class probabilities (the model file's
+scoring network, trainables.scoring: its members and flips in one graph), registered, and described (its model
+card as the version's description, its key facts as tags)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import mlflow.pytorch
 import numpy as np
 import torch
 from mlflow.models import infer_signature
-from torch import nn
 
 import mlflow
 from search.records.registration import Registration
 from search.tracking.schema import FINAL_MODEL_FILE
+from trainables.checkpoint import ModelFile
+from trainables.scoring import scoring_network
 
 MODEL_ARTIFACT = "model"
 EXAMPLE_GREY = 0.5
@@ -26,24 +28,6 @@ EXAMPLE_GREY = 0.5
 REGISTRY_LINES = ("Successfully registered model ", "Registered model ", "Created version ")
 """How MLflow's lines about a registration start (mlflow.tracking._model_registry.fluent prints them to stderr):
 final.py says itself which version it registered."""
-
-
-class CalibratedSoftmax(nn.Module):
-    """softmax(logits / temperature): the final run's temperature (search/evaluation/calibration.py), so
-    that the registered model outputs calibrated probabilities; the export keeps it as a constant."""
-
-    def __init__(self, temperature: float):
-        super().__init__()
-        self.temperature = float(temperature)
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits / self.temperature, dim=1)
-
-
-def scoring_model(model: nn.Module, temperature: float) -> nn.Module:
-    """What every shipped form of the model computes (MLflow's graph, model.onnx): float32 images (N, 3, H, W)
-    in [0, 1] in, one row of C calibrated class probabilities out; the model normalises the images itself."""
-    return nn.Sequential(model, CalibratedSoftmax(temperature)).eval()
 
 
 def example_input(img_size: int) -> np.ndarray:
@@ -57,16 +41,9 @@ def example_input(img_size: int) -> np.ndarray:
     return np.full((2, 3, img_size, img_size), EXAMPLE_GREY, dtype=np.float32)
 
 
-def log_model(
-    model: nn.Module,
-    img_size: int,
-    tracking_uri: str,
-    run_id: str,
-    register_name: str,
-    model_file: Path,
-    temperature: float,
-) -> Registration:
-    """Log the model as an MLflow model (calibrated probabilities out) and register it.
+def log_model(model_file: Path, tracking_uri: str, run_id: str, register_name: str) -> Registration:
+    """Log the model file's scoring network as an MLflow model (calibrated probabilities out, averaged over its
+    members and flips) and register it.
 
     MLflow saves it as a torch.export graph ('pt2'), not a pickle: loading it needs
     torch only, neither this project's code nor timm, and runs no pickled code. The
@@ -74,8 +51,9 @@ def log_model(
     """
     if model_file.name != FINAL_MODEL_FILE:  # MLflow keeps the name: predict.py looks for MODEL_FILE_IN_MODEL
         raise ValueError(f"the model file to register must be named {FINAL_MODEL_FILE}, not {model_file.name}")
-    scoring = scoring_model(model, temperature)
-    example = example_input(img_size)
+    loaded = ModelFile.load(model_file)  # the file that is registered is the model that is logged
+    scoring = scoring_network(loaded)
+    example = example_input(loaded.spec.img_size)
     with torch.no_grad():
         output = scoring(torch.from_numpy(example)).numpy()
     mlflow.set_tracking_uri(tracking_uri)

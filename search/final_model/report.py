@@ -308,6 +308,14 @@ def calibration_lines(calibration: Calibration) -> list[str]:
             "Calibration: none (temperature 1): the model trained on val, the one split a temperature could be "
             "fitted on without touching the test; retrain with --keep-val to calibrate"
         ]
+    if calibration.averaged:
+        lines = [
+            f"Calibration: {calibration.averaged} probabilities averaged (members x views), each calibrated by its "
+            f"network's own temperature fitted on {calibration.split} (in model.pt); on the test split "
+            f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, "
+            f"NLL {calibration.nll_before:.4f} -> {calibration.nll_after:.4f} (before: the raw softmax averaged)"
+        ]
+        return lines + unsteady_lines(calibration)
     lines = [
         (
             f"Calibration: temperature {calibration.temperature:.3f} fitted on {calibration.split}; on the test split "
@@ -315,13 +323,18 @@ def calibration_lines(calibration: Calibration) -> list[str]:
             f"NLL {calibration.nll_before:.4f} -> {calibration.nll_after:.4f} (predictions unchanged)"
         )
     ]
-    if calibration.unsteady:
-        lines.append(
-            f"warning: the temperature was fitted on {calibration.fitted_on} val images"
-            f"{', every one classified right (the fit can only sharpen)' if calibration.fitted_all_right else ''}: "
-            f"it may be far from the one a larger val split would give"
-        )
-    return lines
+    return lines + unsteady_lines(calibration)
+
+
+def unsteady_lines(calibration: Calibration) -> list[str]:
+    """The warning for a temperature fitted on few val images, or on images all classified right."""
+    if not calibration.unsteady:
+        return []
+    return [
+        f"warning: the temperature was fitted on {calibration.fitted_on} val images"
+        f"{', every one classified right (the fit can only sharpen)' if calibration.fitted_all_right else ''}: "
+        f"it may be far from the one a larger val split would give"
+    ]
 
 
 def comparison_lines(result: HeldOutResult, metric: str, best_value: float) -> list[str]:

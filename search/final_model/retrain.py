@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from mlflow.entities import Metric
 from torch import nn
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from search.cli import bars_wanted, require_pretrained
 from search.errors import UsageError, one_line
-from search.evaluation.calibration import CALIBRATION_SPLIT, LabelledLogits, softmax
+from search.evaluation.calibration import CALIBRATION_SPLIT, Calibration, LabelledLogits, softmax
 from search.evaluation.operating_point import OperatingPoint, operating_point
 from search.evaluation.predictions import PREDICTIONS_FILE, Predictions, predictions_csv
 from search.evaluation.subgroups import SUBGROUP_TABLE, table_columns
@@ -38,6 +39,16 @@ from search.final_model.card import (
     card_tags,
 )
 from search.final_model.checklist import CHECKLIST_FILE, checklist_markdown, checklist_tag
+from search.final_model.ensemble import (
+    MEMBERS_TABLE,
+    Outcome,
+    averaged_result,
+    judge,
+    log_probabilities,
+    member_calibration,
+    member_score,
+    shipped_params,
+)
 from search.final_model.export import ONNX_FILE, ExportMismatch, export_onnx
 from search.final_model.external import (
     ExternalResult,
@@ -47,7 +58,7 @@ from search.final_model.external import (
     prepare_external,
 )
 from search.final_model.external import summary_lines as external_lines
-from search.final_model.registry import attach_checklist, describe_version, log_model, scoring_model
+from search.final_model.registry import attach_checklist, describe_version, log_model
 from search.final_model.report import (
     INTERVAL_SEED,
     PER_CLASS_TABLE,
@@ -71,7 +82,7 @@ from search.records.winner import Winner
 from search.tracking.schema import FINAL_MODEL_FILE, FINAL_ROLE, ROLE_TAG, STUDY_TAG, mlflow_lines, run_page
 from search.tracking.store import get_or_create_experiment, log_data_input, log_params, mlflow_client
 from search.tracking.study_run import data_record
-from trainables.checkpoint import ModelFile
+from trainables.checkpoint import Member, ModelFile
 from trainables.data import CachedSplit, DataError, DatasetIndex, index_source, prepare_splits
 from trainables.engine import (
     EVAL_BATCH_FACTOR,
@@ -84,6 +95,7 @@ from trainables.engine import (
     select_device,
 )
 from trainables.models import build_model
+from trainables.scoring import averaged_probabilities, flipped_images, scoring_network
 from trainables.spec import REFERENCE, ModelSpec, backbones_of, validate_spec
 
 EXPORT_FAILED = 1
@@ -138,9 +150,43 @@ class PreparedFinal:
     """--operating-point: the rate the threshold on the positive class's probability must reach on val."""
     external: ExternalSet | None = None
     """--external's images, indexed whole and decoded at the model's size; None without it."""
+    more_members: tuple[PreparedFinal, ...] = ()
+    """final.py --ensemble: the other members, best first, each prepared as final.py prepares one (its own
+    configuration, spec and epochs; the same data, split, seed rule and calibration). Empty: one model."""
+    tta: tuple[str, ...] = ()
+    """final.py --tta: the flips ('hflip', 'vflip') whose probabilities are averaged with the image's own at test
+    time, in the test and in the model file. Empty: none."""
+
+    @property
+    def members(self) -> tuple[PreparedFinal, ...]:
+        """Every network to train, this one (the study's winner) first."""
+        return (self, *self.more_members)
+
+    @property
+    def averaged(self) -> bool:
+        """An ensemble, or flips at test time: the test scores averaged probabilities (test_ensemble)."""
+        return bool(self.more_members or self.tta)
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """What --ensemble or --tta ship: the model file's members (weights, spec, temperature) and what they are worth."""
+
+    members: tuple[Member, ...]
+    outcome: Outcome
 
 
 # ---------------------------------------------------------------- prepare
+
+
+def prepare_members(request: RetrainRequest, members: list[Winner], tta: tuple[str, ...] = ()) -> PreparedFinal:
+    """final.py's retrain of `members` (one, or an ensemble's, its first the study's winner) with test-time `tta`:
+    each prepared as one retrain is, the first carrying the run and the others riding along, every one checked
+    before anything is written."""
+    first = prepare_final(request, members[0])
+    if len(members) == 1 and not tta:
+        return first
+    return replace(first, more_members=tuple(prepare_final(request, member) for member in members[1:]), tta=tta)
 
 
 def prepare_final(request: RetrainRequest, config: Winner, split_of: Winner | None = None) -> PreparedFinal:
@@ -338,17 +384,19 @@ def execute_final(final: PreparedFinal) -> int:
         client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, result.epoch) for k, v in result.metrics.items()])
 
     status = "FAILED"
+    shipped = None
     try:
-        learner, trained_epochs = train(final, log_epoch)
-        if final.val is not None:
-            print(
-                f"Early stopping on {config.metric}: testing the weights of epoch {trained_epochs} of {learner.epoch}"
-            )
-        val = None if final.val is None else predict(final, learner, final.val, "val")
-        result = evaluate_once(final, learner, val)
+        if final.averaged:  # --ensemble, --tta: every member trained as one model is, then averaged
+            learner, trained_epochs, result, val, shipped = test_ensemble(final, client, run_id, log_epoch)
+        else:
+            learner, trained_epochs = train_member(final, log_epoch)
+            val = None if final.val is None else predict(final, learner, final.val, "val")
+            result = evaluate_once(final, learner, val)
         operating = choose_operating_point(final, result, val)
         external = test_external(final, learner, result, operating)
-        registered, export_failure = finish(final, client, run_id, learner, result, trained_epochs, operating, external)
+        registered, export_failure = finish(
+            final, client, run_id, learner, result, trained_epochs, operating, external, shipped
+        )
         status = "FINISHED"  # with or without --export's file: the retrain and its registered model are whole
     except KeyboardInterrupt:
         status = "KILLED"
@@ -359,7 +407,7 @@ def execute_final(final: PreparedFinal) -> int:
         return 1
     finally:
         client.set_terminated(run_id, status)
-    print_closing(final, result, registered, experiment_id, run_id, export_failure, operating, external)
+    print_closing(final, result, registered, experiment_id, run_id, export_failure, operating, external, shipped)
     return EXPORT_FAILED if export_failure else 0
 
 
@@ -392,8 +440,168 @@ def describe(final: PreparedFinal) -> str:
     return (
         f"Final retrain of {config.source}{trial}: {config.backbone or config.model} on "
         f"{final.settings.train_on} ({len(final.train)} images) for {final.epochs} epoch(s), "
-        f"tested once on {len(final.test)} held-out images."
+        f"tested once on {len(final.test)} held-out images.{averaging(final)}"
     )
+
+
+def averaging(final: PreparedFinal) -> str:
+    """' An ensemble of 3 (t07, t03, t05), each trained so; test-time hflip.', or '' for one model."""
+    parts = []
+    if final.more_members:
+        labels = ", ".join(member_label(member, rank) for rank, member in enumerate(final.members, start=1))
+        parts.append(f"An ensemble of {len(final.members)} ({labels}), each trained so")
+    if final.tta:
+        parts.append(f"test-time {', '.join(final.tta)}")
+    return f" {'; '.join(parts)}." if parts else ""
+
+
+def train_member(final: PreparedFinal, on_epoch: Callable[[EpochResult], None]) -> tuple[Learner, int]:
+    """One network trained (train), saying which epoch early stopping kept."""
+    learner, trained_epochs = train(final, on_epoch)
+    if final.val is not None:
+        print(
+            f"Early stopping on {final.config.metric}: testing the weights of epoch {trained_epochs} of {learner.epoch}"
+        )
+    return learner, trained_epochs
+
+
+def test_ensemble(
+    final: PreparedFinal, client, run_id: str, log_epoch: Callable[[EpochResult], None]
+) -> tuple[Learner, int, HeldOutResult, LabelledLogits | None, Shipped]:
+    """--ensemble and --tta: each member trained and calibrated as final.py trains and calibrates one model (its
+    epochs logged with a member_<label>_ prefix, the first's as a single model's), its logits of the test (and val)
+    images and their flips kept; then the averaged probabilities tested once, and judged against the first member
+    alone and against no flips. The first member's learner and trained epochs, the result, val's averaged
+    probabilities as log-probabilities (for the operating point, at the result's temperature 1), what is shipped."""
+    members = final.members
+    trained: list[TrainedMember] = []
+    for rank, member in enumerate(members, start=1):
+        label = member_label(member, rank)
+        if len(members) > 1:
+            print(f"Member {rank}/{len(members)}: {label} ({member.epochs} epoch(s))", flush=True)
+        on_epoch = log_epoch if rank == 1 else prefixed_logger(client, run_id, f"member_{label}_")
+        learner, trained_epochs = train_member(member, on_epoch)
+        trained.append(tested_member(member, label, learner, trained_epochs, final.tta))
+        if rank == 1:
+            first, first_epochs = learner, trained_epochs  # kept for finish; the others' weights are in `trained`
+        else:
+            del learner  # its weights are copied: free the rest before the next member trains
+    views, classes, labels = 1 + len(final.tta), final.config.classes, final.test.labels
+    logits = [member.test for member in trained]
+    calibrations = [member.calibration for member in trained]
+    result = averaged_result(logits, calibrations, views, labels, classes)
+    alone = [averaged_result([m.test], [m.calibration], views, labels, classes) for m in trained]
+    keys = [sample.key for sample in final.index.splits["test"]]  # the cached split's order: the results' rows
+    subject = f"The ensemble of {len(trained)}" if len(trained) > 1 else trained[0].label
+    outcome = Outcome(
+        members=tuple(
+            member_score(
+                m.label,
+                rank,
+                m.prepared.config.best_value,
+                own,
+                m.calibration,
+                m.prepared.epochs,
+                m.trained_epochs,
+                m.prepared.config.hyperparameters.to_dict(),
+            )
+            for rank, (m, own) in enumerate(zip(trained, alone, strict=True), start=1)
+        ),
+        flips=final.tta,
+        metric=final.config.metric,
+        test_acc=result.intervals["test_acc"],
+        vs_best_member=(
+            judge(subject, f"{trained[0].label} alone", result, alone[0], keys, classes) if len(trained) > 1 else None
+        ),
+        vs_without_tta=(
+            judge(
+                f"{subject} with test-time {', '.join(final.tta)}",
+                "without",
+                result,
+                averaged_result(logits, calibrations, 1, labels, classes),
+                keys,
+                classes,
+            )
+            if final.tta
+            else None
+        ),
+    )
+    val = None
+    if final.val is not None:
+        averaged_val = averaged_probabilities([m.val for m in trained], [c.temperature for c in calibrations])
+        val = (log_probabilities(averaged_val), final.val.labels)
+    networks = tuple(
+        Member(
+            m.weights,
+            m.prepared.spec,
+            m.prepared.config.hyperparameters,
+            m.calibration.temperature,
+            own.metrics,
+            m.label,
+        )
+        for m, own in zip(trained, alone, strict=True)
+    )
+    result = with_subgroups(result, subgroup_values(final), final.positive, classes)
+    return first, first_epochs, result, val, Shipped(networks, outcome)
+
+
+@dataclass(frozen=True)
+class TrainedMember:
+    """One member after training: its weights (on the CPU), its logits of each view, its temperature."""
+
+    prepared: PreparedFinal
+    label: str
+    weights: dict
+    trained_epochs: int
+    test: np.ndarray
+    """(views, N, C) test logits: the image, then each flip."""
+    val: np.ndarray | None
+    """(views, N, C) val logits, where the member early-stopped on val (--keep-val); else None."""
+    calibration: Calibration
+    """Its temperature, fitted on its val logits of the images themselves (--keep-val), else 1."""
+
+
+def tested_member(
+    member: PreparedFinal, label: str, learner: Learner, trained_epochs: int, flips: tuple[str, ...]
+) -> TrainedMember:
+    """A trained member's logits of the test (and val) images and their flips, and its temperature."""
+    test = view_logits(member, learner, member.test, "test", flips)
+    val = None if member.val is None else view_logits(member, learner, member.val, "val", flips)
+    calibration = member_calibration(
+        None if val is None else val[0], None if member.val is None else member.val.labels, test[0], member.test.labels
+    )
+    model = learner.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    return TrainedMember(member, label, weights, trained_epochs, test, val, calibration)
+
+
+def view_logits(
+    final: PreparedFinal, learner: Learner, split: CachedSplit, name: str, flips: tuple[str, ...]
+) -> np.ndarray:
+    """(views, N, C) logits of the split's images, then of each flip of them (flipped as the scoring network
+    flips its input)."""
+    views = [predict(final, learner, split, name)[0]]
+    for flip in flips:
+        flipped = replace(split, loaded_images=flipped_images(split.images(), flip))
+        views.append(predict(final, learner, flipped, f"{name} {flip}")[0])
+    return np.stack(views)
+
+
+def member_label(member: PreparedFinal, rank: int) -> str:
+    """A member's name in reports: its trial's (t07), else its rank (m2)."""
+    return member.config.trial_name or f"m{rank}"
+
+
+def prefixed_logger(client, run_id: str, prefix: str) -> Callable[[EpochResult], None]:
+    """An ensemble member's epochs on the final run, each metric prefixed (member_t03_val_acc), step = epoch."""
+
+    def log_epoch(result: EpochResult) -> None:
+        stamp = int(datetime.now().timestamp() * 1000)
+        client.log_batch(
+            run_id, metrics=[Metric(prefix + k, float(v), stamp, result.epoch) for k, v in result.metrics.items()]
+        )
+
+    return log_epoch
 
 
 def train(final: PreparedFinal, on_epoch: Callable[[EpochResult], None]) -> tuple[Learner, int]:
@@ -538,15 +746,22 @@ def finish(
     trained_epochs: int,
     operating: OperatingPoint | None = None,
     external: ExternalResult | None = None,
+    shipped: Shipped | None = None,
 ) -> tuple[Registration | None, str | None]:
     """Write the results folder, log it and the test metrics, log and register the model, give it its model
-    card; then --export's file. (The registered version, or None; why the export failed, or None.)"""
+    card; then --export's file. (The registered version, or None; why the export failed, or None.) `shipped`:
+    --ensemble's members and --tta's flips, and what they are worth, written into the model file and reported."""
     model = learner.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    write_results(final, model, result, operating)
+    write_results(final, model, result, operating, shipped)
     stamp = int(datetime.now().timestamp() * 1000)
     scores = {**logged_metrics(result), "trained_epochs": trained_epochs}
     if operating is not None:
         scores.update(operating.metrics())
+    if shipped is not None:
+        scores.update(shipped.outcome.metrics())
+        log_params(client, run_id, shipped_params(shipped.outcome))
+        if shipped.outcome.ensemble:
+            client.log_table(run_id, data=shipped.outcome.table(), artifact_file=MEMBERS_TABLE)
     client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in scores.items() if v == v])  # no NaN
     client.log_table(run_id, data=per_class_table(result), artifact_file=PER_CLASS_TABLE)
     if external is not None:
@@ -557,15 +772,7 @@ def finish(
         client.log_artifact(run_id, str(final.out / name))
     registered = None
     if final.register_name is not None:
-        registered = log_model(
-            model,
-            final.spec.img_size,
-            final.tracking_uri,
-            run_id,
-            final.register_name,
-            final.out / FINAL_MODEL_FILE,
-            temperature=result.calibration.temperature,
-        )
+        registered = log_model(final.out / FINAL_MODEL_FILE, final.tracking_uri, run_id, final.register_name)
         client.set_tag(run_id, "registered_model", registered.tag)
     metrics_file = final.out / METRICS_FILE
     metrics_file.write_text(
@@ -575,6 +782,7 @@ def finish(
                 "trained_epochs": trained_epochs,
                 **({"operating_point": operating.record()} if operating is not None else {}),
                 **({"external": external.record()} if external is not None else {}),
+                **(shipped.outcome.record() if shipped is not None else {}),
                 "settings": final.settings.to_dict(),
                 "mlflow": {
                     "tracking_uri": final.tracking_uri,
@@ -586,20 +794,23 @@ def finish(
         )
     )
     client.log_artifact(run_id, str(metrics_file))
-    facts = publish_card(final, client, run_id, result, trained_epochs, registered, operating, external)
+    outcome = shipped.outcome if shipped is not None else None
+    facts = publish_card(final, client, run_id, result, trained_epochs, registered, operating, external, outcome)
     publish_checklist(final, client, run_id, facts, registered)  # after metrics.json's last key: it renders the file
     # Last: the registered model stands on its own, and an export that fails must not take the retrain with it.
-    return registered, export_model(final, client, run_id, model, result.calibration.temperature)
+    return registered, export_model(final, client, run_id)
 
 
-def export_model(final: PreparedFinal, client, run_id: str, model: nn.Module, temperature: float) -> str | None:
-    """--export's file written, checked against PyTorch and logged; None when done or not asked for. Where the
-    check or the exporter fails: no file left, a warning line, the run tagged, and why returned."""
+def export_model(final: PreparedFinal, client, run_id: str) -> str | None:
+    """--export's file (of the model file's scoring network: its members and flips in one graph) written,
+    checked against PyTorch and logged; None when done or not asked for. Where the check or the exporter fails:
+    no file left, a warning line, the run tagged, and why returned."""
     if final.export != "onnx":
         return None
     path = final.out / ONNX_FILE
     try:
-        check = export_onnx(scoring_model(model, temperature), final.test.images(), path)
+        scoring = scoring_network(ModelFile.load(final.out / FINAL_MODEL_FILE))
+        check = export_onnx(scoring, final.test.images(), path)
     except ExportMismatch as error:
         failure = str(error)
     except Exception as error:  # the exporter's or ONNX Runtime's own failure (an operator it cannot convert)
@@ -630,10 +841,11 @@ def publish_card(
     registered: Registration | None,
     operating: OperatingPoint | None = None,
     external: ExternalResult | None = None,
+    ensemble: Outcome | None = None,
 ) -> CardFacts:
     """model_card.md in the results folder and on the run; on a registered version, the card (cut to the
     registry's limit) as its description, and its tags. The card's facts, for the checklist."""
-    facts = card_facts(final, result, trained_epochs, registered, run_id, operating, external)
+    facts = card_facts(final, result, trained_epochs, registered, run_id, operating, external, ensemble)
     card_file = final.out / MODEL_CARD_FILE
     card_file.write_text(card_markdown(facts))
     client.log_artifact(run_id, str(card_file))
@@ -658,22 +870,35 @@ def publish_checklist(
 
 
 def write_results(
-    final: PreparedFinal, model: nn.Module, result: HeldOutResult, operating: OperatingPoint | None = None
+    final: PreparedFinal,
+    model: nn.Module,
+    result: HeldOutResult,
+    operating: OperatingPoint | None = None,
+    shipped: Shipped | None = None,
 ) -> None:
     """Weights, config, class names, split and the test's plots: everything to use or repeat the model (and
-    the operating point's threshold, which predict.py applies)."""
+    the operating point's threshold, which predict.py applies; an ensemble's members and the flips of --tta,
+    which the registered model, the export and predict.py average)."""
     config, out = final.config, final.out
     out.mkdir(parents=True, exist_ok=True)
-    ModelFile(
-        model.state_dict(),
-        final.spec,
-        config.hyperparameters,
-        config.classes,
-        result.metrics,
-        temperature=result.calibration.temperature,
-        operating_point=operating.model_record() if operating is not None else None,
-        window=final.index.window,  # predict.py decodes DICOM images as this training did
-    ).save(out / FINAL_MODEL_FILE)
+    threshold = operating.model_record() if operating is not None else None
+    window = final.index.window  # predict.py decodes DICOM images as this training did
+    if shipped is not None:  # each member with its own temperature; the file's scores are the ensemble's
+        model_file = ModelFile.from_members(
+            shipped.members, config.classes, result.metrics, tta=final.tta, operating_point=threshold, window=window
+        )
+    else:
+        model_file = ModelFile(
+            model.state_dict(),
+            final.spec,
+            config.hyperparameters,
+            config.classes,
+            result.metrics,
+            temperature=result.calibration.temperature,
+            operating_point=threshold,
+            window=window,
+        )
+    model_file.save(out / FINAL_MODEL_FILE)
     (out / "config.yaml").write_text(config.to_yaml())  # the winner's record: final.py --config repeats the run
     (out / "classes.json").write_text(json.dumps(config.classes, indent=2))
     index = final.index
@@ -715,9 +940,12 @@ def print_closing(
     export_failure: str | None = None,
     operating: OperatingPoint | None = None,
     external: ExternalResult | None = None,
+    shipped: Shipped | None = None,
 ) -> None:
     print()
     for line in summary_lines(result, final.config.metric, final.config.best_value, len(final.test)):
+        print(line)
+    for line in shipped.outcome.lines() if shipped is not None else []:
         print(line)
     for line in operating.lines() if operating is not None else []:
         print(line)

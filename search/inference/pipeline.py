@@ -178,8 +178,12 @@ def predict_batch(prepared: PreparedPrediction, writer: PredictionWriter, paths:
         return
     from search.inference.saliency import explain
 
-    logits, maps = explain(model, images)  # the CAM's forward pass predicts too: one pass, not two
-    probabilities = calibrated(logits, model.temperature)
+    if model.single:
+        logits, maps = explain(model, images)  # the CAM's forward pass predicts too: one pass, not two
+        probabilities = calibrated(logits, model.temperature)
+    else:  # the ensemble's (or flips') probabilities; the first member's map of the class they predict
+        probabilities = calibrated_probabilities(model, images)
+        maps = explain(model, images, probabilities.argmax(axis=1))[1]
     writer.write(paths, probabilities)
     write_overlays(prepared.saliency, model.classes, paths, images, maps, probabilities)
 
@@ -202,18 +206,25 @@ def write_overlays(
 
 
 def model_summary(model: LoadedModel) -> str:
-    """'cnn, 4 classes, 224 px, temperature 1.27, on cuda'."""
+    """'cnn, 4 classes, 224 px, temperature 1.27, on cuda'; for an ensemble or flips, 'vit, 4 classes, 32 px, on
+    cpu; ensemble of 3 (t07, t03, t12), flips hflip: 6 forward passes per image' (each member has its own
+    temperature)."""
     spec = model.spec
     name = f"{spec.name} {spec.backbone}" if spec.backbone else spec.name
-    return (
-        f"{name}, {len(model.classes)} classes, {spec.img_size} px, temperature {model.temperature:.3g}, "
-        f"on {model.device.type}"
-    )
+    temperature = f"temperature {model.temperature:.3g}, " if len(model.scoring.networks) == 1 else ""
+    described = f"{name}, {len(model.classes)} classes, {spec.img_size} px, {temperature}on {model.device.type}"
+    return f"{described}; {model.summary}" if model.summary else described
 
 
 def saliency_note(model: LoadedModel) -> None:
     from search.inference.saliency import cam_layer
 
+    if len(model.scoring.networks) > 1:
+        print(
+            f"Explain:  Grad-CAM of the first member ({model.first_member}) alone, for the class the ensemble predicts"
+        )
+    elif model.scoring.flips:
+        print("Explain:  Grad-CAM of the image unflipped, for the class the average over its flips predicts")
     grid = cam_layer(model).grid
     if grid == (1, 1):
         print(

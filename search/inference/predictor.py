@@ -2,8 +2,10 @@
 
 Probabilities are softmax(logits / temperature), with the temperature final.py fitted
 on the validation split (1.0 in a file that has none): what the registered graph
-outputs too. Computed in float32, without autocast, so the CSV does not depend on
-the device's half-precision arithmetic.
+outputs too. An ensemble's file, or one with test-time flips, is its scoring network
+(trainables.scoring): each member's probabilities averaged over the image and its flips,
+then over the members. Logits in float32, without autocast, so the CSV does not depend
+on the device's half-precision arithmetic; the softmax and the averages in float64.
 """
 
 from __future__ import annotations
@@ -21,11 +23,20 @@ from torch import nn
 from search.errors import UsageError, one_line
 from search.inference.output import FlagRule
 from trainables.checkpoint import ModelFile
-from trainables.models import build_model
+from trainables.scoring import (
+    ScoringNetwork,
+    WeightsMismatch,
+    averaged_probabilities,
+    member_name,
+    scoring_network,
+    scoring_summary,
+)
 from trainables.spec import ModelSpec
 
 MODEL_FILE_KEYS = ("model", "model_spec", "hyperparameters", "classes", "metrics")
 """What a model file holds (trainables.checkpoint.ModelFile.save), temperature aside: files before it had none."""
+MEMBER_KEYS = ("model", "model_spec", "hyperparameters", "temperature", "metrics", "label")
+"""What each of an ensemble's more_members holds (trainables.checkpoint.Member.portable)."""
 TRIAL_CHECKPOINT_KEYS = {"model", "optimizer", "model_spec"}
 """Keys that make a dict a trial checkpoint (trainables.checkpoint.save_trial_checkpoint)."""
 ZIP_MAGIC = b"PK\x03\x04"
@@ -35,16 +46,32 @@ HEAD_BYTES = 512
 
 @dataclass(frozen=True)
 class LoadedModel:
-    network: nn.Module
-    """In eval mode, on `device`."""
+    scoring: ScoringNetwork
+    """Every member and flip of the model file, in eval mode, on `device`."""
     spec: ModelSpec
+    """The first member's (an ensemble's members share the image size and classes)."""
     classes: list[str]
     temperature: float
+    """The first member's."""
     device: torch.device
     flag: FlagRule | None = None
     """The model file's operating point (final.py --operating-point), or None: the CSV's flagged column."""
     window: tuple[float, float] | None = None
     """The model file's DICOM window (its study's --window), or None: each file's own."""
+    summary: str = ""
+    """trainables.scoring.scoring_summary: its members, flips and forward passes; '' for one network, no flips."""
+    first_member: str = ""
+    """The first member as reports name it (what --explain explains in an ensemble)."""
+
+    @property
+    def network(self) -> nn.Module:
+        """The first member's network: the single model, or the one --explain explains in an ensemble."""
+        return self.scoring.networks[0]
+
+    @property
+    def single(self) -> bool:
+        """One network and no flips: its probabilities are one forward pass's."""
+        return len(self.scoring.networks) == 1 and not self.scoring.flips
 
 
 def load_model(path: Path, device: torch.device, shown_as: str) -> LoadedModel:
@@ -58,12 +85,11 @@ def load_model(path: Path, device: torch.device, shown_as: str) -> LoadedModel:
         raise UsageError(not_a_model_file(shown_as, what_file_is(path))) from None
     # The weights come from the file: timm must not download its pretrained ones first.
     spec = replace(model_file.spec, pretrained=False)
-    network = build_model(spec)
     try:
-        network.load_state_dict(model_file.weights)
-    except RuntimeError:  # torch lists every missing and unexpected key: too long to be of use
-        raise UsageError(not_a_model_file(shown_as, "its weights do not fit its model_spec")) from None
-    network.requires_grad_(False)  # never trained here; saliency asks for the gradients it needs
+        scoring = scoring_network(model_file)
+    except WeightsMismatch as error:  # its cause lists every missing and unexpected key: too long to be of use
+        raise UsageError(not_a_model_file(shown_as, str(error))) from None
+    scoring.requires_grad_(False)  # never trained here; saliency asks for the gradients it needs
     flag = None
     if model_file.operating_point is not None:
         try:
@@ -71,7 +97,15 @@ def load_model(path: Path, device: torch.device, shown_as: str) -> LoadedModel:
         except (ValueError, KeyError, TypeError) as error:
             raise UsageError(not_a_model_file(shown_as, f"{one_line(error)}")) from None
     return LoadedModel(
-        network.to(device).eval(), spec, model_file.classes, model_file.temperature, device, flag, model_file.window
+        scoring.to(device).eval(),
+        spec,
+        model_file.classes,
+        model_file.temperature,
+        device,
+        flag,
+        model_file.window,
+        scoring_summary(model_file),
+        member_name(model_file.members[0], 1),
     )
 
 
@@ -120,7 +154,23 @@ def what_state_is(state: object) -> str:
     missing = [key for key in MODEL_FILE_KEYS if key not in state]
     if missing:
         return f"a torch file without {', '.join(missing)}"
-    return "a model file whose spec, hyperparameters or classes do not read back"
+    return ensemble_problem(state) or "a model file whose spec, hyperparameters or classes do not read back"
+
+
+def ensemble_problem(state: dict) -> str:
+    """What is wrong with a model file's members or flips (final.py --ensemble, --tta), or ''."""
+    members = state.get("more_members", [])
+    for number, member in enumerate(members if isinstance(members, list) else [], start=2):
+        lacking = [key for key in MEMBER_KEYS if not isinstance(member, dict) or key not in member]
+        if lacking:
+            return f"an ensemble whose member {number} has no {', '.join(lacking)}"
+    try:
+        ModelFile.from_saved(state)
+    except ValueError as error:  # ModelFile's own checks: unknown flips, members that do not score alike
+        return one_line(error)
+    except Exception:  # a spec, hyperparameters or classes that do not read back: the caller's words say it
+        pass
+    return ""
 
 
 def is_text(head: bytes) -> bool:
@@ -136,14 +186,16 @@ def as_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def calibrated_probabilities(model: LoadedModel, images: np.ndarray) -> np.ndarray:
-    """(N, C) class probabilities, float64 on the CPU."""
+    """(N, C) class probabilities, float64 on the CPU: of every member and flip, averaged."""
     with torch.inference_mode():
-        return calibrated(model.network(as_input(images, model.device)), model.temperature)
+        logits = model.scoring.view_logits(as_input(images, model.device))
+    stacked = [[view.cpu().numpy() for view in views] for views in logits]
+    return averaged_probabilities(stacked, model.scoring.temperatures)
 
 
 def calibrated(logits: torch.Tensor, temperature: float) -> np.ndarray:
-    """softmax(logits / temperature), float64 on the CPU."""
-    return torch.softmax(logits.double() / temperature, dim=1).cpu().numpy()
+    """softmax(logits / temperature) of one network's logits of the images alone, float64 on the CPU."""
+    return averaged_probabilities(logits.detach().cpu().numpy()[None, None], [temperature])
 
 
 def select_device(choice: str) -> torch.device:
