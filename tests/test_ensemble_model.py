@@ -149,6 +149,21 @@ def test_an_older_single_model_file_loads_as_one_member_without_flips(members, t
     assert forward_passes(loaded) == 1 and scoring_summary(loaded) == ""
 
 
+def test_the_ensemble_temperature_round_trips_and_is_saved_only_when_not_1(ensemble, members, tmp_path):
+    rescaled = replace(ensemble, ensemble_temperature=0.8)
+    loaded = ModelFile.load(rescaled.save(tmp_path / "rescaled.pt"))
+    assert loaded.ensemble_temperature == 0.8 and [m.temperature for m in loaded.members] == [1.5, 0.7]
+    assert "ensemble_temperature" in torch.load(tmp_path / "rescaled.pt", weights_only=True)
+    assert "ensemble_temperature" not in torch.load(ensemble.save(tmp_path / "plain.pt"), weights_only=True)
+    assert ModelFile.load(tmp_path / "plain.pt").ensemble_temperature == 1.0  # older ensemble files: none
+    flipped = ModelFile.from_members(members[:1], CLASSES, {}, tta=("hflip",), ensemble_temperature=0.9)
+    assert ModelFile.load(flipped.save(tmp_path / "flipped.pt")).ensemble_temperature == 0.9
+    with pytest.raises(ValueError, match=r"ensemble_temperature 0\.9 on a single model without flips"):
+        ModelFile.from_members(members[:1], CLASSES, {}, ensemble_temperature=0.9)
+    with pytest.raises(ValueError, match="ensemble_temperature 0: it must be positive"):
+        replace(ensemble, ensemble_temperature=0.0)
+
+
 def test_unknown_flips_and_members_that_score_differently_are_refused(members):
     with pytest.raises(ValueError, match=r"unknown test-time flip 'rotate90' \(known: hflip, vflip\)"):
         ModelFile.from_members(members, CLASSES, {}, tta=("rotate90",))
@@ -183,6 +198,24 @@ def test_the_scoring_network_agrees_with_averaged_probabilities_and_a_hand_compu
     assert np.abs(twin - alone).max() > 1e-3 and np.abs(twin - unflipped).max() > 1e-3
     assert forward_passes(ensemble) == 4
     assert scoring_summary(ensemble) == "ensemble of 2 (t07, t03), flips hflip: 4 forward passes per image"
+
+
+def test_the_ensemble_temperature_rescales_the_average_alike_in_torch_and_numpy(ensemble):
+    rescaled = replace(ensemble, ensemble_temperature=0.6)
+    scoring = scoring_network(rescaled)
+    assert scoring.ensemble_temperature == 0.6
+    images = asymmetric_images(4)
+    with torch.no_grad():
+        probabilities = scoring(images).numpy()
+        logits = [[view.numpy() for view in views] for views in scoring.view_logits(images)]
+    twin = averaged_probabilities(logits, [1.5, 0.7], 0.6)
+    np.testing.assert_allclose(probabilities, twin, atol=1e-6)
+    average = averaged_probabilities(logits, [1.5, 0.7])
+    by_hand = average ** (1 / 0.6) / (average ** (1 / 0.6)).sum(axis=1, keepdims=True)  # softmax(log p / T_ens)
+    np.testing.assert_allclose(twin, by_hand, atol=1e-12)
+    assert np.abs(twin - average).max() > 1e-3  # T_ens counts
+    assert (twin.argmax(axis=1) == average.argmax(axis=1)).all()  # and changes no prediction
+    assert forward_passes(rescaled) == forward_passes(ensemble) == 4
 
 
 def test_one_network_without_flips_is_the_single_model_s_graph(members):
@@ -291,7 +324,7 @@ def test_an_ensemble_with_flips_exports_to_one_onnx_graph_that_agrees_with_torch
 
     from search.final_model.export import INPUT_NAME, ONNX_FILE, export_onnx, model_input
 
-    scoring = scoring_network(ensemble)
+    scoring = scoring_network(replace(ensemble, ensemble_temperature=0.6))  # T_ens in the graph too
     cached = np.random.default_rng(0).integers(0, 256, (6, SIZE, SIZE, 3), dtype=np.uint8)
     start = time.perf_counter()
     check = export_onnx(scoring, cached, tmp_path / ONNX_FILE)
@@ -302,7 +335,7 @@ def test_an_ensemble_with_flips_exports_to_one_onnx_graph_that_agrees_with_torch
     (got,) = session.run(None, {INPUT_NAME: images})
     with torch.no_grad():
         logits = [[view.numpy() for view in views] for views in scoring.view_logits(torch.from_numpy(images))]
-    np.testing.assert_allclose(got, averaged_probabilities(logits, [1.5, 0.7]), rtol=1e-2, atol=1e-6)
+    np.testing.assert_allclose(got, averaged_probabilities(logits, [1.5, 0.7], 0.6), rtol=1e-2, atol=1e-6)
 
 
 @pytest.mark.slow

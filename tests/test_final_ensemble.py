@@ -180,6 +180,42 @@ def test_one_member_without_flips_scores_as_final_py_scores_one_model():
     assert averaged.calibration.ece_before == pytest.approx(single.calibration.ece_before)
 
 
+def test_the_ensemble_temperature_is_fitted_on_val_s_average_never_the_test_s():
+    """Val's average is under-confident (two members that agree, each right), the test's over-confident (two that
+    agree, often wrong): fitted on val T_ens sharpens (< 1), fitted on the test it would soften (> 1)."""
+    from search.evaluation.calibration import expected_calibration_error, fit_temperature
+    from search.final_model.ensemble import log_probabilities, member_calibration
+    from trainables.scoring import averaged_probabilities
+
+    rng = np.random.default_rng(3)
+    classes = ["a", "b", "c"]
+    val_labels, labels = np.repeat(np.arange(3), 40), np.repeat(np.arange(3), 40)
+    val_signal = 6 * np.eye(3)[val_labels]
+    wrong = np.eye(3)[(labels + rng.integers(1, 3, size=len(labels))) % 3]
+    test_signal = 3 * np.where(rng.random(len(labels))[:, None] < 0.35, wrong, np.eye(3)[labels])
+    # Views (1, N, C) per member; members disagree on val's noise, so their average is blunter than each.
+    val = [(val_signal + rng.normal(scale=3, size=(120, 3)))[None] for _ in range(2)]
+    test = [(test_signal + rng.normal(scale=0.3, size=(120, 3)))[None] for _ in range(2)]
+    calibrations = [member_calibration(v[0], val_labels, t[0], labels) for v, t in zip(val, test, strict=True)]
+    temperatures = [calibration.temperature for calibration in calibrations]
+
+    result = averaged_result(test, calibrations, 1, labels, classes, (val, val_labels))
+
+    on_val = fit_temperature(log_probabilities(averaged_probabilities(val, temperatures)), val_labels)
+    on_test = fit_temperature(log_probabilities(averaged_probabilities(test, temperatures)), labels)
+    assert result.calibration.temperature == pytest.approx(on_val) and abs(on_val - on_test) > 0.1
+    assert result.calibration.averaged == 2 and result.calibration.split == "val"
+    shipped = averaged_probabilities(test, temperatures, on_val)  # what the model file's scoring network gives
+    np.testing.assert_allclose(result.probabilities, shipped, rtol=1e-6)
+    assert result.metrics["test_ece"] == pytest.approx(expected_calibration_error(labels, shipped), rel=1e-6)
+    before = averaged_probabilities(test, temperatures)  # the calibrated members averaged, T_ens = 1
+    assert result.calibration.ece_before == pytest.approx(expected_calibration_error(labels, before))
+    # Without --keep-val there is nothing to fit on: T_ens = 1, the average as it is.
+    unfitted = averaged_result(test, calibrations, 1, labels, classes)
+    assert unfitted.calibration.temperature == 1.0
+    np.testing.assert_allclose(unfitted.probabilities, before, rtol=1e-9)
+
+
 # ---------------------------------------------------------------- one whole run
 
 
@@ -225,6 +261,10 @@ def test_an_ensemble_with_flips_is_one_model_file_judged_carded_and_served(ensem
     assert [member.label for member in model_file.members] == labels and model_file.tta == ("hflip",)
     temperatures = [member.temperature for member in model_file.members]
     assert temperatures == pytest.approx([m["temperature"] for m in ensemble["members"]])
+    # T_ens, fitted on val's average (--keep-val), is the file's and the report's.
+    ensemble_temperature = model_file.ensemble_temperature
+    assert ensemble_temperature == pytest.approx(record["calibration"]["temperature"]) and ensemble_temperature != 1
+    assert f"T_ens = {ensemble_temperature:.3f} fitted on val" in final.stdout
 
     card = (out / "model_card.md").read_text()
     assert "## Ensemble and test-time augmentation" in card and ensemble["vs_best_member"]["sentence"] in card
@@ -252,7 +292,7 @@ def test_an_ensemble_with_flips_is_one_model_file_judged_carded_and_served(ensem
         network.load_state_dict(member.weights)
         with torch.no_grad():
             logits.append([network.eval()(view).numpy() for view in (batch, batch.flip(-1))])
-    np.testing.assert_allclose(served, averaged_probabilities(logits, temperatures), atol=1e-4)
+    np.testing.assert_allclose(served, averaged_probabilities(logits, temperatures, ensemble_temperature), atol=1e-4)
 
 
 @pytest.mark.slow

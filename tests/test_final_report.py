@@ -165,3 +165,6 @@ def test_an_averaged_calibration_names_each_network_s_temperature_not_the_averag
     (line,) = calibration_lines(replace(one, averaged=6))
     assert line.startswith("Calibration: 6 probabilities averaged (members x views), each calibrated by its network's")
     assert "temperature 1.000" not in line
+    (line,) = calibration_lines(replace(one, averaged=6, temperature=0.8))  # the average's own, fitted on val
+    assert "then the average by T_ens = 0.800 fitted on val" in line
+    assert "(before: the calibrated networks averaged; after: with T_ens; predictions unchanged)" in line

@@ -242,3 +242,11 @@ def test_the_card_names_the_trial_as_its_study_did_and_an_older_records_id_as_ra
     older = card_markdown(facts(trial=named(trial_id="e5c2dbbe")))
     assert "- Study `busi-cnn`, trial e5c2dbbe (Ray's trial id).\n" in older
     assert "- Study `busi-cnn`.\n" in card_markdown(facts(trial=named()))
+
+
+def test_an_averaged_model_s_calibration_names_the_networks_temperatures_and_the_average_s():
+    from search.final_model.card import calibration_section
+
+    text = calibration_section(facts(calibration_split="val", calibration_averaged=6, temperature=0.427))
+    assert "6 probabilities averaged (members × views)" in text and "by T = 0.4270" in text
+    assert "Dividing the logits by T" not in text  # the one-network sentence

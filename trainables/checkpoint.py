@@ -115,6 +115,9 @@ class ModelFile:
     """The first member's label (Member.label); empty where it has none."""
     member_metrics: dict | None = None
     """The first member's own scores, where `metrics` are an ensemble's; None: `metrics` are its own."""
+    ensemble_temperature: float = 1.0
+    """T_ens: the average of the members' (and flips') calibrated probabilities rescaled as softmax(log p / T_ens),
+    fitted on val by final.py; 1.0 (no change) for a single model without flips, or where nothing was fitted."""
 
     def __post_init__(self) -> None:
         problems = [
@@ -127,6 +130,13 @@ class ModelFile:
                     f"member {member.label or '?'} has {member.spec.num_classes} classes at {member.spec.img_size} px,"
                     f" the first {first.num_classes} at {first.img_size} px: an ensemble's members score alike"
                 )
+        if self.ensemble_temperature != 1.0 and not (self.more_members or self.tta):
+            problems.append(
+                f"ensemble_temperature {self.ensemble_temperature:g} on a single model without flips: it averages "
+                "nothing, its own temperature is `temperature`"
+            )
+        if not self.ensemble_temperature > 0:
+            problems.append(f"ensemble_temperature {self.ensemble_temperature:g}: it must be positive")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -146,6 +156,7 @@ class ModelFile:
         tta: tuple[str, ...] = (),
         operating_point: dict | None = None,
         window: tuple[float, float] | None = None,
+        ensemble_temperature: float = 1.0,
     ) -> ModelFile:
         """An ensemble's file (or a single model's, for one member): members best first, `metrics` the
         ensemble's (the first member's own kept as member_metrics); the other fields as ModelFile's."""
@@ -163,6 +174,7 @@ class ModelFile:
             tta=tta,
             operating_point=operating_point,
             window=window,
+            ensemble_temperature=ensemble_temperature,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -187,6 +199,8 @@ class ModelFile:
             state["label"] = self.label
         if self.member_metrics is not None:
             state["member_metrics"] = self.member_metrics
+        if self.ensemble_temperature != 1.0:
+            state["ensemble_temperature"] = float(self.ensemble_temperature)
         torch.save(state, path)
         return path
 
@@ -207,6 +221,7 @@ class ModelFile:
             tta=tuple(state.get("tta", ())),  # older files: no flips
             label=str(state.get("label", "")),
             member_metrics=state.get("member_metrics"),
+            ensemble_temperature=float(state.get("ensemble_temperature", 1.0)),  # older files: none
         )
 
     @classmethod

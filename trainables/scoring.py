@@ -5,8 +5,12 @@ with its own temperature, and perhaps flips to average at test time (its `tta`).
 network takes float32 images (N, 3, H, W) in [0, 1] and returns (N, C) probabilities:
 
     for each member m:   p_m = mean over the views v (the image, then each flip) of softmax(logits_mv / T_m)
-    probabilities       = mean over the members of p_m
+    p_avg               = mean over the members of p_m
+    probabilities       = softmax(log(p_avg) / T_ens)
 
+T_ens, the file's ensemble_temperature, is fitted on val to the averaged log-probabilities by final.py
+(an average of calibrated members is under-confident); 1 (no change) for a single model without flips,
+or where nothing was fitted.
 The registered MLflow graph, model.onnx and predict.py all compute it from this module, and
 final.py's test computes the same from logits already at hand with `averaged_probabilities`,
 its numpy twin (float64), so that the tested numbers are the shipped model's. Each member
@@ -46,7 +50,13 @@ class ScoringNetwork(nn.Module):
     """Members' networks, each with its temperature, averaged over the identity and each flip: see the module's
     docstring. One member and no flips computes exactly network -> CalibratedSoftmax, the graph of a single model."""
 
-    def __init__(self, networks: Sequence[nn.Module], temperatures: Sequence[float], flips: Sequence[str] = ()):
+    def __init__(
+        self,
+        networks: Sequence[nn.Module],
+        temperatures: Sequence[float],
+        flips: Sequence[str] = (),
+        ensemble_temperature: float = 1.0,
+    ):
         super().__init__()
         if not networks or len(networks) != len(temperatures):
             raise ValueError(f"{len(networks)} networks and {len(temperatures)} temperatures: give one of each")
@@ -57,6 +67,7 @@ class ScoringNetwork(nn.Module):
         self.calibrations = nn.ModuleList(CalibratedSoftmax(t) for t in temperatures)
         self.temperatures = tuple(float(t) for t in temperatures)
         self.flips = tuple(flips)
+        self.ensemble_temperature = float(ensemble_temperature)
         self.eval()  # for scoring only: dropout off, whatever mode its networks were handed in
 
     def views(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -74,7 +85,11 @@ class ScoringNetwork(nn.Module):
         for network, calibration in zip(self.networks, self.calibrations, strict=True):
             probabilities = [calibration(network(view)) for view in views]
             per_member.append(probabilities[0] if len(views) == 1 else torch.stack(probabilities).mean(dim=0))
-        return per_member[0] if len(per_member) == 1 else torch.stack(per_member).mean(dim=0)
+        averaged = per_member[0] if len(per_member) == 1 else torch.stack(per_member).mean(dim=0)
+        if self.ensemble_temperature == 1.0:
+            return averaged  # a single model's graph stays network -> CalibratedSoftmax
+        tiny = torch.finfo(averaged.dtype).tiny  # a probability that underflowed to 0 keeps a finite log
+        return torch.softmax(torch.log(averaged.clamp_min(tiny)) / self.ensemble_temperature, dim=1)
 
 
 class WeightsMismatch(RuntimeError):
@@ -98,7 +113,7 @@ def scoring_network(model_file: ModelFile) -> ScoringNetwork:
             raise WeightsMismatch(f"{whose} do not fit its model_spec") from error
         networks.append(network)
     temperatures = [member.temperature for member in model_file.members]
-    return ScoringNetwork(networks, temperatures, model_file.tta)
+    return ScoringNetwork(networks, temperatures, model_file.tta, model_file.ensemble_temperature)
 
 
 def member_name(member: Member, number: int) -> str:
@@ -122,13 +137,16 @@ def scoring_summary(model_file: ModelFile) -> str:
     return f"ensemble of {len(members)} ({names}), {flips}: {passes} forward passes per image"
 
 
-def averaged_probabilities(logits: np.ndarray | Sequence, temperatures: Sequence[float]) -> np.ndarray:
+def averaged_probabilities(
+    logits: np.ndarray | Sequence, temperatures: Sequence[float], ensemble_temperature: float = 1.0
+) -> np.ndarray:
     """The scoring network's probabilities from its logits: (N, C) float64.
 
     `logits`: (members, views, N, C), each member's logits of the same views in the same order (the image,
     then each flip of its model file's tta: ScoringNetwork.view_logits), as an array or nested lists;
     `temperatures`: one per member. softmax(logits / T) per member and view, averaged over the views, then
-    over the members: what ScoringNetwork.forward computes, in float64.
+    over the members, then softmax(log(average) / ensemble_temperature): what ScoringNetwork.forward computes,
+    in float64.
     """
     stacked = np.asarray(logits, dtype=np.float64)
     if stacked.ndim != 4 or len(stacked) != len(temperatures):
@@ -140,7 +158,13 @@ def averaged_probabilities(logits: np.ndarray | Sequence, temperatures: Sequence
     scaled -= scaled.max(axis=-1, keepdims=True)  # exp of at most 0: no overflow
     probabilities = np.exp(scaled)
     probabilities /= probabilities.sum(axis=-1, keepdims=True)
-    return probabilities.mean(axis=1).mean(axis=0)
+    averaged = probabilities.mean(axis=1).mean(axis=0)
+    if ensemble_temperature == 1.0:
+        return averaged
+    scaled = np.log(np.clip(averaged, np.finfo(np.float64).tiny, 1.0)) / float(ensemble_temperature)
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    rescaled = np.exp(scaled)
+    return rescaled / rescaled.sum(axis=-1, keepdims=True)
 
 
 def flipped_images(images: np.ndarray, flip: str) -> np.ndarray:

@@ -158,7 +158,9 @@ class Calibration:
     reliability_after: Reliability
     averaged: int = 0
     """Where the probabilities average several networks or views (an ensemble, test-time flips): how many; each
-    was calibrated with its own temperature and `temperature` is then 1. 0: one network's logits / temperature."""
+    was calibrated with its own temperature, and `temperature` is then T_ens, fitted to the average's
+    log-probabilities (1 where nothing was fitted): 'before' is the calibrated average, 'after' it rescaled by
+    T_ens. 0: one network's logits / temperature."""
 
     @property
     def calibrated(self) -> bool:

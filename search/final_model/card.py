@@ -162,6 +162,8 @@ class CardFacts:
     calibration_images: int
     """Images it was fitted on."""
     calibration_unsteady: bool
+    calibration_averaged: int = 0
+    """Probabilities averaged (an ensemble's members x test-time views); 0: one network's."""
     """Fitted on few images or on images all classified right (Calibration.unsteady)."""
     ece_before: float
     ece_after: float
@@ -240,6 +242,7 @@ def card_facts(
         calibration_split=calibration.split,
         calibration_images=calibration.fitted_on,
         calibration_unsteady=calibration.unsteady,
+        calibration_averaged=calibration.averaged,
         ece_before=calibration.ece_before,
         ece_after=calibration.ece_after,
         subgroups=result.subgroups,
@@ -489,6 +492,14 @@ def calibration_section(facts: CardFacts) -> str:
             f"to fit a temperature on without touching the test; test ECE ({ECE_BINS} bins) "
             f"{fixed(facts.ece_before, 4)}."
         )
+    elif facts.calibration_averaged:
+        text = (
+            f"{facts.calibration_averaged} probabilities averaged (members × views), each network's logits divided "
+            f"by its own temperature, then the average's log-probabilities by T = {facts.temperature:.4f}: all "
+            f"fitted on the {facts.calibration_split} split (which no member trained on) by minimising the NLL. On "
+            f"the test split, ECE ({ECE_BINS} bins) {fixed(facts.ece_before, 4)} with the networks' temperatures "
+            f"alone, {fixed(facts.ece_after, 4)} with T. No temperature changes a prediction, only the confidences."
+        )
     else:
         text = (
             f"Temperature T = {facts.temperature:.4f}, fitted on the {facts.calibration_split} split (which the "
@@ -496,11 +507,11 @@ def calibration_section(facts: CardFacts) -> str:
             f"{fixed(facts.ece_before, 4)} before, {fixed(facts.ece_after, 4)} after. Dividing the logits by T "
             "changes no prediction, only the confidences."
         )
-        if facts.calibration_unsteady:
-            text += (
-                f" Caution: T was fitted on {facts.calibration_images} images (few, or all classified right), so it "
-                "may be far from the one a larger validation split would give."
-            )
+    if facts.calibration_split is not None and facts.calibration_unsteady:
+        text += (
+            f" Caution: T was fitted on {facts.calibration_images} images (few, or all classified right), so it "
+            "may be far from the one a larger validation split would give."
+        )
     return "## Calibration\n\n" + text
 
 

@@ -10,9 +10,11 @@ against. Two trials with the same hyperparameters (the seed aside) are one confi
 The judgement is the paired one compare.py uses (search.evaluation.paired): the same test images, McNemar's
 exact test and the paired bootstrap interval of the accuracy difference, said in one sentence.
 
-The ensemble's probabilities are averaged (trainables.scoring.averaged_probabilities), not logits: they are
-tested through report.evaluate_test as log-probabilities at temperature 1 (softmax(log p) = p), with a
-calibration record that says what the members' own temperatures did (ensemble_calibration).
+The ensemble's probabilities are averaged (trainables.scoring.averaged_probabilities), not logits. An average
+of calibrated members is under-confident, so one more temperature, T_ens, is fitted on val to the averaged
+log-probabilities (never on the test's; 1 without --keep-val): they are tested through report.evaluate_test as
+log-probabilities at temperature T_ens (softmax(log p / T_ens)), with a calibration record that says what T_ens
+did to the average of the calibrated members (ensemble_calibration).
 """
 
 from __future__ import annotations
@@ -173,22 +175,23 @@ def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
 
 
 def ensemble_calibration(
-    calibrated: np.ndarray, uncalibrated: np.ndarray, labels: np.ndarray, members: Sequence[Calibration]
+    calibrated: np.ndarray,
+    labels: np.ndarray,
+    members: Sequence[Calibration],
+    val: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Calibration:
-    """The averaged probabilities' calibration record: temperature 1 (the average is not rescaled; each member's
-    own temperature is in the model file), 'before' the members' raw softmax averaged, 'after' their calibrated
-    one, fitted where the members were (val, or nowhere)."""
-    after = calibrate((log_probabilities(calibrated), labels), fit_on=None)
-    before = calibrate((log_probabilities(uncalibrated), labels), fit_on=None)
+    """The averaged probabilities' calibration record: its temperature T_ens, fitted on `val` (val's averaged
+    calibrated probabilities and labels; None: T_ens = 1, nothing to fit on) to the log-probabilities, and
+    measured on the test's `calibrated` average: 'before' the average of the calibrated members, 'after' it
+    rescaled by T_ens. Fitted where the members were (val, or nowhere)."""
+    fit_on = None if val is None else (log_probabilities(val[0]), val[1])
+    record = calibrate((log_probabilities(calibrated), labels), fit_on=fit_on)
     fitted = members[0]
     return replace(
-        after,
+        record,
         split=fitted.split,
         fitted_on=fitted.fitted_on,
-        fitted_all_right=any(member.fitted_all_right for member in members),
-        ece_before=before.ece_after,
-        nll_before=before.nll_after,
-        reliability_before=before.reliability_after,
+        fitted_all_right=record.fitted_all_right or any(member.fitted_all_right for member in members),
     )
 
 
@@ -198,17 +201,49 @@ def averaged_result(
     views: int,
     labels: np.ndarray,
     classes: list[str],
+    val: tuple[Sequence[np.ndarray], np.ndarray] | None = None,
 ) -> HeldOutResult:
     """The test result of the members' probabilities averaged over their first `views` views (the image, then each
-    flip): `logits` is each member's (views, N, C) test logits, `calibrations` each member's temperature fitted."""
+    flip): `logits` is each member's (views, N, C) test logits, `calibrations` each member's temperature fitted.
+    `val`: each member's (views, N, C) val logits and val's labels (--keep-val), where T_ens is fitted (an
+    average of several: ensemble_calibration); None, or one network's one view: T_ens = 1. The result's
+    calibration.temperature is T_ens, which the model file keeps as its ensemble_temperature."""
     chosen = [member[:views] for member in logits]
     temperatures = [calibration.temperature for calibration in calibrations]
     calibrated = averaged_probabilities(chosen, temperatures)
-    uncalibrated = averaged_probabilities(chosen, [1.0] * len(chosen))
-    calibration = ensemble_calibration(calibrated, uncalibrated, labels, calibrations)
-    if len(chosen) * views > 1:  # an average: the report names each network's own temperature, not this 1
-        calibration = replace(calibration, averaged=len(chosen) * views)
+    if len(chosen) * views == 1:  # one network's one view, calibrated already: a single model's record
+        return evaluate_test(
+            log_probabilities(calibrated),
+            labels,
+            classes,
+            calibration=single_calibration(chosen[0][0], calibrated, labels, calibrations[0]),
+        )
+    averaged_val = None
+    if val is not None:
+        val_logits, val_labels = val
+        averaged_val = (averaged_probabilities([member[:views] for member in val_logits], temperatures), val_labels)
+    calibration = ensemble_calibration(calibrated, labels, calibrations, averaged_val)
+    # An average: the report names each network's own temperature and T_ens.
+    calibration = replace(calibration, averaged=len(chosen) * views)
     return evaluate_test(log_probabilities(calibrated), labels, classes, calibration=calibration)
+
+
+def single_calibration(
+    logits: np.ndarray, calibrated: np.ndarray, labels: np.ndarray, fitted: Calibration
+) -> Calibration:
+    """One network's calibration record as final.py writes a single model's ('before' its raw softmax, 'after'
+    its own temperature), at temperature 1 on the calibrated log-probabilities that averaged_result tests."""
+    after = calibrate((log_probabilities(calibrated), labels), fit_on=None)
+    before = calibrate((logits, labels), fit_on=None)
+    return replace(
+        after,
+        split=fitted.split,
+        fitted_on=fitted.fitted_on,
+        fitted_all_right=fitted.fitted_all_right,
+        ece_before=before.ece_after,
+        nll_before=before.nll_after,
+        reliability_before=before.reliability_after,
+    )
 
 
 def member_calibration(val: np.ndarray | None, val_labels: np.ndarray | None, test: np.ndarray, labels: np.ndarray):

@@ -247,11 +247,11 @@ def plot_reliability(calibration: Calibration, path: Path, title: str) -> Path:
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(5.5, 5))
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
-    curves = [("uncalibrated", calibration.reliability_before, calibration.ece_before)]
+    before, after = ("calibrated networks averaged", "T_ens") if calibration.averaged else ("uncalibrated", "T")
+    curves = [(before, calibration.reliability_before, calibration.ece_before)]
     if calibration.calibrated:
-        curves.append(
-            (f"calibrated, T = {calibration.temperature:.2f}", calibration.reliability_after, calibration.ece_after)
-        )
+        label = f"calibrated, {after} = {calibration.temperature:.2f}"
+        curves.append((label, calibration.reliability_after, calibration.ece_after))
     for label, bins, ece in curves:
         filled = bins.count > 0  # an empty bin has no accuracy to draw
         axes.plot(bins.confidence[filled], bins.accuracy[filled], marker="o", label=f"{label} (ECE {ece:.3f})")
@@ -311,9 +311,11 @@ def calibration_lines(calibration: Calibration) -> list[str]:
     if calibration.averaged:
         lines = [
             f"Calibration: {calibration.averaged} probabilities averaged (members x views), each calibrated by its "
-            f"network's own temperature fitted on {calibration.split} (in model.pt); on the test split "
+            f"network's own temperature fitted on {calibration.split}, then the average by T_ens = "
+            f"{calibration.temperature:.3f} fitted on {calibration.split} (all in model.pt); on the test split "
             f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, "
-            f"NLL {calibration.nll_before:.4f} -> {calibration.nll_after:.4f} (before: the raw softmax averaged)"
+            f"NLL {calibration.nll_before:.4f} -> {calibration.nll_after:.4f} "
+            "(before: the calibrated networks averaged; after: with T_ens; predictions unchanged)"
         ]
         return lines + unsteady_lines(calibration)
     lines = [

@@ -170,10 +170,13 @@ class PreparedFinal:
 
 @dataclass(frozen=True)
 class Shipped:
-    """What --ensemble or --tta ship: the model file's members (weights, spec, temperature) and what they are worth."""
+    """What --ensemble or --tta ship: the model file's members (weights, spec, temperature), the average's own
+    temperature and what they are worth."""
 
     members: tuple[Member, ...]
     outcome: Outcome
+    ensemble_temperature: float = 1.0
+    """T_ens, fitted on val to the averaged log-probabilities (--keep-val); 1 where nothing was fitted."""
 
 
 # ---------------------------------------------------------------- prepare
@@ -471,8 +474,9 @@ def test_ensemble(
     """--ensemble and --tta: each member trained and calibrated as final.py trains and calibrates one model (its
     epochs logged with a member_<label>_ prefix, the first's as a single model's), its logits of the test (and val)
     images and their flips kept; then the averaged probabilities tested once, and judged against the first member
-    alone and against no flips. The first member's learner and trained epochs, the result, val's averaged
-    probabilities as log-probabilities (for the operating point, at the result's temperature 1), what is shipped."""
+    alone and against no flips. With --keep-val each average's T_ens is fitted on val's averaged log-probabilities
+    (never the test's). The first member's learner and trained epochs, the result, val's averaged probabilities as
+    log-probabilities (for the operating point, at the result's temperature T_ens), what is shipped."""
     members = final.members
     trained: list[TrainedMember] = []
     for rank, member in enumerate(members, start=1):
@@ -489,8 +493,9 @@ def test_ensemble(
     views, classes, labels = 1 + len(final.tta), final.config.classes, final.test.labels
     logits = [member.test for member in trained]
     calibrations = [member.calibration for member in trained]
-    result = averaged_result(logits, calibrations, views, labels, classes)
-    alone = [averaged_result([m.test], [m.calibration], views, labels, classes) for m in trained]
+    val_logits = members_val(trained, final)
+    result = averaged_result(logits, calibrations, views, labels, classes, val_logits)
+    alone = [averaged_result([m.test], [m.calibration], views, labels, classes, own_val(m, final)) for m in trained]
     keys = [sample.key for sample in final.index.splits["test"]]  # the cached split's order: the results' rows
     subject = f"The ensemble of {len(trained)}" if len(trained) > 1 else trained[0].label
     outcome = Outcome(
@@ -518,7 +523,7 @@ def test_ensemble(
                 f"{subject} with test-time {', '.join(final.tta)}",
                 "without",
                 result,
-                averaged_result(logits, calibrations, 1, labels, classes),
+                averaged_result(logits, calibrations, 1, labels, classes, val_logits),
                 keys,
                 classes,
             )
@@ -529,7 +534,7 @@ def test_ensemble(
     val = None
     if final.val is not None:
         averaged_val = averaged_probabilities([m.val for m in trained], [c.temperature for c in calibrations])
-        val = (log_probabilities(averaged_val), final.val.labels)
+        val = (log_probabilities(averaged_val), final.val.labels)  # at the result's temperature: T_ens
     networks = tuple(
         Member(
             m.weights,
@@ -542,7 +547,23 @@ def test_ensemble(
         for m, own in zip(trained, alone, strict=True)
     )
     result = with_subgroups(result, subgroup_values(final), final.positive, classes)
-    return first, first_epochs, result, val, Shipped(networks, outcome)
+    shipped = Shipped(networks, outcome, result.calibration.temperature)
+    return first, first_epochs, result, val, shipped
+
+
+def members_val(trained: list[TrainedMember], final: PreparedFinal) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """Each member's val logits of each view, with val's labels: where the average's T_ens is fitted; None without
+    --keep-val."""
+    logits = [member.val for member in trained if member.val is not None]
+    if final.val is None or len(logits) != len(trained):
+        return None
+    return logits, final.val.labels
+
+
+def own_val(member: TrainedMember, final: PreparedFinal) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """A member's val logits of each view, with val's labels, for its own average over the flips; None without
+    --keep-val."""
+    return members_val([member], final)
 
 
 @dataclass(frozen=True)
@@ -885,7 +906,13 @@ def write_results(
     window = final.index.window  # predict.py decodes DICOM images as this training did
     if shipped is not None:  # each member with its own temperature; the file's scores are the ensemble's
         model_file = ModelFile.from_members(
-            shipped.members, config.classes, result.metrics, tta=final.tta, operating_point=threshold, window=window
+            shipped.members,
+            config.classes,
+            result.metrics,
+            tta=final.tta,
+            operating_point=threshold,
+            window=window,
+            ensemble_temperature=shipped.ensemble_temperature,
         )
     else:
         model_file = ModelFile(

@@ -190,7 +190,7 @@ def calibrated_probabilities(model: LoadedModel, images: np.ndarray) -> np.ndarr
     with torch.inference_mode():
         logits = model.scoring.view_logits(as_input(images, model.device))
     stacked = [[view.cpu().numpy() for view in views] for views in logits]
-    return averaged_probabilities(stacked, model.scoring.temperatures)
+    return averaged_probabilities(stacked, model.scoring.temperatures, model.scoring.ensemble_temperature)
 
 
 def calibrated(logits: torch.Tensor, temperature: float) -> np.ndarray:
