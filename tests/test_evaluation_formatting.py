@@ -40,3 +40,12 @@ def test_percent_ms_ratio_fixed() -> None:
         NA,
     ]
     assert fixed(-0.0004, 1) == "0.0" and fixed(1.26, 1, sign=True) == "+1.3" and fixed(0.0, 1, sign=True) == "0.0"
+
+
+def test_a_score_s_interval_is_written_one_way_everywhere():
+    from search.evaluation.formatting import score_ci, span
+    from search.evaluation.intervals import Interval
+
+    assert span(0.88, 0.94) == "0.8800–0.9400"
+    assert span(float("nan"), float("nan")) == "n/a"
+    assert score_ci(0.9123, Interval(0.9123, 0.88, 0.94), 0.95) == "0.9123  (95 % CI 0.8800–0.9400)"

@@ -88,6 +88,18 @@ def bounds(interval: Bounded) -> str:
     return f"[{points(interval.low)}, {points(interval.high)}]"
 
 
+def span(low: float, high: float) -> str:
+    """'0.8800–0.9400': a score's interval to 4 decimals; 'n/a' where a bound is undefined."""
+    if not (finite(low) and finite(high)):
+        return NA
+    return f"{fixed(low, 4)}–{fixed(high, 4)}"
+
+
+def score_ci(value: float, interval: Bounded, confidence: float) -> str:
+    """'0.9123  (95 % CI 0.8800–0.9400)': a test score with its interval, the level named (a report line)."""
+    return f"{fixed(value, 4)}  ({round(100 * confidence)} % CI {span(interval.low, interval.high)})"
+
+
 def ci(interval: Bounded, confidence: float) -> str:
     """'95 % CI [-0.4, 3.0]': a difference's confidence interval in percentage points, its level named."""
     return f"{round(100 * confidence)} % CI {bounds(interval)}"

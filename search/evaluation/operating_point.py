@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from search.evaluation.formatting import fixed
+from search.evaluation.formatting import fixed, score_ci
 from search.evaluation.intervals import CONFIDENCE, RESAMPLES, Interval, percentile_interval, stratified_resamples
 
 RATES = ("sensitivity", "specificity")
@@ -200,8 +200,7 @@ def threshold_text(threshold: float) -> str:
 
 def interval_text(interval: Interval) -> str:
     """'0.9123  (95 % CI 0.8800–0.9400)'; 'n/a' bounds where undefined."""
-    bounds = f"{fixed(interval.low, 4)}–{fixed(interval.high, 4)}" if np.isfinite(interval.low) else "n/a"
-    return f"{fixed(interval.value, 4)}  ({round(100 * CONFIDENCE)} % CI {bounds})"
+    return score_ci(interval.value, interval, CONFIDENCE)
 
 
 def operating_point(

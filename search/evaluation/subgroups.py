@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from search.evaluation.formatting import span
 from search.evaluation.intervals import CONFIDENCE, RESAMPLES, Interval, percentile_interval, stratified_resamples
 
 METRICS = {
@@ -287,7 +288,7 @@ def interval_text(interval: Interval) -> str:
         return "n/a"
     if math.isnan(interval.low) or math.isnan(interval.high):
         return f"{interval.value:.4f}"
-    return f"{interval.value:.4f} ({interval.low:.4f}–{interval.high:.4f})"
+    return f"{interval.value:.4f} ({span(interval.low, interval.high)})"
 
 
 def summary_lines(table: SubgroupTable, shown: int = 12) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING
 
 from search.evaluation.calibration import ECE_BINS
-from search.evaluation.formatting import finite, fixed
+from search.evaluation.formatting import finite, fixed, span
 from search.evaluation.intervals import CONFIDENCE, RESAMPLES
 from search.evaluation.operating_point import RATES
 from search.evaluation.subgroups import METRICS as SUBGROUP_METRICS
@@ -637,9 +637,7 @@ def score_text(score: Score, prefix: str = "") -> str:
     '(n/a)' for an undefined one."""
     if score.low is None or score.high is None:
         return fixed(score.value, 4)
-    if not (finite(score.low) and finite(score.high)):
-        return f"{fixed(score.value, 4)} ({prefix}n/a)"
-    return f"{fixed(score.value, 4)} ({prefix}{fixed(score.low, 4)}–{fixed(score.high, 4)})"
+    return f"{fixed(score.value, 4)} ({prefix}{span(score.low, score.high)})"
 
 
 def table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:

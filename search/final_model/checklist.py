@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from search.evaluation.formatting import finite, fixed
+from search.evaluation.formatting import fixed, span
 from search.final_model.card import CardFacts, table
 from search.tracking.study_run import StudyLeaks
 
@@ -296,8 +296,7 @@ def intervals(record: Mapping[str, Any]) -> Item:
 def interval_text(bounds: Sequence[float] | None) -> str:
     if bounds is None:
         return "—"
-    low, high = bounds
-    return f"{fixed(low, 4)}–{fixed(high, 4)}" if finite(low) and finite(high) else "n/a"
+    return span(*bounds)
 
 
 def bounded(score: Mapping[str, float]) -> str:

@@ -26,7 +26,7 @@ from sklearn.metrics import (
 )
 
 from search.evaluation.calibration import ECE_BINS, Calibration, LabelledLogits, calibrate, softmax
-from search.evaluation.formatting import finite, fixed
+from search.evaluation.formatting import fixed, score_ci
 from search.evaluation.intervals import CONFIDENCE, RESAMPLES, Interval, score_intervals, stratified_resamples
 from search.evaluation.roc_auc import roc_auc
 from search.evaluation.subgroups import SubgroupTable, subgroup_table
@@ -294,12 +294,10 @@ def summary_lines(result: HeldOutResult, metric: str, best_value: float | None, 
 
 def score_text(result: HeldOutResult, key: str) -> str:
     """'0.9123  (95 % CI 0.8800–0.9400)'; the value alone for a metric without an interval (the loss)."""
-    text = fixed(result.metrics[key], 4)
     interval = result.intervals.get(key)
     if interval is None:
-        return text
-    bounds = f"{fixed(interval.low, 4)}–{fixed(interval.high, 4)}" if finite(interval.low) else "n/a"
-    return f"{text}  ({round(100 * CONFIDENCE)} % CI {bounds})"
+        return fixed(result.metrics[key], 4)
+    return score_ci(result.metrics[key], interval, CONFIDENCE)
 
 
 def calibration_lines(calibration: Calibration) -> list[str]:
